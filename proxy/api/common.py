@@ -1,0 +1,37 @@
+"""What every handler needs: the runtime, the caller, the body, notes for the access log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+
+from proxy.config import ClientConfig
+from proxy.openai.decode import parse_object
+from proxy.runtime import Runtime
+
+_encode = msgspec.json.Encoder().encode
+
+
+def runtime(request: Request[Any, Any, Any]) -> Runtime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+def note(request: Request[Any, Any, Any], **fields: Any) -> None:
+    """Add fields to this request's access-log line."""
+    request.scope["state"].setdefault("access", {}).update(fields)
+
+
+def authenticate(request: Request[Any, Any, Any]) -> ClientConfig:
+    client = runtime(request).clients.authenticate(request.headers.get("authorization"))
+    note(request, client=client.name)
+    return client
+
+
+async def json_body(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    return parse_object(await request.body())
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(_encode(payload), status_code=status, media_type="application/json", headers=headers)

@@ -1,0 +1,40 @@
+"""GET /v1/models and /v1/models/{id}: the merged catalogue of every upstream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, get
+
+from proxy.api.common import authenticate, json_response, runtime
+from proxy.openai.types import Model, ModelList
+from proxy.router import Listed
+
+
+def _model(entry: Listed) -> Model:
+    return Model(id=entry.id, object="model", created=entry.created, owned_by=entry.provider,
+                 kind=entry.model.kind, price=entry.model.price, name=entry.model.name)
+
+
+@get("/v1/models")
+async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
+    authenticate(request)
+    listing = await runtime(request).gateway.catalogue.listing()
+    return json_response(ModelList(object="list", data=[_model(e) for e in listing]))
+
+
+@get("/v1/models/{model_id:path}")
+async def retrieve_model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
+    authenticate(request)
+    model_id = model_id.lstrip("/")
+    catalogue = runtime(request).gateway.catalogue
+    route = await catalogue.resolve(model_id)
+    created = 0
+    for entry in await catalogue.listing():
+        if entry.provider == route.provider.name and entry.model == route.model:
+            created = entry.created
+            break
+    model = route.model
+    return json_response(Model(id=model_id, object="model", created=created, owned_by=route.provider.name,
+                               kind=model.kind if model else None, price=model.price if model else None,
+                               name=model.name if model else None))

@@ -1,0 +1,191 @@
+"""The TOML configuration: msgspec Structs, ${ENV} interpolation, errors naming the key path."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from proxy.struct_errors import explain
+
+PROVIDER_TYPES = ("xffuw", "fengyuan")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message is one line naming the key path."""
+
+
+class _Table(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Table):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Where clients reach the proxy from outside, e.g. "https://ai.example.com"; used for
+    # URLs the proxy serves itself.
+    public_url: str | None = None
+    max_body_bytes: int = 25 * 1024 * 1024
+    shutdown_grace: float = 30.0
+
+
+class ClientConfig(_Table):
+    name: str
+    key: str | None = None
+    key_sha256: str | None = None
+
+
+class ProviderConfig(_Table):
+    base_url: str
+    keys: list[str] = []
+    # Which upstream dialect this table speaks; defaults to the table's name, so two
+    # Fengyuan accounts can be [providers.fengyuan] and [providers.fy2] with type = "fengyuan".
+    type: str | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 120.0
+    catalogue_ttl: float = 300.0
+    # how long an exhausted (balance short) key is set aside before it is tried again
+    recheck_after: float = 300.0
+
+
+class TasksConfig(_Table):
+    poll_interval: float = 3.0
+    # the first poll comes this soon after submit (never later than poll_interval)
+    first_poll: float = 1.0
+    timeout: float = 600.0
+    keep_results: float = 24.0  # hours a finished task's result stays retrievable
+
+
+class ImagesConfig(_Table):
+    # b64_json downloads the result: capped in size and time
+    max_download_bytes: int = 32 * 1024 * 1024
+    download_timeout: float = 60.0
+
+
+class LogConfig(_Table):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Table):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    clients: list[ClientConfig] = []
+    providers: dict[str, ProviderConfig] = {}
+    tasks: TasksConfig = msgspec.field(default_factory=TasksConfig)
+    images: ImagesConfig = msgspec.field(default_factory=ImagesConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    aliases: dict[str, str] = {}
+
+    def secrets(self) -> list[str]:
+        """Every configured secret, so log lines and error texts can be scrubbed of them."""
+        found = [c.key for c in self.clients if c.key]
+        for provider in self.providers.values():
+            found.extend(provider.keys)
+        return [s for s in found if s]
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(value: Any, path: str, env: dict[str, str]) -> Any:
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match[1], match[2]
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+
+        return _ENV.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, f"{path}.{k}" if path else k, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+def _convert(raw: Any, kind: type[Any], path: str) -> Any:
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as exc:
+        message, where = explain(exc, path)
+        raise ConfigError(f"{where or path or 'config'}: {message}") from None
+
+
+def parse_config(raw: dict[str, Any], env: dict[str, str] | None = None) -> Config:
+    raw = _interpolate(raw, "", dict(os.environ) if env is None else env)
+    # Tables keyed by name are converted one by one so errors name the table.
+    providers = raw.pop("providers", {})
+    if not isinstance(providers, dict):
+        raise ConfigError("providers: expected a table of [providers.<name>] tables")
+    config: Config = _convert(raw, Config, "")
+    config.providers = {
+        name: _convert(table, ProviderConfig, f"providers.{name}") for name, table in providers.items()
+    }
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    if not config.clients:
+        raise ConfigError("clients: at least one [[clients]] entry with a key is required")
+    names: set[str] = set()
+    for i, client in enumerate(config.clients):
+        where = f"clients[{i}]"
+        if client.name in names:
+            raise ConfigError(f"{where}.name: duplicate client name {client.name!r}")
+        names.add(client.name)
+        if bool(client.key) == bool(client.key_sha256):
+            raise ConfigError(f"{where}: set exactly one of key or key_sha256")
+        if client.key_sha256 is not None:
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", client.key_sha256):
+                raise ConfigError(f"{where}.key_sha256: expected 64 hex digits (sha256 of the key)")
+            client.key_sha256 = client.key_sha256.lower()
+    for name, provider in config.providers.items():
+        where = f"providers.{name}"
+        provider.type = provider.type or name
+        if provider.type not in PROVIDER_TYPES:
+            raise ConfigError(f"{where}.type: unknown upstream {provider.type!r}; one of {PROVIDER_TYPES}")
+        if not re.match(r"https?://", provider.base_url):
+            raise ConfigError(f"{where}.base_url: expected an http(s) URL")
+        if "/" in name:
+            raise ConfigError(f"{where}: a provider name may not contain '/'")
+        for i, key in enumerate(provider.keys):
+            if not key.strip():
+                raise ConfigError(f"{where}.keys[{i}]: empty key")
+    tasks = config.tasks
+    if tasks.poll_interval <= 0:
+        raise ConfigError("tasks.poll_interval: must be > 0")
+    if tasks.timeout <= 0:
+        raise ConfigError("tasks.timeout: must be > 0")
+    tasks.first_poll = min(max(tasks.first_poll, 0.0), tasks.poll_interval)
+    if config.server.public_url is not None:
+        if not re.match(r"https?://", config.server.public_url):
+            raise ConfigError("server.public_url: expected an http(s) URL")
+        config.server.public_url = config.server.public_url.rstrip("/")
+    for alias, target in config.aliases.items():
+        if not target:
+            raise ConfigError(f"aliases.{alias}: empty target")
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(raw, env)
+
+
+def sha256_hex(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()

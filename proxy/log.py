@@ -1,0 +1,46 @@
+"""structlog setup: one JSON line per event (console rendering on a TTY), secrets scrubbed."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+from proxy.redact import redact
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is at the time, so test capture and redirection work."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _scrub_rendered(_: Any, __: str, line: str) -> str:
+    return redact(line)  # tracebacks and nested values too
+
+
+def setup_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    stream = stream or _CurrentStderr()  # type: ignore[assignment]
+    tty = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    renderer: Any = structlog.dev.ConsoleRenderer(colors=False) if tty else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+            _scrub_rendered,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),  # type: ignore[arg-type]
+        cache_logger_on_first_use=True,
+    )

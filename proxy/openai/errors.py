@@ -1,0 +1,36 @@
+"""OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}`, all four keys."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+from litestar import Response
+
+from proxy.errors import ProxyError
+from proxy.openai.types import ErrorBody, ErrorResponse
+from proxy.redact import redact
+
+_encode = msgspec.json.Encoder().encode
+
+
+def error_payload(error: ProxyError) -> ErrorResponse:
+    shape = error.shape
+    return ErrorResponse(error=ErrorBody(message=redact(error.message), type=shape.type,
+                                         param=error.param, code=error.code or shape.code))
+
+
+def error_headers(error: ProxyError) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if error.shape.retry is not None:
+        headers["x-should-retry"] = "true" if error.shape.retry else "false"
+    if error.retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))
+    if error.task_ids:
+        headers["x-proxy-task-ids"] = ",".join(error.task_ids)
+    return headers
+
+
+def error_response(error: ProxyError) -> Response[bytes]:
+    return Response(_encode(error_payload(error)), status_code=error.shape.status,
+                    media_type="application/json", headers=error_headers(error))

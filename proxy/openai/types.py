@@ -1,0 +1,176 @@
+"""OpenAI wire types: what clients send and what the proxy answers.
+
+Request Structs validate the fields the proxy reads; fields it does not read are kept by
+the handlers as raw JSON and passed through. Response Structs mirror the OpenAI spec
+(`../shared/openai-openapi.yaml`): fields the spec requires have no default, so they are
+always sent (null included); optional ones default to None and are omitted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class _In(msgspec.Struct, kw_only=True):
+    """A request body: unknown fields are allowed (OpenAI adds them all the time)."""
+
+
+class _Out(msgspec.Struct, kw_only=True, omit_defaults=True):
+    pass
+
+
+# ---- chat ---------------------------------------------------------------------------
+
+
+class StreamOptions(_In):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_In):
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    # Read only to check their types; they travel to the upstream as the client sent them.
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    user: str | None = None
+
+
+# Fields the proxy consumes itself; everything else in a chat body is passed through.
+CHAT_OWN_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "n"})
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ToolCallFunction(_Out):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Out):
+    id: str
+    type: str
+    function: ToolCallFunction
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class Choice(_Out):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None
+
+
+class ChatCompletion(_Out):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class Delta(_Out):
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChunkChoice(_Out):
+    index: int
+    delta: Delta
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Out):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+# ---- images -------------------------------------------------------------------------
+
+
+class ImageGenerationRequest(_In):
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    size: str | None = None
+    quality: str | None = None
+    style: str | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    output_format: str | None = None
+    background: str | None = None
+    user: str | None = None
+    # Extension: reference images for image-to-image, as URLs.
+    images: list[str] | None = None
+
+
+class ImageData(_Out):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(_Out):
+    created: int
+    data: list[ImageData]
+
+
+# ---- models -------------------------------------------------------------------------
+
+
+class Model(_Out):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    # extensions: what the model makes and what one call costs upstream
+    kind: str | None = None
+    price: float | None = None
+    name: str | None = None
+
+
+class ModelList(_Out):
+    object: Literal["list"]
+    data: list[Model]
+
+
+# ---- errors -------------------------------------------------------------------------
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    error: ErrorBody

@@ -1,0 +1,160 @@
+"""The narrow interface every upstream implements, and the normalised values it trades in.
+
+A provider knows one upstream's URLs, bodies and error dialect. It never sees the HTTP
+edge, the pool or OpenAI's shapes: it gets a key and a normalised call, and answers a
+normalised result or raises `ProxyError` with an upstream kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal, Protocol
+
+import httpx
+import msgspec
+
+from proxy.errors import Kind, ProxyError
+from proxy.upstream_http import never_sent
+
+ModelKind = Literal["chat", "image", "video", "audio", "other"]
+TaskStatus = Literal["pending", "running", "succeeded", "failed"]
+
+
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    id: str  # the upstream's own id (slug, service_code)
+    kind: ModelKind
+    price: float | None = None  # what one call costs, in the upstream's units
+    name: str | None = None
+    vip_discount: float | None = None
+
+
+class ChatCall(msgspec.Struct, kw_only=True):
+    model: str
+    messages: list[dict[str, Any]]
+    params: dict[str, Any]  # sampling and other fields, passed through as given
+
+
+class ChatAnswer(msgspec.Struct, kw_only=True):
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class ImageCall(msgspec.Struct, kw_only=True):
+    model: str
+    prompt: str
+    kind: ModelKind = "image"
+    size: str | None = None  # OpenAI's "WxH", translated where the upstream has one
+    references: list[str] = []  # reference image URLs
+    extra: dict[str, Any] = {}  # upstream-specific parameters from the client or an alias
+
+
+class TaskState(msgspec.Struct, kw_only=True):
+    status: TaskStatus
+    task_id: str | None = None  # the upstream's id; None when the answer came at once
+    urls: list[str] = []
+    media_type: str | None = None
+    progress: float | None = None
+    reason: str | None = None
+    cost: float | None = None  # what the upstream says it charged
+
+    @property
+    def final(self) -> bool:
+        return self.status in ("succeeded", "failed")
+
+
+class KeyInfo(msgspec.Struct, kw_only=True):
+    credits: float | None = None
+    vip_level: int | None = None
+
+
+class Provider(Protocol):
+    name: str  # the config table's name: also the model prefix and owned_by
+
+    async def list_models(self, key: str) -> list[ModelInfo]: ...
+
+    async def chat(self, key: str, call: ChatCall) -> ChatAnswer: ...
+
+    async def submit_image(self, key: str, call: ImageCall) -> TaskState: ...
+
+    async def poll(self, key: str, task_id: str) -> TaskState: ...
+
+    async def balance(self, key: str) -> KeyInfo | None: ...
+
+
+class Response(msgspec.Struct):
+    status: int
+    body: Any  # decoded JSON, or None when the body was not JSON
+    retry_after: float | None
+
+
+_decode = msgspec.json.Decoder().decode
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: rare upstream, treat as unknown
+
+
+class HTTPUpstream:
+    """What both providers share: sending one call with timeouts, mapping transport failures."""
+
+    def __init__(self, name: str, base_url: str, http: httpx.AsyncClient, *,
+                 connect_timeout: float, read_timeout: float) -> None:
+        self.name = name
+        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        self.http = http
+        self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout)
+        self.total_timeout = connect_timeout + read_timeout
+
+    async def send(self, method: str, path: str, *, headers: dict[str, str] | None = None,
+                   json: Any = None, params: dict[str, str] | None = None) -> Response:
+        url = self.base_url + path.lstrip("/")
+        content = None if json is None else msgspec.json.encode(json)
+        if content is not None:
+            headers = {**(headers or {}), "content-type": "application/json"}
+        try:
+            async with asyncio.timeout(self.total_timeout):
+                reply = await self.http.request(method, url, headers=headers, content=content,
+                                                params=params, timeout=self.timeout)
+        except (httpx.HTTPError, OSError, TimeoutError) as exc:
+            # The message names no URL or header: upstream addresses stay private.
+            sent = not never_sent(exc)
+            what = "timed out" if isinstance(exc, TimeoutError | httpx.TimeoutException) else "failed"
+            raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name} upstream request {what}",
+                             delivered=sent) from None
+        try:
+            body = _decode(reply.content) if reply.content else None
+        except msgspec.DecodeError:
+            body = None
+        return Response(reply.status_code, body, parse_retry_after(reply.headers.get("retry-after")))
+
+    def garbage(self, response: Response) -> ProxyError:
+        return ProxyError(Kind.UPSTREAM_UNAVAILABLE,
+                          f"{self.name} upstream answered HTTP {response.status} with an unreadable body")
+
+
+def as_float(value: Any) -> float | None:
+    """Prices and progress arrive as numbers, numeric strings, "40%" or ""."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().rstrip("%").strip()
+        try:
+            return float(text) if text else None
+        except ValueError:
+            return None
+    return None
+
+
+def normalise_phrase(text: str) -> str:
+    """Lower case, any run of spaces, dashes or underscores as one space: for loose matching."""
+    return " ".join(text.lower().replace("_", " ").replace("-", " ").split())

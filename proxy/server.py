@@ -1,0 +1,63 @@
+"""Running ASGI apps with uvicorn: on a pre-bound socket, in this loop or a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from typing import Any
+
+import uvicorn
+
+
+def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def port_of(sock: socket.socket) -> int:
+    return int(sock.getsockname()[1])
+
+
+def uvicorn_server(app: Any, *, log_level: str = "warning", **options: Any) -> uvicorn.Server:
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=options.pop("timeout_graceful_shutdown", 5), **options)
+    return uvicorn.Server(config)
+
+
+class BackgroundServer:
+    """One app served on loopback from a thread with its own event loop (tests, tools)."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.sock = bind(host, port)
+        self.port = port_of(self.sock)
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn_server(app)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"server:{self.port}")
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+
+    def start(self, timeout: float = 20.0) -> BackgroundServer:
+        self._thread.start()
+        deadline = threading.Event()
+        waited = 0.0
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the server thread ended before it started serving")
+            deadline.wait(0.01)
+            waited += 0.01
+            if waited > timeout:
+                raise TimeoutError("the server did not start in time")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=15)
+        self.sock.close()
