@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, Response, get
+from litestar.params import FromPath
 
 from proxy.api.common import authenticate, json_response, runtime
 from proxy.openai.types import Model, ModelList
@@ -24,7 +25,7 @@ async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 
 @get("/v1/models/{model_id:path}")
-async def retrieve_model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
+async def retrieve_model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> Response[bytes]:
     authenticate(request)
     model_id = model_id.lstrip("/")
     catalogue = runtime(request).gateway.catalogue

@@ -1,0 +1,119 @@
+"""Fixtures: the simulated upstreams and the proxy, each a real uvicorn server on loopback.
+
+The simulators start once per session and are reset before every test that uses them;
+each test gets its own proxy (fresh pool and catalogue) built from `proxy_config`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from proxy.app import create_app
+from proxy.config import parse_config
+from proxy.server import BackgroundServer
+from proxy.sim import FengyuanSim, XffuwSim, create_fengyuan_app, create_xffuw_app
+
+CLIENT_KEY = "sk-test-alice-0123456789"
+OTHER_CLIENT_KEY = "sk-test-bob-9876543210"
+XFFUW_KEYS = ["xf_test_key_alpha_1111", "xf_test_key_beta_2222"]
+FENGYUAN_KEYS = ["sk-fy-test-key-normal-3333"]
+
+
+@dataclass
+class Sims:
+    xffuw: XffuwSim
+    fengyuan: FengyuanSim
+    xffuw_url: str
+    fengyuan_url: str
+
+
+@pytest.fixture(scope="session")
+def _sim_servers() -> Iterator[Sims]:
+    xffuw = XffuwSim({k: 1_000.0 for k in XFFUW_KEYS})
+    from proxy.sim.fengyuan import FengyuanKey
+
+    fengyuan = FengyuanSim({k: FengyuanKey(credits=100_000.0) for k in FENGYUAN_KEYS})
+    xs = BackgroundServer(create_xffuw_app(xffuw)).start()
+    fs = BackgroundServer(create_fengyuan_app(fengyuan)).start()
+    xffuw.public_base, fengyuan.public_base = xs.url, fs.url
+    yield Sims(xffuw, fengyuan, xs.url, fs.url)
+    xs.stop()
+    fs.stop()
+
+
+@pytest.fixture
+def sims(_sim_servers: Sims) -> Sims:
+    _sim_servers.xffuw.reset()
+    _sim_servers.fengyuan.reset()
+    return _sim_servers
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+@pytest.fixture
+def proxy_config(sims: Sims) -> dict[str, Any]:
+    """The raw config every test proxy starts from; tests may edit it before `proxy` is used."""
+    return {
+        "clients": [{"name": "alice", "key": CLIENT_KEY}, {"name": "bob", "key": OTHER_CLIENT_KEY}],
+        "providers": {
+            "xffuw": {"base_url": f"{sims.xffuw_url}/api/v1/", "keys": list(XFFUW_KEYS)},
+            "fengyuan": {"base_url": sims.fengyuan_url, "keys": list(FENGYUAN_KEYS)},
+        },
+        "tasks": {"poll_interval": 0.2, "first_poll": 0.05, "timeout": 10},
+        "aliases": {"dall-e-3": "xffuw/gpt-image-2", "my-chat": "gpt-4o-mini"},
+        "log": {"format": "json"},
+    }
+
+
+@dataclass
+class RunningProxy:
+    url: str
+    server: BackgroundServer
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def client(self, api_key: str = CLIENT_KEY, **options: Any) -> OpenAI:
+        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30, **options)
+
+    def async_client(self, api_key: str = CLIENT_KEY, **options: Any) -> AsyncOpenAI:
+        return AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30, **options)
+
+
+@pytest.fixture
+def start_proxy() -> Iterator[Callable[[dict[str, Any]], RunningProxy]]:
+    started: list[BackgroundServer] = []
+
+    def start(raw: dict[str, Any]) -> RunningProxy:
+        server = BackgroundServer(create_app(parse_config(copy.deepcopy(raw)))).start()
+        started.append(server)
+        return RunningProxy(server.url, server)
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def proxy(start_proxy: Callable[[dict[str, Any]], RunningProxy], proxy_config: dict[str, Any]) -> RunningProxy:
+    return start_proxy(proxy_config)
+
+
+@pytest.fixture
+def client(proxy: RunningProxy) -> OpenAI:
+    return proxy.client()
