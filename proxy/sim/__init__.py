@@ -1,0 +1,28 @@
+"""Simulated xffuw and Fengyuan servers: `proxy demo` and the tests run against them."""
+
+from proxy.sim.faults import Call, FaultMiddleware, Faults, Markers, parse_markers
+from proxy.sim.fengyuan import (
+    FENGYUAN_DEMO_KEYS,
+    FengyuanKey,
+    FengyuanService,
+    FengyuanSim,
+    create_fengyuan_app,
+)
+from proxy.sim.xffuw import XFFUW_DEMO_KEYS, XffuwModel, XffuwSim, create_xffuw_app
+
+__all__ = [
+    "FENGYUAN_DEMO_KEYS",
+    "XFFUW_DEMO_KEYS",
+    "Call",
+    "FaultMiddleware",
+    "Faults",
+    "FengyuanKey",
+    "FengyuanService",
+    "FengyuanSim",
+    "Markers",
+    "XffuwModel",
+    "XffuwSim",
+    "create_fengyuan_app",
+    "create_xffuw_app",
+    "parse_markers",
+]
