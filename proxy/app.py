@@ -13,10 +13,7 @@ from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.types import Message, Receive, Scope, Send
 
-from proxy.api.chat import chat_completions
-from proxy.api.health import healthz
-from proxy.api.images import images_generations
-from proxy.api.models import list_models, retrieve_model
+from proxy.api import ROUTES
 from proxy.clients import Clients
 from proxy.config import Config
 from proxy.errors import Kind, ProxyError
@@ -104,7 +101,7 @@ def create_app(config: Config) -> Litestar:
             await http.aclose()
 
     return ProxyApp(
-        route_handlers=[chat_completions, images_generations, list_models, retrieve_model, healthz],
+        route_handlers=ROUTES,
         lifespan=[lifespan],
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected},
         request_max_body_size=config.server.max_body_bytes,
