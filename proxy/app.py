@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import secrets
+import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -14,14 +20,17 @@ from litestar.exceptions import HTTPException
 from litestar.types import Message, Receive, Scope, Send
 
 from proxy.api import ROUTES
+from proxy.api.admin import ADMIN_ROUTES
 from proxy.clients import Clients
-from proxy.config import Config
+from proxy.config import Config, ConfigError
 from proxy.errors import Kind, ProxyError
 from proxy.gateway import Gateway
 from proxy.log import setup_logging
+from proxy.metrics import Metrics
 from proxy.openai.errors import error_response
 from proxy.redact import redact
 from proxy.runtime import Runtime
+from proxy.store.sqlite import SQLiteStore
 from proxy.upstream_http import build_client
 
 access_log = structlog.get_logger("proxy.access")
@@ -80,31 +89,57 @@ class ProxyApp(Litestar):
             await super().__call__(scope, receive, send_with_id)
         finally:
             access = state.get("access", {})
+            # only resolved models label the counter: clients cannot invent label values
+            self.state.metrics.requests.labels(access.get("client", ""), access.get("model", "") if "upstream" in access
+                                               else "", str(status)).inc()
             access_log.info("request", request_id=request_id, method=scope["method"], path=scope["path"],
                             status=status, latency_ms=round((time.perf_counter() - started) * 1000, 2),
                             **access)
 
 
-def create_app(config: Config) -> Litestar:
+def _on_sighup(runtime: Runtime) -> None:
+    try:
+        runtime.reload()
+    except (ConfigError, ValueError) as error:
+        log.error("config_reload_refused", error=str(error))
+
+
+def create_app(config: Config, config_path: str | Path | None = None) -> Litestar:
+    """The proxy as a Litestar app; `config_path` enables /admin/reload and SIGHUP."""
     redact.add(config.secrets())
     setup_logging(config.log.level, config.log.format)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         http = build_client()
-        gateway = Gateway(config, http)
-        app.state.runtime = Runtime(config=config, http=http, gateway=gateway, clients=Clients(config.clients))
+        store = SQLiteStore(config.storage.path)
+        owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        gateway = Gateway(config, http, store, owner, observe=metrics.observe_upstream)
+        metrics.gateway = gateway
+        runtime = Runtime(config=config, config_path=Path(config_path) if config_path else None, http=http,
+                          store=store, gateway=gateway, clients=Clients(config))
+        app.state.runtime = runtime
+        await gateway.start()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
+            loop.add_signal_handler(signal.SIGHUP, _on_sighup, runtime)
         try:
             yield
         finally:
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                loop.remove_signal_handler(signal.SIGHUP)
             await gateway.close()
+            await store.close()
             await http.aclose()
 
-    return ProxyApp(
-        route_handlers=ROUTES,
+    app = ProxyApp(
+        route_handlers=[*ROUTES, *ADMIN_ROUTES],
         lifespan=[lifespan],
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected},
         request_max_body_size=config.server.max_body_bytes,
         logging_config=None,
         debug=False,
     )
+    app.state.metrics = metrics
+    return app

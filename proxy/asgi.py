@@ -11,4 +11,5 @@ from proxy.config import load_config
 
 
 def app_from_env() -> Litestar:
-    return create_app(load_config(os.environ["PROXY_CONFIG"]))
+    path = os.environ["PROXY_CONFIG"]
+    return create_app(load_config(path), path)

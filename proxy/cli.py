@@ -32,7 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         from proxy.app import create_app
 
-        uvicorn.run(create_app(config), **options)
+        uvicorn.run(create_app(config, args.config), **options)
     return 0
 
 
@@ -59,6 +59,7 @@ def demo_config(xffuw_url: str, fengyuan_url: str, port: int, host: str) -> dict
         },
         "tasks": {"poll_interval": 1.0, "first_poll": 0.5, "timeout": 120},
         "aliases": {"dall-e-3": "xffuw/gpt-image-2", "dall-e-2": "xffuw/flux-schnell"},
+        "storage": {"path": ":memory:"},
     }
 
 

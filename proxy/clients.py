@@ -1,38 +1,104 @@
-"""Who may call the proxy: client keys from the config, compared in constant time."""
+"""Who may call the proxy, and within which limits: client keys (compared in constant time),
+requests per minute, allowed models; and, with [auth] passthrough, people's own upstream keys."""
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
+import time
+from collections import deque
 
-from proxy.config import ClientConfig
+from proxy.config import ClientConfig, Config
 from proxy.errors import Kind, ProxyError
+from proxy.gateway import Caller
+from proxy.pool import fingerprint, passthrough_key
+from proxy.router import Route
 
 NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
           "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
 BAD_KEY = "Incorrect API key provided. Ask the proxy's administrator for a valid key."
+WINDOW = 60.0
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def digest_of(client: ClientConfig) -> bytes:
+    if client.key_sha256:
+        return bytes.fromhex(client.key_sha256)
+    return hashlib.sha256((client.key or "").encode()).digest()
+
+
+def match_digest(token: str, digests: list[bytes]) -> int | None:
+    """Index of the digest the token hashes to; every entry is compared, so the time does not
+    depend on which one matches."""
+    digest = hashlib.sha256(token.encode()).digest()
+    found = None
+    for i, known in enumerate(digests):
+        if hmac.compare_digest(known, digest):
+            found = i
+    return found
 
 
 class Clients:
-    def __init__(self, clients: list[ClientConfig]) -> None:
-        # Only digests are kept: comparing them in constant time leaks nothing of the keys.
-        self._digests = [
-            (bytes.fromhex(c.key_sha256) if c.key_sha256 else hashlib.sha256((c.key or "").encode()).digest(), c)
-            for c in clients
-        ]
+    def __init__(self, config: Config) -> None:
+        self.clients = list(config.clients)
+        self._digests = [digest_of(c) for c in self.clients]
+        # longest prefix first, so "sk-fy-" wins over "sk-"
+        self._prefixes = sorted(((p.passthrough_prefix or "", name) for name, p in config.providers.items()
+                                 if p.passthrough_prefix), key=lambda item: -len(item[0])) \
+            if config.auth.passthrough else []
+        self._calls: dict[str, deque[float]] = {}
 
-    def authenticate(self, authorization: str | None) -> ClientConfig:
-        if not authorization:
+    def authenticate(self, authorization: str | None, request_id: str | None = None) -> Caller:
+        token = bearer_token(authorization)
+        if token is None:
             raise ProxyError(Kind.INVALID_API_KEY, NO_KEY)
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise ProxyError(Kind.INVALID_API_KEY, NO_KEY)
-        digest = hashlib.sha256(token.encode()).digest()
-        found = None
-        for known, client in self._digests:  # no early exit: the time does not depend on the match
-            if hmac.compare_digest(known, digest):
-                found = client
-        if found is None:
-            raise ProxyError(Kind.INVALID_API_KEY, BAD_KEY)
-        return found
+        index = match_digest(token, self._digests)
+        if index is not None:
+            client = self.clients[index]
+            self._admit(client)
+            return Caller(name=client.name, client=client, request_id=request_id)
+        for prefix, provider in self._prefixes:
+            if token.startswith(prefix):
+                return Caller(name=f"own-key:{fingerprint(token)}", client=None, request_id=request_id,
+                              own_key=passthrough_key(provider, token))
+        raise ProxyError(Kind.INVALID_API_KEY, BAD_KEY)
+
+    def _admit(self, client: ClientConfig) -> None:
+        """Requests per minute, per client, over a sliding minute."""
+        if client.rpm is None:
+            return
+        now = time.monotonic()
+        calls = self._calls.setdefault(client.name, deque())
+        while calls and calls[0] <= now - WINDOW:
+            calls.popleft()
+        if len(calls) >= client.rpm:
+            raise ProxyError(Kind.RATE_LIMITED, f"Rate limit reached for client '{client.name}': "
+                             f"{client.rpm} requests per minute.", retry_after=calls[0] + WINDOW - now)
+        calls.append(now)
+
+    def adopt(self, old: Clients) -> None:
+        """After a reload: clients that stay keep their rate-limit windows."""
+        for name, calls in old._calls.items():
+            if any(c.name == name for c in self.clients):
+                self._calls[name] = calls
+
+
+def check_model(caller: Caller, route: Route) -> None:
+    if caller.own_key is not None and caller.own_key.provider != route.provider.name:
+        raise ProxyError(Kind.BAD_REQUEST, f"The key you sent is a {caller.own_key.provider} key, but the model "
+                         f"'{route.public_id}' is served by {route.provider.name}.", param="model")
+    patterns = caller.client.models if caller.client is not None else None
+    if patterns is None:
+        return
+    names = {route.public_id, f"{route.provider.name}/{route.upstream_model}", route.upstream_model}
+    if not any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in patterns):
+        raise ProxyError(Kind.MODEL_NOT_ALLOWED, f"The client '{caller.name}' may not use the model "
+                         f"'{route.public_id}'.", param="model")

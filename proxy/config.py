@@ -14,6 +14,8 @@ import msgspec
 from proxy.struct_errors import explain
 
 PROVIDER_TYPES = ("xffuw", "fengyuan")
+# How each upstream's keys look, for [auth] passthrough.
+DEFAULT_PREFIXES = {"xffuw": "xf_", "fengyuan": "sk-"}
 
 
 class ConfigError(Exception):
@@ -38,11 +40,23 @@ class ClientConfig(_Table):
     name: str
     key: str | None = None
     key_sha256: str | None = None
+    rpm: int | None = None  # requests per minute; over it: 429 rate_limit_exceeded
+    models: list[str] | None = None  # allowed model ids, globs allowed; None: every model
+    budget: float | None = None  # spending cap in the upstreams' own units
+    budget_period: Literal["daily", "monthly", "total"] = "total"
+
+
+class UpstreamKeyConfig(_Table):
+    value: str
+    weight: int = 1
+    rpm: int | None = None  # calls per rate_window, polls included; None: the upstream's known limit
+    max_concurrent: int | None = None
 
 
 class ProviderConfig(_Table):
     base_url: str
     keys: list[str] = []
+    key: list[UpstreamKeyConfig] = []  # [[providers.<name>.key]] tables: keys with weights and limits
     # Which upstream dialect this table speaks; defaults to the table's name, so two
     # Fengyuan accounts can be [providers.fengyuan] and [providers.fy2] with type = "fengyuan".
     type: str | None = None
@@ -51,6 +65,16 @@ class ProviderConfig(_Table):
     catalogue_ttl: float = 300.0
     # how long an exhausted (balance short) key is set aside before it is tried again
     recheck_after: float = 300.0
+    strategy: Literal["round_robin", "least_busy", "most_credits"] = "round_robin"
+    rpm: int | None = None  # default per-key limit; Fengyuan: 60, or 300 for VIP keys, when unset
+    rate_window: float = 60.0  # seconds the rpm limits count over (the upstream's own window)
+    max_concurrent: int | None = None  # default per key
+    queue_timeout: float = 30.0  # seconds a request waits for a key under its limits before 429
+    balance_interval: float = 300.0  # seconds between reads of each key's credits (Fengyuan)
+    passthrough_prefix: str | None = None  # bearer tokens with this prefix are this upstream's keys
+
+    def all_keys(self) -> list[UpstreamKeyConfig]:
+        return [UpstreamKeyConfig(value=k) for k in self.keys] + list(self.key)
 
 
 class TasksConfig(_Table):
@@ -67,6 +91,23 @@ class ImagesConfig(_Table):
     download_timeout: float = 60.0
 
 
+class AuthConfig(_Table):
+    # Forward requests whose bearer token is an upstream key (by its prefix) with that key:
+    # no pool, no budget. For people who bring their own key.
+    passthrough: bool = False
+
+
+class AdminConfig(_Table):
+    keys: list[str] = []
+    keys_sha256: list[str] = []
+
+
+class StorageConfig(_Table):
+    # SQLite file for usage, tasks and idempotency records; ":memory:" keeps nothing.
+    path: str = "data/proxy.sqlite3"
+    idempotency_hours: float = 24.0
+
+
 class LogConfig(_Table):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -79,13 +120,16 @@ class Config(_Table):
     tasks: TasksConfig = msgspec.field(default_factory=TasksConfig)
     images: ImagesConfig = msgspec.field(default_factory=ImagesConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     aliases: dict[str, str] = {}
 
     def secrets(self) -> list[str]:
         """Every configured secret, so log lines and error texts can be scrubbed of them."""
-        found = [c.key for c in self.clients if c.key]
+        found = [c.key for c in self.clients if c.key] + list(self.admin.keys)
         for provider in self.providers.values():
-            found.extend(provider.keys)
+            found.extend(k.value for k in provider.all_keys())
         return [s for s in found if s]
 
 
@@ -134,6 +178,9 @@ def parse_config(raw: dict[str, Any], env: dict[str, str] | None = None) -> Conf
 
 
 def _check(config: Config) -> None:
+    for i, digest in enumerate(config.admin.keys_sha256):
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            raise ConfigError(f"admin.keys_sha256[{i}]: expected 64 hex digits (sha256 of the key)")
     if not config.clients:
         raise ConfigError("clients: at least one [[clients]] entry with a key is required")
     names: set[str] = set()
@@ -144,6 +191,10 @@ def _check(config: Config) -> None:
         names.add(client.name)
         if bool(client.key) == bool(client.key_sha256):
             raise ConfigError(f"{where}: set exactly one of key or key_sha256")
+        if client.budget is not None and client.budget < 0:
+            raise ConfigError(f"{where}.budget: must be >= 0")
+        if client.rpm is not None and client.rpm < 1:
+            raise ConfigError(f"{where}.rpm: must be >= 1")
         if client.key_sha256 is not None:
             if not re.fullmatch(r"[0-9a-fA-F]{64}", client.key_sha256):
                 raise ConfigError(f"{where}.key_sha256: expected 64 hex digits (sha256 of the key)")
@@ -160,6 +211,18 @@ def _check(config: Config) -> None:
         for i, key in enumerate(provider.keys):
             if not key.strip():
                 raise ConfigError(f"{where}.keys[{i}]: empty key")
+        for i, table in enumerate(provider.key):
+            if not table.value.strip():
+                raise ConfigError(f"{where}.key[{i}].value: empty key")
+            if table.weight < 1:
+                raise ConfigError(f"{where}.key[{i}].weight: must be >= 1")
+        values = [k.value for k in provider.all_keys()]
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{where}: the same key is listed twice")
+        if provider.rate_window <= 0:
+            raise ConfigError(f"{where}.rate_window: must be > 0")
+        if provider.passthrough_prefix is None:
+            provider.passthrough_prefix = DEFAULT_PREFIXES[provider.type]
     tasks = config.tasks
     if tasks.poll_interval <= 0:
         raise ConfigError("tasks.poll_interval: must be > 0")

@@ -54,6 +54,7 @@ class _ProviderCatalogue:
         self.fresh: cachetools.TTLCache[str, list[ModelInfo]] = cachetools.TTLCache(maxsize=1, ttl=ttl)
         self.stale: list[ModelInfo] | None = None
         self.failed_at = -RETRY_DOWN_AFTER
+        self.last_error: ProxyError | None = None  # why the list is unknown, while it is
         self.first_seen: dict[str, int] = {}
         self.lock = asyncio.Lock()
 
@@ -71,6 +72,7 @@ class _ProviderCatalogue:
                 models = await self.fetch()
             except ProxyError as error:
                 self.failed_at = time.monotonic()
+                self.last_error = error
                 log.warning("catalogue_unavailable", upstream=self.provider.name, error=error.message,
                             serving_stale=self.stale is not None)
                 return self.stale
@@ -78,6 +80,7 @@ class _ProviderCatalogue:
             for model in models:
                 self.first_seen.setdefault(model.id, now)
             self.fresh["models"] = self.stale = models
+            self.last_error = None
             return models
 
 
@@ -101,7 +104,8 @@ class Catalogue:
             seen = self._parts[name].first_seen
             for model in models or []:
                 public = model.id if counts[model.id] == 1 else f"{name}/{model.id}"
-                listed.append(Listed(public, name, model, seen.get(model.id, 0)))
+                if public not in self.aliases:  # an alias of the same name routes elsewhere: list it once
+                    listed.append(Listed(public, name, model, seen.get(model.id, 0)))
         for alias in self.aliases:
             try:
                 route = await self.resolve(alias)
@@ -128,8 +132,17 @@ class Catalogue:
                 for model in models or []:
                     if model.id == target:
                         return Route(model_id, self.providers[name], model)
+            # Not listed anywhere known. If an upstream's list is unknown, the model may well be
+            # there: its error says more than "does not exist".
+            for name, models in lists.items():
+                error = self._parts[name].last_error
+                if models is None and error is not None:
+                    raise ProxyError(error.kind, error.message, retry_after=error.retry_after)
         raise ProxyError(Kind.MODEL_NOT_FOUND, f"The model '{model_id}' does not exist or you do not have "
                          "access to it.", param="model")
+
+    async def models_of(self, provider: str) -> list[ModelInfo]:
+        return await self._parts[provider].models() or []
 
     def forget(self, provider: str) -> None:
         """Drop a provider's cached list, e.g. after it said a listed model does not exist."""

@@ -65,7 +65,7 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
-def proxy_config(sims: Sims) -> dict[str, Any]:
+def proxy_config(sims: Sims, tmp_path: Any) -> dict[str, Any]:
     """The raw config every test proxy starts from; tests may edit it before `proxy` is used."""
     return {
         "clients": [{"name": "alice", "key": CLIENT_KEY}, {"name": "bob", "key": OTHER_CLIENT_KEY}],
@@ -76,6 +76,7 @@ def proxy_config(sims: Sims) -> dict[str, Any]:
         "tasks": {"poll_interval": 0.2, "first_poll": 0.05, "timeout": 10},
         "aliases": {"dall-e-3": "xffuw/gpt-image-2", "my-chat": "gpt-4o-mini"},
         "log": {"format": "json"},
+        "storage": {"path": str(tmp_path / "proxy.sqlite3")},
     }
 
 

@@ -12,6 +12,7 @@ from litestar import Request, Response, post
 from litestar.response import Stream
 
 from proxy.api.common import authenticate, json_body, json_response, note, runtime
+from proxy.clients import check_model
 from proxy.errors import ProxyError, bad_request
 from proxy.gateway import ChatResult
 from proxy.openai import sse
@@ -95,7 +96,7 @@ def _tool_calls(result: ChatResult) -> list[ToolCall] | None:
 
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
-    authenticate(request)
+    caller = authenticate(request)
     raw = await json_body(request)
     body = convert(raw, ChatCompletionRequest)
     check_messages(body.messages)
@@ -105,10 +106,12 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
     gateway = runtime(request).gateway
     route = await gateway.catalogue.resolve(body.model)
     check_route(route, "chat")
+    check_model(caller, route)
+    await gateway.check_budget(caller, route, body.n)
     note(request, upstream=route.provider.name)
     call = ChatCall(model=route.upstream_model, messages=body.messages,
                     params={k: v for k, v in raw.items() if k not in CHAT_OWN_FIELDS})
-    calls = [asyncio.ensure_future(gateway.chat(route, call)) for _ in range(body.n)]
+    calls = [asyncio.ensure_future(gateway.chat(route, call, caller)) for _ in range(body.n)]
     completion_id = "chatcmpl-" + secrets.token_urlsafe(18)
     created = int(time.time())
     if body.stream:

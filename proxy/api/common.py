@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response
 
-from proxy.config import ClientConfig
+from proxy.gateway import Caller
 from proxy.openai.decode import parse_object
 from proxy.runtime import Runtime
 
@@ -23,10 +23,13 @@ def note(request: Request[Any, Any, Any], **fields: Any) -> None:
     request.scope["state"].setdefault("access", {}).update(fields)
 
 
-def authenticate(request: Request[Any, Any, Any]) -> ClientConfig:
-    client = runtime(request).clients.authenticate(request.headers.get("authorization"))
-    note(request, client=client.name)
-    return client
+def authenticate(request: Request[Any, Any, Any]) -> Caller:
+    """The caller, within its request rate; 401 or 429 otherwise."""
+    caller = runtime(request).clients.authenticate(request.headers.get("authorization"),
+                                                   request.scope["state"].get("request_id"))
+    caller.idempotency_key = request.headers.get("idempotency-key")
+    note(request, client=caller.name)
+    return caller
 
 
 async def json_body(request: Request[Any, Any, Any]) -> dict[str, Any]:

@@ -9,7 +9,9 @@ from typing import Any
 from litestar import Request, Response, post
 
 from proxy.api.common import authenticate, json_body, json_response, note, runtime
+from proxy.clients import check_model
 from proxy.errors import ProxyError, bad_request
+from proxy.gateway import Caller
 from proxy.openai.decode import convert
 from proxy.openai.types import ImageData, ImageGenerationRequest, ImagesResponse
 from proxy.providers.base import ImageCall
@@ -31,11 +33,13 @@ def check_image_route(route: Route) -> None:
                           "/v1/chat/completions.", param="model", code="model_not_supported")
 
 
-async def generate(request: Request[Any, Any, Any], client: str, route: Route, call: ImageCall, n: int,
+async def generate(request: Request[Any, Any, Any], caller: Caller, route: Route, call: ImageCall, n: int,
                    response_format: str | None) -> Response[bytes]:
     """Start n tasks at once, wait for all, answer urls or base64; shared by generations and edits."""
     gateway = runtime(request).gateway
-    starts = await asyncio.gather(*(gateway.start_image(route, call, client) for _ in range(n)),
+    check_model(caller, route)
+    await gateway.check_budget(caller, route, n)
+    starts = await asyncio.gather(*(gateway.start_image(route, call, caller) for _ in range(n)),
                                   return_exceptions=True)
     tasks = [t for t in starts if isinstance(t, Task)]
     ids = tuple(t.id for t in tasks)
@@ -60,7 +64,7 @@ async def generate(request: Request[Any, Any, Any], client: str, route: Route, c
 
 @post("/v1/images/generations", status_code=200)
 async def images_generations(request: Request[Any, Any, Any]) -> Response[bytes]:
-    client = authenticate(request)
+    caller = authenticate(request)
     raw = await json_body(request)
     body = convert(raw, ImageGenerationRequest)
     if not body.prompt.strip():
@@ -80,4 +84,4 @@ async def images_generations(request: Request[Any, Any, Any]) -> Response[bytes]
                      kind=route.model.kind if route.model else "image", size=body.size,
                      references=body.images or [],
                      extra={k: v for k, v in raw.items() if k not in _OPENAI_FIELDS})
-    return await generate(request, client.name, route, call, body.n, body.response_format)
+    return await generate(request, caller, route, call, body.n, body.response_format)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any
 
 from litestar import Request, Response, get
 from litestar.params import FromPath
 
 from proxy.api.common import authenticate, json_response, runtime
+from proxy.clients import check_model
+from proxy.gateway import Caller
 from proxy.openai.types import Model, ModelList
 from proxy.router import Listed
 
@@ -17,19 +20,28 @@ def _model(entry: Listed) -> Model:
                  kind=entry.model.kind, price=entry.model.price, name=entry.model.name)
 
 
+def _allowed(caller: Caller, entry: Listed) -> bool:
+    if caller.own_key is not None:
+        return entry.provider == caller.own_key.provider
+    patterns = caller.client.models if caller.client is not None else None
+    names = (entry.id, f"{entry.provider}/{entry.model.id}", entry.model.id)
+    return patterns is None or any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+
 @get("/v1/models")
 async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
-    authenticate(request)
+    caller = authenticate(request)
     listing = await runtime(request).gateway.catalogue.listing()
-    return json_response(ModelList(object="list", data=[_model(e) for e in listing]))
+    return json_response(ModelList(object="list", data=[_model(e) for e in listing if _allowed(caller, e)]))
 
 
 @get("/v1/models/{model_id:path}")
 async def retrieve_model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> Response[bytes]:
-    authenticate(request)
+    caller = authenticate(request)
     model_id = model_id.lstrip("/")
     catalogue = runtime(request).gateway.catalogue
     route = await catalogue.resolve(model_id)
+    check_model(caller, route)
     created = 0
     for entry in await catalogue.listing():
         if entry.provider == route.provider.name and entry.model == route.model:

@@ -174,3 +174,77 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 
 class ErrorResponse(msgspec.Struct, kw_only=True):
     error: ErrorBody
+
+
+# ---- legacy completions -------------------------------------------------------------
+
+
+class CompletionRequest(_In):
+    model: str
+    # A string, a list of strings, or token ids (refused): checked by the handler, which
+    # names the bad element.
+    prompt: str | list[Any] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    # Refused when set: the upstreams return neither logprobs nor the prompt, nor fill in.
+    echo: bool | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    # Read only to check their types; they travel to the upstream as the client sent them.
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    user: str | None = None
+
+
+# Fields the proxy consumes itself; everything else in a completion body is passed through.
+COMPLETION_OWN_FIELDS = frozenset({"model", "prompt", "stream", "stream_options", "n", "echo", "logprobs",
+                                   "suffix", "best_of"})
+
+
+class CompletionChoice(_Out):
+    text: str
+    index: int
+    logprobs: None
+    finish_reason: str | None  # null until the last chunk of a stream
+
+
+class Completion(_Out):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+# ---- image edits --------------------------------------------------------------------
+
+
+class ImageReference(_In):
+    image_url: str | None = None
+    file_id: str | None = None
+
+
+class ImageEditRequest(_In):
+    """The JSON form of /v1/images/edits; the multipart form carries the same fields."""
+
+    prompt: str
+    images: list[ImageReference]
+    model: str | None = None
+    n: int = 1
+    size: str | None = None
+    quality: str | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    output_format: str | None = None
+    background: str | None = None
+    input_fidelity: str | None = None
+    user: str | None = None
+

@@ -5,12 +5,13 @@ from __future__ import annotations
 import httpx
 
 from proxy.config import ProviderConfig
-from proxy.providers.base import Provider
+from proxy.providers.base import Observe, Provider
 from proxy.providers.fengyuan import Fengyuan
 from proxy.providers.xffuw import Xffuw
 
 DIALECTS: dict[str, type[Xffuw] | type[Fengyuan]] = {"xffuw": Xffuw, "fengyuan": Fengyuan}
 
 
-def build_provider(name: str, config: ProviderConfig, http: httpx.AsyncClient) -> Provider:
-    return DIALECTS[config.type or name](name, config, http)
+def build_provider(name: str, config: ProviderConfig, http: httpx.AsyncClient,
+                   observe: Observe | None = None) -> Provider:
+    return DIALECTS[config.type or name](name, config, http, observe)

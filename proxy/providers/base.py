@@ -8,6 +8,8 @@ normalised result or raises `ProxyError` with an upstream kind.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 import httpx
@@ -17,6 +19,7 @@ from proxy.errors import Kind, ProxyError
 from proxy.upstream_http import never_sent
 
 ModelKind = Literal["chat", "image", "video", "audio", "other"]
+Observe = Callable[[str, str, float], None]  # (upstream, operation, seconds): latency metrics
 TaskStatus = Literal["pending", "running", "succeeded", "failed"]
 
 
@@ -59,6 +62,7 @@ class TaskState(msgspec.Struct, kw_only=True):
     progress: float | None = None
     reason: str | None = None
     cost: float | None = None  # what the upstream says it charged
+    balance: float | None = None  # the key's balance after the call, when the upstream says
 
     @property
     def final(self) -> bool:
@@ -83,6 +87,10 @@ class Provider(Protocol):
 
     async def balance(self, key: str) -> KeyInfo | None: ...
 
+    def key_limit(self, vip_level: int | None) -> int | None:
+        """Calls per rate window the upstream allows one key; None: no known limit."""
+        ...
+
 
 class Response(msgspec.Struct):
     status: int
@@ -106,8 +114,9 @@ class HTTPUpstream:
     """What both providers share: sending one call with timeouts, mapping transport failures."""
 
     def __init__(self, name: str, base_url: str, http: httpx.AsyncClient, *,
-                 connect_timeout: float, read_timeout: float) -> None:
+                 connect_timeout: float, read_timeout: float, observe: Observe | None = None) -> None:
         self.name = name
+        self.observe = observe
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.http = http
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout)
@@ -119,21 +128,30 @@ class HTTPUpstream:
         content = None if json is None else msgspec.json.encode(json)
         if content is not None:
             headers = {**(headers or {}), "content-type": "application/json"}
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.total_timeout):
                 reply = await self.http.request(method, url, headers=headers, content=content,
                                                 params=params, timeout=self.timeout)
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
+            self._observe(path, started)
             # The message names no URL or header: upstream addresses stay private.
             sent = not never_sent(exc)
             what = "timed out" if isinstance(exc, TimeoutError | httpx.TimeoutException) else "failed"
             raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name} upstream request {what}",
                              delivered=sent) from None
+        self._observe(path, started)
         try:
             body = _decode(reply.content) if reply.content else None
         except msgspec.DecodeError:
             body = None
         return Response(reply.status_code, body, parse_retry_after(reply.headers.get("retry-after")))
+
+    def _observe(self, path: str, started: float) -> None:
+        if self.observe is not None:
+            # ids in paths would make one label per task: "api/service/task/{id}"
+            operation = "/".join("{id}" if any(c.isdigit() for c in part) else part for part in path.split("/"))
+            self.observe(self.name, operation, time.perf_counter() - started)
 
     def garbage(self, response: Response) -> ProxyError:
         return ProxyError(Kind.UPSTREAM_UNAVAILABLE,

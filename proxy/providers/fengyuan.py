@@ -23,6 +23,7 @@ from proxy.providers.base import (
     KeyInfo,
     ModelInfo,
     ModelKind,
+    Observe,
     Response,
     TaskState,
     TaskStatus,
@@ -119,10 +120,11 @@ def _classify(code: Any, message: str, status: int) -> Kind:
 
 
 class Fengyuan:
-    def __init__(self, name: str, config: ProviderConfig, http: httpx.AsyncClient) -> None:
+    def __init__(self, name: str, config: ProviderConfig, http: httpx.AsyncClient,
+                 observe: Observe | None = None) -> None:
         self.name = name
         self.upstream = HTTPUpstream(name, config.base_url, http, connect_timeout=config.connect_timeout,
-                                     read_timeout=config.read_timeout)
+                                     read_timeout=config.read_timeout, observe=observe)
 
     async def _call(self, method: str, path: str, key: str | None, *, json: Any = None,
                     params: dict[str, str] | None = None) -> Any:
@@ -204,7 +206,10 @@ class Fengyuan:
             reason = next((str(data[k]) for k in _REASON_KEYS if data.get(k)), None)
         return TaskState(status=status, task_id=None if raw_id is None else str(raw_id), urls=urls,
                          progress=as_float(data.get("progress")), reason=reason,
-                         cost=as_float(data.get("cost")))
+                         cost=as_float(data.get("cost")), balance=as_float(data.get("balance")))
+
+    def key_limit(self, vip_level: int | None) -> int | None:
+        return 300 if (vip_level or 0) >= 1 else 60  # the docs: 60/min, 300/min for VIP users
 
     async def balance(self, key: str) -> KeyInfo | None:
         data = await self._call("GET", "api/user/info", key)

@@ -16,6 +16,7 @@ from proxy.providers.base import (
     KeyInfo,
     ModelInfo,
     ModelKind,
+    Observe,
     Response,
     TaskState,
     TaskStatus,
@@ -59,21 +60,20 @@ def _error_text(body: Any) -> str | None:
     return str(error)
 
 
-def classify(text: str, status: int) -> Kind:
+def classify(text: str) -> Kind:
     phrase = normalise_phrase(text)
     for needles, kind in _PHRASES:
         if any(needle in phrase for needle in needles):
             return kind
-    if status in _STATUS_KINDS:
-        return _STATUS_KINDS[status]
-    return Kind.BAD_REQUEST if status == 400 else Kind.UPSTREAM_UNAVAILABLE
+    return Kind.UPSTREAM_UNAVAILABLE  # the design: an unknown text is an upstream error, whatever the status
 
 
 class Xffuw:
-    def __init__(self, name: str, config: ProviderConfig, http: httpx.AsyncClient) -> None:
+    def __init__(self, name: str, config: ProviderConfig, http: httpx.AsyncClient,
+                 observe: Observe | None = None) -> None:
         self.name = name
         self.upstream = HTTPUpstream(name, config.base_url, http, connect_timeout=config.connect_timeout,
-                                     read_timeout=config.read_timeout)
+                                     read_timeout=config.read_timeout, observe=observe)
 
     async def _call(self, method: str, path: str, key: str | None, *, json: Any = None,
                     params: dict[str, str] | None = None) -> dict[str, Any]:
@@ -85,7 +85,7 @@ class Xffuw:
         # The status of an error is undocumented: the body decides, 200 included.
         text = _error_text(response.body)
         if text is not None:
-            kind = classify(text, response.status)
+            kind = classify(text)
             raise ProxyError(kind, f"{self.name}: {text}", retry_after=response.retry_after)
         if response.status >= 400 or not isinstance(response.body, dict):
             kind = _STATUS_KINDS.get(response.status)
@@ -167,6 +167,9 @@ class Xffuw:
 
     async def balance(self, key: str) -> KeyInfo | None:
         return None  # xffuw has no balance endpoint
+
+    def key_limit(self, vip_level: int | None) -> int | None:
+        return None  # undocumented: set `rpm` in the config where a plan has one
 
 
 def _reason(body: dict[str, Any]) -> str | None:

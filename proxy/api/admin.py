@@ -1,0 +1,156 @@
+"""The admin API: upstream keys, usage, reload, metrics. Needs an [admin] key; none shows a secret."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import io
+import time
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.params import FromPath
+
+from proxy.api.common import json_response, runtime
+from proxy.clients import bearer_token, match_digest
+from proxy.config import ConfigError
+from proxy.errors import Kind, ProxyError, bad_request
+from proxy.gateway import period_start
+from proxy.redact import redact
+
+NO_ADMIN = "The admin API needs an admin key: set [admin] keys (or keys_sha256) in the config."
+
+
+class KeyView(msgspec.Struct, kw_only=True):
+    provider: str
+    fingerprint: str
+    state: str
+    reason: str | None
+    until: float | None  # unix time the current state ends (cooling, exhausted)
+    in_flight: int
+    requests: int
+    failures: int
+    calls_in_window: int
+    rate_limit: int | None
+    weight: int
+    credits: float | None
+    vip_level: int | None
+    checked_at: float | None
+
+
+def require_admin(request: Request[Any, Any, Any]) -> None:
+    admin = runtime(request).config.admin
+    digests = [hashlib.sha256(k.encode()).digest() for k in admin.keys] + \
+              [bytes.fromhex(d) for d in admin.keys_sha256]
+    token = bearer_token(request.headers.get("authorization"))
+    if not digests or token is None or match_digest(token, digests) is None:
+        raise ProxyError(Kind.INVALID_API_KEY, NO_ADMIN if not digests else "Incorrect admin key provided.")
+
+
+@get("/admin/keys")
+async def admin_keys(request: Request[Any, Any, Any]) -> Response[bytes]:
+    require_admin(request)
+    now, wall = time.monotonic(), time.time()
+    views = []
+    for name, pool in runtime(request).gateway.pools.items():
+        for key in pool.keys:
+            pool._rate_wait(key, now)  # drops calls that left the window
+            views.append(KeyView(
+                provider=name, fingerprint=key.fingerprint, state=key.state,
+                reason=redact(key.reason) if key.reason else None,
+                until=wall + (key.until - now) if key.until > now else None, in_flight=key.in_flight,
+                requests=key.requests, failures=key.failures, calls_in_window=len(key.calls),
+                rate_limit=pool.limit(key), weight=key.weight, credits=key.credits, vip_level=key.vip_level,
+                checked_at=key.checked_at))
+    return json_response({"object": "list", "data": views})
+
+
+async def _set_key(request: Request[Any, Any, Any], fingerprint: str, enable: bool) -> Response[bytes]:
+    require_admin(request)
+    found = runtime(request).gateway.find_key(fingerprint)
+    if found is None:
+        raise ProxyError(Kind.NOT_FOUND, f"No upstream key with fingerprint '{fingerprint}'.", param="fingerprint")
+    pool, key = found
+    pool.set_state(key, "active" if enable else "disabled", None if enable else "disabled by an admin")
+    return json_response({"fingerprint": key.fingerprint, "provider": pool.provider, "state": key.state})
+
+
+@post("/admin/keys/{fingerprint:str}/disable", status_code=200)
+async def admin_disable_key(request: Request[Any, Any, Any], fingerprint: FromPath[str]) -> Response[bytes]:
+    return await _set_key(request, fingerprint, enable=False)
+
+
+@post("/admin/keys/{fingerprint:str}/enable", status_code=200)
+async def admin_enable_key(request: Request[Any, Any, Any], fingerprint: FromPath[str]) -> Response[bytes]:
+    return await _set_key(request, fingerprint, enable=True)
+
+
+@post("/admin/reload", status_code=200)
+async def admin_reload(request: Request[Any, Any, Any]) -> Response[bytes]:
+    require_admin(request)
+    try:
+        config = runtime(request).reload()
+    except (ConfigError, ValueError) as error:
+        raise bad_request(f"The new config was refused; the running one stays: {error}") from None
+    return json_response({"status": "reloaded", "clients": len(config.clients),
+                          "providers": sorted(config.providers)})
+
+
+def _time(value: str | None, name: str) -> float | None:
+    """Unix seconds or an ISO date/time (UTC when no zone is given)."""
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(value)  # type: ignore[arg-type]
+    except ValueError:
+        raise bad_request(f"'{name}' must be unix seconds or an ISO date such as 2026-11-01.", param=name) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+@get("/admin/usage")
+async def admin_usage(request: Request[Any, Any, Any]) -> Response[bytes]:
+    require_admin(request)
+    query = request.query_params
+    group_by = query.get("group_by") or "client"
+    if group_by not in ("client", "model", "day", "upstream"):
+        raise bad_request("'group_by' must be one of client, model, day, upstream.", param="group_by")
+    fmt = query.get("format") or "json"
+    if fmt not in ("json", "csv"):
+        raise bad_request("'format' must be json or csv.", param="format")
+    rows = await runtime(request).store.usage(
+        client=query.get("client") or None, model=query.get("model") or None,
+        since=_time(query.get("since"), "since"), until=_time(query.get("until"), "until"), group_by=group_by)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow([group_by, "requests", "cost", "failed"])
+        writer.writerows([r.group, r.requests, r.cost, r.failed] for r in rows)
+        return Response(out.getvalue().encode(), media_type="text/csv; charset=utf-8",
+                        headers={"content-disposition": f'attachment; filename="usage-by-{group_by}.csv"'})
+    total = {"requests": sum(r.requests for r in rows), "cost": round(sum(r.cost for r in rows), 6),
+             "failed": sum(r.failed for r in rows)}
+    return json_response({"object": "list", "group_by": group_by, "data": rows, "total": total})
+
+
+@get("/metrics")
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    require_admin(request)
+    rt = runtime(request)
+    registry = request.app.state.metrics
+    for client in rt.config.clients:
+        if client.budget is not None:
+            spent = await rt.store.spent(client.name, period_start(client.budget_period, time.time()))
+            registry.budget_spent.labels(client.name).set(spent)
+            registry.budget_limit.labels(client.name).set(client.budget)
+    return Response(registry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+ADMIN_ROUTES = [admin_keys, admin_disable_key, admin_enable_key, admin_reload, admin_usage, metrics]

@@ -1,0 +1,46 @@
+"""GET /v1/tasks/{id}: a documented extension; the state, progress and result of one of the
+caller's own upstream tasks (ids are in x-proxy-task-ids and in timeout/failure messages)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get
+from litestar.params import FromPath
+
+from proxy.api.common import authenticate, json_response, runtime
+from proxy.errors import Kind, ProxyError
+from proxy.openai.errors import error_payload
+from proxy.openai.types import ErrorBody
+from proxy.store import TaskRecord
+from proxy.tasks import Task, error_of
+
+
+class TaskView(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    object: str
+    status: str  # pending | running | succeeded | failed | timeout
+    model: str
+    upstream: str
+    created: int
+    updated: int
+    progress: float | None = None
+    data: list[dict[str, str]] = []  # like an images response: [{"url": …}]
+    media_type: str | None = None
+    error: ErrorBody | None = None
+
+
+@get("/v1/tasks/{task_id:str}")
+async def retrieve_task(request: Request[Any, Any, Any], task_id: FromPath[str]) -> Response[bytes]:
+    caller = authenticate(request)
+    found = await runtime(request).gateway.tasks.find(task_id)
+    record = found.record if isinstance(found, Task) else found
+    if not isinstance(record, TaskRecord) or record.client != caller.name:
+        raise ProxyError(Kind.NOT_FOUND, f"No task '{task_id}' for this client.", param="task_id")
+    error = error_of(record)
+    return json_response(TaskView(
+        id=record.id, object="proxy.task", status=record.state, model=record.model, upstream=record.upstream,
+        created=int(record.created), updated=int(record.updated), progress=record.progress,
+        data=[{"url": url} for url in record.urls], media_type=record.media_type,
+        error=error_payload(error).error if error else None))

@@ -1,0 +1,64 @@
+"""Prometheus metrics, one registry per app (so several apps in one process stay apart).
+
+Per process: with `--workers N` each worker answers for itself; scrape each or aggregate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from proxy.gateway import Gateway
+
+KEY_STATES = ("active", "cooling", "exhausted", "disabled")
+
+
+class _PoolCollector(Collector):
+    """Key states and tasks waiting, read from the gateway at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gateway = self.metrics.gateway
+        states = GaugeMetricFamily("proxy_upstream_keys", "Upstream keys by state", labels=["upstream", "state"])
+        in_flight = GaugeMetricFamily("proxy_upstream_key_in_flight", "Calls in flight per upstream key",
+                                      labels=["upstream", "key"])
+        waiting = GaugeMetricFamily("proxy_tasks_waiting", "Upstream tasks the proxy is waiting on")
+        if gateway is not None:
+            for name, pool in gateway.pools.items():
+                for state in KEY_STATES:
+                    states.add_metric([name, state], sum(1 for k in pool.keys if k.state == state))
+                for key in pool.keys:
+                    in_flight.add_metric([name, key.fingerprint], key.in_flight)
+            waiting.add_metric([], gateway.tasks.waiting)
+        yield states
+        yield in_flight
+        yield waiting
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.gateway: Gateway | None = None
+        self.requests = Counter("proxy_requests", "Requests answered", ["client", "model", "status"],
+                                registry=self.registry)
+        self.upstream_latency = Histogram(
+            "proxy_upstream_latency_seconds", "Upstream call latency", ["upstream", "operation"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
+        self.budget_spent = Gauge("proxy_budget_spent", "Spent in the current budget period", ["client"],
+                                  registry=self.registry)
+        self.budget_limit = Gauge("proxy_budget_limit", "Budget of the current period", ["client"],
+                                  registry=self.registry)
+        self.registry.register(_PoolCollector(self))
+
+    def observe_upstream(self, upstream: str, operation: str, seconds: float) -> None:
+        self.upstream_latency.labels(upstream, operation).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,240 @@
+"""The Responses API on the wire: the request, the response object, the stream events, and
+the input items translated to chat messages (the only thing the upstreams run).
+
+Response Structs mirror `Response` and the `Response*Event` schemas of the OpenAI spec:
+fields it requires have no default, so they are always sent (null included).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from proxy.errors import bad_request
+
+_encode = msgspec.json.Encoder().encode
+
+
+class ResponseRequest(msgspec.Struct, kw_only=True):
+    model: str
+    input: str | list[Any] | None = None
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    store: bool | None = None  # null or absent: stored, as OpenAI does
+    stream: bool | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_output_tokens: int | None = None
+    metadata: dict[str, str] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    user: str | None = None
+    background: bool | None = None
+    conversation: Any = None
+
+
+class OutputText(msgspec.Struct, kw_only=True):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any]
+    logprobs: list[Any]
+
+
+class OutputMessage(msgspec.Struct, kw_only=True):
+    id: str
+    type: Literal["message"] = "message"
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] = "assistant"
+    content: list[OutputText]
+
+
+class InputTokensDetails(msgspec.Struct, kw_only=True):
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
+class OutputTokensDetails(msgspec.Struct, kw_only=True):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(msgspec.Struct, kw_only=True):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class ResponseObject(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed"]
+    completed_at: int | None
+    error: None = None
+    incomplete_details: None = None
+    instructions: str | None
+    max_output_tokens: int | None
+    model: str
+    output: list[OutputMessage]
+    parallel_tool_calls: bool
+    previous_response_id: str | None
+    store: bool
+    temperature: float | None
+    top_p: float | None
+    text: dict[str, Any]
+    tool_choice: str | dict[str, Any]
+    tools: list[Any]
+    truncation: str = "disabled"
+    metadata: dict[str, str]
+    # Left out (UNSET) rather than null where the spec does not allow null.
+    usage: ResponseUsage | msgspec.UnsetType = msgspec.UNSET
+    user: str | msgspec.UnsetType = msgspec.UNSET
+
+
+# Every event carries its `type` (the tag) and `sequence_number`.
+class _Event(msgspec.Struct, kw_only=True, tag_field="type"):
+    sequence_number: int = 0
+
+
+class ResponseCreated(_Event, tag="response.created"):
+    response: ResponseObject
+
+
+class ResponseInProgress(_Event, tag="response.in_progress"):
+    response: ResponseObject
+
+
+class ResponseCompleted(_Event, tag="response.completed"):
+    response: ResponseObject
+
+
+class OutputItemAdded(_Event, tag="response.output_item.added"):
+    output_index: int
+    item: OutputMessage
+
+
+class OutputItemDone(_Event, tag="response.output_item.done"):
+    output_index: int
+    item: OutputMessage
+
+
+class ContentPartAdded(_Event, tag="response.content_part.added"):
+    item_id: str
+    output_index: int
+    content_index: int
+    part: OutputText
+
+
+class ContentPartDone(_Event, tag="response.content_part.done"):
+    item_id: str
+    output_index: int
+    content_index: int
+    part: OutputText
+
+
+class OutputTextDelta(_Event, tag="response.output_text.delta"):
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+    logprobs: list[Any]
+
+
+class OutputTextDone(_Event, tag="response.output_text.done"):
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+    logprobs: list[Any]
+
+
+def sse_event(event: _Event) -> bytes:
+    """`event: <type>\\ndata: <json>\\n\\n`, as OpenAI streams Responses events."""
+    kind = type(event).__struct_config__.tag
+    return b"event: " + str(kind).encode() + b"\ndata: " + _encode(event) + b"\n\n"
+
+
+def encode(value: Any) -> bytes:
+    return _encode(value)
+
+
+# ---- input items -> chat messages -----------------------------------------------------
+
+INPUT_ROLES = frozenset({"user", "system", "developer", "assistant"})
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal", "summary_text"})
+
+
+def _text_of(part: dict[str, Any], where: str) -> str:
+    value = part.get("refusal") if part.get("type") == "refusal" else part.get("text")
+    if not isinstance(value, str):
+        raise bad_request(f"Invalid value for '{where}.text': expected a string.", param=f"{where}.text")
+    return value
+
+
+def _image_part(part: dict[str, Any], where: str) -> dict[str, Any]:
+    url = part.get("image_url")
+    if url is None and part.get("file_id") is not None:
+        raise bad_request(f"'{where}.file_id' is not supported by this proxy: send the image as 'image_url' "
+                          "(an http(s) URL or a data: URL).", param=f"{where}.file_id")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://", "data:")):
+        raise bad_request(f"Invalid value for '{where}.image_url': expected an http(s) URL or a data: URL.",
+                          param=f"{where}.image_url")
+    image: dict[str, Any] = {"url": url}
+    if isinstance(part.get("detail"), str):
+        image["detail"] = part["detail"]
+    return {"type": "image_url", "image_url": image}
+
+
+def _content(content: Any, role: str, where: str) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request(f"Invalid type for '{where}': expected a string or an array of content parts.",
+                          param=where)
+    parts: list[dict[str, Any]] = []
+    for i, part in enumerate(content):
+        here = f"{where}[{i}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(part, dict) or not isinstance(kind, str):
+            raise bad_request(f"Invalid value for '{here}': expected a content part with a 'type'.", param=here)
+        if kind in _TEXT_PARTS:
+            parts.append({"type": "text", "text": _text_of(part, here)})
+        elif kind == "input_image" and role != "assistant":
+            parts.append(_image_part(part, here))
+        else:
+            raise bad_request(f"Invalid value for '{here}.type': '{kind}' content is not supported by this "
+                              "proxy's upstreams; use input_text or input_image.", param=f"{here}.type")
+    if role == "assistant" or (len(parts) <= 1 and all(p["type"] == "text" for p in parts)):
+        return "".join(p["text"] for p in parts if p["type"] == "text")
+    return parts
+
+
+def input_messages(value: str | list[Any]) -> list[dict[str, Any]]:
+    """`input` as chat messages: a string is one user message; items must be messages
+    (tool calls and item references have no upstream to run them)."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not value:
+        raise bad_request("'input' must contain at least one item.", param="input")
+    messages: list[dict[str, Any]] = []
+    for i, item in enumerate(value):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise bad_request(f"Invalid value for '{where}': expected an input item object.", param=where)
+        kind = item.get("type", "message")
+        if kind != "message":
+            raise bad_request(f"Invalid value for '{where}.type': '{kind}' items are not supported by this "
+                              "proxy's upstreams, which run no tools; send messages, and continue a "
+                              "conversation with previous_response_id.", param=f"{where}.type")
+        role = item.get("role")
+        if role not in INPUT_ROLES:
+            raise bad_request(f"Invalid value for '{where}.role': expected one of {sorted(INPUT_ROLES)}.",
+                              param=f"{where}.role")
+        if "content" not in item:
+            raise bad_request(f"Missing required parameter: '{where}.content'.", param=f"{where}.content")
+        messages.append({"role": role, "content": _content(item["content"], role, f"{where}.content")})
+    return messages

@@ -1,0 +1,99 @@
+"""State that outlives a request: usage, tasks, idempotency records.
+
+One small interface; the embedded default is SQLite (one file per deployment, shared by
+the worker processes of one machine). A Redis- or Postgres-backed store implements the
+same Protocol so that several machines share the state.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import msgspec
+
+TaskPhase = Literal["pending", "running", "succeeded", "failed", "timeout"]
+UNFINISHED: tuple[TaskPhase, ...] = ("pending", "running")
+
+
+class UsageRecord(msgspec.Struct, kw_only=True):
+    at: float  # unix time
+    client: str
+    model: str
+    upstream: str
+    key: str  # the upstream key's fingerprint
+    cost: float
+    outcome: str  # ok | failed | submitted
+    kind: str  # chat | image
+    task_id: str | None = None
+    request_id: str | None = None
+
+
+class TaskRecord(msgspec.Struct, kw_only=True):
+    id: str
+    client: str
+    request_id: str | None
+    idempotency_key: str | None
+    upstream: str
+    key: str  # fingerprint of the key that created it: polls use the same key
+    upstream_task_id: str | None
+    model: str
+    state: TaskPhase
+    urls: list[str] = []
+    media_type: str | None = None
+    progress: float | None = None
+    reason: str | None = None
+    created: float = 0.0
+    updated: float = 0.0
+    deadline: float = 0.0  # unix time the proxy stops waiting
+    owner: str | None = None  # the process polling it
+
+
+class IdempotencyRecord(msgspec.Struct, kw_only=True):
+    client: str
+    key: str
+    fingerprint: str  # hash of method, path and body: the same key with another body is a conflict
+    created: float
+    done: bool = False
+    status: int = 0
+    content_type: str = "application/json"
+    headers: dict[str, str] = {}
+    body: bytes = b""
+    task_ids: list[str] = []
+
+
+class UsageRow(msgspec.Struct, kw_only=True):
+    group: str
+    requests: int
+    cost: float
+    failed: int
+
+
+class Store(Protocol):
+    def add_usage(self, record: UsageRecord) -> None: ...  # queued, not awaited
+
+    async def settle_usage(self, task_id: str, outcome: str, cost: float | None) -> None: ...
+
+    async def spent(self, client: str, since: float) -> float: ...
+
+    async def usage(self, *, client: str | None, model: str | None, since: float | None, until: float | None,
+                    group_by: str) -> list[UsageRow]: ...
+
+    async def save_task(self, record: TaskRecord) -> None: ...
+
+    async def get_task(self, task_id: str) -> TaskRecord | None: ...
+
+    async def claim_unfinished(self, owner: str, stale_before: float) -> list[TaskRecord]: ...
+
+    async def heartbeat(self, owner: str) -> None: ...
+
+    async def release(self, owner: str) -> None: ...
+
+    async def purge(self, tasks_before: float, idempotency_before: float) -> None: ...
+
+    async def idempotency_begin(self, record: IdempotencyRecord) -> IdempotencyRecord | None: ...
+
+    async def idempotency_finish(self, record: IdempotencyRecord) -> None: ...
+
+    async def idempotency_drop(self, client: str, key: str) -> None: ...
+
+    async def close(self) -> None: ...

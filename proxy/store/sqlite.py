@@ -1,0 +1,202 @@
+"""The embedded store: one SQLite file (WAL), every statement on one dedicated thread.
+
+The event loop never blocks on the disk: calls hop to the store's thread and back. Usage
+inserts are not awaited by requests (`add_usage` queues them); every later read runs after
+them on the same thread, so budgets always see them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import structlog
+
+from proxy.store import UNFINISHED, IdempotencyRecord, TaskRecord, UsageRecord, UsageRow
+
+T = TypeVar("T")
+log = structlog.get_logger("proxy.store")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY, at REAL NOT NULL, client TEXT NOT NULL, model TEXT NOT NULL,
+    upstream TEXT NOT NULL, key TEXT NOT NULL, cost REAL NOT NULL, outcome TEXT NOT NULL,
+    kind TEXT NOT NULL, task_id TEXT, request_id TEXT);
+CREATE INDEX IF NOT EXISTS usage_client_at ON usage (client, at);
+CREATE INDEX IF NOT EXISTS usage_at ON usage (at);
+CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, state TEXT NOT NULL, owner TEXT,
+    updated REAL NOT NULL, record BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state, updated);
+CREATE TABLE IF NOT EXISTS idempotency (client TEXT NOT NULL, key TEXT NOT NULL, created REAL NOT NULL,
+    record BLOB NOT NULL, PRIMARY KEY (client, key));
+"""
+
+_GROUPS = {"client": "client", "model": "model", "day": "date(at, 'unixepoch')", "upstream": "upstream"}
+
+_task_encode = msgspec.msgpack.Encoder().encode
+_task_decode = msgspec.msgpack.Decoder(TaskRecord).decode
+_idem_decode = msgspec.msgpack.Decoder(IdempotencyRecord).decode
+
+
+class SQLiteStore:
+    def __init__(self, path: str) -> None:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._db = self._pool.submit(self._open, path).result()
+
+    @staticmethod
+    def _open(path: str) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; WAL keeps it fast
+        db.executescript(_SCHEMA)
+        return db
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, work, self._db)
+
+    # ---- usage ----------------------------------------------------------------------
+
+    def add_usage(self, record: UsageRecord) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO usage (at, client, model, upstream, key, cost, outcome, kind, task_id, request_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.at, record.client, record.model, record.upstream, record.key, record.cost, record.outcome,
+                 record.kind, record.task_id, record.request_id))
+
+        self._pool.submit(insert, self._db).add_done_callback(_log_failure)
+
+    async def settle_usage(self, task_id: str, outcome: str, cost: float | None) -> None:
+        """A task's final outcome, and the cost the upstream reported at the end, if any."""
+        await self._run(lambda db: db.execute(
+            "UPDATE usage SET outcome = ?, cost = COALESCE(?, cost) WHERE task_id = ?", (outcome, cost, task_id)))
+
+    async def spent(self, client: str, since: float) -> float:
+        def total(db: sqlite3.Connection) -> float:
+            row = db.execute("SELECT COALESCE(SUM(cost), 0) FROM usage WHERE client = ? AND at >= ?",
+                             (client, since)).fetchone()
+            return float(row[0])
+
+        return await self._run(total)
+
+    async def usage(self, *, client: str | None, model: str | None, since: float | None, until: float | None,
+                    group_by: str) -> list[UsageRow]:
+        group = _GROUPS[group_by]
+        where, args = [], []
+        for clause, value in (("client = ?", client), ("model = ?", model), ("at >= ?", since), ("at < ?", until)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        sql = (f"SELECT {group} AS g, COUNT(*), COALESCE(SUM(cost), 0), SUM(outcome = 'failed') FROM usage "
+               f"{'WHERE ' + ' AND '.join(where) if where else ''} GROUP BY g ORDER BY g")
+
+        def query(db: sqlite3.Connection) -> list[UsageRow]:
+            return [UsageRow(group=str(g), requests=n, cost=round(float(c), 6), failed=int(f or 0))
+                    for g, n, c, f in db.execute(sql, args)]
+
+        return await self._run(query)
+
+    # ---- tasks ----------------------------------------------------------------------
+
+    async def save_task(self, record: TaskRecord) -> None:
+        record.updated = time.time()
+        blob = _task_encode(record)
+
+        def upsert(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO tasks (id, state, owner, updated, record) VALUES (?, ?, ?, ?, ?)",
+                       (record.id, record.state, record.owner, record.updated, blob))
+
+        await self._run(upsert)
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        def get(db: sqlite3.Connection) -> TaskRecord | None:
+            row = db.execute("SELECT record FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            return _task_decode(row[0]) if row else None
+
+        return await self._run(get)
+
+    async def claim_unfinished(self, owner: str, stale_before: float) -> list[TaskRecord]:
+        """Take over unfinished tasks nobody polls: released ones, or ones whose owner went silent."""
+        marks = ",".join("?" * len(UNFINISHED))
+
+        def claim(db: sqlite3.Connection) -> list[TaskRecord]:
+            now = time.time()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = db.execute(
+                    f"SELECT record FROM tasks WHERE state IN ({marks}) AND (owner IS NULL OR updated < ?)",
+                    (*UNFINISHED, stale_before)).fetchall()
+                records = [_task_decode(r[0]) for r in rows]
+                for record in records:
+                    record.owner, record.updated = owner, now
+                    db.execute("UPDATE tasks SET owner = ?, updated = ?, record = ? WHERE id = ?",
+                               (owner, now, _task_encode(record), record.id))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return records
+
+        return await self._run(claim)
+
+    async def heartbeat(self, owner: str) -> None:
+        marks = ",".join("?" * len(UNFINISHED))
+        await self._run(lambda db: db.execute(
+            f"UPDATE tasks SET updated = ? WHERE owner = ? AND state IN ({marks})", (time.time(), owner, *UNFINISHED)))
+
+    async def release(self, owner: str) -> None:
+        """On shutdown: unfinished tasks become claimable at once by the next process."""
+        marks = ",".join("?" * len(UNFINISHED))
+        await self._run(lambda db: db.execute(
+            f"UPDATE tasks SET owner = NULL WHERE owner = ? AND state IN ({marks})", (owner, *UNFINISHED)))
+
+    async def purge(self, tasks_before: float, idempotency_before: float) -> None:
+        marks = ",".join("?" * len(UNFINISHED))
+
+        def purge(db: sqlite3.Connection) -> None:
+            db.execute(f"DELETE FROM tasks WHERE updated < ? AND state NOT IN ({marks})", (tasks_before, *UNFINISHED))
+            db.execute("DELETE FROM idempotency WHERE created < ?", (idempotency_before,))
+
+        await self._run(purge)
+
+    # ---- idempotency ----------------------------------------------------------------
+
+    async def idempotency_begin(self, record: IdempotencyRecord) -> IdempotencyRecord | None:
+        """Insert the record unless one exists; answer the existing one, or None when inserted."""
+        blob = msgspec.msgpack.encode(record)
+
+        def begin(db: sqlite3.Connection) -> IdempotencyRecord | None:
+            row = db.execute("SELECT record FROM idempotency WHERE client = ? AND key = ?",
+                             (record.client, record.key)).fetchone()
+            if row:
+                return _idem_decode(row[0])
+            db.execute("INSERT INTO idempotency (client, key, created, record) VALUES (?, ?, ?, ?)",
+                       (record.client, record.key, record.created, blob))
+            return None
+
+        return await self._run(begin)
+
+    async def idempotency_finish(self, record: IdempotencyRecord) -> None:
+        blob = msgspec.msgpack.encode(record)
+        await self._run(lambda db: db.execute(
+            "UPDATE idempotency SET record = ? WHERE client = ? AND key = ?", (blob, record.client, record.key)))
+
+    async def idempotency_drop(self, client: str, key: str) -> None:
+        await self._run(lambda db: db.execute("DELETE FROM idempotency WHERE client = ? AND key = ?", (client, key)))
+
+    async def close(self) -> None:
+        await self._run(lambda db: db.close())
+        self._pool.shutdown(wait=True)
+
+
+def _log_failure(future: Any) -> None:
+    if future.exception() is not None:
+        log.error("store_write_failed", error=repr(future.exception()))
