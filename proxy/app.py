@@ -21,6 +21,9 @@ from litestar.types import Message, Receive, Scope, Send
 
 from proxy.api import ROUTES
 from proxy.api.admin import ADMIN_ROUTES
+from proxy.api.idempotency import Idempotency
+from proxy.api.images import answer_from_tasks
+from proxy.api.tasks import retrieve_task
 from proxy.clients import Clients
 from proxy.config import Config, ConfigError
 from proxy.errors import Kind, ProxyError
@@ -68,6 +71,8 @@ class ProxyApp(Litestar):
     """Litestar, plus what must wrap every request, unknown routes included: the request id
     header and one access-log line."""
 
+    idempotency: Idempotency
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
@@ -86,7 +91,10 @@ class ProxyApp(Litestar):
             await send(message)
 
         try:
-            await super().__call__(scope, receive, send_with_id)
+            if scope["method"] == "POST" and any(k == b"idempotency-key" for k, _ in scope["headers"]):
+                await self.idempotency(super().__call__, self.state.runtime, scope, receive, send_with_id)
+            else:
+                await super().__call__(scope, receive, send_with_id)
         finally:
             access = state.get("access", {})
             # only resolved models label the counter: clients cannot invent label values
@@ -134,7 +142,7 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
             await http.aclose()
 
     app = ProxyApp(
-        route_handlers=[*ROUTES, *ADMIN_ROUTES],
+        route_handlers=[*ROUTES, retrieve_task, *ADMIN_ROUTES],
         lifespan=[lifespan],
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected},
         request_max_body_size=config.server.max_body_bytes,
@@ -142,4 +150,5 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
         debug=False,
     )
     app.state.metrics = metrics
+    app.idempotency = Idempotency(answer_from_tasks)
     return app

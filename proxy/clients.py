@@ -71,6 +71,18 @@ class Clients:
                               own_key=passthrough_key(provider, token))
         raise ProxyError(Kind.INVALID_API_KEY, BAD_KEY)
 
+    def identify(self, authorization: str | None) -> str | None:
+        """The caller's name, without counting a request: for keying idempotency records."""
+        token = bearer_token(authorization)
+        if token is None:
+            return None
+        index = match_digest(token, self._digests)
+        if index is not None:
+            return self.clients[index].name
+        if any(token.startswith(prefix) for prefix, _ in self._prefixes):
+            return f"own-key:{fingerprint(token)}"
+        return None
+
     def _admit(self, client: ClientConfig) -> None:
         """Requests per minute, per client, over a sliding minute."""
         if client.rpm is None:

@@ -222,7 +222,7 @@ class Gateway:
                 if not self._balance_supported.get(name):
                     continue
                 for key in list(pool.keys):
-                    if self._balance_due(pool, key):
+                    if self._balance_supported.get(name) and self._balance_due(pool, key):
                         await self._read_balance(name, pool, key)
             await asyncio.sleep(self._balance_tick())
 

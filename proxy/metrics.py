@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from proxy.gateway import Gateway
 
 KEY_STATES = ("active", "cooling", "exhausted", "disabled")
+disable_created_metrics()  # the *_created series only double the output
 
 
 class _PoolCollector(Collector):

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
+import msgspec
 from litestar import Request, Response, post
 
-from proxy.api.common import authenticate, json_body, json_response, note, runtime
+from proxy.api.common import authenticate, json_body, note, runtime
 from proxy.clients import check_model
-from proxy.errors import ProxyError, bad_request
-from proxy.gateway import Caller
+from proxy.errors import Kind, ProxyError, bad_request
+from proxy.gateway import Caller, Gateway
 from proxy.openai.decode import convert
+from proxy.openai.errors import error_headers, error_payload
 from proxy.openai.types import ImageData, ImageGenerationRequest, ImagesResponse
 from proxy.providers.base import ImageCall
 from proxy.router import Route
-from proxy.tasks import Task
+from proxy.runtime import Runtime
+from proxy.store import UNFINISHED
+from proxy.tasks import Task, error_of
+
+_encode = msgspec.json.Encoder().encode
 
 MAX_N = 10
 DEFAULT_MODEL = "dall-e-2"  # what OpenAI assumes without a model; route it with an alias
@@ -44,6 +51,9 @@ async def generate(request: Request[Any, Any, Any], caller: Caller, route: Route
     tasks = [t for t in starts if isinstance(t, Task)]
     ids = tuple(t.id for t in tasks)
     note(request, task_ids=list(ids), key=tasks[0].key.fingerprint if tasks else None)
+    on_tasks = request.scope["state"].get("on_tasks")  # an Idempotency-Key wants to know them
+    if on_tasks is not None and ids:
+        await on_tasks(list(ids), response_format or "url")
     outcomes = await asyncio.gather(*(gateway.tasks.result(t) for t in tasks), return_exceptions=True)
     problems = [o for o in (*starts, *outcomes) if isinstance(o, BaseException)]
     if problems:
@@ -52,14 +62,47 @@ async def generate(request: Request[Any, Any, Any], caller: Caller, route: Route
             raise problems[0]
         error.task_ids = ids  # every task this request started stays retrievable
         raise error
-    urls = [url for task in tasks for url in task.state.urls]
+    body = await _images_body(gateway, [url for task in tasks for url in task.state.urls], response_format)
+    return Response(body, media_type="application/json", headers={"x-proxy-task-ids": ",".join(ids)} if ids else None)
+
+
+async def _images_body(gateway: Gateway, urls: list[str], response_format: str | None) -> bytes:
     if response_format == "b64_json":
         encoded = await asyncio.gather(*(gateway.download(url) for url in urls))
         data = [ImageData(b64_json=b64) for b64 in encoded]
     else:
         data = [ImageData(url=url) for url in urls]
-    return json_response(ImagesResponse(created=int(time.time()), data=data),
-                         headers={"x-proxy-task-ids": ",".join(ids)} if ids else None)
+    return _encode(ImagesResponse(created=int(time.time()), data=data))
+
+
+async def answer_from_tasks(runtime: Runtime, task_ids: list[str],
+                            response_format: str) -> tuple[int, dict[str, str], bytes]:
+    """The answer of a request that started these tasks, from the tasks alone (an idempotent
+    repeat after a restart, or in another worker): waits until each is final."""
+    waiter = runtime.gateway.tasks
+    records = []
+    for task_id in task_ids:
+        while True:
+            found = await waiter.find(task_id)
+            if isinstance(found, Task):
+                with contextlib.suppress(ProxyError):
+                    await waiter.result(found)
+                found = found.record
+            if found is None or found.state not in UNFINISHED:
+                break
+            await asyncio.sleep(min(1.0, runtime.config.tasks.poll_interval))
+        records.append(found)
+    headers = {"x-proxy-task-ids": ",".join(task_ids)}
+    for record in records:
+        error = error_of(record) if record is not None else ProxyError(Kind.NOT_FOUND, "the task is gone")
+        if error is not None:
+            error.task_ids = tuple(task_ids)
+            return error.shape.status, {**headers, **error_headers(error)}, _encode(error_payload(error))
+    urls = [url for record in records if record is not None for url in record.urls]
+    try:
+        return 200, headers, await _images_body(runtime.gateway, urls, response_format)
+    except ProxyError as error:
+        return error.shape.status, {**headers, **error_headers(error)}, _encode(error_payload(error))
 
 
 @post("/v1/images/generations", status_code=200)

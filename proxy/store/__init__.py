@@ -59,6 +59,7 @@ class IdempotencyRecord(msgspec.Struct, kw_only=True):
     headers: dict[str, str] = {}
     body: bytes = b""
     task_ids: list[str] = []
+    response_format: str = "url"  # how to answer again from the tasks alone
 
 
 class UsageRow(msgspec.Struct, kw_only=True):
