@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 from litestar import Litestar, Request, Response
+from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
 from litestar.types import Message, Receive, Scope, Send
 
@@ -146,6 +147,9 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
         lifespan=[lifespan],
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected},
         request_max_body_size=config.server.max_body_bytes,
+        cors_config=CORSConfig(allow_origins=config.server.cors_origins, allow_headers=["*"],
+                               expose_headers=["x-request-id", "x-proxy-task-ids", "retry-after"])
+        if config.server.cors_origins else None,
         logging_config=None,
         debug=False,
     )

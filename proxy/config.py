@@ -34,6 +34,8 @@ class ServerConfig(_Table):
     public_url: str | None = None
     max_body_bytes: int = 25 * 1024 * 1024
     shutdown_grace: float = 30.0
+    # Browser clients: origins allowed by CORS (["*"] for any); empty turns CORS off.
+    cors_origins: list[str] = []
 
 
 class ClientConfig(_Table):

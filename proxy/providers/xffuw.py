@@ -41,6 +41,8 @@ _PHRASES: list[tuple[tuple[str, ...], Kind]] = [
     (("model not found", "no such model", "unknown model", "模型不存在"), Kind.MODEL_NOT_FOUND),
     (("rate limit", "too many requests", "too frequent", "频繁"), Kind.RATE_LIMITED),
     (("blocked", "moderation", "sensitive", "违规", "敏感"), Kind.CONTENT_POLICY),
+    # an immediate-result model that failed at submit: a finished, paid task, not a transport problem
+    (("generation failed", "生成失败"), Kind.TASK_FAILED),
 ]
 
 _STATUS_KINDS = {401: Kind.AUTH, 403: Kind.AUTH, 402: Kind.BALANCE, 429: Kind.RATE_LIMITED}
