@@ -92,6 +92,9 @@ class Catalogue:
         self._parts = {name: _ProviderCatalogue(p, fetchers[name], ttls[name]) for name, p in providers.items()}
 
     async def _all(self) -> dict[str, list[ModelInfo] | None]:
+        cached = {name: part.fresh.get("models") for name, part in self._parts.items()}
+        if None not in cached.values():
+            return cached  # the common case: no task per upstream, nothing to wait for
         names = list(self._parts)
         results = await asyncio.gather(*(self._parts[n].models() for n in names))
         return dict(zip(names, results, strict=True))
