@@ -14,8 +14,9 @@ import msgspec
 from proxy.struct_errors import explain
 
 PROVIDER_TYPES = ("xffuw", "fengyuan")
-# How each upstream's keys look, for [auth] passthrough.
-DEFAULT_PREFIXES = {"xffuw": "xf_", "fengyuan": "sk-"}
+# How each upstream's keys look, for [auth] passthrough. Fengyuan keys start "sk-" like most
+# client keys do, so a mistyped client key would be sent there: its prefix must be set on purpose.
+DEFAULT_PREFIXES: dict[str, str | None] = {"xffuw": "xf_", "fengyuan": None}
 
 
 class ConfigError(Exception):
@@ -225,6 +226,13 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{where}.rate_window: must be > 0")
         if provider.passthrough_prefix is None:
             provider.passthrough_prefix = DEFAULT_PREFIXES[provider.type]
+    if config.auth.passthrough:
+        for name, provider in config.providers.items():
+            prefix = provider.passthrough_prefix
+            for i, client in enumerate(config.clients):
+                if prefix and client.key and client.key.startswith(prefix):
+                    raise ConfigError(f"clients[{i}].key: starts with providers.{name}.passthrough_prefix "
+                                      f"{prefix!r}; with [auth] passthrough a mistyped key would be sent upstream")
     tasks = config.tasks
     if tasks.poll_interval <= 0:
         raise ConfigError("tasks.poll_interval: must be > 0")

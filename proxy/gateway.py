@@ -86,7 +86,7 @@ class Gateway:
         self.catalogue = Catalogue(self.providers, {name: self._fetcher(name) for name in self.providers},
                                    config.aliases, {n: t.catalogue_ttl for n, t in config.providers.items()})
         self.tasks.config = config.tasks
-        self._balance_supported = {name: True for name in self.providers}
+        self._balance_supported = {name: p.has_balance for name, p in self.providers.items()}
 
     def _fetcher(self, name: str) -> Callable[[], Awaitable[list[ModelInfo]]]:
         async def fetch() -> list[ModelInfo]:
@@ -111,12 +111,19 @@ class Gateway:
         if client is None or client.budget is None:
             return
         spent = await self.store.spent(client.name, period_start(client.budget_period, time.time()))
-        expected = self.price(route.model, None) * calls
+        expected = self._cheapest_price(route, caller) * calls
         if spent + expected > client.budget or (expected == 0 and spent >= client.budget):
             period = {"daily": "daily ", "monthly": "monthly ", "total": ""}[client.budget_period]
             raise ProxyError(Kind.BALANCE, f"The {period}budget of {client.budget:g} for client '{client.name}' "
                              f"is spent ({spent:g} used; this request would cost {expected:g}).",
                              code="insufficient_quota")
+
+    def _cheapest_price(self, route: Route, caller: Caller) -> float:
+        """The lowest price a usable key would pay: the key is chosen only when the call is made."""
+        if caller.own_key is not None:
+            return self.price(route.model, caller.own_key)
+        keys = [k for k in self.pools[route.provider.name].keys if k.state != "disabled"]
+        return min((self.price(route.model, k) for k in keys), default=self.price(route.model, None))
 
     def _record(self, caller: Caller, route: Route, key: UpstreamKey, cost: float, outcome: str, kind: str,
                 task_id: str | None = None) -> None:
@@ -243,6 +250,9 @@ class Gateway:
     async def _read_balance(self, name: str, pool: KeyPool, key: UpstreamKey) -> None:
         try:
             await pool.slot(key, time.monotonic() + 5.0)
+        except ProxyError:
+            return  # the key is busy up to its limit: read it next round, it refused nothing
+        try:
             info = await self.providers[name].balance(key.secret)
         except ProxyError as error:
             key.checked_at = time.time()

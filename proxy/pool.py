@@ -86,17 +86,17 @@ class KeyPool:
                            else config.max_concurrent)
 
     def adopt(self, old: KeyPool) -> None:
-        """After a reload: keep what is known of keys that stay, except disabled states."""
+        """After a reload: keys that stay are the same objects (calls in flight and task polls
+        still hold them) with the new settings; a disabled one gets another chance."""
         known = {k.fingerprint: k for k in old.keys}
-        for key in self.keys:
-            previous = known.get(key.fingerprint)
-            if previous is None:
+        for i, fresh in enumerate(self.keys):
+            key = known.get(fresh.fingerprint)
+            if key is None:
                 continue
-            key.calls, key.requests, key.failures = previous.calls, previous.requests, previous.failures
-            key.credits, key.vip_level, key.checked_at = previous.credits, previous.vip_level, previous.checked_at
-            key.in_flight = previous.in_flight
-            if previous.state != "disabled":
-                key.state, key.until, key.reason = previous.state, previous.until, previous.reason
+            key.weight, key.rpm, key.max_concurrent = fresh.weight, fresh.rpm, fresh.max_concurrent
+            if key.state == "disabled":
+                key.state, key.until, key.reason = "active", 0.0, None
+            self.keys[i] = key
 
     def find(self, fp: str) -> UpstreamKey | None:
         return next((k for k in self.keys if k.fingerprint == fp), None)
@@ -202,7 +202,7 @@ class KeyPool:
                 raise self.nobody_left(last, short)
             if now + soonest > deadline:
                 raise ProxyError(Kind.RATE_LIMITED,
-                                 f"every {self.provider} key is at its rate limit; retry later",
+                                 f"every {self.provider} key is at its rate or concurrency limit; retry later",
                                  retry_after=max(1.0, soonest))
             self._changed.clear()
             try:

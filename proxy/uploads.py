@@ -29,6 +29,11 @@ _SIGNATURES: tuple[tuple[bytes, int, str, str], ...] = (
 )
 
 
+def loggable_path(path: str) -> str:
+    """A request path fit for a log line: an upload's name is its only secret."""
+    return PATH + "<name>" if path.startswith(PATH) else path
+
+
 def image_type(data: bytes) -> tuple[str, str] | None:
     """(content type, extension) of an image, from its leading bytes; None if not one we take."""
     for magic, offset, content_type, extension in _SIGNATURES:

@@ -105,10 +105,10 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
     note(request, model=body.model)
     gateway = runtime(request).gateway
     route = await gateway.catalogue.resolve(body.model)
+    note(request, upstream=route.provider.name)
     check_route(route, "chat")
     check_model(caller, route)
     await gateway.check_budget(caller, route, body.n)
-    note(request, upstream=route.provider.name)
     call = ChatCall(model=route.upstream_model, messages=body.messages,
                     params={k: v for k, v in raw.items() if k not in CHAT_OWN_FIELDS})
     calls = [asyncio.ensure_future(gateway.chat(route, call, caller)) for _ in range(body.n)]

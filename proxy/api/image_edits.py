@@ -50,16 +50,17 @@ def uploads(request: Request[Any, Any, Any]) -> Uploads:
 
 
 class _References:
-    """Collects reference URLs; keeps uploaded bytes, which need the public URL."""
+    """Collects references in order: URLs as given, image bytes checked now and kept (made
+    URLs) only by `urls()`, once the whole request is known to be good."""
 
     def __init__(self, request: Request[Any, Any, Any]) -> None:
         self.request = request
         self.public_url = runtime(request).config.server.public_url
-        self.urls: list[str] = []
+        self.items: list[str | tuple[bytes, str, str]] = []
 
     def url(self, value: str, where: str) -> None:
         if value.startswith(("http://", "https://")):
-            self.urls.append(value)
+            self.items.append(value)
         elif value.startswith("data:"):
             self.data_url(value, where)
         else:
@@ -81,12 +82,16 @@ class _References:
         kind = image_type(data)
         if kind is None:
             raise bad_request(f"Invalid file for '{where}': expected a PNG, JPEG, WebP or GIF image.", param=where)
-        name = uploads(self.request).put(data, *kind)
-        self.urls.append(f"{self.public_url}{PATH}{name}")
+        self.items.append((data, *kind))
+
+    def urls(self) -> list[str]:
+        store = uploads(self.request)
+        return [item if isinstance(item, str) else f"{self.public_url}{PATH}{store.put(*item)}"
+                for item in self.items]
 
 
-async def _from_form(request: Request[Any, Any, Any], refs: _References) -> tuple[dict[str, Any], list[str]]:
-    """Text fields and reference URLs of the multipart form."""
+async def _from_form(request: Request[Any, Any, Any], refs: _References) -> dict[str, Any]:
+    """The text fields of the multipart form; its images go to `refs`."""
     form = await request.form()
     fields: dict[str, Any] = {}
     images: list[tuple[str, Any]] = []
@@ -101,12 +106,8 @@ async def _from_form(request: Request[Any, Any, Any], refs: _References) -> tupl
         raise bad_request("Missing required parameter: 'image'.", param="image")
     if len(images) > MAX_IMAGES:
         raise bad_request(f"Too many images: at most {MAX_IMAGES}.", param="image")
-    # Every file is checked before any is kept: a refused request stores nothing.
-    for name, value in images:
-        if not isinstance(value, UploadFile) and not isinstance(value, str):
-            raise bad_request(f"Invalid value for '{name}'.", param=name)
     if refs.public_url is None and any(isinstance(v, UploadFile) for _, v in images):
-        raise bad_request(NO_PUBLIC_URL, param="image")
+        raise bad_request(NO_PUBLIC_URL, param="image")  # before reading any file
     for name, value in images:
         if isinstance(value, UploadFile):
             data = await value.read()
@@ -116,7 +117,7 @@ async def _from_form(request: Request[Any, Any, Any], refs: _References) -> tupl
             refs.file(data, name)
         else:
             refs.url(value, name)
-    return fields, refs.urls
+    return fields
 
 
 def _int_field(fields: dict[str, Any], name: str, default: int) -> int:
@@ -137,7 +138,7 @@ async def images_edits(request: Request[Any, Any, Any]) -> Response[bytes]:
     refs = _References(request)
     content_type, _ = request.content_type
     if content_type == "multipart/form-data":
-        fields, references = await _from_form(request, refs)
+        fields = await _from_form(request, refs)
         prompt = fields.get("prompt")
         if not isinstance(prompt, str):
             raise bad_request("Missing required parameter: 'prompt'.", param="prompt")
@@ -161,7 +162,6 @@ async def images_edits(request: Request[Any, Any, Any]) -> Response[bytes]:
                                   param=f"images[{i}].image_url")
         for i, image in enumerate(body.images):
             refs.url(image.image_url or "", f"images[{i}].image_url")
-        references = refs.urls
         prompt, n, response_format = body.prompt, body.n, body.response_format
         model, size = body.model or DEFAULT_MODEL, body.size
         extra = {k: v for k, v in raw.items() if k not in _OPENAI_FIELDS}
@@ -172,12 +172,13 @@ async def images_edits(request: Request[Any, Any, Any]) -> Response[bytes]:
         raise bad_request("'prompt' must not be empty.", param="prompt")
     if not 1 <= n <= MAX_N:
         raise bad_request(f"Invalid value for 'n': must be between 1 and {MAX_N}.", param="n")
-    note(request, model=model, references=len(references))
+    note(request, model=model, references=len(refs.items))
     route = await runtime(request).gateway.catalogue.resolve(model)
     check_image_route(route)
     note(request, upstream=route.provider.name)
+    # Only now are uploads kept: a refused request leaves nothing behind.
     call = ImageCall(model=route.upstream_model, prompt=prompt, kind=route.model.kind if route.model else "image",
-                     size=size, references=references, extra=extra)
+                     size=size, references=refs.urls(), extra=extra)
     return await generate(request, caller, route, call, n, response_format)
 
 

@@ -26,6 +26,8 @@ ERROR_STATUSES = {
     401: "Missing or unknown API key.",
     403: "This client may not use the model.",
     404: "Unknown model, route or object.",
+    409: "This Idempotency-Key was used with another body.",
+    413: "The request body is larger than the proxy accepts.",
     429: "Rate limit, or balance/budget short (`insufficient_quota`).",
     500: "The proxy failed.",
     502: "The upstream failed or answered garbage.",
@@ -77,7 +79,8 @@ def documented(answer: type | None, *, body: type | None = None, stream: str | N
     ok = ResponseSpec(data_container=answer, generate_examples=False, description=description,
                       media_type=media_type)
     responses: dict[int, ResponseSpec] = {200: ok}
-    for status in errors:
+    # 400 always: Litestar answers one for any path or body it cannot read, in our error shape.
+    for status in sorted({400, *errors}):
         responses[status] = ResponseSpec(data_container=ErrorResponse, generate_examples=False,
                                          description=ERROR_STATUSES[status])
     options: dict[str, Any] = {"responses": responses}

@@ -76,6 +76,7 @@ class KeyInfo(msgspec.Struct, kw_only=True):
 
 class Provider(Protocol):
     name: str  # the config table's name: also the model prefix and owned_by
+    has_balance: bool  # whether balance() asks the upstream
 
     async def list_models(self, key: str) -> list[ModelInfo]: ...
 

@@ -120,6 +120,7 @@ def _classify(code: Any, message: str, status: int) -> Kind:
 
 
 class Fengyuan:
+    has_balance = True
     def __init__(self, name: str, config: ProviderConfig, http: httpx.AsyncClient,
                  observe: Observe | None = None) -> None:
         self.name = name

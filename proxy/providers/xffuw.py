@@ -71,6 +71,7 @@ def classify(text: str) -> Kind:
 
 
 class Xffuw:
+    has_balance = False
     def __init__(self, name: str, config: ProviderConfig, http: httpx.AsyncClient,
                  observe: Observe | None = None) -> None:
         self.name = name

@@ -1,0 +1,382 @@
+"""The command line: `proxy check-config`, `proxy serve`, `proxy demo`, `--help`; config
+errors that name the key path; clients given by key_sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from conftest import CLIENT_KEY, FENGYUAN_KEYS, XFFUW_KEYS, RunningProxy, Sims
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config.example.toml"
+EXAMPLE_ENV = {"XFFUW_KEY_1": "xf_from_env_1111", "FENGYUAN_KEY_1": "sk-from-env-2222"}
+# Variables the example reads; none may leak in from the environment running the tests.
+EXAMPLE_VARS = ("XFFUW_KEY_1", "XFFUW_KEY_2", "FENGYUAN_KEY_1", "ALICE_PROXY_KEY", "PROXY_ADMIN_KEY")
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in EXAMPLE_VARS}
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], cwd=ROOT, env=env or base_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def cli_here(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The same command line in this process (a new interpreter per case costs a second)."""
+    from proxy.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+
+# ---- a small TOML writer (the standard library reads TOML but does not write it) ----
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        name = json.dumps(key) if not re.fullmatch(r"[A-Za-z0-9_-]+", key) else key
+        if isinstance(value, dict) or (isinstance(value, list) and value and all(isinstance(v, dict) for v in value)):
+            tables.append((name, value))
+        else:
+            lines.append(f"{name} = {_value(value)}")
+    for name, value in tables:
+        path = f"{prefix}{name}"
+        if isinstance(value, dict):
+            lines.append(f"\n[{path}]")
+            lines.append(to_toml(value, path + "."))
+        else:
+            for item in value:
+                lines.append(f"\n[[{path}]]")
+                lines.append(to_toml(item, path + "."))
+    return "\n".join(lines)
+
+
+def write_config(tmp_path: Path, raw: dict[str, Any], name: str = "config.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(to_toml(raw) + "\n", encoding="utf-8")
+    return path
+
+
+def minimal() -> dict[str, Any]:
+    return {
+        "server": {"host": "127.0.0.1", "port": 8080},
+        "clients": [{"name": "alice", "key": "sk-team-alice-0000"}],
+        "providers": {"xffuw": {"base_url": "https://ai.xffuw.com/api/v1/", "keys": ["xf_one_key_0000"]}},
+    }
+
+
+def test_the_toml_writer_round_trips() -> None:
+    import tomllib
+
+    raw = {**minimal(), "aliases": {"dall-e-3": "xffuw/gpt-image-2"}, "tasks": {"timeout": 1.5}}
+    assert tomllib.loads(to_toml(raw)) == raw
+
+
+# ---- check-config ------------------------------------------------------------------
+
+
+def test_check_config_accepts_the_example_with_its_env() -> None:
+    result = cli("check-config", str(EXAMPLE), env=base_env(**EXAMPLE_ENV))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("ok")
+    assert result.stderr.strip() == ""
+    for secret in EXAMPLE_ENV.values():  # what it prints names no key
+        assert secret not in result.stdout
+
+
+@pytest.mark.parametrize("missing", sorted(EXAMPLE_ENV))
+def test_check_config_names_the_key_whose_env_var_is_missing(missing: str) -> None:
+    env = base_env(**{k: v for k, v in EXAMPLE_ENV.items() if k != missing})
+    result = cli("check-config", str(EXAMPLE), env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    path = {"XFFUW_KEY_1": "providers.xffuw.keys[0]", "FENGYUAN_KEY_1": "providers.fengyuan.keys[0]"}[missing]
+    assert path in lines[0] and missing in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def _broken(raw_change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    raw = minimal()
+    raw_change(raw)
+    return raw
+
+
+BROKEN: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "unknown server key": (lambda r: r["server"].update(colour="blue"), "server.colour"),
+    "unknown top-level table": (lambda r: r.update(extras={"a": 1}), "extras"),
+    "unknown provider key": (lambda r: r["providers"]["xffuw"].update(colour="blue"), "providers.xffuw.colour"),
+    "unknown client key": (lambda r: r["clients"][0].update(colour="blue"), "clients[0].colour"),
+    "port not an int": (lambda r: r["server"].update(port="eighty"), "server.port"),
+    "key not a string": (lambda r: r["providers"]["xffuw"].update(keys=[12345]), "providers.xffuw.keys[0]"),
+    "second key not a string": (lambda r: r["providers"]["xffuw"].update(keys=["xf_a_0000", True]),
+                                "providers.xffuw.keys[1]"),
+    "keys not a list": (lambda r: r["providers"]["xffuw"].update(keys="xf_a_0000"), "providers.xffuw.keys"),
+    "timeout not a number": (lambda r: r.update(tasks={"timeout": "soon"}), "tasks.timeout"),
+    "duplicate client names": (lambda r: r["clients"].append({"name": "alice", "key": "sk-other-0000"}),
+                               "clients[1].name"),
+    "client with neither key": (lambda r: r["clients"].append({"name": "bob"}), "clients[1]"),
+    "client with both keys": (lambda r: r["clients"].append({"name": "bob", "key": "sk-b-0000",
+                                                             "key_sha256": "0" * 64}), "clients[1]"),
+    "key_sha256 not hex": (lambda r: r["clients"].append({"name": "bob", "key_sha256": "xyz"}),
+                           "clients[1].key_sha256"),
+    "client without a name": (lambda r: r["clients"].append({"key": "sk-b-0000"}), "clients[1].name"),
+    "unknown upstream type": (lambda r: r["providers"].update(other={"base_url": "https://a.example", "keys": []}),
+                              "providers.other.type"),
+    "base_url not http": (lambda r: r["providers"]["xffuw"].update(base_url="ftp://x"), "providers.xffuw.base_url"),
+    "no clients": (lambda r: r.update(clients=[]), "clients"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_check_config_names_the_bad_key_path(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
+    change, path = BROKEN[case]
+    raw = _broken(change)
+    if case == "no clients":
+        raw.pop("clients")
+    result = cli_here(capsys, "check-config", str(write_config(tmp_path, raw)))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.search(rf"(^|[\s:]){re.escape(path)}([\s:.\[]|$)", lines[0]), (path, lines[0])
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_on_a_missing_file_and_bad_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = cli_here(capsys, "check-config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2 and "nope.toml" in result.stderr and "Traceback" not in result.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\nport = 1\n", encoding="utf-8")
+    result = cli_here(capsys, "check-config", str(bad))
+    assert result.returncode == 2 and "bad.toml" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_bad_config_with_the_same_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, _broken(lambda r: r["server"].update(colour="blue")))
+    result = cli("serve", "--config", str(path), "--port", str(free_port()))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "server.colour" in result.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["serve"], ["demo"], ["check-config"]])
+def test_help_exits_zero(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    result = cli_here(capsys, *args, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.lower().startswith("usage:")
+    if args == ["serve"]:
+        assert "--config" in result.stdout and "--port" in result.stdout
+    if args == []:
+        assert all(cmd in result.stdout for cmd in ("serve", "demo", "check-config"))
+
+
+def test_help_as_a_process_exits_zero() -> None:
+    result = cli("--help")
+    assert result.returncode == 0 and "check-config" in result.stdout, result.stderr
+    result = cli("serve", "--help")
+    assert result.returncode == 0 and "--config" in result.stdout, result.stderr
+
+
+# ---- key_sha256 --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [str.lower, str.upper])
+def test_a_client_given_by_key_sha256_can_call(start_proxy: Callable[..., RunningProxy],
+                                               proxy_config: dict[str, Any], sims: Sims,
+                                               case: Callable[[str], str]) -> None:
+    digest = case(hashlib.sha256(CLIENT_KEY.encode()).hexdigest())
+    proxy_config["clients"] = [{"name": "carol", "key_sha256": digest}]
+    proxy = start_proxy(proxy_config)
+    reply = proxy.client().chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content
+    with pytest.raises(openai.AuthenticationError):
+        proxy.client(api_key=digest).models.list()  # the digest itself is not a key
+    with pytest.raises(openai.AuthenticationError):
+        proxy.client(api_key=CLIENT_KEY + "x").models.list()
+
+
+# ---- serve and demo as processes ---------------------------------------------------
+
+
+def free_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def wait_healthy(url: str, process: subprocess.Popen[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the process exited with {process.returncode}"
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url}/healthz did not answer 200 in {timeout} s")
+
+
+class Output:
+    """Reads a process's stream on a thread, so neither side blocks."""
+
+    def __init__(self, stream: Any) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def spawn(processes: list[subprocess.Popen[str]], *args: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen([sys.executable, "-m", "proxy", *args], cwd=ROOT, env=base_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    processes.append(process)
+    return process
+
+
+def stop(process: subprocess.Popen[str], sig: signal.Signals, within: float) -> float:
+    began = time.monotonic()
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the process did not exit within {within} s of {sig.name}") from None
+    return time.monotonic() - began
+
+
+def test_serve_answers_the_sdk_and_stops_on_sigterm(processes: list[subprocess.Popen[str]], sims: Sims,
+                                                    tmp_path: Path) -> None:
+    raw = {
+        "server": {"host": "127.0.0.1", "port": 1},  # overridden by --port
+        "clients": [{"name": "alice", "key": CLIENT_KEY}],
+        "providers": {
+            "xffuw": {"base_url": f"{sims.xffuw_url}/api/v1/", "keys": list(XFFUW_KEYS)},
+            "fengyuan": {"base_url": sims.fengyuan_url, "keys": list(FENGYUAN_KEYS)},
+        },
+        "storage": {"path": str(tmp_path / "proxy.sqlite3")},
+        "log": {"format": "json"},
+    }
+    port = free_port()
+    process = spawn(processes, "serve", "--config", str(write_config(tmp_path, raw)), "--port", str(port))
+    stderr = Output(process.stderr)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, process)
+    with openai.OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0) as client:
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "你好"}])
+    assert reply.choices[0].message.content == "你好!我是 AI 助手。You said: 你好"
+    assert sims.xffuw.count("chat") == 1
+    elapsed = stop(process, signal.SIGTERM, within=10)
+    assert elapsed < 5, elapsed
+    # uvicorn shuts down gracefully, then re-raises the signal it caught: -SIGTERM is a clean stop too.
+    assert process.returncode in (0, -signal.SIGTERM), (process.returncode, stderr.text[-2000:])
+    assert "Traceback" not in stderr.text
+    logged = [json.loads(line) for line in stderr.lines if line.startswith("{")]
+    assert any(e.get("event") == "request" and e.get("path") == "/v1/chat/completions" and e.get("status") == 200
+               for e in logged), stderr.text[-2000:]
+    assert CLIENT_KEY not in stderr.text and all(k not in stderr.text for k in XFFUW_KEYS)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_demo_prints_a_working_snippet(processes: list[subprocess.Popen[str]], sig: signal.Signals) -> None:
+    port = free_port()
+    process = spawn(processes, "demo", "--port", str(port))
+    stdout = Output(process.stdout)
+    Output(process.stderr)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, process)
+    deadline = time.monotonic() + 5
+    while "api_key=" not in stdout.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = stdout.text
+    base = f"{url}/v1"
+    assert f'base_url="{base}"' in text, text
+    found = re.search(r'api_key="([^"]+)"', text)
+    assert found, text
+    key = found[1]
+    assert f"Authorization: Bearer {key}" in text and f"curl {base}/chat/completions" in text
+    with openai.OpenAI(base_url=base, api_key=key, max_retries=0) as client:
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "你好"}])
+        assert reply.choices[0].message.content.endswith("你好")
+        assert {m.id for m in client.models.list()} >= {"gpt-4o-mini", "gpt-image-2"}
+    stop(process, sig, within=10)
+
+
+def test_demo_answers_kept_alive_requests_without_a_delayed_ack_stall(
+        processes: list[subprocess.Popen[str]]) -> None:
+    """Requests on a kept-alive connection answer in a few ms, not after a ~40 ms stall: a
+    listening socket made without IPPROTO_TCP gets no TCP_NODELAY from asyncio, so the
+    response head and body go out as two segments and the second waits for a delayed ACK."""
+    port = free_port()
+    process = spawn(processes, "demo", "--port", str(port))
+    Output(process.stdout)
+    Output(process.stderr)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, process)
+    took: dict[str, list[float]] = {"/healthz": [], "/v1/models": []}
+    with httpx.Client(headers={"authorization": "Bearer sk-demo-alice"}) as http:
+        for path, times in took.items():
+            http.get(url + path)
+            for _ in range(10):
+                began = time.perf_counter()
+                assert http.get(url + path).status_code == 200
+                times.append(time.perf_counter() - began)
+    stop(process, signal.SIGINT, within=10)
+    for path, times in took.items():
+        median = sorted(times)[len(times) // 2]
+        assert median < 0.02, f"{path}: median round trip {median * 1000:.1f} ms: {[round(t * 1000) for t in times]}"
