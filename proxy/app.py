@@ -35,6 +35,7 @@ from proxy.openai.errors import error_response
 from proxy.redact import redact
 from proxy.runtime import Runtime
 from proxy.store.sqlite import SQLiteStore
+from proxy.uploads import loggable_path
 from proxy.upstream_http import build_client
 
 access_log = structlog.get_logger("proxy.access")
@@ -101,7 +102,7 @@ class ProxyApp(Litestar):
             # only resolved models label the counter: clients cannot invent label values
             self.state.metrics.requests.labels(access.get("client", ""), access.get("model", "") if "upstream" in access
                                                else "", str(status)).inc()
-            access_log.info("request", request_id=request_id, method=scope["method"], path=scope["path"],
+            access_log.info("request", request_id=request_id, method=scope["method"], path=loggable_path(scope["path"]),
                             status=status, latency_ms=round((time.perf_counter() - started) * 1000, 2),
                             **access)
 

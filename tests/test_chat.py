@@ -42,7 +42,8 @@ def test_sdk_chat_passes_messages_and_sampling_fields_through(client: openai.Ope
     sent = sims.xffuw.last_chat_body
     assert sent is not None
     assert sent["messages"] == messages
-    assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["stop"], sent["seed"]) == (0.3, 0.9, 50, ["\n"], 7)
+    sampling = (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["stop"], sent["seed"])
+    assert sampling == (0.3, 0.9, 50, ["\n"], 7)
     assert "stream" not in sent
 
 

@@ -18,7 +18,9 @@ from proxy.clients import bearer_token, match_digest
 from proxy.config import ConfigError
 from proxy.errors import Kind, ProxyError, bad_request
 from proxy.gateway import period_start
+from proxy.openai.openapi import documented
 from proxy.redact import redact
+from proxy.store import UsageRow
 
 NO_ADMIN = "The admin API needs an admin key: set [admin] keys (or keys_sha256) in the config."
 
@@ -40,6 +42,36 @@ class KeyView(msgspec.Struct, kw_only=True):
     checked_at: float | None
 
 
+class KeyList(msgspec.Struct, kw_only=True):
+    object: str
+    data: list[KeyView]
+
+
+class KeyStateChange(msgspec.Struct, kw_only=True):
+    fingerprint: str
+    provider: str
+    state: str
+
+
+class Reloaded(msgspec.Struct, kw_only=True):
+    status: str
+    clients: int
+    providers: list[str]
+
+
+class UsageTotal(msgspec.Struct, kw_only=True):
+    requests: int
+    cost: float
+    failed: int
+
+
+class UsageReport(msgspec.Struct, kw_only=True):
+    object: str
+    group_by: str
+    data: list[UsageRow]
+    total: UsageTotal
+
+
 def require_admin(request: Request[Any, Any, Any]) -> None:
     admin = runtime(request).config.admin
     digests = [hashlib.sha256(k.encode()).digest() for k in admin.keys] + \
@@ -49,7 +81,7 @@ def require_admin(request: Request[Any, Any, Any]) -> None:
         raise ProxyError(Kind.INVALID_API_KEY, NO_ADMIN if not digests else "Incorrect admin key provided.")
 
 
-@get("/admin/keys")
+@get("/admin/keys", **documented(KeyList, errors=(401,)))
 async def admin_keys(request: Request[Any, Any, Any]) -> Response[bytes]:
     require_admin(request)
     now, wall = time.monotonic(), time.time()
@@ -77,17 +109,17 @@ async def _set_key(request: Request[Any, Any, Any], fingerprint: str, enable: bo
     return json_response({"fingerprint": key.fingerprint, "provider": pool.provider, "state": key.state})
 
 
-@post("/admin/keys/{fingerprint:str}/disable", status_code=200)
+@post("/admin/keys/{fingerprint:str}/disable", status_code=200, **documented(KeyStateChange, errors=(401, 404)))
 async def admin_disable_key(request: Request[Any, Any, Any], fingerprint: FromPath[str]) -> Response[bytes]:
     return await _set_key(request, fingerprint, enable=False)
 
 
-@post("/admin/keys/{fingerprint:str}/enable", status_code=200)
+@post("/admin/keys/{fingerprint:str}/enable", status_code=200, **documented(KeyStateChange, errors=(401, 404)))
 async def admin_enable_key(request: Request[Any, Any, Any], fingerprint: FromPath[str]) -> Response[bytes]:
     return await _set_key(request, fingerprint, enable=True)
 
 
-@post("/admin/reload", status_code=200)
+@post("/admin/reload", status_code=200, **documented(Reloaded, errors=(401,)))
 async def admin_reload(request: Request[Any, Any, Any]) -> Response[bytes]:
     require_admin(request)
     try:
@@ -115,7 +147,7 @@ def _time(value: str | None, name: str) -> float | None:
     return parsed.timestamp()
 
 
-@get("/admin/usage")
+@get("/admin/usage", **documented(UsageReport, errors=(401,)))
 async def admin_usage(request: Request[Any, Any, Any]) -> Response[bytes]:
     require_admin(request)
     query = request.query_params
@@ -140,7 +172,8 @@ async def admin_usage(request: Request[Any, Any, Any]) -> Response[bytes]:
     return json_response({"object": "list", "group_by": group_by, "data": rows, "total": total})
 
 
-@get("/metrics")
+@get("/metrics", **documented(str, media_type="text/plain", errors=(401,),
+                                    description="Prometheus text format."))
 async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     require_admin(request)
     rt = runtime(request)

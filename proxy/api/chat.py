@@ -18,6 +18,7 @@ from proxy.gateway import ChatResult
 from proxy.openai import sse
 from proxy.openai.decode import convert
 from proxy.openai.errors import error_payload
+from proxy.openai.openapi import documented
 from proxy.openai.types import (
     CHAT_OWN_FIELDS,
     AssistantMessage,
@@ -94,7 +95,12 @@ def _tool_calls(result: ChatResult) -> list[ToolCall] | None:
     return out
 
 
-@post("/v1/chat/completions", status_code=200)
+STREAM_NOTE = ("With stream=true: `data: <ChatCompletionChunk>` events, a last chunk with choices [] and usage "
+               "when stream_options.include_usage, then `data: [DONE]`.")
+
+
+@post("/v1/chat/completions", status_code=200,
+      **documented(ChatCompletion, body=ChatCompletionRequest, stream=STREAM_NOTE))
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     caller = authenticate(request)
     raw = await json_body(request)

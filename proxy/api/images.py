@@ -16,6 +16,7 @@ from proxy.errors import Kind, ProxyError, bad_request
 from proxy.gateway import Caller, Gateway
 from proxy.openai.decode import convert
 from proxy.openai.errors import error_headers, error_payload
+from proxy.openai.openapi import documented
 from proxy.openai.types import ImageData, ImageGenerationRequest, ImagesResponse
 from proxy.providers.base import ImageCall
 from proxy.router import Route
@@ -105,7 +106,7 @@ async def answer_from_tasks(runtime: Runtime, task_ids: list[str],
         return error.shape.status, {**headers, **error_headers(error)}, _encode(error_payload(error))
 
 
-@post("/v1/images/generations", status_code=200)
+@post("/v1/images/generations", status_code=200, **documented(ImagesResponse, body=ImageGenerationRequest))
 async def images_generations(request: Request[Any, Any, Any]) -> Response[bytes]:
     caller = authenticate(request)
     raw = await json_body(request)

@@ -11,6 +11,7 @@ from litestar.params import FromPath
 from proxy.api.common import authenticate, json_response, runtime
 from proxy.clients import check_model
 from proxy.gateway import Caller
+from proxy.openai.openapi import documented
 from proxy.openai.types import Model, ModelList
 from proxy.router import Listed
 
@@ -28,14 +29,14 @@ def _allowed(caller: Caller, entry: Listed) -> bool:
     return patterns is None or any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
 
 
-@get("/v1/models")
+@get("/v1/models", **documented(ModelList, errors=(401, 429)))
 async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
     caller = authenticate(request)
     listing = await runtime(request).gateway.catalogue.listing()
     return json_response(ModelList(object="list", data=[_model(e) for e in listing if _allowed(caller, e)]))
 
 
-@get("/v1/models/{model_id:path}")
+@get("/v1/models/{model_id:path}", **documented(Model, errors=(401, 403, 404, 429)))
 async def retrieve_model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> Response[bytes]:
     caller = authenticate(request)
     model_id = model_id.lstrip("/")

@@ -12,6 +12,7 @@ from litestar.params import FromPath
 from proxy.api.common import authenticate, json_response, runtime
 from proxy.errors import Kind, ProxyError
 from proxy.openai.errors import error_payload
+from proxy.openai.openapi import documented
 from proxy.openai.types import ErrorBody
 from proxy.store import TaskRecord
 from proxy.tasks import Task, error_of
@@ -31,7 +32,7 @@ class TaskView(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: ErrorBody | None = None
 
 
-@get("/v1/tasks/{task_id:str}")
+@get("/v1/tasks/{task_id:str}", **documented(TaskView, errors=(401, 404)))
 async def retrieve_task(request: Request[Any, Any, Any], task_id: FromPath[str]) -> Response[bytes]:
     caller = authenticate(request)
     found = await runtime(request).gateway.tasks.find(task_id)
