@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,10 +26,10 @@ from proxy.api.tasks import retrieve_task
 from proxy.clients import Clients
 from proxy.config import Config, ConfigError
 from proxy.errors import Kind, ProxyError
-from proxy.gateway import Gateway
+from proxy.gateway import Gateway, owner_name
 from proxy.log import setup_logging
 from proxy.metrics import Metrics
-from proxy.openai.errors import error_response
+from proxy.openai.errors import error_response, send_error
 from proxy.redact import redact
 from proxy.runtime import Runtime
 from proxy.store.sqlite import SQLiteStore
@@ -83,7 +81,7 @@ class ProxyApp(Litestar):
         request_id = "req_" + secrets.token_hex(12)
         state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
         state["request_id"] = request_id
-        status = 500
+        status = 0
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -97,6 +95,16 @@ class ProxyApp(Litestar):
                 await self.idempotency(super().__call__, self.state.runtime, scope, receive, send_with_id)
             else:
                 await super().__call__(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # The server is shutting down past its grace period. Answer in OpenAI's shape while
+            # the connection is still there: the tasks go on after the restart.
+            if status:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            with contextlib.suppress(Exception):
+                await send_error(send_with_id, _restarting(state))
         finally:
             access = state.get("access", {})
             # only resolved models label the counter: clients cannot invent label values
@@ -105,6 +113,12 @@ class ProxyApp(Litestar):
             access_log.info("request", request_id=request_id, method=scope["method"], path=loggable_path(scope["path"]),
                             status=status, latency_ms=round((time.perf_counter() - started) * 1000, 2),
                             **access)
+
+
+def _restarting(state: dict[str, Any]) -> ProxyError:
+    ids = tuple(state.get("access", {}).get("task_ids") or ())
+    tasks = f" Its tasks go on: GET /v1/tasks/{{id}} for {', '.join(ids)}." if ids else ""
+    return ProxyError(Kind.RESTARTING, f"The proxy is restarting; retry shortly.{tasks}", retry_after=2.0, task_ids=ids)
 
 
 def _on_sighup(runtime: Runtime) -> None:
@@ -124,8 +138,7 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         http = build_client()
         store = SQLiteStore(config.storage.path)
-        owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        gateway = Gateway(config, http, store, owner, observe=metrics.observe_upstream)
+        gateway = Gateway(config, http, store, owner_name(), observe=metrics.observe_upstream)
         metrics.gateway = gateway
         runtime = Runtime(config=config, config_path=Path(config_path) if config_path else None, http=http,
                           store=store, gateway=gateway, clients=Clients(config))

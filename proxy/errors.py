@@ -29,6 +29,7 @@ class Kind(enum.Enum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     CONFLICT = "conflict"
+    RESTARTING = "restarting"
     NO_UPSTREAM_KEY = "no_upstream_key"
     INTERNAL = "internal"
 
@@ -60,6 +61,7 @@ SHAPES: dict[Kind, Shape] = {
     Kind.PAYLOAD_TOO_LARGE: Shape(413, "invalid_request_error", "request_too_large"),
     Kind.UNSUPPORTED_MEDIA_TYPE: Shape(415, "invalid_request_error", "unsupported_media_type"),
     Kind.CONFLICT: Shape(409, "invalid_request_error", "idempotency_key_reused"),
+    Kind.RESTARTING: Shape(503, "server_error", "proxy_restarting"),
     Kind.NO_UPSTREAM_KEY: Shape(503, "server_error", "no_upstream_key"),
     Kind.INTERNAL: Shape(500, "server_error", "internal_error"),
 }

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import calendar
+import os
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,6 +54,26 @@ class ChatResult:
     key: UpstreamKey
 
 
+def owner_name() -> str:
+    """host:pid:random: who polls a task, in the store; host and pid tell a crashed one."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def _dead_here(owner: str) -> bool:
+    """An owner on this host whose process is gone: its tasks need not wait for the timeout."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def period_start(period: str, now: float) -> float:
     if period == "total":
         return 0.0
@@ -68,6 +91,7 @@ class Gateway:
         self.owner = owner
         self.tasks = TaskWaiter(config.tasks, store, owner, self._task_final)
         self._loops: list[asyncio.Task[None]] = []
+        self._submits: set[asyncio.Task[Task]] = set()
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -160,9 +184,23 @@ class Gateway:
         return ChatResult(answer, key)
 
     async def start_image(self, route: Route, call: ImageCall, caller: Caller) -> Task:
-        """Submit one generation; the returned task is being waited on in the background."""
+        """Submit one generation; the returned task is being waited on in the background.
+
+        Submit and record run apart from the request (shielded): a request cancelled mid-POST
+        (client gone, shutdown) still leaves the paid task recorded and waited on."""
+        submit = asyncio.create_task(self._submit(route, call, caller))
+        self._submits.add(submit)
+        submit.add_done_callback(self._submits.discard)
+        return await asyncio.shield(submit)
+
+    async def _submit(self, route: Route, call: ImageCall, caller: Caller) -> Task:
         provider = route.provider
-        state, key = await self._run(route, caller, lambda secret: provider.submit_image(secret, call))
+        try:
+            state, key = await self._run(route, caller, lambda secret: provider.submit_image(secret, call))
+        except ProxyError as error:
+            if error.kind is Kind.TASK_FAILED:  # finished and failed at submit: a task all the same
+                await self._record_failed_at_submit(route, caller, error)
+            raise
         cost = state.cost if state.cost is not None else self.price(route.model, key)
         self._spend(key, cost, state.balance)
         now = time.time()
@@ -174,6 +212,16 @@ class Gateway:
         self._record(caller, route, key, cost, "submitted", "image", record.id)
         pool = None if caller.own_key is not None else self.pools[provider.name]
         return await self.tasks.start(Task(record=record, provider=provider, key=key, pool=pool, state=state))
+
+    async def _record_failed_at_submit(self, route: Route, caller: Caller, error: ProxyError) -> None:
+        now = time.time()
+        record = TaskRecord(
+            id=new_task_id(), client=caller.name, request_id=caller.request_id,
+            idempotency_key=caller.idempotency_key, upstream=route.provider.name, key="", upstream_task_id=None,
+            model=route.public_id, state="failed", reason=error.message, created=now, deadline=now)
+        await self.store.save_task(record)
+        error.message = f"The upstream task {record.id} failed: {error.message}"
+        error.task_ids = (record.id,)
 
     def _spend(self, key: UpstreamKey, cost: float, balance: float | None = None) -> None:
         if balance is not None:
@@ -194,7 +242,8 @@ class Gateway:
                        asyncio.create_task(self._balances(), name="balances")]
 
     async def _adopt(self, stale_before: float) -> None:
-        for record in await self.store.claim_unfinished(self.owner, stale_before):
+        dead = [o for o in await self.store.unfinished_owners() if o != self.owner and _dead_here(o)]
+        for record in await self.store.claim_unfinished(self.owner, stale_before, dead):
             await self._resume(record)
 
     async def _resume(self, record: TaskRecord) -> None:
@@ -282,7 +331,18 @@ class Gateway:
         return None
 
     async def download(self, url: str) -> str:
-        """Fetch a result as base64: http(s) only, capped in size and time, no redirects."""
+        """Fetch a result as base64: http(s) only, capped in size and time, no redirects, media
+        only; a GET is safe to repeat, so a failed one is tried twice more."""
+        for attempt in range(3):
+            try:
+                return await self._download(url)
+            except ProxyError:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _download(self, url: str) -> str:
         limit = self.config.images.max_download_bytes
         if not url.startswith(("http://", "https://")):
             raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, "the result is not at an http(s) URL")
@@ -292,6 +352,9 @@ class Gateway:
                     if reply.status_code != 200:
                         raise ProxyError(Kind.UPSTREAM_UNAVAILABLE,
                                          f"downloading the result answered HTTP {reply.status_code}")
+                    kind = reply.headers.get("content-type", "").lower()
+                    if kind.startswith("text/") or "json" in kind or "xml" in kind:
+                        raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, "the result URL answered a page, not a file")
                     chunks, size = [], 0
                     async for chunk in reply.aiter_bytes():
                         size += len(chunk)
@@ -307,5 +370,8 @@ class Gateway:
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._submits:  # submits in flight end recorded, to be resumed by the next process
+            longest = max(t.connect_timeout + t.read_timeout for t in self.config.providers.values())
+            await asyncio.wait(list(self._submits), timeout=longest)
         await self.tasks.close()
         await self.store.release(self.owner)

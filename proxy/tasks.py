@@ -14,7 +14,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import cachetools
 import structlog
 
 from proxy.config import TasksConfig
@@ -63,7 +62,7 @@ class TaskWaiter:
         self.store = store
         self.owner = owner  # this process, in the store: who polls which task
         self.on_final = on_final
-        self.live: cachetools.TTLCache[str, Task] = cachetools.TTLCache(maxsize=1_000_000, ttl=3600)
+        self.live: dict[str, Task] = {}  # unfinished tasks of this process; finished ones are in the store
         self._running: set[asyncio.Task[None]] = set()
 
     async def start(self, task: Task) -> Task:
@@ -103,14 +102,14 @@ class TaskWaiter:
         try:
             while True:
                 now = time.monotonic()
-                if next_poll >= deadline:
+                if next_poll >= deadline and task.polls:  # never time out unasked (a task resumed late)
                     await asyncio.sleep(max(0.0, deadline - now))
                     break
                 await asyncio.sleep(max(0.0, next_poll - now))
                 if task.pool is not None:
                     # A busy key stretches the spacing rather than exceeding its limit.
                     try:
-                        await task.pool.slot(task.key, deadline)
+                        await task.pool.slot(task.key, max(deadline, time.monotonic() + self.config.poll_interval))
                     except ProxyError:
                         break
                 next_poll = time.monotonic() + self.config.poll_interval  # never faster than this
@@ -153,6 +152,7 @@ class TaskWaiter:
         except Exception as exc:  # the answer must still reach the client
             log.error("task_settle_failed", task_id=task.id, error=repr(exc))
         task.done.set()
+        self.live.pop(task.id, None)  # the store has it now; waiters hold the object itself
 
     async def close(self) -> None:
         for runner in list(self._running):

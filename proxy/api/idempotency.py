@@ -16,11 +16,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.errors import Kind, ProxyError
-from proxy.openai.errors import error_headers, error_payload
+from proxy.openai.errors import send_error
 from proxy.store import IdempotencyRecord
 
 if TYPE_CHECKING:
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
 
 _REPLAYED_HEADERS = ("retry-after", "x-should-retry", "x-proxy-task-ids")
 ABANDONED_AFTER = 900.0  # seconds: a record still "running" without tasks is taken as lost after this
-_encode_error = msgspec.json.Encoder().encode
 
 Rebuild = Callable[["Runtime", list[str], str], Awaitable[tuple[int, dict[str, str], bytes]]]
 
@@ -53,7 +51,7 @@ class Idempotency:
             return
         body, complete = await self._read(receive, runtime.config.server.max_body_bytes)
         if not complete:
-            await self._answer_error(send, ProxyError(Kind.PAYLOAD_TOO_LARGE, "The request body is too large."))
+            await send_error(send, ProxyError(Kind.PAYLOAD_TOO_LARGE, "The request body is too large."))
             return
         target = f"{scope['method']} {scope['path']}\n".encode()
         fingerprint = hashlib.sha256(target + body).hexdigest()
@@ -61,7 +59,7 @@ class Idempotency:
         if slot in self.inflight:
             first_fingerprint, future = self.inflight[slot]
             if first_fingerprint != fingerprint:
-                await self._answer_error(send, _reused())
+                await send_error(send, _reused())
                 return
             record = await asyncio.shield(future)
             if record is not None:
@@ -71,7 +69,7 @@ class Idempotency:
         existing = await runtime.store.idempotency_begin(record)
         if existing is not None:
             if existing.fingerprint != fingerprint:
-                await self._answer_error(send, _reused())
+                await send_error(send, _reused())
                 return
             if existing.done:
                 await self._replay(send, existing)
@@ -84,7 +82,7 @@ class Idempotency:
                 await self._replay(send, existing)
                 return
             if time.time() - existing.created < ABANDONED_AFTER:
-                await self._answer_error(send, ProxyError(
+                await send_error(send, ProxyError(
                     Kind.CONFLICT, "A request with this Idempotency-Key is still in progress; retry shortly.",
                     code="idempotency_key_in_progress", retry_after=1.0))
                 return
@@ -96,7 +94,8 @@ class Idempotency:
             future.set_result(kept)
         except BaseException:
             future.set_result(None)
-            await runtime.store.idempotency_drop(client, key)
+            if not record.task_ids:  # with tasks started, a repeat must answer from them, not pay again
+                await runtime.store.idempotency_drop(client, key)
             raise
         finally:
             del self.inflight[slot]
@@ -122,7 +121,8 @@ class Idempotency:
         await app(scope, _replay_body(body, receive), capture)
         keep = 200 <= status < 300 or headers.get("x-should-retry") == "false"
         if not keep:
-            await runtime.store.idempotency_drop(record.client, record.key)
+            if not record.task_ids:  # with tasks started (a download failed, say), a repeat answers from them
+                await runtime.store.idempotency_drop(record.client, record.key)
             return None
         record.done, record.status, record.body = True, status, b"".join(chunks)
         record.content_type = headers.get("content-type", "application/json")
@@ -152,12 +152,6 @@ class Idempotency:
         await send({"type": "http.response.start", "status": record.status, "headers": headers})
         await send({"type": "http.response.body", "body": record.body, "more_body": False})
 
-    @staticmethod
-    async def _answer_error(send: Send, error: ProxyError) -> None:
-        headers = [(b"content-type", b"application/json")]
-        headers += [(k.encode(), v.encode()) for k, v in error_headers(error).items()]
-        await send({"type": "http.response.start", "status": error.shape.status, "headers": headers})
-        await send({"type": "http.response.body", "body": _encode_error(error_payload(error)), "more_body": False})
 
 
 def _reused() -> ProxyError:

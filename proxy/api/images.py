@@ -63,7 +63,11 @@ async def generate(request: Request[Any, Any, Any], caller: Caller, route: Route
             raise problems[0]
         error.task_ids = ids  # every task this request started stays retrievable
         raise error
-    body = await _images_body(gateway, [url for task in tasks for url in task.state.urls], response_format)
+    try:
+        body = await _images_body(gateway, [url for task in tasks for url in task.state.urls], response_format)
+    except ProxyError as error:
+        error.task_ids = ids  # the tasks succeeded: their results stay retrievable
+        raise
     return Response(body, media_type="application/json", headers={"x-proxy-task-ids": ",".join(ids)} if ids else None)
 
 

@@ -6,6 +6,7 @@ import math
 
 import msgspec
 from litestar import Response
+from litestar.types import Send
 
 from proxy.errors import ProxyError
 from proxy.openai.types import ErrorBody, ErrorResponse
@@ -29,6 +30,14 @@ def error_headers(error: ProxyError) -> dict[str, str]:
     if error.task_ids:
         headers["x-proxy-task-ids"] = ",".join(error.task_ids)
     return headers
+
+
+async def send_error(send: Send, error: ProxyError) -> None:
+    """Answer at the ASGI level, where no Litestar response object is at hand."""
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.encode(), v.encode()) for k, v in error_headers(error).items()]
+    await send({"type": "http.response.start", "status": error.shape.status, "headers": headers})
+    await send({"type": "http.response.body", "body": _encode(error_payload(error)), "more_body": False})
 
 
 def error_response(error: ProxyError) -> Response[bytes]:

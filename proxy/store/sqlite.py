@@ -123,17 +123,27 @@ class SQLiteStore:
 
         return await self._run(get)
 
-    async def claim_unfinished(self, owner: str, stale_before: float) -> list[TaskRecord]:
-        """Take over unfinished tasks nobody polls: released ones, or ones whose owner went silent."""
+    async def unfinished_owners(self) -> list[str]:
         marks = ",".join("?" * len(UNFINISHED))
+        return await self._run(lambda db: [r[0] for r in db.execute(
+            f"SELECT DISTINCT owner FROM tasks WHERE state IN ({marks}) AND owner IS NOT NULL", UNFINISHED)])
+
+    async def claim_unfinished(self, owner: str, stale_before: float,
+                               dead: list[str] | None = None) -> list[TaskRecord]:
+        """Take over unfinished tasks nobody polls: released ones, ones whose owner went silent,
+        and ones of owners known to be dead."""
+        marks = ",".join("?" * len(UNFINISHED))
+        dead = dead or []
+        dead_marks = ",".join("?" * len(dead)) or "NULL"
 
         def claim(db: sqlite3.Connection) -> list[TaskRecord]:
             now = time.time()
             db.execute("BEGIN IMMEDIATE")
             try:
                 rows = db.execute(
-                    f"SELECT record FROM tasks WHERE state IN ({marks}) AND (owner IS NULL OR updated < ?)",
-                    (*UNFINISHED, stale_before)).fetchall()
+                    f"SELECT record FROM tasks WHERE state IN ({marks}) AND "
+                    f"(owner IS NULL OR updated < ? OR owner IN ({dead_marks}))",
+                    (*UNFINISHED, stale_before, *dead)).fetchall()
                 records = [_task_decode(r[0]) for r in rows]
                 for record in records:
                     record.owner, record.updated = owner, now
