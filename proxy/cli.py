@@ -24,7 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     options: dict[str, Any] = dict(host=host, port=port, access_log=False, log_level="warning",
-                                   timeout_graceful_shutdown=int(config.server.shutdown_grace))
+                                   timeout_graceful_shutdown=config.server.shutdown_grace)
     if args.workers > 1:
         # Each worker process builds its own app from the same file.
         os.environ["PROXY_CONFIG"] = os.path.abspath(args.config)

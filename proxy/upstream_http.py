@@ -24,6 +24,15 @@ def build_client(max_connections: int = 1000) -> httpx.AsyncClient:
     )
 
 
+def timed_out(exc: BaseException) -> bool:
+    """A timeout, as opposed to a refused or dropped connection (which aiohttp's transport
+    also reports as httpx.ConnectTimeout)."""
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ClientError):
+        return isinstance(cause, aiohttp.ServerTimeoutError)
+    return isinstance(exc, TimeoutError | httpx.TimeoutException)
+
+
 def never_sent(exc: BaseException) -> bool:
     """True only when the request provably never reached the upstream.
 

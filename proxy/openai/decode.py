@@ -22,7 +22,7 @@ def parse_object(body: bytes) -> dict[str, Any]:
         raise bad_request("The request body is empty; a JSON object is expected.")
     try:
         raw = _decode_json(body)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         raise bad_request(NOT_JSON) from None
     if not isinstance(raw, dict):
         raise bad_request("The request body must be a JSON object.")

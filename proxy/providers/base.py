@@ -16,7 +16,7 @@ import httpx
 import msgspec
 
 from proxy.errors import Kind, ProxyError
-from proxy.upstream_http import never_sent
+from proxy.upstream_http import never_sent, timed_out
 
 ModelKind = Literal["chat", "image", "video", "audio", "other"]
 Observe = Callable[[str, str, float], None]  # (upstream, operation, seconds): latency metrics
@@ -138,7 +138,7 @@ class HTTPUpstream:
             self._observe(path, started)
             # The message names no URL or header: upstream addresses stay private.
             sent = not never_sent(exc)
-            what = "timed out" if isinstance(exc, TimeoutError | httpx.TimeoutException) else "failed"
+            what = "timed out" if timed_out(exc) else "failed"
             raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name} upstream request {what}",
                              delivered=sent) from None
         self._observe(path, started)

@@ -165,8 +165,15 @@ class SQLiteStore:
     async def release(self, owner: str) -> None:
         """On shutdown: unfinished tasks become claimable at once by the next process."""
         marks = ",".join("?" * len(UNFINISHED))
-        await self._run(lambda db: db.execute(
-            f"UPDATE tasks SET owner = NULL WHERE owner = ? AND state IN ({marks})", (owner, *UNFINISHED)))
+        def release(db: sqlite3.Connection) -> None:
+            rows = db.execute(f"SELECT record FROM tasks WHERE owner = ? AND state IN ({marks})",
+                              (owner, *UNFINISHED)).fetchall()
+            for (blob,) in rows:
+                record = _task_decode(blob)
+                record.owner = None
+                db.execute("UPDATE tasks SET owner = NULL, record = ? WHERE id = ?", (_task_encode(record), record.id))
+
+        await self._run(release)
 
     async def purge(self, tasks_before: float, idempotency_before: float) -> None:
         marks = ",".join("?" * len(UNFINISHED))
