@@ -28,7 +28,7 @@ CostOf = Callable[["UpstreamKey"], float | None]
 DEFAULT_COOLDOWN = 10.0  # seconds a rate-limited key rests when the upstream names no Retry-After
 # Our count of a key's calls must stay below the upstream's even though the upstream sees each
 # call a little later than we send it: count over a slightly longer window.
-WINDOW_MARGIN = 0.25
+WINDOW_MARGIN = 0.5
 
 
 def fingerprint(secret: str) -> str:
