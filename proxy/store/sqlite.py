@@ -22,6 +22,7 @@ from proxy.store import UNFINISHED, IdempotencyRecord, TaskRecord, UsageRecord, 
 
 T = TypeVar("T")
 log = structlog.get_logger("proxy.store")
+FLUSH_AFTER = 0.2  # seconds a usage record may wait to be written with others
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -49,6 +50,7 @@ class SQLiteStore:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._pending: list[tuple[Any, ...]] = []
         self._db = self._pool.submit(self._open, path).result()
 
     @staticmethod
@@ -60,17 +62,30 @@ class SQLiteStore:
         return db
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        self._flush()  # queued usage first: the store's one thread keeps the order
         return await asyncio.get_running_loop().run_in_executor(self._pool, work, self._db)
 
     # ---- usage ----------------------------------------------------------------------
 
     def add_usage(self, record: UsageRecord) -> None:
+        """Queue a record; queued ones are written together, one transaction every FLUSH_AFTER
+        seconds or before any other statement, so every read sees them."""
+        self._pending.append((record.at, record.client, record.model, record.upstream, record.key, record.cost,
+                              record.outcome, record.kind, record.task_id, record.request_id))
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_later(FLUSH_AFTER, self._flush)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+
         def insert(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO usage (at, client, model, upstream, key, cost, outcome, kind, task_id, request_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (record.at, record.client, record.model, record.upstream, record.key, record.cost, record.outcome,
-                 record.kind, record.task_id, record.request_id))
+            with db:
+                db.execute("BEGIN")
+                db.executemany(
+                    "INSERT INTO usage (at, client, model, upstream, key, cost, outcome, kind, task_id, request_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
         self._pool.submit(insert, self._db).add_done_callback(_log_failure)
 
