@@ -73,7 +73,10 @@ class SQLiteStore:
         self._pending.append((record.at, record.client, record.model, record.upstream, record.key, record.cost,
                               record.outcome, record.kind, record.task_id, record.request_id))
         if len(self._pending) == 1:
-            asyncio.get_running_loop().call_later(FLUSH_AFTER, self._flush)
+            try:
+                asyncio.get_running_loop().call_later(FLUSH_AFTER, self._flush)
+            except RuntimeError:  # called outside the event loop (tools, tests): write now
+                self._flush()
 
     def _flush(self) -> None:
         if not self._pending:
