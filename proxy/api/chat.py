@@ -117,10 +117,10 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
     await gateway.check_budget(caller, route, body.n)
     call = ChatCall(model=route.upstream_model, messages=body.messages,
                     params={k: v for k, v in raw.items() if k not in CHAT_OWN_FIELDS})
-    calls = [asyncio.ensure_future(gateway.chat(route, call, caller)) for _ in range(body.n)]
     completion_id = "chatcmpl-" + secrets.token_urlsafe(18)
     created = int(time.time())
     if body.stream:
+        calls = [asyncio.ensure_future(gateway.chat(route, call, caller)) for _ in range(body.n)]
         # Wait for the first answer before the headers go out, so upstream errors keep their
         # status; answers for n > 1 are awaited inside the stream.
         try:
@@ -133,7 +133,10 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return Stream(_stream(completion_id, created, body, calls, include_usage),
                       media_type="text/event-stream", headers=sse.HEADERS)
-    results = await asyncio.gather(*calls)
+    if body.n == 1:  # the common case: no task to create
+        results = [await gateway.chat(route, call, caller)]
+    else:
+        results = list(await asyncio.gather(*(gateway.chat(route, call, caller) for _ in range(body.n))))
     note(request, key=results[0].key.fingerprint)
     choices = [Choice(index=i, message=AssistantMessage(role="assistant", content=r.answer.content, refusal=None,
                                                         tool_calls=_tool_calls(r)),
