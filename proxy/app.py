@@ -104,6 +104,9 @@ class ProxyApp(Litestar):
             if task is not None:
                 task.uncancel()
             with contextlib.suppress(Exception):
+                submits = state.get("submits")
+                if submits:  # a paid submit still under way: wait for its id so the answer can name it
+                    await asyncio.wait(submits, timeout=5.0)
                 await send_error(send_with_id, _restarting(state))
         finally:
             access = state.get("access", {})

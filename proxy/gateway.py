@@ -46,6 +46,8 @@ class Caller:
     request_id: str | None = None
     idempotency_key: str | None = None
     own_key: UpstreamKey | None = None
+    on_task: Callable[[str], Awaitable[None]] | None = None  # told each task id as soon as it is recorded
+    submits: list[asyncio.Task[Task]] | None = None  # where to list submits in flight for this request
 
 
 @dataclass(slots=True)
@@ -190,6 +192,8 @@ class Gateway:
         (client gone, shutdown) still leaves the paid task recorded and waited on."""
         submit = asyncio.create_task(self._submit(route, call, caller))
         self._submits.add(submit)
+        if caller.submits is not None:
+            caller.submits.append(submit)
         submit.add_done_callback(self._submits.discard)
         return await asyncio.shield(submit)
 
@@ -211,7 +215,10 @@ class Gateway:
             deadline=now + self.config.tasks.timeout)
         self._record(caller, route, key, cost, "submitted", "image", record.id)
         pool = None if caller.own_key is not None else self.pools[provider.name]
-        return await self.tasks.start(Task(record=record, provider=provider, key=key, pool=pool, state=state))
+        task = await self.tasks.start(Task(record=record, provider=provider, key=key, pool=pool, state=state))
+        if caller.on_task is not None:
+            await caller.on_task(task.id)
+        return task
 
     async def _record_failed_at_submit(self, route: Route, caller: Caller, error: ProxyError) -> None:
         now = time.time()

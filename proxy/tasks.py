@@ -112,17 +112,19 @@ class TaskWaiter:
                         await task.pool.slot(task.key, max(deadline, time.monotonic() + self.config.poll_interval))
                     except ProxyError:
                         break
-                next_poll = time.monotonic() + self.config.poll_interval  # never faster than this
                 task.polls += 1
                 try:
                     state = await task.provider.poll(task.key.secret, task.record.upstream_task_id or "")
                 except ProxyError as error:
+                    next_poll = time.monotonic() + self.config.poll_interval
                     # A poll that fails is not a task that failed: try again at the next interval.
                     last_problem = error.message
                     if task.pool is not None and error.kind is Kind.RATE_LIMITED:
                         task.pool.failed(task.key, error)
                     log.warning("poll_failed", task_id=task.id, upstream=task.provider.name, error=error.message)
                     continue
+                # Counted from the answer: a slow or delayed poll never brings the next one closer.
+                next_poll = time.monotonic() + self.config.poll_interval
                 task.state = state
                 task.record.progress = state.progress
                 if state.final:

@@ -47,14 +47,24 @@ async def generate(request: Request[Any, Any, Any], caller: Caller, route: Route
     gateway = runtime(request).gateway
     check_model(caller, route)
     await gateway.check_budget(caller, route, n)
+    started: list[str] = []
+    note(request, task_ids=started)
+    on_tasks = request.scope["state"].get("on_tasks")  # an Idempotency-Key wants to know them
+
+    async def on_task(task_id: str) -> None:
+        # Called by the submit itself, even if this request is cut off meanwhile: the ids reach
+        # the access log, a shutdown answer and the Idempotency-Key record whatever happens.
+        started.append(task_id)
+        if on_tasks is not None:
+            await on_tasks(list(started), response_format or "url")
+
+    caller.on_task = on_task
+    caller.submits = request.scope["state"].setdefault("submits", [])
     starts = await asyncio.gather(*(gateway.start_image(route, call, caller) for _ in range(n)),
                                   return_exceptions=True)
     tasks = [t for t in starts if isinstance(t, Task)]
     ids = tuple(t.id for t in tasks)
-    note(request, task_ids=list(ids), key=tasks[0].key.fingerprint if tasks else None)
-    on_tasks = request.scope["state"].get("on_tasks")  # an Idempotency-Key wants to know them
-    if on_tasks is not None and ids:
-        await on_tasks(list(ids), response_format or "url")
+    note(request, key=tasks[0].key.fingerprint if tasks else None)
     outcomes = await asyncio.gather(*(gateway.tasks.result(t) for t in tasks), return_exceptions=True)
     problems = [o for o in (*starts, *outcomes) if isinstance(o, BaseException)]
     if problems:
