@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import secrets
 import signal
 import time
@@ -37,6 +38,9 @@ from proxy.uploads import loggable_path
 from proxy.upstream_http import build_client
 
 access_log = structlog.get_logger("proxy.access")
+# Request ids: unique per process start and cheap (no system call per request); not secrets.
+_ID_PREFIX = secrets.token_hex(6)
+_ids = itertools.count(1)
 log = structlog.get_logger("proxy")
 
 # Litestar's own exceptions, by status, in OpenAI's terms.
@@ -78,7 +82,7 @@ class ProxyApp(Litestar):
             await super().__call__(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = "req_" + secrets.token_hex(12)
+        request_id = f"req_{_ID_PREFIX}{next(_ids):08x}"
         state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
         state["request_id"] = request_id
         status = 0
@@ -87,7 +91,8 @@ class ProxyApp(Litestar):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                # a new list: a framework may reuse the one it passes
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
