@@ -850,6 +850,8 @@ async def _run(s: Settings, logs: Path, children: Children, record: Record, time
     known: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for task in tasks:
         upstream_id = task.get("upstream_task_id")
+        if not upstream_id and not task.get("urls"):
+            continue  # failed at submit: the upstream named no task; the proxy stored the failure
         if not upstream_id:  # an instant xffuw result: its id is in the file name
             url = (task.get("urls") or [""])[0]
             upstream_id = url.rsplit("/xf-", 1)[-1].split(".")[0] if "/xf-" in url else url

@@ -229,6 +229,8 @@ class Gateway:
         await self.store.save_task(record)
         error.message = f"The upstream task {record.id} failed: {error.message}"
         error.task_ids = (record.id,)
+        if caller.on_task is not None:
+            await caller.on_task(record.id)
 
     def _spend(self, key: UpstreamKey, cost: float, balance: float | None = None) -> None:
         if balance is not None:

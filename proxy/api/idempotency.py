@@ -16,10 +16,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.errors import Kind, ProxyError
-from proxy.openai.errors import send_error
+from proxy.openai.errors import error_headers, error_payload, send_error
 from proxy.store import IdempotencyRecord
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 _REPLAYED_HEADERS = ("retry-after", "x-should-retry", "x-proxy-task-ids")
 ABANDONED_AFTER = 900.0  # seconds: a record still "running" without tasks is taken as lost after this
+SUBMITS_SETTLE = 30.0  # seconds a repeat waits for the first request's submits to be recorded
 
 Rebuild = Callable[["Runtime", list[str], str], Awaitable[tuple[int, dict[str, str], bytes]]]
 
@@ -75,8 +77,16 @@ class Idempotency:
                 await self._replay(send, existing)
                 return
             if existing.task_ids:  # started before a restart or by another worker: wait on its tasks
-                existing.status, existing.headers, existing.body = await self.rebuild(
-                    runtime, existing.task_ids, existing.response_format)
+                existing = await self._all_tasks_known(runtime, existing)
+                if len(existing.task_ids) < existing.expected:  # some submits of the first request failed
+                    error = ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"Only {len(existing.task_ids)} of the "
+                                       f"{existing.expected} upstream tasks of this request were started.",
+                                       task_ids=tuple(existing.task_ids))
+                    existing.status, existing.headers = error.shape.status, error_headers(error)
+                    existing.body = msgspec.json.encode(error_payload(error))
+                else:
+                    existing.status, existing.headers, existing.body = await self.rebuild(
+                        runtime, existing.task_ids, existing.response_format)
                 existing.content_type, existing.done = "application/json", True
                 await runtime.store.idempotency_finish(existing)
                 await self._replay(send, existing)
@@ -100,10 +110,24 @@ class Idempotency:
         finally:
             del self.inflight[slot]
 
+    @staticmethod
+    async def _all_tasks_known(runtime: Runtime, record: IdempotencyRecord) -> IdempotencyRecord:
+        """The first request may still be submitting some of its n tasks: wait (bounded) until
+        each is recorded, so the answer is not built from a part of them."""
+        deadline = time.monotonic() + SUBMITS_SETTLE
+        while len(record.task_ids) < record.expected and not record.submitted and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            fresh = await runtime.store.idempotency_get(record.client, record.key)
+            if fresh is None:
+                break
+            record = fresh
+        return record
+
     async def _run(self, app: ASGIApp, runtime: Runtime, scope: Scope, receive: Receive, body: bytes, send: Send,
                    record: IdempotencyRecord) -> IdempotencyRecord | None:
-        async def on_tasks(task_ids: list[str], response_format: str) -> None:
-            record.task_ids, record.response_format = task_ids, response_format
+        async def on_tasks(task_ids: list[str], response_format: str, expected: int, submitted: bool = False) -> None:
+            record.task_ids, record.response_format, record.expected = task_ids, response_format, expected
+            record.submitted = submitted
             await runtime.store.idempotency_finish(record)
 
         scope.setdefault("state", {})["on_tasks"] = on_tasks  # type: ignore[typeddict-item]

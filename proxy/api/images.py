@@ -56,7 +56,7 @@ async def generate(request: Request[Any, Any, Any], caller: Caller, route: Route
         # the access log, a shutdown answer and the Idempotency-Key record whatever happens.
         started.append(task_id)
         if on_tasks is not None:
-            await on_tasks(list(started), response_format or "url")
+            await on_tasks(list(started), response_format or "url", n)
 
     caller.on_task = on_task
     caller.submits = request.scope["state"].setdefault("submits", [])
@@ -65,13 +65,15 @@ async def generate(request: Request[Any, Any, Any], caller: Caller, route: Route
     tasks = [t for t in starts if isinstance(t, Task)]
     ids = tuple(t.id for t in tasks)
     note(request, key=tasks[0].key.fingerprint if tasks else None)
+    if on_tasks is not None and started:
+        await on_tasks(list(started), response_format or "url", n, True)
     outcomes = await asyncio.gather(*(gateway.tasks.result(t) for t in tasks), return_exceptions=True)
     problems = [o for o in (*starts, *outcomes) if isinstance(o, BaseException)]
     if problems:
         error = next((p for p in problems if isinstance(p, ProxyError)), None)
         if error is None:
             raise problems[0]
-        error.task_ids = ids  # every task this request started stays retrievable
+        error.task_ids = tuple(started)  # every task this request started stays retrievable
         raise error
     try:
         body = await _images_body(gateway, [url for task in tasks for url in task.state.urls], response_format)

@@ -60,6 +60,8 @@ class IdempotencyRecord(msgspec.Struct, kw_only=True):
     body: bytes = b""
     task_ids: list[str] = []
     response_format: str = "url"  # how to answer again from the tasks alone
+    expected: int = 0  # how many tasks the request starts: a repeat waits until all are known
+    submitted: bool = False  # the request is done submitting (some may have failed)
 
 
 class UsageRow(msgspec.Struct, kw_only=True):
@@ -95,6 +97,8 @@ class Store(Protocol):
     async def purge(self, tasks_before: float, idempotency_before: float) -> None: ...
 
     async def idempotency_begin(self, record: IdempotencyRecord) -> IdempotencyRecord | None: ...
+
+    async def idempotency_get(self, client: str, key: str) -> IdempotencyRecord | None: ...
 
     async def idempotency_finish(self, record: IdempotencyRecord) -> None: ...
 

@@ -219,6 +219,13 @@ class SQLiteStore:
 
         return await self._run(begin)
 
+    async def idempotency_get(self, client: str, key: str) -> IdempotencyRecord | None:
+        def get(db: sqlite3.Connection) -> IdempotencyRecord | None:
+            row = db.execute("SELECT record FROM idempotency WHERE client = ? AND key = ?", (client, key)).fetchone()
+            return _idem_decode(row[0]) if row else None
+
+        return await self._run(get)
+
     async def idempotency_finish(self, record: IdempotencyRecord) -> None:
         blob = msgspec.msgpack.encode(record)
         await self._run(lambda db: db.execute(
