@@ -42,7 +42,7 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    providers = ", ".join(f"{name} ({len(p.keys)} keys)" for name, p in config.providers.items()) or "none"
+    providers = ", ".join(f"{name} ({len(p.all_keys())} keys)" for name, p in config.providers.items()) or "none"
     print(f"ok: {len(config.clients)} clients; providers: {providers}; {len(config.aliases)} aliases")
     return 0
 

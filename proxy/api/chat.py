@@ -11,7 +11,7 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from proxy.api.common import authenticate, json_body, json_response, note, runtime
+from proxy.api.common import authenticate, first_answer, json_body, json_response, note, runtime
 from proxy.clients import check_model
 from proxy.errors import ProxyError, bad_request
 from proxy.gateway import ChatResult
@@ -121,14 +121,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
     created = int(time.time())
     if body.stream:
         calls = [asyncio.ensure_future(gateway.chat(route, call, caller)) for _ in range(body.n)]
-        # Wait for the first answer before the headers go out, so upstream errors keep their
-        # status; answers for n > 1 are awaited inside the stream.
-        try:
-            first = await calls[0]
-        except BaseException:
-            for pending in calls[1:]:
-                pending.cancel()
-            raise
+        first = await first_answer(calls)  # answers for n > 1 are awaited inside the stream
         note(request, key=first.key.fingerprint)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return Stream(_stream(completion_id, created, body, calls, include_usage),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request, Response
@@ -12,6 +13,7 @@ from proxy.openai.decode import parse_object
 from proxy.runtime import Runtime
 
 _encode = msgspec.json.Encoder().encode
+T = TypeVar("T")
 
 
 def runtime(request: Request[Any, Any, Any]) -> Runtime:
@@ -34,6 +36,17 @@ def authenticate(request: Request[Any, Any, Any]) -> Caller:
 
 async def json_body(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return parse_object(await request.body())
+
+
+async def first_answer(calls: list[asyncio.Future[T]]) -> T:
+    """For streams: the first answer comes before the headers go out, so upstream errors keep
+    their HTTP status; if it fails, the other calls are cancelled."""
+    try:
+        return await calls[0]
+    except BaseException:
+        for pending in calls[1:]:
+            pending.cancel()
+        raise
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:

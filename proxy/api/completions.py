@@ -11,7 +11,7 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from proxy.api.common import authenticate, json_body, json_response, note, runtime
+from proxy.api.common import authenticate, first_answer, json_body, json_response, note, runtime
 from proxy.clients import check_model
 from proxy.errors import ProxyError, bad_request
 from proxy.gateway import ChatResult
@@ -128,13 +128,7 @@ async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stre
     completion_id = "cmpl-" + secrets.token_urlsafe(18)
     created = int(time.time())
     if body.stream:
-        # As chat does: the first answer comes before the headers, so upstream errors keep their status.
-        try:
-            first = await calls[0]
-        except BaseException:
-            for pending in calls[1:]:
-                pending.cancel()
-            raise
+        first = await first_answer(calls)
         note(request, key=first.key.fingerprint)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         head = Completion(id=completion_id, object="text_completion", created=created, model=body.model, choices=[])
