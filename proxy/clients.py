@@ -56,32 +56,33 @@ class Clients:
             if config.auth.passthrough else []
         self._calls: dict[str, deque[float]] = {}
 
+    def _find(self, token: str) -> ClientConfig | str | None:
+        """The client a token belongs to, or the provider whose passthrough prefix it has."""
+        index = match_digest(token, self._digests)
+        if index is not None:
+            return self.clients[index]
+        return next((provider for prefix, provider in self._prefixes if token.startswith(prefix)), None)
+
     def authenticate(self, authorization: str | None, request_id: str | None = None) -> Caller:
         token = bearer_token(authorization)
         if token is None:
             raise ProxyError(Kind.INVALID_API_KEY, NO_KEY)
-        index = match_digest(token, self._digests)
-        if index is not None:
-            client = self.clients[index]
-            self._admit(client)
-            return Caller(name=client.name, client=client, request_id=request_id)
-        for prefix, provider in self._prefixes:
-            if token.startswith(prefix):
-                return Caller(name=f"own-key:{fingerprint(token)}", client=None, request_id=request_id,
-                              own_key=passthrough_key(provider, token))
+        found = self._find(token)
+        if isinstance(found, ClientConfig):
+            self._admit(found)
+            return Caller(name=found.name, client=found, request_id=request_id)
+        if found is not None:
+            return Caller(name=f"own-key:{fingerprint(token)}", client=None, request_id=request_id,
+                          own_key=passthrough_key(found, token))
         raise ProxyError(Kind.INVALID_API_KEY, BAD_KEY)
 
     def identify(self, authorization: str | None) -> str | None:
         """The caller's name, without counting a request: for keying idempotency records."""
         token = bearer_token(authorization)
-        if token is None:
-            return None
-        index = match_digest(token, self._digests)
-        if index is not None:
-            return self.clients[index].name
-        if any(token.startswith(prefix) for prefix, _ in self._prefixes):
-            return f"own-key:{fingerprint(token)}"
-        return None
+        found = self._find(token) if token is not None else None
+        if isinstance(found, ClientConfig):
+            return found.name
+        return f"own-key:{fingerprint(token)}" if found is not None and token is not None else None
 
     def _admit(self, client: ClientConfig) -> None:
         """Requests per minute, per client, over a sliding minute."""

@@ -112,7 +112,6 @@ class Gateway:
         self.catalogue = Catalogue(self.providers, {name: self._fetcher(name) for name in self.providers},
                                    config.aliases, {n: t.catalogue_ttl for n, t in config.providers.items()})
         self.tasks.config = config.tasks
-        self._balance_supported = {name: p.has_balance for name, p in self.providers.items()}
 
     def _fetcher(self, name: str) -> Callable[[], Awaitable[list[ModelInfo]]]:
         async def fetch() -> list[ModelInfo]:
@@ -284,10 +283,10 @@ class Gateway:
         exhausted keys back as soon as their credits can pay again."""
         while True:
             for name, pool in list(self.pools.items()):
-                if not self._balance_supported.get(name):
+                if not self.providers[name].has_balance:
                     continue
                 for key in list(pool.keys):
-                    if self._balance_supported.get(name) and self._balance_due(pool, key):
+                    if self._balance_due(pool, key):
                         await self._read_balance(name, pool, key)
             await asyncio.sleep(self._balance_tick())
 
@@ -318,8 +317,7 @@ class Gateway:
             log.warning("balance_read_failed", upstream=name, key=key.fingerprint, error=error.message)
             return
         key.checked_at = time.time()
-        if info is None:
-            self._balance_supported[name] = False
+        if info is None:  # an answer without user data: nothing learnt this time
             return
         key.credits, key.vip_level = info.credits, info.vip_level
         if key.state == "exhausted" and (info.credits or 0) >= await self._cheapest(name):

@@ -120,6 +120,17 @@ class KeyPool:
             return 0.0
         return calls[len(calls) - limit] - horizon
 
+    def _wait(self, key: UpstreamKey, now: float) -> float:
+        """Seconds until the key may be called: its rate window, and a cooling period if any."""
+        wait = self._rate_wait(key, now)
+        if key.state == "cooling" and key.until > now:
+            wait = max(wait, key.until - now)
+        return wait
+
+    def calls_in_window(self, key: UpstreamKey) -> int:
+        self._rate_wait(key, time.monotonic())  # drops calls that left the window
+        return len(key.calls)
+
     def note_call(self, key: UpstreamKey) -> None:
         key.calls.append(time.monotonic())
 
@@ -127,9 +138,7 @@ class KeyPool:
         """Wait until `key` may make one more call (polls, balance reads), then count it."""
         while True:
             now = time.monotonic()
-            wait = self._rate_wait(key, now)
-            if key.state == "cooling" and key.until > now:
-                wait = max(wait, key.until - now)
+            wait = self._wait(key, now)
             if wait <= 0:
                 self.note_call(key)
                 return
@@ -157,9 +166,7 @@ class KeyPool:
                 if cost is not None and key.credits < cost:
                     short = True
                     continue  # cannot pay: skip it before a request is wasted on it
-            wait = self._rate_wait(key, now)
-            if key.state == "cooling" and key.until > now:
-                wait = max(wait, key.until - now)
+            wait = self._wait(key, now)
             busy = key.max_concurrent is not None and key.in_flight >= key.max_concurrent
             if wait <= 0 and not busy:
                 ready.append(key)

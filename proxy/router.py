@@ -115,8 +115,7 @@ class Catalogue:
             except ProxyError:
                 continue  # an alias whose target is unknown right now is not listed
             if route.model is not None:
-                created = self._parts[route.provider.name].first_seen.get(route.model.id, 0)
-                listed.append(Listed(alias, route.provider.name, route.model, created))
+                listed.append(Listed(alias, route.provider.name, route.model, self.created(route)))
         return listed
 
     async def resolve(self, model_id: str) -> Route:
@@ -143,6 +142,10 @@ class Catalogue:
                     raise ProxyError(error.kind, error.message, retry_after=error.retry_after)
         raise ProxyError(Kind.MODEL_NOT_FOUND, f"The model '{model_id}' does not exist or you do not have "
                          "access to it.", param="model")
+
+    def created(self, route: Route) -> int:
+        """When the proxy first saw the model listed (upstreams give no creation time)."""
+        return self._parts[route.provider.name].first_seen.get(route.model.id, 0) if route.model else 0
 
     async def models_of(self, provider: str) -> list[ModelInfo]:
         return await self._parts[provider].models() or []

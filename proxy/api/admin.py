@@ -88,12 +88,11 @@ async def admin_keys(request: Request[Any, Any, Any]) -> Response[bytes]:
     views = []
     for name, pool in runtime(request).gateway.pools.items():
         for key in pool.keys:
-            pool._rate_wait(key, now)  # drops calls that left the window
             views.append(KeyView(
                 provider=name, fingerprint=key.fingerprint, state=key.state,
                 reason=redact(key.reason) if key.reason else None,
                 until=wall + (key.until - now) if key.until > now else None, in_flight=key.in_flight,
-                requests=key.requests, failures=key.failures, calls_in_window=len(key.calls),
+                requests=key.requests, failures=key.failures, calls_in_window=pool.calls_in_window(key),
                 rate_limit=pool.limit(key), weight=key.weight, credits=key.credits, vip_level=key.vip_level,
                 checked_at=key.checked_at))
     return json_response({"object": "list", "data": views})

@@ -43,12 +43,8 @@ async def retrieve_model(request: Request[Any, Any, Any], model_id: FromPath[str
     catalogue = runtime(request).gateway.catalogue
     route = await catalogue.resolve(model_id)
     check_model(caller, route)
-    created = 0
-    for entry in await catalogue.listing():
-        if entry.provider == route.provider.name and entry.model == route.model:
-            created = entry.created
-            break
     model = route.model
-    return json_response(Model(id=model_id, object="model", created=created, owned_by=route.provider.name,
+    return json_response(Model(id=model_id, object="model", created=catalogue.created(route),
+                               owned_by=route.provider.name,
                                kind=model.kind if model else None, price=model.price if model else None,
                                name=model.name if model else None))

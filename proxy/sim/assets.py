@@ -1,9 +1,16 @@
-"""Result files the simulators serve: a real (tiny) PNG and small fake MP4/MP3 bytes."""
+"""Result files the simulators serve (a real tiny PNG, small fake MP4/MP3 bytes), and their route."""
 
 from __future__ import annotations
 
 import struct
 import zlib
+from typing import Any
+
+from litestar import Request, Response, get
+from litestar.handlers import HTTPRouteHandler
+from litestar.params import FromPath
+
+from proxy.sim.faults import CallLog
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -56,3 +63,19 @@ def file_for(name: str) -> tuple[str, bytes] | None:
     if not dot:
         return None
     return FILES.get(ext.lower())
+
+
+def files_route(log: CallLog) -> HTTPRouteHandler:
+    """GET /files/{name}: the result files both simulators hand out, logged as "file" calls."""
+
+    @get("/files/{name:str}", status_code=200)
+    async def files(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[bytes]:
+        await request.body()
+        found = file_for(name)
+        if found is None:
+            log._log("file", None, 404)
+            return Response(b"not found", status_code=404, media_type="text/plain")
+        log._log("file", None, 200)
+        return Response(found[1], status_code=200, media_type=found[0])
+
+    return files

@@ -22,7 +22,7 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 
-from proxy.sim.assets import EXTENSION, file_for
+from proxy.sim.assets import EXTENSION, files_route
 from proxy.sim.faults import (
     CallLog,
     FaultMiddleware,
@@ -505,16 +505,6 @@ def create_fengyuan_app(state: FengyuanSim) -> Litestar:
             data = {"tasks": chunk, "total": len(rows), "page": page, "limit": limit}
         return envelope_ok("task_list", key, data)
 
-    @get("/files/{name:str}", status_code=200)
-    async def files(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[bytes]:
-        await request.body()
-        found = file_for(name)
-        if found is None:
-            state._log("file", None, 404)
-            return Response(b"not found", status_code=404, media_type="text/plain")
-        state._log("file", None, 200)
-        return Response(found[1], status_code=200, media_type=found[0])
-
     def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
         endpoint = classify(request.url.path)
         if exc.status_code == 405:
@@ -528,7 +518,7 @@ def create_fengyuan_app(state: FengyuanSim) -> Litestar:
         return fail(classify(request.url.path), None, "internal", "服务器内部错误", http=500)
 
     app = Litestar(
-        route_handlers=[service_list, invoke, task, user_info, task_list, files],
+        route_handlers=[files_route(state), service_list, invoke, task, user_info, task_list],
         exception_handlers={HTTPException: on_http_error, Exception: on_crash},
         openapi_config=None,
         logging_config=None,

@@ -18,9 +18,8 @@ from typing import Any
 import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
-from litestar.params import FromPath
 
-from proxy.sim.assets import EXTENSION, file_for
+from proxy.sim.assets import EXTENSION, files_route
 from proxy.sim.faults import (
     CallLog,
     FaultMiddleware,
@@ -336,16 +335,6 @@ def create_xffuw_app(state: XffuwSim, base_path: str = "/api/v1") -> Litestar:
             answer["fail_reason"] = "生成失败:simulated failure ([fail] in prompt)"
         return reply("task", key, answer)
 
-    @get("/files/{name:str}", status_code=200)
-    async def files(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[bytes]:
-        await request.body()
-        found = file_for(name)
-        if found is None:
-            state._log("file", None, 404)
-            return Response(b"not found", status_code=404, media_type="text/plain")
-        state._log("file", None, 200)
-        return Response(found[1], status_code=200, media_type=found[0])
-
     def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
         text = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
         return reply(classify(request.url.path), None, {"error": text}, exc.status_code)
@@ -355,7 +344,7 @@ def create_xffuw_app(state: XffuwSim, base_path: str = "/api/v1") -> Litestar:
         return reply(classify(request.url.path), None, {"error": "internal server error"}, 500)
 
     app = Litestar(
-        route_handlers=[models, chat, image, task, files],
+        route_handlers=[files_route(state), models, chat, image, task],
         exception_handlers={HTTPException: on_http_error, Exception: on_crash},
         openapi_config=None,
         logging_config=None,

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS idempotency (client TEXT NOT NULL, key TEXT NOT NULL,
     record BLOB NOT NULL, PRIMARY KEY (client, key));
 """
 
+_IS_UNFINISHED = f"state IN ({','.join('?' * len(UNFINISHED))})"  # takes *UNFINISHED as arguments
 _GROUPS = {"client": "client", "model": "model", "day": "date(at, 'unixepoch')", "upstream": "upstream"}
 
 _task_encode = msgspec.msgpack.Encoder().encode
@@ -142,15 +143,13 @@ class SQLiteStore:
         return await self._run(get)
 
     async def unfinished_owners(self) -> list[str]:
-        marks = ",".join("?" * len(UNFINISHED))
         return await self._run(lambda db: [r[0] for r in db.execute(
-            f"SELECT DISTINCT owner FROM tasks WHERE state IN ({marks}) AND owner IS NOT NULL", UNFINISHED)])
+            f"SELECT DISTINCT owner FROM tasks WHERE {_IS_UNFINISHED} AND owner IS NOT NULL", UNFINISHED)])
 
     async def claim_unfinished(self, owner: str, stale_before: float,
                                dead: list[str] | None = None) -> list[TaskRecord]:
         """Take over unfinished tasks nobody polls: released ones, ones whose owner went silent,
         and ones of owners known to be dead."""
-        marks = ",".join("?" * len(UNFINISHED))
         dead = dead or []
         dead_marks = ",".join("?" * len(dead)) or "NULL"
 
@@ -159,7 +158,7 @@ class SQLiteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 rows = db.execute(
-                    f"SELECT record FROM tasks WHERE state IN ({marks}) AND "
+                    f"SELECT record FROM tasks WHERE {_IS_UNFINISHED} AND "
                     f"(owner IS NULL OR updated < ? OR owner IN ({dead_marks}))",
                     (*UNFINISHED, stale_before, *dead)).fetchall()
                 records = [_task_decode(r[0]) for r in rows]
@@ -176,15 +175,13 @@ class SQLiteStore:
         return await self._run(claim)
 
     async def heartbeat(self, owner: str) -> None:
-        marks = ",".join("?" * len(UNFINISHED))
         await self._run(lambda db: db.execute(
-            f"UPDATE tasks SET updated = ? WHERE owner = ? AND state IN ({marks})", (time.time(), owner, *UNFINISHED)))
+            f"UPDATE tasks SET updated = ? WHERE owner = ? AND {_IS_UNFINISHED}", (time.time(), owner, *UNFINISHED)))
 
     async def release(self, owner: str) -> None:
         """On shutdown: unfinished tasks become claimable at once by the next process."""
-        marks = ",".join("?" * len(UNFINISHED))
         def release(db: sqlite3.Connection) -> None:
-            rows = db.execute(f"SELECT record FROM tasks WHERE owner = ? AND state IN ({marks})",
+            rows = db.execute(f"SELECT record FROM tasks WHERE owner = ? AND {_IS_UNFINISHED}",
                               (owner, *UNFINISHED)).fetchall()
             for (blob,) in rows:
                 record = _task_decode(blob)
@@ -194,10 +191,9 @@ class SQLiteStore:
         await self._run(release)
 
     async def purge(self, tasks_before: float, idempotency_before: float) -> None:
-        marks = ",".join("?" * len(UNFINISHED))
 
         def purge(db: sqlite3.Connection) -> None:
-            db.execute(f"DELETE FROM tasks WHERE updated < ? AND state NOT IN ({marks})", (tasks_before, *UNFINISHED))
+            db.execute(f"DELETE FROM tasks WHERE updated < ? AND NOT {_IS_UNFINISHED}", (tasks_before, *UNFINISHED))
             db.execute("DELETE FROM idempotency WHERE created < ?", (idempotency_before,))
 
         await self._run(purge)
