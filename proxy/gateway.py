@@ -29,6 +29,7 @@ from proxy.providers.base import ChatAnswer, ChatCall, ImageCall, ModelInfo, Obs
 from proxy.router import Catalogue, Route
 from proxy.store import Store, TaskRecord, UsageRecord
 from proxy.tasks import Task, TaskWaiter, new_task_id
+from proxy.upstream_http import UpstreamClient
 
 T = TypeVar("T")
 log = structlog.get_logger("proxy.gateway")
@@ -85,7 +86,7 @@ def period_start(period: str, now: float) -> float:
 
 
 class Gateway:
-    def __init__(self, config: Config, http: httpx.AsyncClient, store: Store, owner: str,
+    def __init__(self, config: Config, http: UpstreamClient, store: Store, owner: str,
                  observe: Observe | None = None) -> None:
         self.http = http
         self.observe = observe

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import structlog
 
 from proxy.clients import Clients
@@ -13,6 +12,7 @@ from proxy.config import Config, load_config
 from proxy.gateway import Gateway
 from proxy.redact import redact
 from proxy.store import Store
+from proxy.upstream_http import UpstreamClient
 
 log = structlog.get_logger("proxy")
 
@@ -21,7 +21,7 @@ log = structlog.get_logger("proxy")
 class Runtime:
     config: Config
     config_path: Path | None
-    http: httpx.AsyncClient
+    http: UpstreamClient
     store: Store
     gateway: Gateway
     clients: Clients

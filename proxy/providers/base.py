@@ -11,12 +11,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
+from urllib.parse import urlencode
 
+import cachetools
 import httpx
 import msgspec
 
 from proxy.errors import Kind, ProxyError
-from proxy.upstream_http import never_sent, timed_out
+from proxy.upstream_http import UpstreamClient, never_sent, timed_out
 
 ModelKind = Literal["chat", "image", "video", "audio", "other"]
 Observe = Callable[[str, str, float], None]  # (upstream, operation, seconds): latency metrics
@@ -100,6 +102,9 @@ class Response(msgspec.Struct):
 
 
 _decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+# What every upstream call carries besides its key: some API front ends refuse a bare client.
+_HEADERS = {"user-agent": "xf-openai-proxy", "accept": "application/json"}
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -114,26 +119,39 @@ def parse_retry_after(value: str | None) -> float | None:
 class HTTPUpstream:
     """What both providers share: sending one call with timeouts, mapping transport failures."""
 
-    def __init__(self, name: str, base_url: str, http: httpx.AsyncClient, *,
+    def __init__(self, name: str, base_url: str, http: UpstreamClient, *,
                  connect_timeout: float, read_timeout: float, observe: Observe | None = None) -> None:
         self.name = name
         self.observe = observe
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.http = http
-        self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout)
+        self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout).as_dict()
         self.total_timeout = connect_timeout + read_timeout
+        # Parsing a URL costs more than the rest of a call: each is parsed once (a task's poll
+        # URL is asked for every few seconds while it runs).
+        self._urls: cachetools.LRUCache[str, httpx.URL] = cachetools.LRUCache(maxsize=32768)
+
+    def url(self, path: str, params: dict[str, str] | None = None) -> httpx.URL:
+        text = self.base_url + path.lstrip("/")
+        if params:
+            text += "?" + urlencode(params)
+        url = self._urls.get(text)
+        if url is None:
+            url = self._urls[text] = httpx.URL(text)
+        return url
 
     async def send(self, method: str, path: str, *, headers: dict[str, str] | None = None,
                    json: Any = None, params: dict[str, str] | None = None) -> Response:
-        url = self.base_url + path.lstrip("/")
-        content = None if json is None else msgspec.json.encode(json)
+        content = None if json is None else _encode(json)
+        headers = {**_HEADERS, **(headers or {})}
         if content is not None:
-            headers = {**(headers or {}), "content-type": "application/json"}
+            headers["content-type"] = "application/json"
+        request = httpx.Request(method, self.url(path, params), headers=headers, content=content,
+                                extensions={"timeout": self.timeout})
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.total_timeout):
-                reply = await self.http.request(method, url, headers=headers, content=content,
-                                                params=params, timeout=self.timeout)
+                reply = await self.http.call(request)
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
             self._observe(path, started)
             # The message names no URL or header: upstream addresses stay private.

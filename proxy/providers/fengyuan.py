@@ -11,8 +11,6 @@ import math
 import re
 from typing import Any
 
-import httpx
-
 from proxy.config import ProviderConfig
 from proxy.errors import Kind, ProxyError
 from proxy.providers.base import (
@@ -30,6 +28,7 @@ from proxy.providers.base import (
     as_float,
     normalise_phrase,
 )
+from proxy.upstream_http import UpstreamClient
 
 _KINDS: dict[str, ModelKind] = {"image": "image", "video": "video", "audio": "audio", "music": "audio"}
 
@@ -121,7 +120,7 @@ def _classify(code: Any, message: str, status: int) -> Kind:
 
 class Fengyuan:
     has_balance = True
-    def __init__(self, name: str, config: ProviderConfig, http: httpx.AsyncClient,
+    def __init__(self, name: str, config: ProviderConfig, http: UpstreamClient,
                  observe: Observe | None = None) -> None:
         self.name = name
         self.upstream = HTTPUpstream(name, config.base_url, http, connect_timeout=config.connect_timeout,

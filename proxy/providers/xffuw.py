@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
-
 from proxy.config import ProviderConfig
 from proxy.errors import Kind, ProxyError
 from proxy.providers.base import (
@@ -23,6 +21,7 @@ from proxy.providers.base import (
     as_float,
     normalise_phrase,
 )
+from proxy.upstream_http import UpstreamClient
 
 _KINDS: dict[str, ModelKind] = {"chat": "chat", "text": "chat", "image": "image", "video": "video",
                                 "audio": "audio", "music": "audio"}
@@ -72,7 +71,7 @@ def classify(text: str) -> Kind:
 
 class Xffuw:
     has_balance = False
-    def __init__(self, name: str, config: ProviderConfig, http: httpx.AsyncClient,
+    def __init__(self, name: str, config: ProviderConfig, http: UpstreamClient,
                  observe: Observe | None = None) -> None:
         self.name = name
         self.upstream = HTTPUpstream(name, config.base_url, http, connect_timeout=config.connect_timeout,

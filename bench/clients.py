@@ -1,0 +1,144 @@
+"""The upstream HTTP client, measured: why proxy/upstream_http.py has a transport of its own.
+
+    .venv/bin/python bench/clients.py [--requests 20000] [--concurrency 64]
+
+Starts bench/stub.py, then from one process (uvloop) posts xffuw's chat.php body through
+each candidate, `--concurrency` calls at once, and prints calls per second and CPU per call
+of this process (the stub runs in its own). Candidates:
+
+- httpx with its default transport;
+- httpx over aiohttp (`httpx-aiohttp`, the transport openai-python offers for this problem);
+- httpx over this proxy's transport, through `AsyncClient.send` (auth, redirects, cookies,
+  hooks) and through `UpstreamClient.call` (straight to the transport: what providers use);
+- aiohttp on its own, for reference.
+
+httpx-aiohttp is a bench-only requirement (bench/requirements.txt); it is skipped when
+missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from proxy.upstream_http import build_client  # noqa: E402
+
+BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+HEADERS = {"authorization": "Bearer xf_bench", "content-type": "application/json"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def measure(name: str, call: Callable[[], Awaitable[None]], requests: int, concurrency: int) -> None:
+    for _ in range(200):  # warm: connections open, caches filled
+        await call()
+    left = requests
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await call()
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(f"| {name} | {requests / wall:,.0f} | {cpu / requests * 1e6:,.0f} |", flush=True)
+
+
+async def run(url: str, requests: int, concurrency: int) -> None:
+    print(f"\n{requests:,} POSTs, {concurrency} at once, one client per row\n")
+    print("| client | calls/s | CPU µs per call |\n|---|---|---|")
+    plain = httpx.AsyncClient(limits=httpx.Limits(max_connections=1000), trust_env=False)
+
+    async def with_plain() -> None:
+        (await plain.post(url, content=BODY, headers=HEADERS)).raise_for_status()
+
+    await measure("httpx, default transport", with_plain, requests // 10, concurrency)
+    await plain.aclose()
+
+    try:
+        import aiohttp
+        from httpx_aiohttp import AiohttpTransport
+    except ImportError:
+        print("| httpx over aiohttp | skipped: pip install httpx-aiohttp | |")
+    else:
+        over = httpx.AsyncClient(transport=AiohttpTransport(limits=httpx.Limits(max_connections=1000)),
+                                 trust_env=False)
+
+        async def with_aiohttp_transport() -> None:
+            (await over.post(url, content=BODY, headers=HEADERS)).raise_for_status()
+
+        await measure("httpx over aiohttp (httpx-aiohttp)", with_aiohttp_transport, requests, concurrency)
+        await over.aclose()
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000))
+
+        async def with_aiohttp() -> None:
+            async with session.post(url, data=BODY, headers=HEADERS) as reply:
+                reply.raise_for_status()
+                await reply.read()
+
+        await measure("aiohttp alone (reference)", with_aiohttp, requests, concurrency)
+        await session.close()
+
+    ours = build_client()
+    target = httpx.URL(url)
+
+    async def with_send() -> None:
+        (await ours.send(httpx.Request("POST", target, content=BODY, headers=HEADERS))).raise_for_status()
+
+    async def with_call() -> None:
+        (await ours.call(httpx.Request("POST", target, content=BODY, headers=HEADERS))).raise_for_status()
+
+    await measure("httpx over this proxy's transport, `send`", with_send, requests, concurrency)
+    await measure("httpx over this proxy's transport, `call`", with_call, requests, concurrency)
+    await ours.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+    port = free_port()
+    stub = subprocess.Popen([sys.executable, str(ROOT / "bench" / "stub.py"), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the stub did not start") from None
+                time.sleep(0.05)
+        try:
+            import uvloop
+            uvloop.install()
+        except ImportError:
+            pass
+        print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {os.cpu_count()} cores")
+        asyncio.run(run(f"http://127.0.0.1:{port}/api/v1/chat.php", args.requests, args.concurrency))
+    finally:
+        os.killpg(stub.pid, 15)
+
+
+if __name__ == "__main__":
+    main()
