@@ -45,6 +45,8 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.complete = False
         self.until_eof = False
+        self.encoded = False
+        self.head_only = False
         self.received = False  # any byte of this request's answer
         self.error: BaseException | None = None
 
@@ -66,6 +68,7 @@ class _Connection(asyncio.Protocol):
             self._fail(exc or ConnectionResetError("the upstream closed the connection"))
 
     def eof_received(self) -> bool:
+        self.closed = True  # never reused, even before connection_lost runs
         if self.status >= 200 and self.until_eof:  # a body delimited by the connection's end
             self.complete = True
             self._wake_head()
@@ -81,7 +84,13 @@ class _Connection(asyncio.Protocol):
         if self.status < 200:  # 1xx: an interim answer; the real one follows
             self.headers = []
             return
+        if self.head_only:  # the parser cannot know a HEAD answer has no body: end here, never reuse
+            self.complete = True
+            self.close()
+            self._wake_head()
+            return
         names = {name.lower() for name, _ in self.headers}
+        self.encoded = b"content-encoding" in names
         self.until_eof = b"content-length" not in names and b"transfer-encoding" not in names \
             and self.status not in (204, 304)
         self._wake_head()
@@ -103,8 +112,9 @@ class _Connection(asyncio.Protocol):
         self._wake_more()
 
     # for the transport
-    def start(self, head: bytes, body: bytes) -> None:
+    def start(self, head: bytes, body: bytes, head_only: bool = False) -> None:
         self.status, self.headers, self.complete, self.received, self.error = 0, [], False, False, None
+        self.head_only = head_only
         self.chunks.clear()
         self.buffered = 0
         self.requests += 1
@@ -120,7 +130,7 @@ class _Connection(asyncio.Protocol):
         if self.error is not None and not self.status:
             raise self.error
 
-    async def next_chunk(self) -> bytes | None:
+    async def next_chunk(self, read_timeout: float | None) -> bytes | None:
         """The next piece of the body; None at its end."""
         while True:
             if self.chunks:
@@ -134,7 +144,11 @@ class _Connection(asyncio.Protocol):
             if self.error is not None:
                 raise self.error
             self._more = self.loop.create_future()
-            await self._more
+            try:
+                async with asyncio.timeout(read_timeout):
+                    await self._more
+            except TimeoutError:
+                raise httpx.ReadTimeout("the upstream stopped sending") from None
 
     def body_so_far(self) -> bytes:
         body = b"".join(self.chunks)
@@ -164,13 +178,15 @@ class _Connection(asyncio.Protocol):
 class _BodyStream(httpx.AsyncByteStream):
     """A body still arriving: read on demand, the connection given back once it is read."""
 
-    def __init__(self, transport: Http1Transport, origin: tuple[str, str, int], conn: _Connection) -> None:
+    def __init__(self, transport: Http1Transport, origin: tuple[str, str, int], conn: _Connection,
+                 read_timeout: float | None) -> None:
         self._transport, self._origin, self._conn = transport, origin, conn
+        self._read_timeout = read_timeout
         self._done = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
-            while (chunk := await self._conn.next_chunk()) is not None:
+            while (chunk := await self._conn.next_chunk(self._read_timeout)) is not None:
                 yield chunk
         except (OSError, httpx.RemoteProtocolError) as exc:
             raise httpx.ReadError(str(exc) or "the upstream connection broke") from exc
@@ -178,7 +194,7 @@ class _BodyStream(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         if not self._done:
             self._done = True
-            self._transport._give_back(self._origin, self._conn)
+            self._transport.done(self._origin, self._conn)
 
 
 def _timeouts(request: httpx.Request) -> dict[str, float | None]:
@@ -186,12 +202,16 @@ def _timeouts(request: httpx.Request) -> dict[str, float | None]:
 
 
 class Http1Transport(httpx.AsyncBaseTransport):
-    """HTTP/1.1 keep-alive pool, `max_connections` in all, idle ones kept `keepalive_expiry` s."""
+    """HTTP/1.1 keep-alive pool: at most `max_connections` open and as many calls in flight;
+    idle connections are kept `keepalive_expiry` seconds, and the oldest idle one makes way
+    when a call to any upstream needs a new connection and the limit is reached."""
 
     def __init__(self, *, max_connections: int = 1000, keepalive_expiry: float = 4.0,
                  verify: ssl.SSLContext | bool = True) -> None:
         self.keepalive_expiry = keepalive_expiry
-        self._slots = asyncio.Semaphore(max_connections)
+        self.max_connections = max_connections
+        self._calls = asyncio.Semaphore(max_connections)  # one permit per call in flight
+        self._open = 0  # connections open or opening
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         if isinstance(verify, ssl.SSLContext):
             self._ssl = verify
@@ -205,34 +225,52 @@ class Http1Transport(httpx.AsyncBaseTransport):
         origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         if url.scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"unsupported scheme {url.scheme!r}", request=request)
+        if self._closed:
+            raise httpx.ConnectError("the upstream client is closed", request=request)
         head = self._head(request)
-        body = request.content if isinstance(request.stream, httpx.ByteStream) else await request.aread()
+        stream = request.stream
+        body = b"".join(stream) if isinstance(stream, httpx.ByteStream) else await request.aread()
         if b"transfer-encoding" in head.lower():  # a streamed body, now read whole: send it as one chunk
             body = (b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)) if body else b"0\r\n\r\n"
         timeouts = _timeouts(request)
-        conn, reused = await self._connect(origin, timeouts, request)
+        if self._calls.locked():
+            try:
+                async with asyncio.timeout(timeouts.get("pool")):
+                    await self._calls.acquire()
+            except TimeoutError:
+                raise httpx.PoolTimeout("no upstream connection free in time", request=request) from None
+        else:
+            await self._calls.acquire()  # free: returns at once
+        conn: _Connection | None = None
         try:
+            conn, reused = await self._connect(origin, timeouts, request)
             try:
                 await self._exchange(conn, head, body, timeouts.get("read"), request)
             except (httpx.RemoteProtocolError, httpx.ReadError):
                 # A kept-alive connection the upstream had just closed: a GET is safe to try once
-                # more on a fresh one, and anything the upstream never answered a byte of likewise.
-                if not (reused and not conn.received and request.method in ("GET", "HEAD")):
+                # more on a fresh one when the upstream never answered a byte.
+                if not (reused and not conn.received and request.method == "GET"):
                     raise
                 self._forget(conn)
                 conn, _ = await self._connect(origin, timeouts, request)
                 await self._exchange(conn, head, body, timeouts.get("read"), request)
         except BaseException:
-            self._forget(conn)
+            if conn is not None:
+                self._forget(conn)
+            self._calls.release()
             raise
         headers = conn.headers
         if conn.complete:  # the common case: the whole answer arrived with its head
             content = conn.body_so_far()
-            self._give_back(origin, conn)
-            return httpx.Response(conn.status, headers=headers, content=content,
-                                  extensions={"http_version": b"HTTP/1.1"})
-        return httpx.Response(conn.status, headers=headers, stream=_BodyStream(self, origin, conn),
-                              extensions={"http_version": b"HTTP/1.1"})
+            self.done(origin, conn)
+            response = httpx.Response(conn.status, headers=headers, stream=httpx.ByteStream(content))
+            if conn.encoded:
+                response.read()  # httpx's decoders undo the content-encoding
+            else:
+                response._content = content  # read already: skips httpx's decoder pipeline, 13 µs a call
+            return response
+        rest = _BodyStream(self, origin, conn, timeouts.get("read"))
+        return httpx.Response(conn.status, headers=headers, stream=rest)
 
     @staticmethod
     def _head(request: httpx.Request) -> bytes:
@@ -244,7 +282,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     async def _exchange(self, conn: _Connection, head: bytes, body: bytes, read_timeout: float | None,
                         request: httpx.Request) -> None:
-        conn.start(head, body)
+        conn.start(head, body, request.method == "HEAD")
         try:
             async with asyncio.timeout(read_timeout):
                 await conn.head()
@@ -257,8 +295,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     async def _connect(self, origin: tuple[str, str, int], timeouts: dict[str, float | None],
                        request: httpx.Request) -> tuple[_Connection, bool]:
-        if self._closed:
-            raise httpx.ConnectError("the upstream client is closed", request=request)
+        """A kept-alive connection to `origin`, or a new one; the caller holds a call permit."""
         idle = self._idle.get(origin)
         now = time.monotonic()
         while idle:
@@ -266,11 +303,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
             if not conn.closed and now - conn.idle_since < self.keepalive_expiry:
                 return conn, True
             self._forget(conn)
-        try:
-            async with asyncio.timeout(timeouts.get("pool")):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise httpx.PoolTimeout("no upstream connection free in time", request=request) from None
+        if self._open >= self.max_connections:
+            self._evict_one()  # calls in flight < permits, so some connection is idle
+        self._open += 1
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
         try:
@@ -280,18 +315,20 @@ class Http1Transport(httpx.AsyncBaseTransport):
                     ssl=self._ssl if scheme == "https" else None,
                     server_hostname=host if scheme == "https" else None)
         except TimeoutError:
-            self._slots.release()
+            self._open -= 1
             raise httpx.ConnectTimeout("connecting to the upstream timed out", request=request) from None
         except (OSError, ssl.SSLError) as exc:
-            self._slots.release()
+            self._open -= 1
             raise httpx.ConnectError(f"connecting to the upstream failed: {exc.__class__.__name__}",
                                      request=request) from None
         except BaseException:
-            self._slots.release()
+            self._open -= 1
             raise
         return conn, False
 
-    def _give_back(self, origin: tuple[str, str, int], conn: _Connection) -> None:
+    def done(self, origin: tuple[str, str, int], conn: _Connection) -> None:
+        """A call is over: its connection is kept for the next one (or closed), its permit freed."""
+        self._calls.release()
         if conn.closed or not conn.complete or self._closed:
             self._forget(conn)
             return
@@ -301,7 +338,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
             self._sweep(now)
 
     def _sweep(self, now: float) -> None:
-        """Close idle connections that expired or that the upstream closed: they hold slots."""
+        """Close idle connections that expired or that the upstream closed."""
         self._swept = now
         for origin, conns in list(self._idle.items()):
             keep = []
@@ -315,13 +352,23 @@ class Http1Transport(httpx.AsyncBaseTransport):
             else:
                 del self._idle[origin]
 
+    def _evict_one(self) -> None:
+        oldest: tuple[str, str, int] | None = None
+        for origin, conns in self._idle.items():
+            if conns and (oldest is None or conns[0].idle_since < self._idle[oldest][0].idle_since):
+                oldest = origin
+        if oldest is not None:
+            self._forget(self._idle[oldest].pop(0))
+            if not self._idle[oldest]:
+                del self._idle[oldest]
+
     def _forget(self, conn: _Connection) -> None:
-        """Close a connection that will not be reused, and free its slot (once)."""
+        """Close a connection that will not be reused (once)."""
         if conn.transport is None:
             return
         conn.close()
         conn.transport = None
-        self._slots.release()
+        self._open -= 1
 
     def idle_connections(self) -> int:
         return sum(len(conns) for conns in self._idle.values())

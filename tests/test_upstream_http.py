@@ -1,0 +1,1004 @@
+"""proxy/upstream_http.py over real loopback sockets.
+
+Every upstream here is a small raw asyncio server in this file that reads the request bytes
+and writes exact response bytes, so framing edge cases (chunks split mid-size-line, bodies
+ended by the connection's close, interim 100 answers, dropped keep-alive connections) are
+produced on purpose. Nothing of the transport is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from proxy.upstream_http import UpstreamClient, build_client, never_sent, timed_out
+
+TIMEOUT = {"connect": 1.0, "read": 2.0, "write": 1.0, "pool": 1.0}
+
+
+# ---- a raw upstream ------------------------------------------------------------------
+
+
+@dataclass
+class Req:
+    method: str
+    target: str
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+    conn: int  # which accepted connection (1-based) carried it
+
+
+Handler = Callable[["Upstream", asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+class Upstream:
+    """An asyncio server on 127.0.0.1:0 that counts connections and records requests."""
+
+    def __init__(self, handler: Handler, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.handler = handler
+        self.ssl = ssl_context
+        self.accepted = 0
+        self.live = 0
+        self.peak = 0
+        self.ended: set[int] = set()  # connections whose handler has finished
+        self.requests: list[Req] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def __aenter__(self) -> Upstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    def url(self, path: str = "/", host: str = "127.0.0.1") -> str:
+        return f"{'https' if self.ssl else 'http'}://{host}:{self.port}{path}"
+
+    def methods(self, method: str) -> list[Req]:
+        return [r for r in self.requests if r.method == method]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.accepted += 1
+        conn = self.accepted
+        self.live += 1
+        self.peak = max(self.peak, self.live)
+        try:
+            await self.handler(self, reader, writer, conn)
+        except (asyncio.CancelledError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass  # the client went away, or the test is over: this server's job is done
+        finally:
+            self.live -= 1
+            self.ended.add(conn)
+            writer.transport.abort()
+            self._tasks.discard(task)
+
+    async def read(self, reader: asyncio.StreamReader, conn: int) -> Req | None:
+        """One request, its body de-chunked; None when the client closed between requests."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        body = b""
+        if "content-length" in headers:
+            body = await reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                body += await reader.readexactly(size)
+                assert await reader.readexactly(2) == b"\r\n"
+            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+                pass
+        req = Req(method, target, headers, body, conn)
+        self.requests.append(req)
+        return req
+
+
+def answer(status: int = 200, body: bytes = b"", headers: Iterable[tuple[str, str]] = (),
+           reason: str = "OK") -> bytes:
+    head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
+
+
+def each(respond: Callable[[Upstream, Req], bytes], delay: float = 0.0) -> Handler:
+    """A keep-alive server: every request on a connection gets `respond`'s bytes."""
+
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        while (req := await up.read(reader, conn)) is not None:
+            if delay:
+                await asyncio.sleep(delay)
+            writer.write(respond(up, req))
+            await writer.drain()
+
+    return handler
+
+
+def ok(up: Upstream, req: Req) -> bytes:
+    return answer(200, f"{req.method} {req.target}".encode())
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]], limit: float = 8.0) -> None:
+    """pytest-asyncio is not a dependency: each test runs its own loop, with a hard limit."""
+
+    async def bounded() -> None:
+        async with asyncio.timeout(limit):
+            await main()
+
+    asyncio.run(bounded())
+
+
+def request(method: str, url: str, **kwargs: Any) -> httpx.Request:
+    return httpx.Request(method, url, extensions={"timeout": TIMEOUT}, **kwargs)
+
+
+async def until(condition: Callable[[], bool], within: float = 2.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def free_port() -> int:
+    """A port nothing listens on: bound once, then released."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def pieces(writer: asyncio.StreamWriter, data: bytes, size: int, pause: float = 0.002) -> None:
+    """`data` in writes of `size` bytes with a pause between, so they arrive as separate reads."""
+    for at in range(0, len(data), size):
+        writer.write(data[at:at + size])
+        await writer.drain()
+        await asyncio.sleep(pause)
+
+
+def chunked(parts: Iterable[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+# ---- 1. keep-alive -------------------------------------------------------------------
+
+
+def test_two_sequential_gets_reuse_one_connection() -> None:
+    def respond(up: Upstream, req: Req) -> bytes:
+        return answer(200, f"you asked {req.target}".encode(),
+                      [("X-Served", str(len(up.requests))), ("Content-Type", "text/plain")])
+
+    async def main() -> None:
+        async with Upstream(each(respond)) as up:
+            client = build_client()
+            first = await client.call(request("GET", up.url("/a?x=1&y=%20z")))
+            second = await client.call(request("GET", up.url("/b")))
+            assert (first.status_code, first.headers["x-served"]) == (200, "1")
+            assert first.content == b"you asked /a?x=1&y=%20z"
+            assert (second.status_code, second.content, second.headers["x-served"]) == (200, b"you asked /b", "2")
+            assert first.headers["content-type"] == "text/plain"
+            assert first.http_version == "HTTP/1.1"
+            assert first.request.url == up.url("/a?x=1&y=%20z")
+            assert up.accepted == 1
+            assert [r.conn for r in up.requests] == [1, 1]
+            assert up.requests[0].headers["host"] == f"127.0.0.1:{up.port}"
+            assert client.transport.idle_connections() == 1
+            await client.aclose()
+
+    run(main)
+
+
+def test_aclose_closes_idle_connections_and_later_calls_fail_unsent() -> None:
+    async def main() -> None:
+        async with Upstream(each(ok)) as up:
+            client = build_client()
+            assert (await client.call(request("GET", up.url()))).status_code == 200
+            assert up.ended == set()
+            await client.aclose()
+            await until(lambda: up.ended == {1})  # the server saw the idle connection end
+            assert client.transport.idle_connections() == 0
+            with pytest.raises(httpx.ConnectError) as caught:
+                await client.call(request("GET", up.url()))
+            assert never_sent(caught.value)
+            assert len(up.requests) == 1
+
+    run(main)
+
+
+def test_unsupported_scheme() -> None:
+    async def main() -> None:
+        client = build_client()
+        with pytest.raises(httpx.UnsupportedProtocol):
+            await client.call(request("GET", "ftp://127.0.0.1/x"))
+        await client.aclose()
+
+    run(main)
+
+
+# ---- 2. response framing -------------------------------------------------------------
+
+
+def test_content_length_body_with_repeated_headers() -> None:
+    body = bytes(range(256)) * 40
+
+    def respond(up: Upstream, req: Req) -> bytes:
+        return answer(201, body, [("X-Dup", "1"), ("x-dup", "2"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")],
+                      reason="Created")
+
+    async def main() -> None:
+        async with Upstream(each(respond)) as up:
+            client = build_client()
+            reply = await client.call(request("GET", up.url()))
+            assert reply.status_code == 201
+            assert reply.content == body
+            assert reply.headers["content-length"] == str(len(body))
+            assert reply.headers.get_list("x-dup") == ["1", "2"]
+            assert reply.headers.get_list("set-cookie") == ["a=1", "b=2"]
+            await client.aclose()
+
+    run(main)
+
+
+def test_head_arriving_one_byte_at_a_time() -> None:
+    wire = answer(200, b"slowly", [("X-Long-Header-Name", "a value with spaces")])
+
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        while await up.read(reader, conn) is not None:
+            await pieces(writer, wire, 1, pause=0.0005)
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client()
+            for _ in range(2):
+                reply = await client.call(request("GET", up.url()))
+                assert reply.status_code == 200
+                assert reply.headers["x-long-header-name"] == "a value with spaces"
+                assert reply.content == b"slowly"
+            assert up.accepted == 1
+            await client.aclose()
+
+    run(main)
+
+
+@pytest.mark.parametrize("how", ["call", "stream"])
+def test_chunked_body_split_across_writes(how: str) -> None:
+    parts = [b"hello", b" world", b"!" * 30, b"\r\n0\r\n", b"x" * 4096, b"end"]
+    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kind: chunked\r\n\r\n" + chunked(parts)
+
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        while await up.read(reader, conn) is not None:
+            if len(up.requests) == 1:  # the framing split mid size-line and mid chunk
+                await pieces(writer, wire[:120], 7, pause=0.001)
+                await pieces(writer, wire[120:], 1000, pause=0.001)
+            else:
+                writer.write(wire)
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client()
+            for _ in range(2):  # the second answer on the same connection: the first one ended cleanly
+                if how == "call":
+                    reply = await client.call(request("GET", up.url()))
+                    body = reply.content
+                else:
+                    async with client.stream("GET", up.url()) as reply:
+                        body = b"".join([piece async for piece in reply.aiter_bytes()])
+                assert reply.status_code == 200
+                assert reply.headers["x-kind"] == "chunked"
+                assert body == b"".join(parts)
+            assert up.accepted == 1
+            await client.aclose()
+
+    run(main)
+
+
+@pytest.mark.parametrize("how", ["call", "stream"])
+@pytest.mark.parametrize("status_line", [b"HTTP/1.1 200 OK\r\nConnection: close", b"HTTP/1.0 200 OK"],
+                         ids=["1.1-close", "1.0"])
+def test_body_delimited_by_connection_close(how: str, status_line: bytes) -> None:
+    body = b"until the end " * 5000
+
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        await up.read(reader, conn)
+        writer.write(status_line + b"\r\nX-Eof: yes\r\n\r\n")
+        await pieces(writer, body, 10_000)
+        writer.close()
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client()
+            for _ in range(2):  # the second call must not try the closed connection
+                if how == "call":
+                    reply = await client.call(request("GET", up.url()))
+                    got = reply.content
+                else:
+                    async with client.stream("GET", up.url()) as reply:
+                        got = await reply.aread()
+                assert reply.status_code == 200
+                assert reply.headers["x-eof"] == "yes"
+                assert got == body
+            assert up.accepted == 2
+            await client.aclose()
+
+    run(main)
+
+
+def test_post_right_after_a_body_delimited_by_close() -> None:
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        req = await up.read(reader, conn)
+        assert req is not None
+        if req.method == "POST":
+            writer.write(answer(200, b"created"))
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nbody until eof")
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client()
+            assert (await client.call(request("GET", up.url()))).content == b"body until eof"
+            reply = await client.call(request("POST", up.url(), content=b"{}"))
+            assert (reply.status_code, reply.content) == (200, b"created")
+            await client.aclose()
+
+    run(main)
+
+
+def test_204_without_body_keeps_the_connection() -> None:
+    def respond(up: Upstream, req: Req) -> bytes:
+        if req.target == "/empty":
+            return b"HTTP/1.1 204 No Content\r\nX-Note: nothing\r\n\r\n"
+        return answer(200, b"after")
+
+    async def main() -> None:
+        async with Upstream(each(respond)) as up:
+            client = build_client()
+            empty = await client.call(request("DELETE", up.url("/empty")))
+            assert (empty.status_code, empty.content, empty.headers["x-note"]) == (204, b"", "nothing")
+            after = await client.call(request("GET", up.url("/after")))
+            assert (after.status_code, after.content) == (200, b"after")
+            assert up.accepted == 1
+            await client.aclose()
+
+    run(main)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_truncated_body_is_an_error_not_a_short_body(framing: str) -> None:
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        await up.read(reader, conn)
+        if framing == "content-length":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client()
+            with pytest.raises(httpx.ReadError) as caught:
+                await client.call(request("GET", up.url()))
+            assert not never_sent(caught.value)
+            assert client.transport.idle_connections() == 0
+            await client.aclose()
+
+    run(main)
+
+
+# ---- 3. request bodies ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1000, 1_000_000])
+def test_post_bytes_body_arrives_intact(size: int) -> None:
+    # every byte value, and what would end a head or a chunked body if it were misread as framing
+    content = ((bytes(range(256)) + b"\r\n\r\n0\r\n\r\n") * (size // 265 + 1))[:size]
+
+    async def main() -> None:
+        async with Upstream(each(lambda up, req: answer(200, hashlib.sha256(req.body).hexdigest().encode()))) as up:
+            client = build_client()
+            reply = await client.call(request("POST", up.url("/upload"), content=content,
+                                              headers={"Content-Type": "application/octet-stream"}))
+            assert reply.content == hashlib.sha256(content).hexdigest().encode()
+            (seen,) = up.requests
+            assert seen.method == "POST"
+            assert seen.headers["content-length"] == str(len(content))
+            assert "transfer-encoding" not in seen.headers
+            assert seen.headers["content-type"] == "application/octet-stream"
+            assert seen.body == content
+            await client.aclose()
+
+    run(main)
+
+
+@pytest.mark.parametrize("parts", [[b"first,", b"", b"second,", b"x" * 70_000], [b"only"], []])
+def test_post_async_iterator_body_is_sent_chunked(parts: list[bytes]) -> None:
+    async def generate() -> AsyncIterator[bytes]:
+        for part in parts:
+            await asyncio.sleep(0)
+            yield part
+
+    async def main() -> None:
+        async with Upstream(each(lambda up, req: answer(200, b"%d" % len(req.body)))) as up:
+            client = build_client()
+            reply = await client.call(request("POST", up.url(), content=generate()))
+            assert reply.content == b"%d" % len(b"".join(parts))
+            (seen,) = up.requests
+            assert seen.headers.get("transfer-encoding") == "chunked"
+            assert "content-length" not in seen.headers
+            assert seen.body == b"".join(parts)
+            # the connection is still in step: a second request on it is answered
+            assert (await client.call(request("GET", up.url()))).status_code == 200
+            assert up.accepted == 1
+            await client.aclose()
+
+    run(main)
+
+
+# ---- 4. streaming ----------------------------------------------------------------------
+
+BIG = hashlib.sha256(b"seed").digest() * (5 * 1024 * 1024 // 32)  # 5 MiB
+
+
+def big_body_handler(framing: str, piece: int = 64 * 1024, pause: float = 0.001) -> Handler:
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        while (req := await up.read(reader, conn)) is not None:
+            if req.target == "/small":
+                writer.write(answer(200, b"small"))
+                await writer.drain()
+            elif framing == "content-length":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG))
+                await pieces(writer, BIG, piece, pause)
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                await pieces(writer, chunked(BIG[at:at + piece] for at in range(0, len(BIG), piece)), piece, pause)
+
+    return handler
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_stream_large_body_sent_slowly(framing: str) -> None:
+    async def main() -> None:
+        async with Upstream(big_body_handler(framing)) as up:
+            client = build_client()
+            digest, size, reads = hashlib.sha256(), 0, 0
+            async with client.stream("GET", up.url("/big")) as reply:
+                assert reply.status_code == 200
+                async for piece in reply.aiter_bytes():
+                    digest.update(piece)
+                    size += len(piece)
+                    reads += 1
+            assert size == len(BIG)
+            assert digest.digest() == hashlib.sha256(BIG).digest()
+            assert reads > 10  # it really arrived as a stream, not as one buffered body
+            small = await client.call(request("GET", up.url("/small")))
+            assert small.content == b"small"
+            assert up.accepted == 1  # a fully read stream gives its connection back
+            await client.aclose()
+
+    run(main)
+
+
+def test_slow_reader_gets_every_byte() -> None:
+    """The server writes 5 MiB at once; the reader dawdles, so the transport's read-pausing
+    (above 256 KiB buffered) is exercised, and nothing is lost or reordered."""
+
+    async def main() -> None:
+        async with Upstream(big_body_handler("content-length", piece=len(BIG), pause=0)) as up:
+            client = build_client()
+            got = bytearray()
+            async with client.stream("GET", up.url("/big")) as reply:
+                async for piece in reply.aiter_raw():
+                    if not got:
+                        await asyncio.sleep(0.2)  # let the socket fill up behind us
+                    got += piece
+            assert bytes(got) == BIG
+            assert (await client.call(request("GET", up.url("/small")))).content == b"small"
+            assert up.accepted == 1
+            await client.aclose()
+
+    run(main)
+
+
+def test_stream_stopped_early_then_more_requests() -> None:
+    async def main() -> None:
+        async with Upstream(big_body_handler("content-length", pause=0.005)) as up:
+            client = build_client(max_connections=1)  # the aborted connection's slot must come back
+            async with client.stream("GET", up.url("/big")) as reply:
+                first = b""
+                async for piece in reply.aiter_bytes():
+                    first = piece
+                    break
+            assert first and BIG.startswith(first)
+            for _ in range(2):
+                reply = await client.call(request("GET", up.url("/small")))
+                assert (reply.status_code, reply.content) == (200, b"small")
+            assert up.accepted == 2  # the half-read connection was dropped, not reused
+            assert [r.conn for r in up.requests] == [1, 2, 2]
+            await until(lambda: 1 in up.ended)  # ...and really closed
+            await client.aclose()
+
+    run(main)
+
+
+# ---- 5. errors -----------------------------------------------------------------------
+
+
+def test_connection_refused_is_never_sent() -> None:
+    async def main() -> None:
+        client = build_client()
+        with pytest.raises(httpx.ConnectError) as caught:
+            await client.call(request("POST", f"http://127.0.0.1:{free_port()}/x", content=b"{}"))
+        assert never_sent(caught.value)
+        assert not timed_out(caught.value)
+        await client.aclose()
+
+    run(main)
+
+
+def test_silent_server_read_timeout() -> None:
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        await up.read(reader, conn)
+        await asyncio.sleep(30)
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client()
+            started = time.monotonic()
+            with pytest.raises(httpx.ReadTimeout) as caught:
+                await client.call(httpx.Request("GET", up.url(), extensions={
+                    "timeout": {"connect": 1, "read": 0.3, "write": 1, "pool": 1}}))
+            assert 0.25 <= time.monotonic() - started < 2
+            assert timed_out(caught.value)
+            assert not never_sent(caught.value)
+            assert len(up.requests) == 1
+            assert client.transport.idle_connections() == 0
+            await client.aclose()
+
+    run(main)
+
+
+def test_server_closing_after_a_post_without_answering() -> None:
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        await up.read(reader, conn)
+        writer.close()
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client()
+            with pytest.raises(httpx.TransportError) as caught:
+                await client.call(request("POST", up.url(), content=b'{"a": 1}'))
+            assert isinstance(caught.value, httpx.ReadError | httpx.RemoteProtocolError)
+            assert not never_sent(caught.value)
+            assert not timed_out(caught.value)
+            assert len(up.methods("POST")) == 1
+            await client.aclose()
+
+    run(main)
+
+
+@pytest.mark.parametrize("garbage", [b"NOT HTTP\r\n\r\n", b"HTTP/1.1 2OO OK\r\n\r\n",
+                                     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello"],
+                         ids=["not-http", "bad-status", "two-lengths"])
+def test_garbage_response_is_a_protocol_error(garbage: bytes) -> None:
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        await up.read(reader, conn)
+        writer.write(garbage)
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client()
+            with pytest.raises(httpx.RemoteProtocolError) as caught:
+                await client.call(request("GET", up.url()))
+            assert not never_sent(caught.value)
+            assert client.transport.idle_connections() == 0
+            await client.aclose()
+
+    run(main)
+
+
+def test_pool_timeout_is_never_sent() -> None:
+    async def main() -> None:
+        async with Upstream(big_body_handler("content-length", pause=0.01)) as up:
+            client = build_client(max_connections=1)
+            async with client.stream("GET", up.url("/big")) as reply:  # holds the only connection
+                assert reply.status_code == 200
+                with pytest.raises(httpx.PoolTimeout) as caught:
+                    await client.call(httpx.Request("GET", up.url("/small"), extensions={
+                        "timeout": {"connect": 1, "read": 1, "write": 1, "pool": 0.2}}))
+                assert never_sent(caught.value)
+                assert timed_out(caught.value)
+            assert up.accepted == 1
+            assert [r.target for r in up.requests] == ["/big"]
+            await client.aclose()
+
+    run(main)
+
+
+@pytest.mark.parametrize("how", ["call", "stream"])
+def test_read_timeout_also_covers_a_stalled_body(how: str) -> None:
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        if conn > 1:
+            return await each(ok)(up, reader, writer, conn)
+        await up.read(reader, conn)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nstart")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"-more")  # the clock restarts with every piece: this is no timeout yet
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client(max_connections=1)
+            started = time.monotonic()
+            got = b""
+            with pytest.raises(httpx.ReadTimeout) as caught:
+                if how == "call":
+                    await client.call(httpx.Request("GET", up.url(), extensions={
+                        "timeout": {"connect": 1, "read": 0.3, "write": 1, "pool": 1}}))
+                else:
+                    async with client.stream("GET", up.url(), timeout=httpx.Timeout(1, read=0.3)) as reply:
+                        async for piece in reply.aiter_bytes():
+                            got += piece
+            assert 0.35 <= time.monotonic() - started < 1.5
+            assert timed_out(caught.value)
+            assert not never_sent(caught.value)
+            if how == "stream":
+                assert got == b"start-more"
+            assert client.transport.idle_connections() == 0
+            # the stalled connection was dropped and its only slot freed: a new one answers
+            assert (await client.call(request("GET", up.url()))).content == b"GET /"
+            assert up.accepted == 2
+            await client.aclose()
+
+    run(main)
+
+
+# ---- 6. stale keep-alive connections ---------------------------------------------------
+
+
+def test_idle_connection_closed_by_the_server_is_not_used() -> None:
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        req = await up.read(reader, conn)
+        assert req is not None
+        writer.write(answer(200, b"once", [("Connection", "keep-alive")]))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()  # an idle timeout on the upstream's side
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client()
+            assert (await client.call(request("GET", up.url()))).content == b"once"
+            await until(lambda: 1 in up.ended)
+            await asyncio.sleep(0.05)
+            assert (await client.call(request("GET", up.url()))).content == b"once"
+            assert up.accepted == 2
+            assert len(up.requests) == 2
+            await client.aclose()
+
+    run(main)
+
+
+def dies_on_second_request(dying: set[int]) -> Handler:
+    """Answers the first request of a connection; on connections in `dying` it reads the
+    next request and closes without a byte: the race where an upstream's idle timeout
+    fires just as a kept-alive connection is reused."""
+
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        served = 0
+        while (req := await up.read(reader, conn)) is not None:
+            if served and conn in dying:
+                writer.close()
+                return
+            served += 1
+            writer.write(answer(200, f"{req.method} on {conn}".encode()))
+            await writer.drain()
+
+    return handler
+
+
+def test_get_on_a_connection_dropped_at_reuse_is_retried_once() -> None:
+    async def main() -> None:
+        async with Upstream(dies_on_second_request({1})) as up:
+            client = build_client()
+            assert (await client.call(request("GET", up.url()))).content == b"GET on 1"
+            reply = await client.call(request("GET", up.url()))
+            assert (reply.status_code, reply.content) == (200, b"GET on 2")
+            assert [r.conn for r in up.methods("GET")] == [1, 1, 2]
+            await client.aclose()
+
+    run(main)
+
+
+def test_get_is_retried_only_once() -> None:
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        req = await up.read(reader, conn)
+        if conn == 1:
+            assert req is not None
+            writer.write(answer(200, b"first"))
+            await writer.drain()
+            await up.read(reader, conn)
+        writer.close()  # every later request: read, then dropped unanswered
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client()
+            assert (await client.call(request("GET", up.url()))).content == b"first"
+            with pytest.raises(httpx.TransportError) as caught:
+                await client.call(request("GET", up.url()))
+            assert not never_sent(caught.value)
+            assert [r.conn for r in up.methods("GET")] == [1, 1, 2]  # one retry, on a fresh connection
+            assert up.accepted == 2
+            await client.aclose()
+
+    run(main)
+
+
+def test_post_on_a_connection_dropped_at_reuse_is_never_retried() -> None:
+    async def main() -> None:
+        async with Upstream(dies_on_second_request({1, 2, 3})) as up:
+            client = build_client()
+            assert (await client.call(request("GET", up.url()))).content == b"GET on 1"
+            with pytest.raises(httpx.TransportError) as caught:
+                await client.call(request("POST", up.url(), content=b'{"prompt": "a cat"}'))
+            assert not never_sent(caught.value)
+            assert not timed_out(caught.value)
+            await asyncio.sleep(0.1)
+            assert len(up.methods("POST")) == 1
+            assert up.methods("POST")[0].body == b'{"prompt": "a cat"}'
+            assert up.accepted == 1
+            await client.aclose()
+
+    run(main)
+
+
+# ---- 7. the pool's limit -----------------------------------------------------------------
+
+
+async def five_at_once(client: UpstreamClient, up: Upstream) -> list[httpx.Response | BaseException]:
+    return await asyncio.gather(*(client.call(request("GET", up.url(f"/{i}"))) for i in range(5)),
+                                return_exceptions=True)
+
+
+def test_pool_limit_caps_open_connections_without_keepalive() -> None:
+    def respond(up: Upstream, req: Req) -> bytes:
+        return answer(200, req.target.encode(), [("Connection", "close")])
+
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        req = await up.read(reader, conn)
+        assert req is not None
+        await asyncio.sleep(0.2)
+        writer.write(respond(up, req))
+        await writer.drain()
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client(max_connections=2)
+            started = time.monotonic()
+            replies = await five_at_once(client, up)
+            assert [r.content for r in replies if isinstance(r, httpx.Response)] == [b"/%d" % i for i in range(5)]
+            assert up.peak == 2
+            assert up.accepted == 5
+            assert time.monotonic() - started >= 0.55  # three rounds of 0.2 s
+            await client.aclose()
+
+    run(main)
+
+
+def test_pool_limit_with_keepalive_all_five_succeed() -> None:
+    async def main() -> None:
+        async with Upstream(each(lambda up, req: answer(200, req.target.encode()), delay=0.2)) as up:
+            client = build_client(max_connections=2)
+            replies = await five_at_once(client, up)
+            assert up.peak <= 2
+            assert [r.content if isinstance(r, httpx.Response) else repr(r) for r in replies] == \
+                [b"/%d" % i for i in range(5)]
+            await client.aclose()
+
+    run(main)
+
+
+def test_idle_connection_to_one_upstream_does_not_block_another() -> None:
+    async def main() -> None:
+        async with Upstream(each(ok)) as one, Upstream(each(ok)) as two:
+            client = build_client(max_connections=1)
+            assert (await client.call(request("GET", one.url("/one")))).content == b"GET /one"
+            assert (await client.call(request("GET", two.url("/two")))).content == b"GET /two"
+            await client.aclose()
+
+    run(main)
+
+
+# ---- 8. interim answers ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_100_continue_then_the_real_answer(split: bool) -> None:
+    interim = b"HTTP/1.1 100 Continue\r\nX-Interim: yes\r\n\r\n"
+    final = answer(200, b'{"id": "task-1"}', [("Content-Type", "application/json")])
+
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        while await up.read(reader, conn) is not None:
+            writer.write(interim)
+            if split:
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            writer.write(final)
+            await writer.drain()
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client()
+            for _ in range(2):
+                reply = await client.call(request("POST", up.url(), content=b"{}"))
+                assert reply.status_code == 200
+                assert reply.content == b'{"id": "task-1"}'
+                assert reply.headers["content-type"] == "application/json"
+                assert "x-interim" not in reply.headers
+            assert up.accepted == 1
+            await client.aclose()
+
+    run(main)
+
+
+# ---- 9. TLS --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context trusting only the test CA)."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+def test_tls_with_the_test_ca(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    server_ctx, client_ctx = tls
+
+    async def main() -> None:
+        async with Upstream(each(ok), ssl_context=server_ctx) as up:
+            client = build_client(verify=client_ctx)
+            for path in ("/a", "/b"):
+                reply = await client.call(request("GET", up.url(path, host="localhost")))
+                assert (reply.status_code, reply.content) == (200, f"GET {path}".encode())
+            assert up.accepted == 1  # keep-alive over TLS
+            reply = await client.call(request("POST", up.url("/ip"), content=b"x" * 100_000))
+            assert reply.content == b"POST /ip"
+            assert up.requests[-1].body == b"x" * 100_000
+            assert up.accepted == 2  # another origin (127.0.0.1): its own connection
+            await client.aclose()
+
+    run(main)
+
+
+def test_tls_streams_and_bodies_ended_by_close(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    server_ctx, client_ctx = tls
+    body = b"tls until eof " * 20_000
+
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        req = await up.read(reader, conn)
+        while req is not None and req.target == "/big":  # kept alive
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG))
+            await pieces(writer, BIG, 256 * 1024, 0)
+            req = await up.read(reader, conn)
+        if req is None:
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+        await pieces(writer, body, 50_000)
+        writer.close()
+        await writer.wait_closed()
+
+    async def main() -> None:
+        async with Upstream(handler, ssl_context=server_ctx) as up:
+            client = build_client(verify=client_ctx)
+            reply = await client.call(request("GET", up.url("/eof")))
+            assert reply.content == body
+            got = bytearray()
+            async with client.stream("GET", up.url("/big")) as streamed:
+                async for piece in streamed.aiter_raw():
+                    if not got:
+                        await asyncio.sleep(0.1)
+                    got += piece
+            assert bytes(got) == BIG
+            assert up.accepted == 2
+            await client.aclose()
+
+    run(main)
+
+
+def test_tls_with_system_cas_rejects_the_test_cert(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    server_ctx, _ = tls
+
+    async def main() -> None:
+        async with Upstream(each(ok), ssl_context=server_ctx) as up:
+            client = build_client()
+            with pytest.raises(httpx.ConnectError) as caught:
+                await client.call(request("GET", up.url(host="localhost")))
+            assert never_sent(caught.value)
+            assert not timed_out(caught.value)
+            assert up.requests == []
+            await client.aclose()
+            unverified = build_client(verify=False)
+            assert (await unverified.call(request("GET", up.url()))).status_code == 200
+            await unverified.aclose()
+
+    run(main)
+
+
+# ---- 10. the ordinary httpx API, and no cookies --------------------------------------------
+
+
+def test_get_and_post_through_send_and_no_cookie_jar() -> None:
+    def respond(up: Upstream, req: Req) -> bytes:
+        return answer(200, b"hi " + req.body, [("Set-Cookie", "session=abc123; Path=/"), ("Set-Cookie", "x=1")])
+
+    async def main() -> None:
+        async with Upstream(each(respond)) as up:
+            client = build_client()
+            first = await client.get(up.url("/first"))
+            assert (first.status_code, first.text) == (200, "hi ")
+            assert first.headers.get_list("set-cookie") == ["session=abc123; Path=/", "x=1"]
+            second = await client.post(up.url("/second"), json={"k": "v"})
+            assert second.content == b'hi {"k":"v"}'
+            async with client.stream("GET", up.url("/third")) as third:
+                assert await third.aread() == b"hi "
+            assert [r.target for r in up.requests] == ["/first", "/second", "/third"]
+            assert all("cookie" not in r.headers for r in up.requests)
+            assert len(client.cookies) == 0
+            assert up.accepted == 1
+            await client.aclose()
+
+    run(main)
+
+
+# ---- bugs: behaviour a correct HTTP/1.1 client has and this transport lacks -------------
+
+
+def test_head_answer_with_content_length_has_no_body() -> None:
+    def respond(up: Upstream, req: Req) -> bytes:
+        if req.method == "HEAD":
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+        return answer(200, b"hello")
+
+    async def main() -> None:
+        async with Upstream(each(respond)) as up:
+            client = build_client()
+            try:
+                async with asyncio.timeout(1):  # the transport's own read timeout does not cover the body
+                    reply = await client.call(httpx.Request("HEAD", up.url(), extensions={
+                        "timeout": {"connect": 1, "read": 0.5, "write": 1, "pool": 1}}))
+                assert (reply.status_code, reply.content) == (200, b"")
+                assert (await client.call(request("GET", up.url()))).content == b"hello"
+            finally:
+                await client.aclose()
+
+    run(main)
