@@ -1081,6 +1081,8 @@ def main() -> int:
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
     parser.add_argument("--profile", action="store_true", help="also py-spy the proxy under the 64-connection load")
     parser.add_argument("--skip-install", action="store_true", help="install nothing (wrk, matplotlib, LiteLLM)")
+    parser.add_argument("--images", type=int, metavar="N",
+                        help="concurrent image requests in the waiting scenario (default 10,000; --quick 1,000)")
     parser.add_argument("--quiet-wait", type=float, metavar="S",
                         help="before each phase wait up to S s for other processes to leave the CPUs "
                              "(default 15, --quick 0)")
@@ -1091,6 +1093,8 @@ def main() -> int:
     s = Settings.quick() if args.quick else Settings()
     if args.quiet_wait is not None:
         s.quiet_wait = args.quiet_wait
+    if args.images is not None:
+        s.images = args.images
     OUT.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)

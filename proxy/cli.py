@@ -23,7 +23,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    options: dict[str, Any] = dict(host=host, port=port, access_log=False, log_level="warning",
+    # proxy_headers off: nothing reads the client address, and it is one more layer per request
+    options: dict[str, Any] = dict(host=host, port=port, access_log=False, log_level="warning", proxy_headers=False,
                                    timeout_graceful_shutdown=config.server.shutdown_grace)
     if args.workers > 1:
         # Each worker process builds its own app from the same file.

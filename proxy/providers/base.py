@@ -127,15 +127,14 @@ class HTTPUpstream:
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout).as_dict()
         # Parsing a URL costs more than the rest of a call: each is parsed once (a task's poll
         # URL is asked for every few seconds while it runs).
-        self._urls: cachetools.LRUCache[str, httpx.URL] = cachetools.LRUCache(maxsize=32768)
+        self._urls: cachetools.LRUCache[Any, httpx.URL] = cachetools.LRUCache(maxsize=32768)
 
     def url(self, path: str, params: dict[str, str] | None = None) -> httpx.URL:
-        text = self.base_url + path.lstrip("/")
-        if params:
-            text += "?" + urlencode(params)
-        url = self._urls.get(text)
+        key = (path, *params.items()) if params else path
+        url = self._urls.get(key)
         if url is None:
-            url = self._urls[text] = httpx.URL(text)
+            text = self.base_url + path.lstrip("/")
+            url = self._urls[key] = httpx.URL(text + "?" + urlencode(params) if params else text)
         return url
 
     async def send(self, method: str, path: str, *, headers: dict[str, str] | None = None,
