@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS usage (
     kind TEXT NOT NULL, task_id TEXT, request_id TEXT);
 CREATE INDEX IF NOT EXISTS usage_client_at ON usage (client, at);
 CREATE INDEX IF NOT EXISTS usage_at ON usage (at);
+CREATE INDEX IF NOT EXISTS usage_task ON usage (task_id) WHERE task_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, state TEXT NOT NULL, owner TEXT,
     updated REAL NOT NULL, record BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state, updated);
@@ -52,6 +53,7 @@ class SQLiteStore:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._pending: list[tuple[Any, ...]] = []
+        self._settles: list[tuple[Any, ...]] = []
         self._db = self._pool.submit(self._open, path).result()
 
     @staticmethod
@@ -73,30 +75,36 @@ class SQLiteStore:
         seconds or before any other statement, so every read sees them."""
         self._pending.append((record.at, record.client, record.model, record.upstream, record.key, record.cost,
                               record.outcome, record.kind, record.task_id, record.request_id))
-        if len(self._pending) == 1:
+        self._flush_soon()
+
+    async def settle_usage(self, task_id: str, outcome: str, cost: float | None) -> None:
+        """A task's final outcome, and the cost the upstream reported at the end, if any; queued
+        like new records (thousands of tasks may end within a second), so reads see it."""
+        self._settles.append((outcome, cost, task_id))
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if len(self._pending) + len(self._settles) == 1:
             try:
                 asyncio.get_running_loop().call_later(FLUSH_AFTER, self._flush)
             except RuntimeError:  # called outside the event loop (tools, tests): write now
                 self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
+        if not self._pending and not self._settles:
             return
         rows, self._pending = self._pending, []
+        settles, self._settles = self._settles, []
 
-        def insert(db: sqlite3.Connection) -> None:
+        def write(db: sqlite3.Connection) -> None:
             with db:
                 db.execute("BEGIN")
                 db.executemany(
                     "INSERT INTO usage (at, client, model, upstream, key, cost, outcome, kind, task_id, request_id) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                db.executemany("UPDATE usage SET outcome = ?, cost = COALESCE(?, cost) WHERE task_id = ?", settles)
 
-        self._pool.submit(insert, self._db).add_done_callback(_log_failure)
-
-    async def settle_usage(self, task_id: str, outcome: str, cost: float | None) -> None:
-        """A task's final outcome, and the cost the upstream reported at the end, if any."""
-        await self._run(lambda db: db.execute(
-            "UPDATE usage SET outcome = ?, cost = COALESCE(?, cost) WHERE task_id = ?", (outcome, cost, task_id)))
+        self._pool.submit(write, self._db).add_done_callback(_log_failure)
 
     async def spent(self, client: str, since: float) -> float:
         def total(db: sqlite3.Connection) -> float:
