@@ -17,11 +17,13 @@ import asyncio
 import collections
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import httptools
 import httpx
+
+Origin = tuple[str, str, int]  # scheme, host, port: what a kept-alive connection is good for
 
 # Reading stops while this much of a streamed body waits for its reader (a large download).
 _HIGH_WATER = 256 * 1024
@@ -182,7 +184,7 @@ class _Connection(asyncio.Protocol):
 class _BodyStream(httpx.AsyncByteStream):
     """A body still arriving: read on demand, the connection given back once it is read."""
 
-    def __init__(self, transport: Http1Transport, origin: tuple[str, str, int], conn: _Connection,
+    def __init__(self, transport: Http1Transport, origin: Origin, conn: _Connection,
                  read_timeout: float | None) -> None:
         self._transport, self._origin, self._conn = transport, origin, conn
         self._read_timeout = read_timeout
@@ -212,7 +214,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self.max_connections = max_connections
         self._calls = asyncio.Semaphore(max_connections)  # one permit per call in flight
         self._open = 0  # connections open or opening
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle: dict[Origin, list[_Connection]] = {}
         if isinstance(verify, ssl.SSLContext):
             self._ssl = verify
         else:
@@ -222,83 +224,113 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
-        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         if url.scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"unsupported scheme {url.scheme!r}", request=request)
-        if self._closed:
-            raise httpx.ConnectError("the upstream client is closed", request=request)
-        head = self._head(request)
+        origin = origin_of(url)
+        head = head_of(request.method, url, request.headers.raw) + b"\r\n"
         stream = request.stream
         body = b"".join(stream) if isinstance(stream, httpx.ByteStream) else await request.aread()
         if b"transfer-encoding" in head.lower():  # a streamed body, now read whole: send it as one chunk
             body = (b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)) if body else b"0\r\n\r\n"
-        timeouts: dict[str, float | None] = request.extensions.get("timeout") or {}
+        try:
+            conn = await self._send(origin, request.method, head, body, request.extensions.get("timeout") or {})
+        except httpx.RequestError as exc:
+            exc.request = request
+            raise
+        if conn.complete:  # the common case: the whole answer arrived with its head
+            response = httpx.Response(conn.status, headers=conn.headers, stream=httpx.ByteStream(b""))
+            self._finish(origin, conn, response, conn.body_so_far())
+            return response
+        rest = _BodyStream(self, origin, conn, (request.extensions.get("timeout") or {}).get("read"))
+        return httpx.Response(conn.status, headers=conn.headers, stream=rest)
+
+    async def fetch(self, origin: Origin, method: str, head: bytes, body: bytes,
+                    timeouts: dict[str, float | None]) -> httpx.Response:
+        """One call, answered whole, with no `httpx.Request` built: the providers' path.
+
+        `head` is the request line and header lines, up to and including the blank line
+        (`head_of`); `origin` is `origin_of` the same URL. Raises httpx's transport errors.
+        """
+        conn = await self._send(origin, method, head, body, timeouts)
+        response = httpx.Response(conn.status, headers=conn.headers, stream=httpx.ByteStream(b""))
+        if conn.complete:
+            self._finish(origin, conn, response, conn.body_so_far())
+            return response
+        parts = []  # a body longer than its first packets: read the rest here
+        try:
+            while (chunk := await conn.next_chunk(timeouts.get("read"))) is not None:
+                parts.append(chunk)
+        except BaseException as exc:
+            self._forget(conn)
+            self._calls.release()
+            if isinstance(exc, OSError | httpx.RemoteProtocolError):
+                raise httpx.ReadError(str(exc) or "the upstream connection broke") from exc
+            raise
+        self._finish(origin, conn, response, b"".join(parts))
+        return response
+
+    def _finish(self, origin: Origin, conn: _Connection, response: httpx.Response, content: bytes) -> None:
+        """The whole body has arrived: into the response, the connection back to the pool."""
+        encoded = conn.encoded
+        self.done(origin, conn)
+        if encoded:
+            response.stream = httpx.ByteStream(content)
+            response.read()  # httpx's decoders undo the content-encoding
+        else:
+            response._content = content  # read already: skips httpx's decoder pipeline, 13 µs a call
+
+    async def _send(self, origin: Origin, method: str, head: bytes, body: bytes,
+                    timeouts: dict[str, float | None]) -> _Connection:
+        """Send one request and wait for its answer's head; the caller then holds the call's
+        permit and the connection, and gives both back through `done` once the body is read."""
+        if self._closed:
+            raise httpx.ConnectError("the upstream client is closed")
         if self._calls.locked():
             try:
                 async with asyncio.timeout(timeouts.get("pool")):
                     await self._calls.acquire()
             except TimeoutError:
-                raise httpx.PoolTimeout("no upstream connection free in time", request=request) from None
+                raise httpx.PoolTimeout("no upstream connection free in time") from None
         else:
             await self._calls.acquire()  # free: returns at once
         conn: _Connection | None = None
         try:
-            conn, reused = await self._connect(origin, timeouts, request)
+            conn, reused = await self._connect(origin, timeouts)
             try:
-                await self._exchange(conn, head, body, timeouts.get("read"), request)
+                await self._exchange(conn, head, body, timeouts.get("read"), method)
             except (httpx.RemoteProtocolError, httpx.ReadError):
                 # A kept-alive connection the upstream had just closed: a GET is safe to try once
                 # more on a fresh one when the upstream never answered a byte.
-                if not (reused and not conn.received and request.method == "GET"):
+                if not (reused and not conn.received and method == "GET"):
                     raise
                 self._forget(conn)
-                conn, _ = await self._connect(origin, timeouts, request)
-                await self._exchange(conn, head, body, timeouts.get("read"), request)
+                conn, _ = await self._connect(origin, timeouts)
+                await self._exchange(conn, head, body, timeouts.get("read"), method)
         except BaseException:
             if conn is not None:
                 self._forget(conn)
             self._calls.release()
             raise
-        headers = conn.headers
-        if conn.complete:  # the common case: the whole answer arrived with its head
-            content = conn.body_so_far()
-            self.done(origin, conn)
-            response = httpx.Response(conn.status, headers=headers, stream=httpx.ByteStream(content))
-            if conn.encoded:
-                response.read()  # httpx's decoders undo the content-encoding
-            else:
-                response._content = content  # read already: skips httpx's decoder pipeline, 13 µs a call
-            return response
-        rest = _BodyStream(self, origin, conn, timeouts.get("read"))
-        return httpx.Response(conn.status, headers=headers, stream=rest)
-
-    @staticmethod
-    def _head(request: httpx.Request) -> bytes:
-        parts = [request.method.encode("ascii"), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
-        for name, value in request.headers.raw:
-            parts += (name, b": ", value, b"\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
+        return conn
 
     async def _exchange(self, conn: _Connection, head: bytes, body: bytes, read_timeout: float | None,
-                        request: httpx.Request) -> None:
-        conn.start(head, body, request.method == "HEAD")
+                        method: str) -> None:
+        conn.start(head, body, method == "HEAD")
         # A timer that fails the wait, not asyncio.timeout: a tenth of the cost on every call.
         timer = conn.loop.call_later(read_timeout, conn.time_out) if read_timeout is not None else None
         try:
             await conn.head()
         except TimeoutError:
-            raise httpx.ReadTimeout("the upstream did not answer in time", request=request) from None
+            raise httpx.ReadTimeout("the upstream did not answer in time") from None
         except httpx.RemoteProtocolError as exc:
-            raise httpx.RemoteProtocolError(str(exc), request=request) from None
+            raise httpx.RemoteProtocolError(str(exc)) from None
         except OSError as exc:
-            raise httpx.ReadError(str(exc) or "the upstream connection broke", request=request) from None
+            raise httpx.ReadError(str(exc) or "the upstream connection broke") from None
         finally:
             if timer is not None:
                 timer.cancel()
 
-    async def _connect(self, origin: tuple[str, str, int], timeouts: dict[str, float | None],
-                       request: httpx.Request) -> tuple[_Connection, bool]:
+    async def _connect(self, origin: Origin, timeouts: dict[str, float | None]) -> tuple[_Connection, bool]:
         """A kept-alive connection to `origin`, or a new one; the caller holds a call permit."""
         idle = self._idle.get(origin)
         now = time.monotonic()
@@ -320,17 +352,16 @@ class Http1Transport(httpx.AsyncBaseTransport):
                     server_hostname=host if scheme == "https" else None)
         except TimeoutError:
             self._open -= 1
-            raise httpx.ConnectTimeout("connecting to the upstream timed out", request=request) from None
+            raise httpx.ConnectTimeout("connecting to the upstream timed out") from None
         except (OSError, ssl.SSLError) as exc:
             self._open -= 1
-            raise httpx.ConnectError(f"connecting to the upstream failed: {exc.__class__.__name__}",
-                                     request=request) from None
+            raise httpx.ConnectError(f"connecting to the upstream failed: {exc.__class__.__name__}") from None
         except BaseException:
             self._open -= 1
             raise
         return conn, False
 
-    def done(self, origin: tuple[str, str, int], conn: _Connection) -> None:
+    def done(self, origin: Origin, conn: _Connection) -> None:
         """A call is over: its connection is kept for the next one (or closed), its permit freed."""
         self._calls.release()
         if conn.closed or not conn.complete or self._closed:
@@ -357,7 +388,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 del self._idle[origin]
 
     def _evict_one(self) -> None:
-        oldest: tuple[str, str, int] | None = None
+        oldest: Origin | None = None
         for origin, conns in self._idle.items():
             if conns and (oldest is None or conns[0].idle_since < self._idle[oldest][0].idle_since):
                 oldest = origin
@@ -425,6 +456,18 @@ def build_client(max_connections: int = 1000, verify: ssl.SSLContext | bool = Tr
     )
     client._cookies = _NoCookies()  # the property setter would copy into a plain Cookies jar
     return client
+
+
+def origin_of(url: httpx.URL) -> Origin:
+    return url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80)
+
+
+def head_of(method: str, url: httpx.URL, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """The request line and header lines, without the blank line that ends them."""
+    parts = [method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    return b"".join(parts)
 
 
 def timed_out(exc: BaseException) -> bool:

@@ -9,6 +9,7 @@ produced on purpose. Nothing of the transport is mocked.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import socket
 import ssl
@@ -20,7 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.upstream_http import UpstreamClient, build_client, never_sent, timed_out
+from proxy.providers.base import HTTPUpstream
+from proxy.upstream_http import UpstreamClient, build_client, head_of, never_sent, origin_of, timed_out
 
 TIMEOUT = {"connect": 1.0, "read": 2.0, "write": 1.0, "pool": 1.0}
 
@@ -1000,5 +1002,121 @@ def test_head_answer_with_content_length_has_no_body() -> None:
                 assert (await client.call(request("GET", up.url()))).content == b"hello"
             finally:
                 await client.aclose()
+
+    run(main)
+
+
+# ---- 8. fetch: the providers' path, and HTTPUpstream's prepared heads -----------------
+
+
+def raw_head(method: str, url: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> tuple[Any, bytes]:
+    parsed = httpx.URL(url)
+    return origin_of(parsed), head_of(method, parsed, [(b"host", parsed.netloc), *headers])
+
+
+def test_fetch_get_and_post_over_one_connection() -> None:
+    async def main() -> None:
+        async with Upstream(each(lambda up, req: answer(201, req.body or b"empty", [("Retry-After", "3")]))) as up:
+            client = build_client()
+            origin, head = raw_head("GET", up.url("/poll?id=7"), [(b"authorization", b"Bearer k")])
+            first = await client.transport.fetch(origin, "GET", head + b"\r\n", b"", TIMEOUT)
+            origin, head = raw_head("POST", up.url("/submit"))
+            second = await client.transport.fetch(origin, "POST", head + b"content-length: 2\r\n\r\n", b"{}",
+                                                  TIMEOUT)
+            assert (first.status_code, first.content, first.headers["retry-after"]) == (201, b"empty", "3")
+            assert (second.status_code, second.content) == (201, b"{}")
+            assert [(r.method, r.target, r.conn) for r in up.requests] == [("GET", "/poll?id=7", 1),
+                                                                          ("POST", "/submit", 1)]
+            assert up.requests[0].headers["authorization"] == "Bearer k"
+            assert up.requests[0].headers["host"] == f"127.0.0.1:{up.port}"
+            assert client.transport.idle_connections() == 1
+            await client.aclose()
+
+    run(main)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_fetch_reads_a_large_slow_body_whole(framing: str) -> None:
+    async def main() -> None:
+        async with Upstream(big_body_handler(framing)) as up:
+            client = build_client(max_connections=1)
+            origin, head = raw_head("GET", up.url("/big"))
+            reply = await client.transport.fetch(origin, "GET", head + b"\r\n", b"", TIMEOUT)
+            assert hashlib.sha256(reply.content).digest() == hashlib.sha256(BIG).digest()
+            origin, head = raw_head("GET", up.url("/small"))
+            assert (await client.transport.fetch(origin, "GET", head + b"\r\n", b"", TIMEOUT)).content == b"small"
+            assert up.accepted == 1  # the connection (and the one permit) came back
+            await client.aclose()
+
+    run(main, limit=20.0)
+
+
+def test_fetch_decodes_a_gzip_body() -> None:
+    packed = gzip.compress(b'{"state": "running"}')
+
+    async def main() -> None:
+        async with Upstream(each(lambda up, req: answer(200, packed, [("Content-Encoding", "gzip")]))) as up:
+            client = build_client()
+            origin, head = raw_head("GET", up.url())
+            reply = await client.transport.fetch(origin, "GET", head + b"\r\n", b"", TIMEOUT)
+            assert reply.content == b'{"state": "running"}'
+            await client.aclose()
+
+    run(main)
+
+
+def test_fetch_timeout_and_a_broken_body_give_the_permit_back() -> None:
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        while (req := await up.read(reader, conn)) is not None:
+            if req.target == "/silent":
+                await asyncio.sleep(10)
+            elif req.target == "/cut":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 70000)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                return  # the connection ends 30,000 bytes short
+            else:
+                writer.write(answer(200, b"fine"))
+                await writer.drain()
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client(max_connections=1)
+            timeouts = {**TIMEOUT, "read": 0.2}
+            origin, head = raw_head("GET", up.url("/silent"))
+            with pytest.raises(httpx.ReadTimeout) as caught:
+                await client.transport.fetch(origin, "GET", head + b"\r\n", b"", timeouts)
+            assert timed_out(caught.value) and not never_sent(caught.value)
+            origin, head = raw_head("POST", up.url("/cut"))
+            with pytest.raises(httpx.ReadError):
+                await client.transport.fetch(origin, "POST", head + b"content-length: 0\r\n\r\n", b"", timeouts)
+            origin, head = raw_head("GET", up.url("/fine"))
+            reply = await client.transport.fetch(origin, "GET", head + b"\r\n", b"", timeouts)
+            assert reply.content == b"fine"
+            await client.aclose()
+
+    run(main)
+
+
+def test_http_upstream_sends_the_same_prepared_head_for_repeated_polls() -> None:
+    async def main() -> None:
+        async with Upstream(each(lambda up, req: answer(200, b'{"ok": true}'))) as up:
+            client = build_client()
+            upstream = HTTPUpstream("demo", up.url("/api/v1"), client, connect_timeout=1.0, read_timeout=1.0)
+            for key in ("k1", "k1", "k2"):
+                reply = await upstream.send("GET", "task.php", headers={"authorization": f"Bearer {key}"},
+                                            params={"task_id": "42"})
+                assert (reply.status, reply.body) == (200, {"ok": True})
+            reply = await upstream.send("POST", "image.php", json={"prompt": "猫"})
+            assert reply.body == {"ok": True}
+            polls = up.methods("GET")
+            assert [r.target for r in polls] == ["/api/v1/task.php?task_id=42"] * 3
+            assert [r.headers["authorization"] for r in polls] == ["Bearer k1", "Bearer k1", "Bearer k2"]
+            post = up.methods("POST")[0]
+            assert post.body == '{"prompt":"猫"}'.encode()
+            assert (post.headers["content-type"], post.headers["content-length"]) == \
+                ("application/json", str(len(post.body)))
+            assert "content-length" not in polls[0].headers
+            await client.aclose()
 
     run(main)

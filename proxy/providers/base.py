@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 from urllib.parse import urlencode
 
 import cachetools
@@ -17,7 +17,7 @@ import httpx
 import msgspec
 
 from proxy.errors import Kind, ProxyError
-from proxy.upstream_http import UpstreamClient, never_sent, timed_out
+from proxy.upstream_http import Origin, UpstreamClient, head_of, never_sent, origin_of, timed_out
 
 ModelKind = Literal["chat", "image", "video", "audio", "other"]
 Observe = Callable[[str, str, float], None]  # (upstream, operation, seconds): latency metrics
@@ -115,6 +115,12 @@ def parse_retry_after(value: str | None) -> float | None:
         return None  # an HTTP date: rare upstream, treat as unknown
 
 
+class _Prepared(NamedTuple):
+    origin: Origin
+    head: bytes  # request line and headers, no content-length, no blank line
+    operation: str  # the metrics label
+
+
 class HTTPUpstream:
     """What both providers share: sending one call with timeouts, mapping transport failures."""
 
@@ -125,54 +131,56 @@ class HTTPUpstream:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.http = http
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout).as_dict()
-        # Parsing a URL costs more than the rest of a call: each is parsed once (a task's poll
-        # URL is asked for every few seconds while it runs).
-        self._urls: cachetools.LRUCache[Any, httpx.URL] = cachetools.LRUCache(maxsize=32768)
+        # A call's request head is written once and kept: a task's poll is the same request
+        # every few seconds while it runs, and writing it (URL, headers) cost more than the rest
+        # of the call (bench/README.md, profile of 10,000 waiting tasks).
+        self._prepared: cachetools.LRUCache[Any, _Prepared] = cachetools.LRUCache(maxsize=32768)
 
-    def url(self, path: str, params: dict[str, str] | None = None) -> httpx.URL:
-        key = (path, *params.items()) if params else path
-        url = self._urls.get(key)
-        if url is None:
+    def prepare(self, method: str, path: str, headers: dict[str, str] | None, params: dict[str, str] | None,
+                has_body: bool) -> _Prepared:
+        key = (method, path, has_body, *(params.items() if params else ()), None, *(headers or {}).items())
+        prepared = self._prepared.get(key)
+        if prepared is None:
             text = self.base_url + path.lstrip("/")
-            url = self._urls[key] = httpx.URL(text + "?" + urlencode(params) if params else text)
-        return url
+            url = httpx.URL(text + "?" + urlencode(params) if params else text)
+            raw = [(b"host", url.netloc), *_HEADERS]
+            if headers:
+                raw += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+            if has_body:
+                raw.append((b"content-type", b"application/json"))
+            # ids in paths would make one metric label per task: "api/service/task/{id}"
+            operation = "/".join("{id}" if any(c.isdigit() for c in part) else part for part in path.split("/"))
+            prepared = self._prepared[key] = _Prepared(origin_of(url), head_of(method, url, raw), operation)
+        return prepared
 
     async def send(self, method: str, path: str, *, headers: dict[str, str] | None = None,
                    json: Any = None, params: dict[str, str] | None = None) -> Response:
-        url = self.url(path, params)
-        # Headers written out here, body as a stream: httpx then adds nothing of its own, and a
-        # call skips the header merging that was its costliest step (bench/README.md, profile).
-        raw = [(b"host", url.netloc), *_HEADERS]
-        if headers:
-            raw += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+        prepared = self.prepare(method, path, headers, params, json is not None)
         content = b"" if json is None else _encode(json)
-        if json is not None:
-            raw.append((b"content-type", b"application/json"))
         if json is not None or method in ("POST", "PUT", "PATCH"):
-            raw.append((b"content-length", str(len(content)).encode("ascii")))
-        request = httpx.Request(method, url, headers=raw, stream=httpx.ByteStream(content),
-                                extensions={"timeout": self.timeout})
+            head = prepared.head + b"content-length: %d\r\n\r\n" % len(content)
+        else:
+            head = prepared.head + b"\r\n"
         started = time.perf_counter()
         try:
-            reply = await self.http.call(request)  # the transport times out connect, pool and read
+            # the transport times out connect, pool and read
+            reply = await self.http.transport.fetch(prepared.origin, method, head, content, self.timeout)
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
-            self._observe(path, started)
+            self._observe(prepared.operation, started)
             # The message names no URL or header: upstream addresses stay private.
             sent = not never_sent(exc)
             what = "timed out" if timed_out(exc) else "failed"
             raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name} upstream request {what}",
                              delivered=sent) from None
-        self._observe(path, started)
+        self._observe(prepared.operation, started)
         try:
             body = _decode(reply.content) if reply.content else None
         except msgspec.DecodeError:
             body = None
         return Response(reply.status_code, body, parse_retry_after(reply.headers.get("retry-after")))
 
-    def _observe(self, path: str, started: float) -> None:
+    def _observe(self, operation: str, started: float) -> None:
         if self.observe is not None:
-            # ids in paths would make one label per task: "api/service/task/{id}"
-            operation = "/".join("{id}" if any(c.isdigit() for c in part) else part for part in path.split("/"))
             self.observe(self.name, operation, time.perf_counter() - started)
 
     def garbage(self, response: Response) -> ProxyError:
