@@ -2,7 +2,9 @@
 
 The event loop never blocks on the disk: calls hop to the store's thread and back. Usage
 inserts are not awaited by requests (`add_usage` queues them); every later read runs after
-them on the same thread, so budgets always see them.
+them on the same thread, so budgets always see them. Task saves are awaited but committed
+in groups: those that arrive while a write is under way go together in the next one (when
+thousands of tasks end within seconds, one transaction each kept answers waiting for seconds).
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ class SQLiteStore:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._pending: list[tuple[Any, ...]] = []
         self._settles: list[tuple[Any, ...]] = []
+        self._tasks: list[tuple[Any, ...]] = []  # task rows to upsert, and who waits for them
+        self._task_waiters: list[asyncio.Future[None]] = []
+        self._writing = 0  # writes submitted and not yet done
+        self._soon = False  # a flush of awaited task rows is scheduled
         self._db = self._pool.submit(self._open, path).result()
 
     @staticmethod
@@ -91,10 +97,14 @@ class SQLiteStore:
                 self._flush()
 
     def _flush(self) -> None:
-        if not self._pending and not self._settles:
+        """Submit everything queued as one transaction (before any other statement: order)."""
+        self._soon = False
+        if not self._pending and not self._settles and not self._tasks:
             return
         rows, self._pending = self._pending, []
         settles, self._settles = self._settles, []
+        tasks, self._tasks = self._tasks, []
+        waiters, self._task_waiters = self._task_waiters, []
 
         def write(db: sqlite3.Connection) -> None:
             with db:
@@ -103,8 +113,31 @@ class SQLiteStore:
                     "INSERT INTO usage (at, client, model, upstream, key, cost, outcome, kind, task_id, request_id) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 db.executemany("UPDATE usage SET outcome = ?, cost = COALESCE(?, cost) WHERE task_id = ?", settles)
+                db.executemany("INSERT OR REPLACE INTO tasks (id, state, owner, updated, record) "
+                               "VALUES (?, ?, ?, ?, ?)", tasks)
 
-        self._pool.submit(write, self._db).add_done_callback(_log_failure)
+        done = self._pool.submit(write, self._db)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # outside the event loop (tools, tests): nobody awaits
+            done.add_done_callback(_log_failure)
+            return
+        self._writing += 1
+        done.add_done_callback(lambda f: loop.call_soon_threadsafe(self._written, f, waiters))
+
+    def _written(self, done: Any, waiters: list[asyncio.Future[None]]) -> None:
+        self._writing -= 1
+        error = done.exception()
+        if error is not None:
+            log.error("store_write_failed", error=repr(error))
+        for waiter in waiters:
+            if not waiter.done():
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
+        if self._task_waiters and not self._writing:
+            self._flush()  # the saves that arrived meanwhile: the next group
 
     async def spent(self, client: str, since: float) -> float:
         def total(db: sqlite3.Connection) -> float:
@@ -134,14 +167,15 @@ class SQLiteStore:
     # ---- tasks ----------------------------------------------------------------------
 
     async def save_task(self, record: TaskRecord) -> None:
+        """Written and committed when this returns, together with the saves around it."""
         record.updated = time.time()
-        blob = _task_encode(record)
-
-        def upsert(db: sqlite3.Connection) -> None:
-            db.execute("INSERT OR REPLACE INTO tasks (id, state, owner, updated, record) VALUES (?, ?, ?, ?, ?)",
-                       (record.id, record.state, record.owner, record.updated, blob))
-
-        await self._run(upsert)
+        self._tasks.append((record.id, record.state, record.owner, record.updated, _task_encode(record)))
+        waiter = asyncio.get_running_loop().create_future()
+        self._task_waiters.append(waiter)
+        if not self._writing and not self._soon:
+            self._soon = True  # the other saves of this turn of the loop join in
+            asyncio.get_running_loop().call_soon(self._flush)
+        await waiter
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         def get(db: sqlite3.Connection) -> TaskRecord | None:
