@@ -192,9 +192,10 @@ class Gateway:
         (client gone, shutdown) still leaves the paid task recorded and waited on."""
         submit = asyncio.create_task(self._submit(route, call, caller))
         self._submits.add(submit)
-        if caller.submits is not None:
-            caller.submits.append(submit)
         submit.add_done_callback(self._submits.discard)
+        if caller.submits is not None:  # in flight only: a done one is of no use to anyone there
+            caller.submits.append(submit)
+            submit.add_done_callback(caller.submits.remove)
         return await asyncio.shield(submit)
 
     async def _submit(self, route: Route, call: ImageCall, caller: Caller) -> Task:
