@@ -181,7 +181,7 @@ class TaskWaiter:
             record.reason = state.reason if state.status == "failed" else None
         task.error = error_of(record)
         try:
-            await self.store.save_task(record)
+            self.store.finish_task(record)
             await self.on_final(task)
         except Exception as exc:  # the answer must still reach the client
             log.error("task_settle_failed", task_id=task.id, error=repr(exc))

@@ -18,7 +18,7 @@ import collections
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import httptools
 import httpx
@@ -27,6 +27,18 @@ Origin = tuple[str, str, int]  # scheme, host, port: what a kept-alive connectio
 
 # Reading stops while this much of a streamed body waits for its reader (a large download).
 _HIGH_WATER = 256 * 1024
+
+
+class Reply(NamedTuple):
+    """An answer read whole: what `Http1Transport.fetch` gives the providers."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]  # as received: names in their own case
+    content: bytes  # content-encoding undone
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of the header `name` (lower case)."""
+        return next((value for key, value in self.headers if key.lower() == name), None)
 
 
 class _Connection(asyncio.Protocol):
@@ -245,29 +257,32 @@ class Http1Transport(httpx.AsyncBaseTransport):
         return httpx.Response(conn.status, headers=conn.headers, stream=rest)
 
     async def fetch(self, origin: Origin, method: str, head: bytes, body: bytes,
-                    timeouts: dict[str, float | None]) -> httpx.Response:
-        """One call, answered whole, with no `httpx.Request` built: the providers' path.
+                    timeouts: dict[str, float | None]) -> Reply:
+        """One call, answered whole, with no httpx object built: the providers' path.
 
         `head` is the request line and header lines, up to and including the blank line
         (`head_of`); `origin` is `origin_of` the same URL. Raises httpx's transport errors.
         """
         conn = await self._send(origin, method, head, body, timeouts)
-        response = httpx.Response(conn.status, headers=conn.headers, stream=httpx.ByteStream(b""))
+        status, headers, encoded = conn.status, conn.headers, conn.encoded
         if conn.complete:
-            self._finish(origin, conn, response, conn.body_so_far())
-            return response
-        parts = []  # a body longer than its first packets: read the rest here
-        try:
-            while (chunk := await conn.next_chunk(timeouts.get("read"))) is not None:
-                parts.append(chunk)
-        except BaseException as exc:
-            self._forget(conn)
-            self._calls.release()
-            if isinstance(exc, OSError | httpx.RemoteProtocolError):
-                raise httpx.ReadError(str(exc) or "the upstream connection broke") from exc
-            raise
-        self._finish(origin, conn, response, b"".join(parts))
-        return response
+            content = conn.body_so_far()
+        else:
+            parts = []  # a body longer than its first packets: read the rest here
+            try:
+                while (chunk := await conn.next_chunk(timeouts.get("read"))) is not None:
+                    parts.append(chunk)
+            except BaseException as exc:
+                self._forget(conn)
+                self._calls.release()
+                if isinstance(exc, OSError | httpx.RemoteProtocolError):
+                    raise httpx.ReadError(str(exc) or "the upstream connection broke") from exc
+                raise
+            content = b"".join(parts)
+        self.done(origin, conn)
+        if encoded:  # httpx's decoders undo the content-encoding
+            content = httpx.Response(status, headers=headers, stream=httpx.ByteStream(content)).read()
+        return Reply(status, headers, content)
 
     def _finish(self, origin: Origin, conn: _Connection, response: httpx.Response, content: bytes) -> None:
         """The whole body has arrived: into the response, the connection back to the pool."""

@@ -177,7 +177,8 @@ class HTTPUpstream:
             body = _decode(reply.content) if reply.content else None
         except msgspec.DecodeError:
             body = None
-        return Response(reply.status_code, body, parse_retry_after(reply.headers.get("retry-after")))
+        retry_after = reply.header(b"retry-after")
+        return Response(reply.status, body, parse_retry_after(retry_after.decode("latin-1") if retry_after else None))
 
     def _observe(self, operation: str, started: float) -> None:
         if self.observe is not None:

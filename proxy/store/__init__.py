@@ -81,7 +81,9 @@ class Store(Protocol):
     async def usage(self, *, client: str | None, model: str | None, since: float | None, until: float | None,
                     group_by: str) -> list[UsageRow]: ...
 
-    async def save_task(self, record: TaskRecord) -> None: ...
+    async def save_task(self, record: TaskRecord) -> None: ...  # committed when it returns
+
+    def finish_task(self, record: TaskRecord) -> None: ...  # a final state: queued like usage, not awaited
 
     async def get_task(self, task_id: str) -> TaskRecord | None: ...
 

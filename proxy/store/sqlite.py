@@ -136,8 +136,8 @@ class SQLiteStore:
                     waiter.set_result(None)
                 else:
                     waiter.set_exception(error)
-        if self._task_waiters and not self._writing:
-            self._flush()  # the saves that arrived meanwhile: the next group
+        if self._tasks and not self._writing:
+            self._flush()  # the task rows that arrived meanwhile: the next group
 
     async def spent(self, client: str, since: float) -> float:
         def total(db: sqlite3.Connection) -> float:
@@ -176,6 +176,16 @@ class SQLiteStore:
             self._soon = True  # the other saves of this turn of the loop join in
             asyncio.get_running_loop().call_soon(self._flush)
         await waiter
+
+    def finish_task(self, record: TaskRecord) -> None:
+        """A task's final state, written at once (or with the next group, if a write is under
+        way) but not waited for: its answer need not wait on the disk. Reads in this process
+        flush it first; if the process dies before the write, the task is still unfinished in
+        the store and the next process polls it to its end again."""
+        record.updated = time.time()
+        self._tasks.append((record.id, record.state, record.owner, record.updated, _task_encode(record)))
+        if not self._writing:
+            self._flush()
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         def get(db: sqlite3.Connection) -> TaskRecord | None:
