@@ -9,7 +9,9 @@ of this process (the stub runs in its own). Candidates:
 - httpx with its default transport;
 - httpx over aiohttp (`httpx-aiohttp`, the transport openai-python offers for this problem);
 - httpx over this proxy's transport, through `AsyncClient.send` (auth, redirects, cookies,
-  hooks) and through `UpstreamClient.call` (straight to the transport: what providers use);
+  hooks) and through `UpstreamClient.call` (straight to the transport);
+- this proxy's transport through `Http1Transport.fetch`, a request head written once and
+  bytes in, a plain `Reply` out: what the providers use;
 - aiohttp on its own, for reference.
 
 httpx-aiohttp is a bench-only requirement (bench/requirements.txt); it is skipped when
@@ -33,7 +35,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from proxy.upstream_http import build_client  # noqa: E402
+from proxy.upstream_http import build_client, head_of, origin_of  # noqa: E402
 
 BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
 HEADERS = {"authorization": "Bearer xf_bench", "content-type": "application/json"}
@@ -108,6 +110,15 @@ async def run(url: str, requests: int, concurrency: int) -> None:
 
     await measure("httpx over this proxy's transport, `send`", with_send, requests, concurrency)
     await measure("httpx over this proxy's transport, `call`", with_call, requests, concurrency)
+    origin = origin_of(target)
+    head = head_of("POST", target, [(b"host", target.netloc), *((k.encode(), v.encode()) for k, v in HEADERS.items()),
+                                    (b"content-length", str(len(BODY)).encode())]) + b"\r\n"
+    timeouts = {"connect": 5.0, "read": 60.0, "pool": 5.0}
+
+    async def with_fetch() -> None:
+        assert (await ours.transport.fetch(origin, "POST", head, BODY, timeouts)).status == 200
+
+    await measure("this proxy's transport, `fetch` (what providers use)", with_fetch, requests, concurrency)
     await ours.aclose()
 
 

@@ -154,7 +154,10 @@ def test_every_task_is_in_the_store_before_the_proxy_waits_on_it(proxy: RunningP
         record = by_upstream[upstream]
         assert task_ids(reply) == [record.id]
         assert reply.headers["x-request-id"] == record.request_id
-    final = {r.upstream: r for r in stored_tasks(path)}
+    # The final state is written at once but not waited for (an answer does not wait on the
+    # disk): another process reading the file may see it a moment after the answer.
+    final = wait_for(lambda: all(r.state == "succeeded" for r in stored_tasks(path))
+                     and {r.upstream: r for r in stored_tasks(path)}, 2, "the final states in the store")
     assert final["xffuw"].state == final["fengyuan"].state == "succeeded"
     assert final["xffuw"].urls == [d["url"] for d in xf_reply.json()["data"]]
     assert final["fengyuan"].urls == [d["url"] for d in fy_reply.json()["data"]]
