@@ -14,6 +14,7 @@ import hashlib
 import socket
 import ssl
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -1117,6 +1118,144 @@ def test_http_upstream_sends_the_same_prepared_head_for_repeated_polls() -> None
             assert (post.headers["content-type"], post.headers["content-length"]) == \
                 ("application/json", str(len(post.body)))
             assert "content-length" not in polls[0].headers
+            await client.aclose()
+
+    run(main)
+
+
+# ---- 9. GETs asked for together go out pipelined ----------------------------------------
+
+
+async def fetch_get(client: UpstreamClient, url: str, timeouts: dict[str, float] = TIMEOUT) -> Any:
+    origin, head = raw_head("GET", url)
+    return await client.transport.fetch(origin, "GET", head + b"\r\n", b"", timeouts)
+
+
+def test_gets_asked_together_share_one_connection_and_each_gets_its_own_answer() -> None:
+    async def main() -> None:
+        async with Upstream(each(ok)) as up:
+            client = build_client()
+            replies = await asyncio.gather(*(fetch_get(client, up.url(f"/task?id={n}")) for n in range(40)))
+            assert [r.content for r in replies] == [f"GET /task?id={n}".encode() for n in range(40)]
+            # 16 per write and connection: 40 GETs on 3 connections, not 40
+            assert up.accepted == 3
+            assert sorted(Counter(r.conn for r in up.requests).values()) == [8, 16, 16]
+            replies = await asyncio.gather(*(fetch_get(client, up.url(f"/again?id={n}")) for n in range(5)))
+            assert [r.content for r in replies] == [f"GET /again?id={n}".encode() for n in range(5)]
+            assert up.accepted == 3  # kept alive and used again
+            await client.aclose()
+
+    run(main)
+
+
+def test_a_pipeline_answered_with_connection_close_midway_is_finished_one_by_one() -> None:
+    """Like a server's keep-alive request limit: it says close after two answers."""
+
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        served = 0
+        while (req := await up.read(reader, conn)) is not None:
+            served += 1
+            last = served == 2
+            writer.write(answer(200, f"{req.target} on {conn}".encode(), [("Connection", "close")] if last else []))
+            await writer.drain()
+            if last:
+                return
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client()
+            replies = await asyncio.gather(*(fetch_get(client, up.url(f"/t{n}")) for n in range(5)))
+            assert [r.content.split(b" on ")[0] for r in replies] == [f"/t{n}".encode() for n in range(5)]
+            assert all(r.status == 200 for r in replies)
+            assert [r.conn for r in up.requests[:2]] == [1, 1]  # the first two went together
+            # a server that says so is not one that cannot pipeline: GETs still go together
+            assert not client.transport._unpipelined
+            replies = await asyncio.gather(*(fetch_get(client, up.url(f"/u{n}")) for n in range(2)))
+            assert [r.content.split(b" on ")[0] for r in replies] == [b"/u0", b"/u1"]
+            await client.aclose()
+
+    run(main)
+
+
+def test_an_upstream_that_drops_pipelined_requests_gets_them_one_at_a_time() -> None:
+    """It answers the first request of a connection and closes without a word: every caller
+    still gets its own answer, and later GETs to it are no longer pipelined."""
+
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        req = await up.read(reader, conn)
+        if req is not None:
+            writer.write(answer(200, req.target.encode()))
+            await writer.drain()
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client()
+            replies = await asyncio.gather(*(fetch_get(client, up.url(f"/t{n}")) for n in range(4)))
+            assert [r.content for r in replies] == [f"/t{n}".encode() for n in range(4)]
+            before = up.accepted
+            replies = await asyncio.gather(*(fetch_get(client, up.url(f"/u{n}")) for n in range(3)))
+            assert [r.content for r in replies] == [f"/u{n}".encode() for n in range(3)]
+            later = [r for r in up.requests if r.target.startswith("/u")]
+            assert up.accepted - before == 3 and len({r.conn for r in later}) == 3  # one each, none lost
+            assert len(client.transport._unpipelined) == 1
+            await client.aclose()
+
+    run(main)
+
+
+def test_a_silent_pipeline_times_out_and_the_connection_is_not_reused() -> None:
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        while (req := await up.read(reader, conn)) is not None:
+            if req.target.startswith("/slow"):
+                await asyncio.sleep(10)
+            writer.write(answer(200, req.target.encode()))
+            await writer.drain()
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client()
+            timeouts = {**TIMEOUT, "read": 0.3}
+            started = time.monotonic()
+            results = await asyncio.gather(*(fetch_get(client, up.url(f"/slow{n}"), timeouts) for n in range(3)),
+                                           return_exceptions=True)
+            assert all(isinstance(r, httpx.ReadTimeout) for r in results), results
+            assert time.monotonic() - started < 2.0  # each waited about one read timeout, not forever
+            reply = await fetch_get(client, up.url("/fast"), timeouts)
+            assert reply.content == b"/fast"
+            assert up.requests[-1].conn != up.requests[0].conn  # a fresh connection, not the stuck one
+            await client.aclose()
+
+    run(main)
+
+
+def test_pipelined_answers_of_every_framing_and_a_caller_that_gives_up() -> None:
+    packed = gzip.compress(b"unpacked")
+
+    def respond(up: Upstream, req: Req) -> bytes:
+        if req.target == "/gzip":
+            return answer(200, packed, [("Content-Encoding", "gzip")])
+        if req.target == "/chunked":
+            return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked([b"a", b"bc"])
+        if req.target == "/empty":
+            return b"HTTP/1.1 204 No Content\r\n\r\n"
+        return answer(404, b"missing", reason="Not Found")
+
+    async def main() -> None:
+        async with Upstream(each(respond, delay=0.02)) as up:
+            client = build_client()
+            calls = [asyncio.ensure_future(fetch_get(client, up.url(path)))
+                     for path in ("/gzip", "/gone", "/chunked", "/empty", "/nope")]
+            await asyncio.sleep(0.01)
+            calls[1].cancel()  # its answer still arrives and is passed over
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert isinstance(results[1], asyncio.CancelledError)
+            assert (results[0].status, results[0].content) == (200, b"unpacked")
+            assert (results[2].status, results[2].content) == (200, b"abc")
+            assert (results[3].status, results[3].content) == (204, b"")
+            assert (results[4].status, results[4].content) == (404, b"missing")
+            assert up.accepted == 1
+            assert (await fetch_get(client, up.url("/chunked"))).content == b"abc"
+            assert up.accepted == 1
             await client.aclose()
 
     run(main)
