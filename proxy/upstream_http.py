@@ -431,9 +431,12 @@ class Http1Transport(httpx.AsyncBaseTransport):
         def ended() -> None:
             if timer is not None:
                 timer.cancel()
-            if not conn.complete and conn.answered and not conn.told_close:
-                # The upstream answered part of a pipeline, then stopped without saying so: it
-                # does not take pipelined requests. Its GETs go one at a time from now on.
+            fresh_and_closed = conn.told_close and conn.answered == 1 and conn.requests == len(batch)
+            if not conn.complete and conn.answered and (not conn.told_close or fresh_and_closed):
+                # The upstream answered part of a pipeline, then stopped without saying why, or
+                # closed a fresh connection after its first answer (it keeps none alive): its
+                # GETs go one at a time from now on. A close it announces on a connection that
+                # served before is a keep-alive limit, not a reason.
                 self._unpipelined.add(origin)
             self.done(origin, conn)
 

@@ -1259,3 +1259,25 @@ def test_pipelined_answers_of_every_framing_and_a_caller_that_gives_up() -> None
             await client.aclose()
 
     run(main)
+
+
+def test_an_upstream_that_closes_after_every_answer_gets_its_gets_one_at_a_time() -> None:
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        req = await up.read(reader, conn)
+        if req is not None:
+            writer.write(answer(200, req.target.encode(), [("Connection", "close")]))
+            await writer.drain()
+
+    async def main() -> None:
+        async with Upstream(handler) as up:
+            client = build_client()
+            replies = await asyncio.gather(*(fetch_get(client, up.url(f"/t{n}")) for n in range(4)))
+            assert [r.content for r in replies] == [f"/t{n}".encode() for n in range(4)]
+            assert len(client.transport._unpipelined) == 1  # no request is sent twice from now on
+            sent = len(up.requests)
+            replies = await asyncio.gather(*(fetch_get(client, up.url(f"/u{n}")) for n in range(4)))
+            assert [r.content for r in replies] == [f"/u{n}".encode() for n in range(4)]
+            assert len(up.requests) - sent == 4
+            await client.aclose()
+
+    run(main)
