@@ -43,7 +43,7 @@ class Task:
     finished: asyncio.Future[None] = field(default_factory=_future)  # resolved once final, error or not
     deadline: float = 0.0  # time.monotonic() when the task times out
     last_problem: str | None = None  # the last failed poll's message
-    timer: asyncio.TimerHandle | None = None  # the next poll (or the time-out), while none runs
+    timer: asyncio.TimerHandle | None = None  # the time-out, when it comes before the next poll
 
     @property
     def id(self) -> str:
@@ -67,9 +67,9 @@ def error_of(record: TaskRecord) -> ProxyError | None:
 class TaskWaiter:
     """Polls every unfinished task of this process on its own schedule.
 
-    One event-loop timer per task, not a sleeping coroutine: a poll runs as a short task when
-    its timer fires, and its answer sets the next timer. 10,000 waiting tasks then cost 10,000
-    timer handles between polls rather than 10,000 suspended coroutines (bench/README.md).
+    Event-loop timers, not a sleeping coroutine per task: a poll runs as a short task when its
+    tick's timer fires, and its answer schedules the next. 10,000 waiting tasks then cost a
+    list entry each between polls rather than a suspended coroutine (bench/README.md).
     """
 
     def __init__(self, config: TasksConfig, store: Store, owner: str,
@@ -80,6 +80,8 @@ class TaskWaiter:
         self.on_final = on_final
         self.live: dict[str, Task] = {}  # unfinished tasks of this process; finished ones are in the store
         self._running: set[asyncio.Task[None]] = set()  # polls and settlements under way
+        self._ticks: dict[int, list[Task]] = {}  # tasks whose next poll falls due in that tick
+        self._tick_timers: dict[int, asyncio.TimerHandle] = {}
 
     async def start(self, task: Task) -> Task:
         """Persist the task, then (unless it is already final) poll it in the background."""
@@ -111,19 +113,29 @@ class TaskWaiter:
         return len(self.live)
 
     def _next(self, task: Task, delay: float) -> None:
-        """Set the timer for the next poll, `delay` s from now, or for the time-out if that
-        comes first (never before a first poll: a task resumed late is asked once).
+        """Schedule the next poll, `delay` s from now, or the time-out if that comes first
+        (never before a first poll: a task resumed late is asked once).
 
-        Polls fall due on POLL_TICK boundaries, rounded up (never sooner than `delay`): those
-        of one tick go out together, pipelined on a few connections (proxy/upstream_http.py),
-        rather than one write each (bench/README.md)."""
+        Polls fall due on POLL_TICK boundaries, rounded up (never sooner than `delay`), and one
+        timer starts all the polls of a tick in one turn of the event loop: they go out
+        together, pipelined on a few connections (proxy/upstream_http.py), rather than one
+        write each (bench/README.md)."""
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         if now + delay >= task.deadline and task.polls:
             task.timer = loop.call_later(max(0.0, task.deadline - now), self._spawn, self._time_out, task)
-        else:
-            due = math.ceil((now + delay) / POLL_TICK) * POLL_TICK
-            task.timer = loop.call_later(due - now, self._spawn, self._poll, task)
+            return
+        tick = math.ceil((now + delay) / POLL_TICK)
+        due = self._ticks.get(tick)
+        if due is None:
+            due = self._ticks[tick] = []
+            self._tick_timers[tick] = loop.call_later(tick * POLL_TICK - now, self._run_tick, tick)
+        due.append(task)
+
+    def _run_tick(self, tick: int) -> None:
+        self._tick_timers.pop(tick, None)
+        for task in self._ticks.pop(tick, ()):
+            self._spawn(self._poll, task)
 
     def _spawn(self, step: Callable[[Task], Awaitable[None]], task: Task) -> None:
         task.timer = None
@@ -197,6 +209,13 @@ class TaskWaiter:
         self.live.pop(task.id, None)  # the store has it now; waiters hold the object itself
 
     async def close(self) -> None:
+        for timer in self._tick_timers.values():
+            timer.cancel()
+        for due in self._ticks.values():
+            for task in due:
+                self._abandon(task)
+        self._ticks.clear()
+        self._tick_timers.clear()
         for task in list(self.live.values()):
             if task.timer is not None:
                 task.timer.cancel()

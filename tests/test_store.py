@@ -75,3 +75,29 @@ def test_a_final_state_is_written_without_being_awaited_and_reads_see_it(tmp_pat
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_task_is_adopted_only_when_it_and_its_owner_have_gone_silent(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = SQLiteStore(str(tmp_path / "store.sqlite3"))
+        try:
+            task = record(1)
+            task.owner = "worker-a"
+            await store.save_task(task)
+            await asyncio.sleep(0.05)
+            between = time.time()
+            await asyncio.sleep(0.05)
+            await store.heartbeat("worker-a")  # one row for the process, not one per task
+            # the task's own row is older than `between`, but its owner beat after it: still its own
+            assert await store.claim_unfinished("worker-b", stale_before=between) == []
+            # both silent since: worker-b takes it over
+            (adopted,) = await store.claim_unfinished("worker-b", stale_before=time.time() + 1)
+            assert (adopted.id, adopted.owner) == ("task_1", "worker-b")
+            assert (await store.get_task("task_1")).owner == "worker-b"  # type: ignore[union-attr]
+            await store.release("worker-b")  # shutting down: claimable by anyone at once
+            (again,) = await store.claim_unfinished("worker-c", stale_before=0.0)
+            assert again.owner == "worker-c"
+        finally:
+            await store.close()
+
+    asyncio.run(main())

@@ -37,6 +37,7 @@ CREATE INDEX IF NOT EXISTS usage_task ON usage (task_id) WHERE task_id IS NOT NU
 CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, state TEXT NOT NULL, owner TEXT,
     updated REAL NOT NULL, record BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state, updated);
+CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, beat REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS idempotency (client TEXT NOT NULL, key TEXT NOT NULL, created REAL NOT NULL,
     record BLOB NOT NULL, PRIMARY KEY (client, key));
 """
@@ -209,10 +210,11 @@ class SQLiteStore:
             now = time.time()
             db.execute("BEGIN IMMEDIATE")
             try:
+                # silent: neither the task nor its owner's heartbeat is newer than stale_before
                 rows = db.execute(
-                    f"SELECT record FROM tasks WHERE {_IS_UNFINISHED} AND "
-                    f"(owner IS NULL OR updated < ? OR owner IN ({dead_marks}))",
-                    (*UNFINISHED, stale_before, *dead)).fetchall()
+                    f"SELECT record FROM tasks WHERE {_IS_UNFINISHED} AND (owner IS NULL OR owner IN ({dead_marks}) "
+                    "OR (updated < ? AND owner NOT IN (SELECT owner FROM owners WHERE beat >= ?)))",
+                    (*UNFINISHED, *dead, stale_before, stale_before)).fetchall()
                 records = [_task_decode(r[0]) for r in rows]
                 for record in records:
                     record.owner, record.updated = owner, now
@@ -227,8 +229,9 @@ class SQLiteStore:
         return await self._run(claim)
 
     async def heartbeat(self, owner: str) -> None:
-        await self._run(lambda db: db.execute(
-            f"UPDATE tasks SET updated = ? WHERE owner = ? AND {_IS_UNFINISHED}", (time.time(), owner, *UNFINISHED)))
+        """One row per process, not an update of every task it polls (10,000 rows every 10 s)."""
+        await self._run(lambda db: db.execute("INSERT OR REPLACE INTO owners (owner, beat) VALUES (?, ?)",
+                                              (owner, time.time())))
 
     async def release(self, owner: str) -> None:
         """On shutdown: unfinished tasks become claimable at once by the next process."""
@@ -239,14 +242,18 @@ class SQLiteStore:
                 record = _task_decode(blob)
                 record.owner = None
                 db.execute("UPDATE tasks SET owner = NULL, record = ? WHERE id = ?", (_task_encode(record), record.id))
+            db.execute("DELETE FROM owners WHERE owner = ?", (owner,))
 
         await self._run(release)
 
     async def purge(self, tasks_before: float, idempotency_before: float) -> None:
 
         def purge(db: sqlite3.Connection) -> None:
-            db.execute(f"DELETE FROM tasks WHERE updated < ? AND NOT {_IS_UNFINISHED}", (tasks_before, *UNFINISHED))
+            # by final state, so that the (state, updated) index finds them: no scan of every task
+            db.execute("DELETE FROM tasks WHERE state IN ('succeeded', 'failed', 'timeout') AND updated < ?",
+                       (tasks_before,))
             db.execute("DELETE FROM idempotency WHERE created < ?", (idempotency_before,))
+            db.execute("DELETE FROM owners WHERE beat < ?", (tasks_before,))  # processes long gone
 
         await self._run(purge)
 
