@@ -138,6 +138,17 @@ def each(respond: Callable[[Upstream, Req], bytes], delay: float = 0.0) -> Handl
     return handler
 
 
+def once(respond: Callable[[Upstream, Req], bytes]) -> Handler:
+    """A server that answers one request per connection, then closes it."""
+
+    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        if (req := await up.read(reader, conn)) is not None:
+            writer.write(respond(up, req))
+            await writer.drain()
+
+    return handler
+
+
 def ok(up: Upstream, req: Req) -> bytes:
     return answer(200, f"{req.method} {req.target}".encode())
 
@@ -1181,14 +1192,8 @@ def test_an_upstream_that_drops_pipelined_requests_gets_them_one_at_a_time() -> 
     """It answers the first request of a connection and closes without a word: every caller
     still gets its own answer, and later GETs to it are no longer pipelined."""
 
-    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
-        req = await up.read(reader, conn)
-        if req is not None:
-            writer.write(answer(200, req.target.encode()))
-            await writer.drain()
-
     async def main() -> None:
-        async with Upstream(handler) as up:
+        async with Upstream(once(lambda up, req: answer(200, req.target.encode()))) as up:
             client = build_client()
             replies = await asyncio.gather(*(fetch_get(client, up.url(f"/t{n}")) for n in range(4)))
             assert [r.content for r in replies] == [f"/t{n}".encode() for n in range(4)]
@@ -1262,14 +1267,8 @@ def test_pipelined_answers_of_every_framing_and_a_caller_that_gives_up() -> None
 
 
 def test_an_upstream_that_closes_after_every_answer_gets_its_gets_one_at_a_time() -> None:
-    async def handler(up: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
-        req = await up.read(reader, conn)
-        if req is not None:
-            writer.write(answer(200, req.target.encode(), [("Connection", "close")]))
-            await writer.drain()
-
     async def main() -> None:
-        async with Upstream(handler) as up:
+        async with Upstream(once(lambda up, req: answer(200, req.target.encode(), [("Connection", "close")]))) as up:
             client = build_client()
             replies = await asyncio.gather(*(fetch_get(client, up.url(f"/t{n}")) for n in range(4)))
             assert [r.content for r in replies] == [f"/t{n}".encode() for n in range(4)]
