@@ -46,6 +46,16 @@ class Reply(NamedTuple):
         return next((value for key, value in self.headers if key.lower() == name), None)
 
 
+def _decoded(status: int, headers: list[tuple[bytes, bytes]], content: bytes) -> bytes:
+    """A body with its content-encoding undone, by httpx's decoders."""
+    return httpx.Response(status, headers=headers, stream=httpx.ByteStream(content)).read()
+
+
+def _broken(exc: BaseException) -> httpx.ReadError:
+    """A connection that failed mid-answer, as httpx names it."""
+    return httpx.ReadError(str(exc) or "the upstream connection broke")
+
+
 class NotAnswered(Exception):
     """A pipelined GET the upstream never began to answer: safe to send again on its own."""
 
@@ -73,7 +83,7 @@ class _Connection(asyncio.Protocol):
         self.head_only = False
         self.received = False  # any byte of this request's answer
         self.error: BaseException | None = None
-        # a pipeline: the answers still awaited, in order, and a future for the end of it all
+        # a pipeline: the answers still awaited, in order, and what to do once it is over
         self.waiting: collections.deque[asyncio.Future[Reply]] | None = None
         self.answered = 0
         self.told_close = False  # an answer said Connection: close
@@ -155,10 +165,9 @@ class _Connection(asyncio.Protocol):
     def _answer(self) -> None:
         """A pipelined answer is complete: to its caller, and the parser state to the next."""
         assert self.waiting is not None
-        reply = Reply(self.status, self.headers, self.body_so_far())
-        if self.encoded:
-            reply = Reply(reply.status, reply.headers, httpx.Response(
-                reply.status, headers=reply.headers, stream=httpx.ByteStream(reply.content)).read())
+        content = self.body_so_far()
+        reply = Reply(self.status, self.headers, _decoded(self.status, self.headers, content) if self.encoded
+                      else content)
         future = self.waiting.popleft()
         if not future.done():  # its caller may have given up
             future.set_result(reply)
@@ -177,12 +186,16 @@ class _Connection(asyncio.Protocol):
             end()  # at once: the connection is back in the pool before any caller runs on
 
     # for the transport
-    def start_pipeline(self, futures: list[asyncio.Future[Reply]], heads: bytes, on_end: Callable[[], None]) -> None:
+    def _reset(self, requests: int, head_only: bool = False) -> None:
+        """Fresh answer state for the next request (or pipeline) on this connection."""
         self.status, self.headers, self.complete, self.received, self.error = 0, [], False, False, None
-        self.head_only = False
+        self.head_only = head_only
         self.chunks.clear()
         self.buffered = 0
-        self.requests += len(futures)
+        self.requests += requests
+
+    def start_pipeline(self, futures: list[asyncio.Future[Reply]], heads: bytes, on_end: Callable[[], None]) -> None:
+        self._reset(len(futures))
         self.waiting = collections.deque(futures)
         self.answered = 0
         self.told_close = False
@@ -191,12 +204,8 @@ class _Connection(asyncio.Protocol):
         self.transport.write(heads)
 
     def start(self, head: bytes, body: bytes, head_only: bool = False) -> None:
-        self.status, self.headers, self.complete, self.received, self.error = 0, [], False, False, None
+        self._reset(1, head_only)
         self.waiting = None
-        self.head_only = head_only
-        self.chunks.clear()
-        self.buffered = 0
-        self.requests += 1
         self._head = self.loop.create_future()
         assert self.transport is not None
         self.transport.write(head + body if len(body) < 65536 else head)
@@ -258,8 +267,7 @@ class _Connection(asyncio.Protocol):
                 future = self.waiting.popleft()
                 if not future.done():
                     if first and (self.received or isinstance(exc, httpx.ReadTimeout)):
-                        future.set_exception(exc if isinstance(exc, httpx.TransportError)
-                                             else httpx.ReadError(str(exc) or "the upstream connection broke"))
+                        future.set_exception(exc if isinstance(exc, httpx.TransportError) else _broken(exc))
                     else:
                         future.set_exception(NotAnswered())
                 first = False
@@ -291,7 +299,7 @@ class _BodyStream(httpx.AsyncByteStream):
             while (chunk := await self._conn.next_chunk(self._read_timeout)) is not None:
                 yield chunk
         except (OSError, httpx.RemoteProtocolError) as exc:
-            raise httpx.ReadError(str(exc) or "the upstream connection broke") from exc
+            raise _broken(exc) from exc
 
     async def aclose(self) -> None:
         if not self._done:
@@ -375,12 +383,12 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 self._forget(conn)
                 self._calls.release()
                 if isinstance(exc, OSError | httpx.RemoteProtocolError):
-                    raise httpx.ReadError(str(exc) or "the upstream connection broke") from exc
+                    raise _broken(exc) from exc
                 raise
             content = b"".join(parts)
         self.done(origin, conn)
         if encoded:  # httpx's decoders undo the content-encoding
-            content = httpx.Response(status, headers=headers, stream=httpx.ByteStream(content)).read()
+            content = _decoded(status, headers, content)
         return Reply(status, headers, content)
 
     def _queue_get(self, origin: Origin, head: bytes, timeouts: dict[str, float | None]) -> asyncio.Future[Reply]:
@@ -501,7 +509,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         except httpx.RemoteProtocolError as exc:
             raise httpx.RemoteProtocolError(str(exc)) from None
         except OSError as exc:
-            raise httpx.ReadError(str(exc) or "the upstream connection broke") from None
+            raise _broken(exc) from None
         finally:
             if timer is not None:
                 timer.cancel()
