@@ -80,8 +80,8 @@ class TaskWaiter:
         self.on_final = on_final
         self.live: dict[str, Task] = {}  # unfinished tasks of this process; finished ones are in the store
         self._running: set[asyncio.Task[None]] = set()  # polls and settlements under way
-        self._ticks: dict[int, list[Task]] = {}  # tasks whose next poll falls due in that tick
-        self._tick_timers: dict[int, asyncio.TimerHandle] = {}
+        # per tick: its timer, and the tasks whose next poll falls due in it
+        self._ticks: dict[int, tuple[asyncio.TimerHandle, list[Task]]] = {}
 
     async def start(self, task: Task) -> Task:
         """Persist the task, then (unless it is already final) poll it in the background."""
@@ -126,15 +126,13 @@ class TaskWaiter:
             task.timer = loop.call_later(max(0.0, task.deadline - now), self._spawn, self._time_out, task)
             return
         tick = math.ceil((now + delay) / POLL_TICK)
-        due = self._ticks.get(tick)
-        if due is None:
-            due = self._ticks[tick] = []
-            self._tick_timers[tick] = loop.call_later(tick * POLL_TICK - now, self._run_tick, tick)
-        due.append(task)
+        if tick not in self._ticks:
+            self._ticks[tick] = (loop.call_later(tick * POLL_TICK - now, self._run_tick, tick), [])
+        self._ticks[tick][1].append(task)
 
     def _run_tick(self, tick: int) -> None:
-        self._tick_timers.pop(tick, None)
-        for task in self._ticks.pop(tick, ()):
+        _, due = self._ticks.pop(tick)
+        for task in due:
             self._spawn(self._poll, task)
 
     def _spawn(self, step: Callable[[Task], Awaitable[None]], task: Task) -> None:
@@ -209,13 +207,11 @@ class TaskWaiter:
         self.live.pop(task.id, None)  # the store has it now; waiters hold the object itself
 
     async def close(self) -> None:
-        for timer in self._tick_timers.values():
+        for timer, due in self._ticks.values():
             timer.cancel()
-        for due in self._ticks.values():
             for task in due:
                 self._abandon(task)
         self._ticks.clear()
-        self._tick_timers.clear()
         for task in list(self.live.values()):
             if task.timer is not None:
                 task.timer.cancel()
