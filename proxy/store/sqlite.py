@@ -169,8 +169,7 @@ class SQLiteStore:
 
     async def save_task(self, record: TaskRecord) -> None:
         """Written and committed when this returns, together with the saves around it."""
-        record.updated = time.time()
-        self._tasks.append((record.id, record.state, record.owner, record.updated, _task_encode(record)))
+        self._queue_task(record)
         waiter = asyncio.get_running_loop().create_future()
         self._task_waiters.append(waiter)
         if not self._writing and not self._soon:
@@ -183,10 +182,13 @@ class SQLiteStore:
         way) but not waited for: its answer need not wait on the disk. Reads in this process
         flush it first; if the process dies before the write, the task is still unfinished in
         the store and the next process polls it to its end again."""
-        record.updated = time.time()
-        self._tasks.append((record.id, record.state, record.owner, record.updated, _task_encode(record)))
+        self._queue_task(record)
         if not self._writing:
             self._flush()
+
+    def _queue_task(self, record: TaskRecord) -> None:
+        record.updated = time.time()
+        self._tasks.append((record.id, record.state, record.owner, record.updated, _task_encode(record)))
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         def get(db: sqlite3.Connection) -> TaskRecord | None:
