@@ -994,7 +994,7 @@ def test_get_and_post_through_send_and_no_cookie_jar() -> None:
     run(main)
 
 
-# ---- bugs: behaviour a correct HTTP/1.1 client has and this transport lacks -------------
+# ---- 11. HEAD answers ---------------------------------------------------------------------
 
 
 def test_head_answer_with_content_length_has_no_body() -> None:
@@ -1018,7 +1018,7 @@ def test_head_answer_with_content_length_has_no_body() -> None:
     run(main)
 
 
-# ---- 8. fetch: the providers' path, and HTTPUpstream's prepared heads -----------------
+# ---- 12. fetch: the providers' path, and HTTPUpstream's prepared heads ----------------
 
 
 def raw_head(method: str, url: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> tuple[Any, bytes]:
@@ -1134,7 +1134,7 @@ def test_http_upstream_sends_the_same_prepared_head_for_repeated_polls() -> None
     run(main)
 
 
-# ---- 9. GETs asked for together go out pipelined ----------------------------------------
+# ---- 13. GETs asked for together go out pipelined ---------------------------------------
 
 
 async def fetch_get(client: UpstreamClient, url: str, timeouts: dict[str, float] = TIMEOUT) -> Any:
