@@ -5,6 +5,7 @@ inserts are not awaited by requests (`add_usage` queues them); every later read 
 them on the same thread, so budgets always see them. Task saves are awaited but committed
 in groups: those that arrive while a write is under way go together in the next one (when
 thousands of tasks end within seconds, one transaction each kept answers waiting for seconds).
+A task's final state is queued like usage: nobody waits for it.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class SQLiteStore:
         self._task_waiters: list[asyncio.Future[None]] = []
         self._writing = 0  # writes submitted and not yet done
         self._soon = False  # a flush of awaited task rows is scheduled
+        self._later = False  # a flush of what nobody waits for is scheduled, FLUSH_AFTER from its first
         self._db = self._pool.submit(self._open, path).result()
 
     @staticmethod
@@ -82,24 +84,26 @@ class SQLiteStore:
         seconds or before any other statement, so every read sees them."""
         self._pending.append((record.at, record.client, record.model, record.upstream, record.key, record.cost,
                               record.outcome, record.kind, record.task_id, record.request_id))
-        self._flush_soon()
+        self._flush_later()
 
     async def settle_usage(self, task_id: str, outcome: str, cost: float | None) -> None:
         """A task's final outcome, and the cost the upstream reported at the end, if any; queued
         like new records (thousands of tasks may end within a second), so reads see it."""
         self._settles.append((outcome, cost, task_id))
-        self._flush_soon()
+        self._flush_later()
 
-    def _flush_soon(self) -> None:
-        if len(self._pending) + len(self._settles) == 1:
-            try:
-                asyncio.get_running_loop().call_later(FLUSH_AFTER, self._flush)
-            except RuntimeError:  # called outside the event loop (tools, tests): write now
-                self._flush()
+    def _flush_later(self) -> None:
+        if self._later:
+            return
+        try:
+            asyncio.get_running_loop().call_later(FLUSH_AFTER, self._flush)
+            self._later = True
+        except RuntimeError:  # called outside the event loop (tools, tests): write now
+            self._flush()
 
     def _flush(self) -> None:
         """Submit everything queued as one transaction (before any other statement: order)."""
-        self._soon = False
+        self._soon = self._later = False
         if not self._pending and not self._settles and not self._tasks:
             return
         rows, self._pending = self._pending, []
@@ -137,8 +141,8 @@ class SQLiteStore:
                     waiter.set_result(None)
                 else:
                     waiter.set_exception(error)
-        if self._tasks and not self._writing:
-            self._flush()  # the task rows that arrived meanwhile: the next group
+        if self._task_waiters and not self._writing:
+            self._flush()  # the awaited task rows that arrived meanwhile: the next group
 
     async def spent(self, client: str, since: float) -> float:
         def total(db: sqlite3.Connection) -> float:
@@ -178,13 +182,14 @@ class SQLiteStore:
         await waiter
 
     def finish_task(self, record: TaskRecord) -> None:
-        """A task's final state, written at once (or with the next group, if a write is under
-        way) but not waited for: its answer need not wait on the disk. Reads in this process
-        flush it first; if the process dies before the write, the task is still unfinished in
-        the store and the next process polls it to its end again."""
+        """A task's final state, queued like usage and written with it, within FLUSH_AFTER
+        seconds, and not waited for: its answer need not wait on the disk. When thousands of
+        tasks end within seconds, a transaction each cost the store thread a core's fifth
+        (bench/README.md). Reads in this process flush it first; if the process dies before the
+        write, the task is still unfinished in the store and the next process polls it to its
+        end again."""
         self._queue_task(record)
-        if not self._writing:
-            self._flush()
+        self._flush_later()
 
     def _queue_task(self, record: TaskRecord) -> None:
         record.updated = time.time()
