@@ -408,14 +408,26 @@ class Http1Transport(httpx.AsyncBaseTransport):
         queued = self._queued.pop(origin, [])
         for at in range(0, len(queued), PIPELINE_DEPTH):
             batch = queued[at:at + PIPELINE_DEPTH]
+            conn = self._free_now(origin)
+            if conn is not None:  # the common case: written in this turn of the loop, with no task
+                self._start_pipeline(origin, conn, batch, timeouts)
+                continue
             runner = asyncio.ensure_future(self._pipeline(origin, batch, timeouts))
             self._pipelines.add(runner)
             runner.add_done_callback(self._pipelines.discard)
 
+    def _free_now(self, origin: Origin) -> _Connection | None:
+        """A call permit and a kept-alive connection to `origin`, if both are free right now."""
+        if self._closed or not self._idle.get(origin) or not _acquired_now(self._calls):
+            return None
+        conn = self._kept_alive(origin)
+        if conn is None:
+            self._calls.release()
+        return conn
+
     async def _pipeline(self, origin: Origin, batch: list[tuple[bytes, asyncio.Future[Reply]]],
                         timeouts: dict[str, float | None]) -> None:
-        futures = [future for _, future in batch]
-        conn: _Connection | None = None
+        """A pipeline that waits for a permit or a new connection first."""
         try:
             await self._permit(timeouts)
             try:
@@ -424,15 +436,20 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 self._calls.release()
                 raise
         except (httpx.TransportError, OSError) as exc:
-            for future in futures:
+            for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
         except BaseException:  # cancelled (shutting down): nobody is left waiting for nothing
-            for future in futures:
+            for _, future in batch:
                 if not future.done():
                     future.set_exception(NotAnswered())
             raise
+        self._start_pipeline(origin, conn, batch, timeouts)
+
+    def _start_pipeline(self, origin: Origin, conn: _Connection, batch: list[tuple[bytes, asyncio.Future[Reply]]],
+                        timeouts: dict[str, float | None]) -> None:
+        """Write the batch; the caller holds a permit and the connection, given back at its end."""
         read = timeouts.get("read")
         timer = conn.loop.call_later(read, conn.time_out) if read is not None else None
 
@@ -448,7 +465,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 self._unpipelined.add(origin)
             self.done(origin, conn)
 
-        conn.start_pipeline(futures, b"".join(head for head, _ in batch), ended)
+        conn.start_pipeline([future for _, future in batch], b"".join(head for head, _ in batch), ended)
 
     def _finish(self, origin: Origin, conn: _Connection, response: httpx.Response, content: bytes) -> None:
         """The whole body has arrived: into the response, the connection back to the pool."""
@@ -516,13 +533,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     async def _connect(self, origin: Origin, timeouts: dict[str, float | None]) -> tuple[_Connection, bool]:
         """A kept-alive connection to `origin`, or a new one; the caller holds a call permit."""
-        idle = self._idle.get(origin)
-        now = time.monotonic()
-        while idle:
-            conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < self.keepalive_expiry:
-                return conn, True
-            self._forget(conn)
+        kept = self._kept_alive(origin)
+        if kept is not None:
+            return kept, True
         if self._open >= self.max_connections:
             self._evict_one()  # calls in flight < permits, so some connection is idle
         self._open += 1
@@ -544,6 +557,16 @@ class Http1Transport(httpx.AsyncBaseTransport):
             self._open -= 1
             raise
         return conn, False
+
+    def _kept_alive(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < self.keepalive_expiry:
+                return conn
+            self._forget(conn)
+        return None
 
     def done(self, origin: Origin, conn: _Connection) -> None:
         """A call is over: its connection is kept for the next one (or closed), its permit freed."""
@@ -640,6 +663,18 @@ def build_client(max_connections: int = 1000, verify: ssl.SSLContext | bool = Tr
     )
     client._cookies = _NoCookies()  # the property setter would copy into a plain Cookies jar
     return client
+
+
+def _acquired_now(semaphore: asyncio.Semaphore) -> bool:
+    """`Semaphore.acquire` in this turn of the event loop, where it would not wait."""
+    if semaphore.locked():
+        return False
+    step = semaphore.acquire()
+    try:
+        step.send(None)  # an unlocked semaphore's acquire returns without suspending
+    except StopIteration:
+        return True
+    raise RuntimeError("an unlocked semaphore's acquire suspended")
 
 
 def origin_of(url: httpx.URL) -> Origin:
