@@ -171,6 +171,13 @@ class KeyPool:
     def note_call(self, key: UpstreamKey) -> None:
         key.calls.add(time.monotonic())
 
+    def take_now(self, key: UpstreamKey) -> bool:
+        """Count one call of `key` if it may make it now; False (nothing counted) if it must wait."""
+        if self._wait(key, time.monotonic()) > 0:
+            return False
+        self.note_call(key)
+        return True
+
     async def slot(self, key: UpstreamKey, deadline: float | None = None) -> None:
         """Wait until `key` may make one more call (polls, balance reads), then count it."""
         while True:

@@ -365,11 +365,13 @@ class Http1Transport(httpx.AsyncBaseTransport):
         `head` is the request line and header lines, up to and including the blank line
         (`head_of`); `origin` is `origin_of` the same URL. Raises httpx's transport errors.
         """
-        if method == "GET" and not body and origin not in self._unpipelined:
-            try:
-                return await self._queue_get(origin, head, timeouts)
-            except NotAnswered:  # its pipeline broke before the upstream began this one
-                pass
+        if method == "GET" and not body:
+            queued = self.queue_get(origin, head, timeouts)
+            if queued is not None:
+                try:
+                    return await queued
+                except NotAnswered:  # its pipeline broke before the upstream began this one
+                    pass
         conn = await self._send(origin, method, head, body, timeouts)
         status, headers, encoded = conn.status, conn.headers, conn.encoded
         if conn.complete:
@@ -391,11 +393,18 @@ class Http1Transport(httpx.AsyncBaseTransport):
             content = _decoded(status, headers, content)
         return Reply(status, headers, content)
 
-    def _queue_get(self, origin: Origin, head: bytes, timeouts: dict[str, float | None]) -> asyncio.Future[Reply]:
-        """GETs asked for in one turn of the event loop go out together: up to PIPELINE_DEPTH
+    def queue_get(self, origin: Origin, head: bytes,
+                  timeouts: dict[str, float | None]) -> asyncio.Future[Reply] | None:
+        """A GET with no body, sent without waiting: the future of its `Reply`, or None where it
+        must go through `fetch` (an origin that takes no pipelined requests, a closed client).
+
+        GETs asked for in one turn of the event loop go out together: up to PIPELINE_DEPTH
         of them in one write on one connection (HTTP/1.1 pipelining, answers in order).
         Polls of many tasks are such GETs; one write and one read for several polls costs a
-        fraction of one each (bench/README.md)."""
+        fraction of one each (bench/README.md). The future fails with httpx's transport errors,
+        or with NotAnswered: the upstream never began this one; send it again with `fetch`."""
+        if self._closed or origin in self._unpipelined:
+            return None
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         queued = self._queued.get(origin)
         if queued is None:

@@ -7,6 +7,7 @@ normalised result or raises `ProxyError` with an upstream kind.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, Protocol
@@ -16,7 +17,8 @@ import httpx
 import msgspec
 
 from proxy.errors import Kind, ProxyError
-from proxy.upstream_http import Origin, UpstreamClient, head_of, never_sent, origin_of, timed_out
+from proxy.upstream_http import NotAnswered as NotAnswered  # what read_poll may raise, besides ProxyError
+from proxy.upstream_http import Origin, Reply, UpstreamClient, head_of, never_sent, origin_of, timed_out
 
 ModelKind = Literal["chat", "image", "video", "audio", "other"]
 Observe = Callable[[str, str, float], None]  # (upstream, operation, seconds): latency metrics
@@ -86,6 +88,13 @@ class Provider(Protocol):
 
     async def poll(self, key: str, task_id: str) -> TaskState: ...
 
+    # The same poll in two halves, so that thousands of them need no coroutine each: queued
+    # with no wait (None where it cannot be: use `poll`), then read once `sent.reply` is done
+    # (raises ProxyError, or NotAnswered: the upstream never began it, use `poll`).
+    def send_poll(self, key: str, task_id: str) -> Sent | None: ...
+
+    def read_poll(self, task_id: str, sent: Sent) -> TaskState: ...
+
     async def balance(self, key: str) -> KeyInfo | None: ...
 
     def key_limit(self, vip_level: int | None) -> int | None:
@@ -115,6 +124,13 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 PREPARED_MAX = 32768  # request heads kept per upstream: one per waiting task and a few
+
+
+class Sent(NamedTuple):
+    """A GET under way (`HTTPUpstream.start_get`); `HTTPUpstream.answer` reads it once done."""
+    reply: asyncio.Future[Reply]
+    operation: str
+    started: float
 
 
 class _Prepared(NamedTuple):
@@ -172,13 +188,35 @@ class HTTPUpstream:
             # the transport times out connect, pool and read
             reply = await self.http.transport.fetch(prepared.origin, method, head, content, self.timeout)
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
-            self._observe(prepared.operation, started)
-            # The message names no URL or header: upstream addresses stay private.
-            sent = not never_sent(exc)
-            what = "timed out" if timed_out(exc) else "failed"
-            raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name} upstream request {what}",
-                             delivered=sent) from None
-        self._observe(prepared.operation, started)
+            raise self._failed(prepared.operation, started, exc) from None
+        return self._response(prepared.operation, started, reply)
+
+    def start_get(self, path: str, *, headers: dict[str, str] | None = None,
+                  params: dict[str, str] | None = None) -> Sent | None:
+        """A GET queued with no wait, written with the other GETs of this turn of the event
+        loop (pipelined); None where the transport cannot take it so (then `send`)."""
+        prepared = self.prepare("GET", path, headers, params, False)
+        reply = self.http.transport.queue_get(prepared.origin, prepared.head + b"\r\n", self.timeout)
+        return None if reply is None else Sent(reply, prepared.operation, time.perf_counter())
+
+    def answer(self, sent: Sent) -> Response:
+        """The answer to a started GET whose future is done, as `send` would give it; raises
+        ProxyError, or NotAnswered (the upstream never began it: `send` it again)."""
+        try:
+            reply = sent.reply.result()
+        except (httpx.HTTPError, OSError, TimeoutError) as exc:
+            raise self._failed(sent.operation, sent.started, exc) from None
+        return self._response(sent.operation, sent.started, reply)
+
+    def _failed(self, operation: str, started: float, exc: BaseException) -> ProxyError:
+        self._observe(operation, started)
+        # The message names no URL or header: upstream addresses stay private.
+        what = "timed out" if timed_out(exc) else "failed"
+        return ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name} upstream request {what}",
+                          delivered=not never_sent(exc))
+
+    def _response(self, operation: str, started: float, reply: Reply) -> Response:
+        self._observe(operation, started)
         try:
             body = _decode(reply.content) if reply.content else None
         except msgspec.DecodeError:

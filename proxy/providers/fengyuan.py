@@ -23,6 +23,7 @@ from proxy.providers.base import (
     ModelKind,
     Observe,
     Response,
+    Sent,
     TaskState,
     TaskStatus,
     as_float,
@@ -118,6 +119,10 @@ def _classify(code: Any, message: str, status: int) -> Kind:
     return Kind.UPSTREAM_UNAVAILABLE
 
 
+def _auth(key: str) -> dict[str, str]:
+    return {"x-api-key": key, "authorization": f"Bearer {key}"}
+
+
 class Fengyuan:
     has_balance = True
     def __init__(self, name: str, config: ProviderConfig, http: UpstreamClient,
@@ -128,8 +133,8 @@ class Fengyuan:
 
     async def _call(self, method: str, path: str, key: str | None, *, json: Any = None,
                     params: dict[str, str] | None = None) -> Any:
-        headers = {"x-api-key": key, "authorization": f"Bearer {key}"} if key else None
-        response = await self.upstream.send(method, path, headers=headers, json=json, params=params)
+        response = await self.upstream.send(method, path, headers=_auth(key) if key else None, json=json,
+                                            params=params)
         return self._unwrap(response)
 
     def _unwrap(self, response: Response) -> Any:
@@ -190,7 +195,15 @@ class Fengyuan:
         return state
 
     async def poll(self, key: str, task_id: str) -> TaskState:
-        data = await self._call("GET", f"api/service/task/{task_id}", key)
+        return self._poll_state(task_id, await self._call("GET", f"api/service/task/{task_id}", key))
+
+    def send_poll(self, key: str, task_id: str) -> Sent | None:
+        return self.upstream.start_get(f"api/service/task/{task_id}", headers=_auth(key))
+
+    def read_poll(self, task_id: str, sent: Sent) -> TaskState:
+        return self._poll_state(task_id, self._unwrap(self.upstream.answer(sent)))
+
+    def _poll_state(self, task_id: str, data: Any) -> TaskState:
         if not isinstance(data, dict):
             raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name}: task {task_id} answered no data")
         return self._state(data, task_id)

@@ -16,6 +16,7 @@ from proxy.providers.base import (
     ModelKind,
     Observe,
     Response,
+    Sent,
     TaskState,
     TaskStatus,
     as_float,
@@ -146,7 +147,16 @@ class Xffuw:
         return TaskState(status="pending", task_id=str(task_id), media_type=media)
 
     async def poll(self, key: str, task_id: str) -> TaskState:
-        body = await self._call("GET", "task.php", key, params={"task_id": task_id})
+        return self._poll_state(task_id, await self._call("GET", "task.php", key, params={"task_id": task_id}))
+
+    def send_poll(self, key: str, task_id: str) -> Sent | None:
+        return self.upstream.start_get("task.php", headers={"authorization": f"Bearer {key}"},
+                                       params={"task_id": task_id})
+
+    def read_poll(self, task_id: str, sent: Sent) -> TaskState:
+        return self._poll_state(task_id, self._check(self.upstream.answer(sent)))
+
+    def _poll_state(self, task_id: str, body: dict[str, Any]) -> TaskState:
         state = _STATES.get(str(body.get("state", "")).lower().strip())
         url = body.get("result_url")
         urls = [url] if isinstance(url, str) and url else []
