@@ -239,9 +239,9 @@ class Gateway:
         elif key.credits is not None:
             key.credits -= cost
 
-    async def _task_final(self, task: Task) -> None:
+    def _task_final(self, task: Task) -> None:
         outcome = {"succeeded": "ok", "failed": "failed", "timeout": "timeout"}.get(task.record.state, "failed")
-        await self.store.settle_usage(task.id, outcome, task.state.cost)
+        self.store.settle_usage(task.id, outcome, task.state.cost)
 
     # ---- background work ------------------------------------------------------------
 

@@ -9,6 +9,7 @@ for `keep_results` hours.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import secrets
 import time
@@ -20,7 +21,7 @@ import structlog
 from proxy.config import TasksConfig
 from proxy.errors import Kind, ProxyError
 from proxy.pool import KeyPool, UpstreamKey
-from proxy.providers.base import Provider, TaskState
+from proxy.providers.base import NotAnswered, Provider, Sent, TaskState
 from proxy.store import Store, TaskRecord
 
 log = structlog.get_logger("proxy.tasks")
@@ -70,7 +71,7 @@ class TaskWaiter:
     """
 
     def __init__(self, config: TasksConfig, store: Store, owner: str,
-                 on_final: Callable[[Task], Awaitable[None]]) -> None:
+                 on_final: Callable[[Task], None]) -> None:
         self.config = config
         self.store = store
         self.owner = owner  # this process, in the store: who polls which task
@@ -85,7 +86,7 @@ class TaskWaiter:
         task.record.owner = self.owner
         self.live[task.id] = task
         if task.state.final:
-            await self._settle(task)
+            self._settle(task)
             return task
         await self.store.save_task(task.record)
         task.deadline = time.monotonic() + max(0.0, task.record.deadline - time.time())
@@ -130,7 +131,7 @@ class TaskWaiter:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         if now + delay >= task.deadline and task.polls:
-            task.timer = loop.call_later(max(0.0, task.deadline - now), self._spawn, self._time_out, task)
+            task.timer = loop.call_later(max(0.0, task.deadline - now), self._time_out, task)
             return
         tick = math.ceil((now + delay) / POLL_TICK)
         if tick not in self._ticks:
@@ -140,7 +141,37 @@ class TaskWaiter:
     def _run_tick(self, tick: int) -> None:
         _, due = self._ticks.pop(tick)
         for task in due:
+            self._send_poll(task)
+
+    def _send_poll(self, task: Task) -> None:
+        """Most polls: sent from their tick's timer and read in a callback, with no coroutine
+        or asyncio task each (bench/README.md). A poll whose key must wait for its rate window,
+        or that the transport cannot pipeline, goes through `_poll` instead."""
+        task.timer = None
+        if task.pool is not None and not task.pool.take_now(task.key):
             self._spawn(self._poll, task)
+            return
+        sent = task.provider.send_poll(task.key.secret, task.record.upstream_task_id or "")
+        if sent is None:
+            self._spawn(self._poll_counted, task)
+            return
+        task.polls += 1
+        sent.reply.add_done_callback(functools.partial(self._polled, task, sent))
+
+    def _polled(self, task: Task, sent: Sent, _: object) -> None:
+        if task.ended:  # let go at shutdown meanwhile
+            return
+        try:
+            state = task.provider.read_poll(task.record.upstream_task_id or "", sent)
+        except NotAnswered:  # its pipeline broke before the upstream began it: once more, alone
+            task.polls -= 1
+            self._spawn(self._poll_counted, task)
+            return
+        except ProxyError as error:
+            self._poll_failed(task, error)
+            return
+        if self._took(task, state):
+            self._settle(task)
 
     def _spawn(self, step: Callable[[Task], Awaitable[None]], task: Task) -> None:
         task.timer = None
@@ -148,46 +179,55 @@ class TaskWaiter:
         self._running.add(runner)
         runner.add_done_callback(self._running.discard)
 
-    async def _poll(self, task: Task) -> None:
+    async def _poll(self, task: Task, counted: bool = False) -> None:
+        """A poll as a coroutine: `counted` when its call is already in the key's window."""
         try:
-            if task.pool is not None:
+            if task.pool is not None and not counted:
                 # A busy key stretches the spacing rather than exceeding its limit.
                 try:
                     await task.pool.slot(task.key, max(task.deadline, time.monotonic() + self.config.poll_interval))
                 except ProxyError:
-                    await self._time_out(task)
+                    self._time_out(task)
                     return
             task.polls += 1
             try:
                 state = await task.provider.poll(task.key.secret, task.record.upstream_task_id or "")
             except ProxyError as error:
-                # A poll that fails is not a task that failed: try again at the next interval.
-                task.last_problem = error.message
-                if task.pool is not None and error.kind is Kind.RATE_LIMITED:
-                    task.pool.failed(task.key, error)
-                log.warning("poll_failed", task_id=task.id, upstream=task.provider.name, error=error.message)
-                self._next(task, self.config.poll_interval)
+                self._poll_failed(task, error)
                 return
-            task.state = state
-            task.record.progress = state.progress
-            if state.final:
-                await self._settle(task)
-                return
-            # Counted from the answer: a slow or delayed poll never brings the next one closer.
-            self._next(task, self.config.poll_interval)
+            if self._took(task, state):
+                self._settle(task)
         except asyncio.CancelledError:
             self._abandon(task)
             raise
 
-    async def _time_out(self, task: Task) -> None:
-        try:
-            task.record.reason = f"last poll: {task.last_problem}" if task.last_problem else \
-                f"not final after {self.config.timeout:g} s"
-            task.record.state = "timeout"
-            await self._settle(task)
-        except asyncio.CancelledError:
-            self._abandon(task)
-            raise
+    async def _poll_counted(self, task: Task) -> None:
+        await self._poll(task, counted=True)
+
+    def _took(self, task: Task, state: TaskState) -> bool:
+        """A poll's answer: True when final (to settle), else the next poll is scheduled."""
+        task.state = state
+        task.record.progress = state.progress
+        if state.final:
+            return True
+        # Counted from the answer: a slow or delayed poll never brings the next one closer.
+        self._next(task, self.config.poll_interval)
+        return False
+
+    def _poll_failed(self, task: Task, error: ProxyError) -> None:
+        # A poll that fails is not a task that failed: try again at the next interval.
+        task.last_problem = error.message
+        if task.pool is not None and error.kind is Kind.RATE_LIMITED:
+            task.pool.failed(task.key, error)
+        log.warning("poll_failed", task_id=task.id, upstream=task.provider.name, error=error.message)
+        self._next(task, self.config.poll_interval)
+
+    def _time_out(self, task: Task) -> None:
+        task.timer = None
+        task.record.reason = f"last poll: {task.last_problem}" if task.last_problem else \
+            f"not final after {self.config.timeout:g} s"
+        task.record.state = "timeout"
+        self._settle(task)
 
     def _abandon(self, task: Task) -> None:
         """Shutting down: the record stays unfinished and the next process resumes it."""
@@ -205,7 +245,9 @@ class TaskWaiter:
                 waiter.set_result(None)
         task.waiters.clear()
 
-    async def _settle(self, task: Task) -> None:
+    def _settle(self, task: Task) -> None:
+        """The task's end, in this turn of the event loop: the store and the usage record are
+        queued, and the waiting requests resumed."""
         record, state = task.record, task.state
         if record.state != "timeout":
             record.state = "succeeded" if state.status == "succeeded" else "failed"
@@ -214,7 +256,7 @@ class TaskWaiter:
         task.error = error_of(record)
         try:
             self.store.finish_task(record)
-            await self.on_final(task)
+            self.on_final(task)
         except Exception as exc:  # the answer must still reach the client
             log.error("task_settle_failed", task_id=task.id, error=repr(exc))
         if not task.ended:
@@ -235,3 +277,5 @@ class TaskWaiter:
         for runner in list(self._running):
             runner.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
+        for task in list(self.live.values()):  # polls in flight with no task of their own
+            self._abandon(task)

@@ -74,7 +74,7 @@ class UsageRow(msgspec.Struct, kw_only=True):
 class Store(Protocol):
     def add_usage(self, record: UsageRecord) -> None: ...  # queued, not awaited
 
-    async def settle_usage(self, task_id: str, outcome: str, cost: float | None) -> None: ...
+    def settle_usage(self, task_id: str, outcome: str, cost: float | None) -> None: ...  # queued too
 
     async def spent(self, client: str, since: float) -> float: ...
 

@@ -86,7 +86,7 @@ class SQLiteStore:
                               record.outcome, record.kind, record.task_id, record.request_id))
         self._flush_later()
 
-    async def settle_usage(self, task_id: str, outcome: str, cost: float | None) -> None:
+    def settle_usage(self, task_id: str, outcome: str, cost: float | None) -> None:
         """A task's final outcome, and the cost the upstream reported at the end, if any; queued
         like new records (thousands of tasks may end within a second), so reads see it."""
         self._settles.append((outcome, cost, task_id))
