@@ -23,6 +23,7 @@ from proxy.errors import Kind, ProxyError
 from proxy.pool import KeyPool, UpstreamKey
 from proxy.providers.base import NotAnswered, Provider, Sent, TaskState
 from proxy.store import Store, TaskRecord
+from proxy.upstream_http import Reply
 
 log = structlog.get_logger("proxy.tasks")
 POLL_TICK = 0.005  # seconds: the polls due within one tick go out together
@@ -120,9 +121,9 @@ class TaskWaiter:
     def waiting(self) -> int:
         return len(self.live)
 
-    def _next(self, task: Task, delay: float) -> None:
-        """Schedule the next poll, `delay` s from now, or the time-out if that comes first
-        (never before a first poll: a task resumed late is asked once).
+    def _next(self, task: Task, delay: float, since: float | None = None) -> None:
+        """Schedule the next poll, `delay` s from `since` (default: now), or the time-out if
+        that comes first (never before a first poll: a task resumed late is asked once).
 
         Polls fall due on POLL_TICK boundaries, rounded up (never sooner than `delay`), and one
         timer starts all the polls of a tick in one turn of the event loop: they go out
@@ -130,10 +131,11 @@ class TaskWaiter:
         write each (bench/README.md)."""
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        if now + delay >= task.deadline and task.polls:
+        due = (now if since is None else since) + delay
+        if due >= task.deadline and task.polls:
             task.timer = loop.call_later(max(0.0, task.deadline - now), self._time_out, task)
             return
-        tick = math.ceil((now + delay) / POLL_TICK)
+        tick = math.ceil(due / POLL_TICK)
         if tick not in self._ticks:
             self._ticks[tick] = (loop.call_later(tick * POLL_TICK - now, self._run_tick, tick), [])
         self._ticks[tick][1].append(task)
@@ -158,9 +160,12 @@ class TaskWaiter:
         task.polls += 1
         sent.reply.add_done_callback(functools.partial(self._polled, task, sent))
 
-    def _polled(self, task: Task, sent: Sent, _: object) -> None:
+    def _polled(self, task: Task, sent: Sent, reply: asyncio.Future[Reply]) -> None:
         if task.ended:  # let go at shutdown meanwhile
             return
+        # The next poll counts from the moment the answer arrived, which the upstream had
+        # the poll before: not from this callback's turn, later by however busy the loop is.
+        arrived = None if reply.exception() else reply.result().at
         try:
             state = task.provider.read_poll(task.record.upstream_task_id or "", sent)
         except NotAnswered:  # its pipeline broke before the upstream began it: once more, alone
@@ -170,7 +175,7 @@ class TaskWaiter:
         except ProxyError as error:
             self._poll_failed(task, error)
             return
-        if self._took(task, state):
+        if self._took(task, state, arrived):
             self._settle(task)
 
     def _spawn(self, step: Callable[[Task], Awaitable[None]], task: Task) -> None:
@@ -204,14 +209,14 @@ class TaskWaiter:
     async def _poll_counted(self, task: Task) -> None:
         await self._poll(task, counted=True)
 
-    def _took(self, task: Task, state: TaskState) -> bool:
+    def _took(self, task: Task, state: TaskState, arrived: float | None = None) -> bool:
         """A poll's answer: True when final (to settle), else the next poll is scheduled."""
         task.state = state
         task.record.progress = state.progress
         if state.final:
             return True
         # Counted from the answer: a slow or delayed poll never brings the next one closer.
-        self._next(task, self.config.poll_interval)
+        self._next(task, self.config.poll_interval, arrived)
         return False
 
     def _poll_failed(self, task: Task, error: ProxyError) -> None:

@@ -40,6 +40,7 @@ class Reply(NamedTuple):
     status: int
     headers: list[tuple[bytes, bytes]]  # as received: names in their own case
     content: bytes  # content-encoding undone
+    at: float  # time.monotonic() when it had arrived whole
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of the header `name` (lower case)."""
@@ -167,7 +168,7 @@ class _Connection(asyncio.Protocol):
         assert self.waiting is not None
         content = self.body_so_far()
         reply = Reply(self.status, self.headers, _decoded(self.status, self.headers, content) if self.encoded
-                      else content)
+                      else content, time.monotonic())
         future = self.waiting.popleft()
         if not future.done():  # its caller may have given up
             future.set_result(reply)
@@ -391,7 +392,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self.done(origin, conn)
         if encoded:  # httpx's decoders undo the content-encoding
             content = _decoded(status, headers, content)
-        return Reply(status, headers, content)
+        return Reply(status, headers, content, time.monotonic())
 
     def queue_get(self, origin: Origin, head: bytes,
                   timeouts: dict[str, float | None]) -> asyncio.Future[Reply] | None:
