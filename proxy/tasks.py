@@ -66,9 +66,10 @@ def error_of(record: TaskRecord) -> ProxyError | None:
 class TaskWaiter:
     """Polls every unfinished task of this process on its own schedule.
 
-    Event-loop timers, not a sleeping coroutine per task: a poll runs as a short task when its
-    tick's timer fires, and its answer schedules the next. 10,000 waiting tasks then cost a
-    list entry each between polls rather than a suspended coroutine (bench/README.md).
+    Event-loop timers, not a sleeping coroutine per task: the polls due in a tick are sent by
+    its timer, and each answer, read in a callback, schedules the next. 10,000 waiting tasks
+    then cost a list entry each between polls, and a poll no coroutine or asyncio task
+    (bench/README.md).
     """
 
     def __init__(self, config: TasksConfig, store: Store, owner: str,
