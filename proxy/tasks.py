@@ -166,8 +166,8 @@ class TaskWaiter:
             return
         # The next poll counts from the moment the answer arrived, which the upstream had
         # the poll before: not from this callback's turn, later by however busy the loop is.
-        arrived = None if reply.exception() else reply.result().at
         try:
+            arrived = None if reply.exception() else reply.result().at
             state = task.provider.read_poll(task.record.upstream_task_id or "", sent)
         except NotAnswered:  # its pipeline broke before the upstream began it: once more, alone
             task.polls -= 1
@@ -175,6 +175,11 @@ class TaskWaiter:
             return
         except ProxyError as error:
             self._poll_failed(task, error)
+            return
+        except (Exception, asyncio.CancelledError) as exc:  # a bug, not the upstream: the task goes on
+            log.error("poll_unreadable", task_id=task.id, upstream=task.provider.name, error=repr(exc))
+            self._poll_failed(task, ProxyError(Kind.UPSTREAM_UNAVAILABLE,
+                                               f"{task.provider.name}: the poll's answer could not be read"))
             return
         if self._took(task, state, arrived):
             self._settle(task)
