@@ -275,18 +275,16 @@ class TaskWaiter:
         self.live.pop(task.id, None)  # the store has it now; waiters hold the object itself
 
     async def close(self) -> None:
-        for timer, due in self._ticks.values():
+        """Let go of every unfinished task (the next process resumes it) before anything else
+        runs: an answer that arrives meanwhile then schedules no poll after the close."""
+        for timer, _ in self._ticks.values():
             timer.cancel()
-            for task in due:
-                self._abandon(task)
         self._ticks.clear()
         for task in list(self.live.values()):
             if task.timer is not None:
                 task.timer.cancel()
                 task.timer = None
-                self._abandon(task)
+            self._abandon(task)
         for runner in list(self._running):
             runner.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
-        for task in list(self.live.values()):  # polls in flight with no task of their own
-            self._abandon(task)
