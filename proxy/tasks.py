@@ -23,7 +23,6 @@ from proxy.errors import Kind, ProxyError
 from proxy.pool import KeyPool, UpstreamKey
 from proxy.providers.base import NotAnswered, Provider, Sent, TaskState
 from proxy.store import Store, TaskRecord
-from proxy.upstream_http import Reply
 
 log = structlog.get_logger("proxy.tasks")
 POLL_TICK = 0.005  # seconds: the polls due within one tick go out together
@@ -161,13 +160,13 @@ class TaskWaiter:
         task.polls += 1
         sent.reply.add_done_callback(functools.partial(self._polled, task, sent))
 
-    def _polled(self, task: Task, sent: Sent, reply: asyncio.Future[Reply]) -> None:
+    def _polled(self, task: Task, sent: Sent, _: object) -> None:
         if task.ended:  # let go at shutdown meanwhile
             return
         # The next poll counts from the moment the answer arrived, which the upstream had
         # the poll before: not from this callback's turn, later by however busy the loop is.
         try:
-            arrived = None if reply.exception() else reply.result().at
+            arrived = sent.arrived()
             state = task.provider.read_poll(task.record.upstream_task_id or "", sent)
         except NotAnswered:  # its pipeline broke before the upstream began it: once more, alone
             task.polls -= 1

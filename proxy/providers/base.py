@@ -132,6 +132,11 @@ class Sent(NamedTuple):
     operation: str
     started: float
 
+    def arrived(self) -> float | None:
+        """time.monotonic() when its answer had arrived whole (None if none did), once done."""
+        reply = self.reply
+        return None if reply.cancelled() or reply.exception() else reply.result().at
+
 
 class _Prepared(NamedTuple):
     origin: Origin
