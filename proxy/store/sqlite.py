@@ -62,7 +62,7 @@ class SQLiteStore:
         self._task_waiters: list[asyncio.Future[None]] = []
         self._writing = 0  # writes submitted and not yet done
         self._soon = False  # a flush of awaited task rows is scheduled
-        self._later = False  # a flush of what nobody waits for is scheduled, FLUSH_AFTER from its first
+        self._later = False  # the FLUSH_AFTER timer for what nobody waits for is pending
         self._db = self._pool.submit(self._open, path).result()
 
     @staticmethod
@@ -96,14 +96,18 @@ class SQLiteStore:
         if self._later:
             return
         try:
-            asyncio.get_running_loop().call_later(FLUSH_AFTER, self._flush)
+            asyncio.get_running_loop().call_later(FLUSH_AFTER, self._flush_due)
             self._later = True
         except RuntimeError:  # called outside the event loop (tools, tests): write now
             self._flush()
 
+    def _flush_due(self) -> None:
+        self._later = False
+        self._flush()
+
     def _flush(self) -> None:
         """Submit everything queued as one transaction (before any other statement: order)."""
-        self._soon = self._later = False
+        self._soon = False
         if not self._pending and not self._settles and not self._tasks:
             return
         rows, self._pending = self._pending, []
