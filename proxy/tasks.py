@@ -36,12 +36,14 @@ class Task:
     pool: KeyPool | None  # None for a client's own key: no shared limits to respect
     state: TaskState
     error: ProxyError | None = None
+    cost: float = 0.0  # what the submit was recorded as costing
     polls: int = 0
     ended: bool = False  # final, error or not, or let go at shutdown
     waiters: list[asyncio.Future[None]] = field(default_factory=list)  # one per request waiting for the end
-    deadline: float = 0.0  # time.monotonic() when the task times out
+    deadline: float = 0.0  # time.monotonic() when its request times out; once late, when it is given up
     last_problem: str | None = None  # the last failed poll's message
     timer: asyncio.TimerHandle | None = None  # the time-out, when it comes before the next poll
+    late: bool = False  # its request timed out: polled every late_poll_interval until final or given up
 
     @property
     def id(self) -> str:
@@ -57,9 +59,17 @@ def error_of(record: TaskRecord) -> ProxyError | None:
         return ProxyError(Kind.TASK_FAILED, f"The upstream task {record.id} failed: "
                           f"{record.reason or 'no reason given'}", task_ids=(record.id,))
     if record.state == "timeout":
-        return ProxyError(Kind.TASK_TIMEOUT, f"The upstream task {record.id} was not finished in time"
-                          f"{': ' + record.reason if record.reason else ''}.", task_ids=(record.id,))
+        return ProxyError(Kind.TASK_TIMEOUT, f"The upstream task {record.id} was given up: "
+                          f"{record.reason or 'not final in time'}.", task_ids=(record.id,))
     return None
+
+
+def still_running(task_id: str, waited: float, problem: str | None = None) -> ProxyError:
+    """A request's timeout: its task goes on, and its result will be retrievable."""
+    why = f" (last poll: {problem})" if problem else ""
+    return ProxyError(Kind.TASK_TIMEOUT, f"The upstream task {task_id} was not finished after {waited:g} s{why}. "
+                      f"It keeps running: GET /v1/tasks/{task_id} returns its result once it is final.",
+                      task_ids=(task_id,), unfinished=True)
 
 
 class TaskWaiter:
@@ -90,29 +100,48 @@ class TaskWaiter:
             self._settle(task)
             return task
         await self.store.save_task(task.record)
-        task.deadline = time.monotonic() + max(0.0, task.record.deadline - time.time())
+        remaining = task.record.deadline - time.time()
+        if remaining > 0:
+            task.deadline = time.monotonic() + remaining
+        else:  # resumed after its request's deadline: late from the start
+            self._go_late(task)
         self._next(task, self.config.first_poll)
         return task
 
-    async def result(self, task: Task) -> TaskState:
-        """Wait for the task to end; answer its final state or raise its error.
+    async def result(self, task: Task, late_wait: float | None = None) -> TaskState:
+        """Wait for the task to end; answer its final state or raise its error. Raises the
+        timeout error when its request's deadline passes (or, for a task already late, after
+        `late_wait` seconds): the task itself goes on.
 
         Each caller waits on a future of its own, which the end resolves directly: cancelling
         the caller (client gone) leaves the polling and the other waiters alone, and the answer
         is one turn of the event loop nearer than through `shield`.
         """
         if not task.ended:
-            waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
             task.waiters.append(waiter)
+            timer = loop.call_later(late_wait, self._expire, task, waiter, late_wait) \
+                if late_wait is not None and task.late else None
             try:
                 await waiter
             except asyncio.CancelledError:
                 if waiter in task.waiters:
                     task.waiters.remove(waiter)
                 raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
         if task.error is not None:
             raise task.error
         return task.state
+
+    @staticmethod
+    def _expire(task: Task, waiter: asyncio.Future[None], waited: float) -> None:
+        if waiter in task.waiters:
+            task.waiters.remove(waiter)
+        if not waiter.done():
+            waiter.set_exception(still_running(task.id, waited, task.last_problem))
 
     async def find(self, task_id: str) -> Task | TaskRecord | None:
         return self.live.get(task_id) or await self.store.get_task(task_id)
@@ -183,6 +212,9 @@ class TaskWaiter:
         if self._took(task, state, arrived):
             self._settle(task)
 
+    def _interval(self, task: Task) -> float:
+        return self.config.late_poll_interval if task.late else self.config.poll_interval
+
     def _spawn(self, step: Callable[[Task], Awaitable[None]], task: Task) -> None:
         task.timer = None
         runner = asyncio.ensure_future(step(task))
@@ -195,7 +227,7 @@ class TaskWaiter:
             if task.pool is not None and not counted:
                 # A busy key stretches the spacing rather than exceeding its limit.
                 try:
-                    await task.pool.slot(task.key, max(task.deadline, time.monotonic() + self.config.poll_interval))
+                    await task.pool.slot(task.key, max(task.deadline, time.monotonic() + self._interval(task)))
                 except ProxyError:
                     self._time_out(task)
                     return
@@ -221,7 +253,7 @@ class TaskWaiter:
         if state.final:
             return True
         # Counted from the answer: a slow or delayed poll never brings the next one closer.
-        self._next(task, self.config.poll_interval, arrived)
+        self._next(task, self._interval(task), arrived)
         return False
 
     def _poll_failed(self, task: Task, error: ProxyError) -> None:
@@ -230,14 +262,30 @@ class TaskWaiter:
         if task.pool is not None and error.kind is Kind.RATE_LIMITED:
             task.pool.failed(task.key, error)
         log.warning("poll_failed", task_id=task.id, upstream=task.provider.name, error=error.message)
-        self._next(task, self.config.poll_interval)
+        self._next(task, self._interval(task))
 
     def _time_out(self, task: Task) -> None:
+        """Its request's deadline: the waiting requests get their 504 and the task goes on,
+        polled every late_poll_interval; once late, this is give_up_after, and the end."""
         task.timer = None
-        task.record.reason = f"last poll: {task.last_problem}" if task.last_problem else \
-            f"not final after {self.config.timeout:g} s"
-        task.record.state = "timeout"
-        self._settle(task)
+        if task.late:
+            task.record.reason = f"not final after {self.config.give_up_after:g} h" + \
+                (f"; last poll: {task.last_problem}" if task.last_problem else "")
+            task.record.state = "timeout"
+            self._settle(task)
+            return
+        waiters, task.waiters = task.waiters, []
+        for waiter in waiters:
+            if not waiter.done():  # an error each: a request adds its own task ids to it
+                waiter.set_exception(still_running(task.id, self.config.timeout, task.last_problem))
+        self._go_late(task)
+        log.info("task_late", task_id=task.id, upstream=task.provider.name)
+        self._next(task, self.config.late_poll_interval)
+
+    def _go_late(self, task: Task) -> None:
+        task.late = True
+        give_up = task.record.created + self.config.give_up_after * 3600
+        task.deadline = time.monotonic() + max(0.0, give_up - time.time())
 
     def _abandon(self, task: Task) -> None:
         """Shutting down: the record stays unfinished and the next process resumes it."""
