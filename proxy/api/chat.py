@@ -11,7 +11,7 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from proxy.api.common import authenticate, first_answer, json_body, json_response, note, runtime
+from proxy.api.common import authenticate, first_answer, hold_budget, json_body, json_response, note, runtime
 from proxy.clients import check_model
 from proxy.errors import ProxyError, bad_request
 from proxy.gateway import ChatResult
@@ -114,7 +114,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
     note(request, upstream=route.provider.name)
     check_route(route, "chat")
     check_model(caller, route)
-    await gateway.check_budget(caller, route, body.n)
+    await hold_budget(request, caller, route, body.n)
     call = ChatCall(model=route.upstream_model, messages=body.messages,
                     params={k: v for k, v in raw.items() if k not in CHAT_OWN_FIELDS})
     completion_id = "chatcmpl-" + secrets.token_urlsafe(18)

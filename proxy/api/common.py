@@ -10,6 +10,7 @@ from litestar import Request, Response
 
 from proxy.gateway import Caller
 from proxy.openai.decode import parse_object
+from proxy.router import Route
 from proxy.runtime import Runtime
 
 _encode = msgspec.json.Encoder().encode
@@ -32,6 +33,14 @@ def authenticate(request: Request[Any, Any, Any]) -> Caller:
     caller.idempotency_key = request.headers.get("idempotency-key")
     note(request, client=caller.name)
     return caller
+
+
+async def hold_budget(request: Request[Any, Any, Any], caller: Caller, route: Route, calls: int) -> None:
+    """Reserve the expected cost of `calls` upstream calls on the caller's budget (429 when it
+    cannot pay); whatever the calls do not use is released when the request ends (app.py)."""
+    reservation = await runtime(request).gateway.reserve(caller, route, calls)
+    if reservation is not None:
+        request.scope["state"]["reservation"] = reservation
 
 
 async def json_body(request: Request[Any, Any, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from litestar import Request, Response, delete, get, post
 from litestar.params import FromPath
 from litestar.response import Stream
 
-from proxy.api.common import authenticate, json_body, json_response, note, runtime
+from proxy.api.common import authenticate, hold_budget, json_body, json_response, note, runtime
 from proxy.api.completions import answer_tokens, check_text_route
 from proxy.clients import check_model
 from proxy.conversations import Conversations, Stored
@@ -135,7 +135,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
     route = await gateway.catalogue.resolve(body.model)
     check_text_route(route, "responses")
     check_model(caller, route)
-    await gateway.check_budget(caller, route, 1)
+    await hold_budget(request, caller, route, 1)
     note(request, upstream=route.provider.name)
     result = await gateway.chat(route, ChatCall(model=route.upstream_model, messages=messages,
                                                 params=_chat_params(body)), caller)
