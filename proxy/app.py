@@ -49,7 +49,13 @@ _HTTP_KINDS = {404: Kind.NOT_FOUND, 405: Kind.METHOD_NOT_ALLOWED, 413: Kind.PAYL
                415: Kind.UNSUPPORTED_MEDIA_TYPE, 401: Kind.INVALID_API_KEY}
 
 
-def _proxy_error(_: Request[Any, Any, Any], error: ProxyError) -> Response[bytes]:
+# Headers that make a POST a possible repeat of an earlier one (proxy/api/idempotency.py).
+_REPEAT_HEADERS = frozenset({b"idempotency-key", b"x-stainless-retry-count"})
+
+
+def _proxy_error(request: Request[Any, Any, Any], error: ProxyError) -> Response[bytes]:
+    if error.reflects_upstream_work:  # an answer worth keeping for a repeat of this request
+        request.scope["state"]["upstream_work"] = "unfinished" if error.unfinished else "final"
     return error_response(error)
 
 
@@ -97,7 +103,7 @@ class ProxyApp(Litestar):
             await send(message)
 
         try:
-            if scope["method"] == "POST" and any(k == b"idempotency-key" for k, _ in scope["headers"]):
+            if scope["method"] == "POST" and any(k in _REPEAT_HEADERS for k, _ in scope["headers"]):
                 await self.idempotency(super().__call__, self.state.runtime, scope, receive, send_with_id)
             else:
                 await super().__call__(scope, receive, send_with_id)
@@ -115,6 +121,9 @@ class ProxyApp(Litestar):
                     await asyncio.wait(submits, timeout=5.0)
                 await send_error(send_with_id, _restarting(state))
         finally:
+            reservation = state.get("reservation")
+            if reservation is not None:  # what the request's calls did not use of its budget hold
+                self.state.runtime.gateway.billing.release(reservation)
             access = state.get("access", {})
             # only resolved models label the counter: clients cannot invent label values
             self.state.metrics.requests.labels(access.get("client", ""), access.get("model", "") if "upstream" in access
@@ -126,8 +135,11 @@ class ProxyApp(Litestar):
 
 def _restarting(state: dict[str, Any]) -> ProxyError:
     ids = tuple(state.get("access", {}).get("task_ids") or ())
-    tasks = f" Its tasks go on: GET /v1/tasks/{{id}} for {', '.join(ids)}." if ids else ""
-    return ProxyError(Kind.RESTARTING, f"The proxy is restarting; retry shortly.{tasks}", retry_after=2.0, task_ids=ids)
+    if not ids:
+        return ProxyError(Kind.RESTARTING, "The proxy is restarting; retry shortly.", retry_after=2.0)
+    # Tasks were started and paid: a repeat would pay again, so the answer says where they are.
+    return ProxyError(Kind.RESTARTING, f"The proxy is restarting; the upstream tasks this request started go on: "
+                      f"GET /v1/tasks/{{id}} for {', '.join(ids)}.", retry_after=2.0, task_ids=ids)
 
 
 # Objects allocated between young collections; Python's default is 700.

@@ -84,7 +84,11 @@ class TasksConfig(_Table):
     poll_interval: float = 3.0
     # the first poll comes this soon after submit (never later than poll_interval)
     first_poll: float = 1.0
-    timeout: float = 600.0
+    timeout: float = 600.0  # seconds a request waits for its tasks; then 504, and the tasks go on
+    # After a request's timeout its tasks are still polled, this often, until final or give_up_after
+    # hours from their start: a task the upstream charged for is never given up while it may finish.
+    late_poll_interval: float = 30.0
+    give_up_after: float = 24.0
     keep_results: float = 24.0  # hours a finished task's result stays retrievable
 
 
@@ -92,6 +96,9 @@ class ImagesConfig(_Table):
     # b64_json downloads the result: capped in size and time
     max_download_bytes: int = 32 * 1024 * 1024
     download_timeout: float = 60.0
+    # Images uploaded for edits are kept in memory for the upstream to fetch, this much in all;
+    # each client may hold its share (this over the clients, at least one request's body).
+    uploads_max_bytes: int = 256 * 1024 * 1024
 
 
 class AuthConfig(_Table):
@@ -238,6 +245,10 @@ def _check(config: Config) -> None:
         raise ConfigError("tasks.poll_interval: must be > 0")
     if tasks.timeout <= 0:
         raise ConfigError("tasks.timeout: must be > 0")
+    if tasks.late_poll_interval < tasks.poll_interval:
+        raise ConfigError("tasks.late_poll_interval: must be >= tasks.poll_interval")
+    if tasks.give_up_after * 3600 < tasks.timeout:
+        raise ConfigError("tasks.give_up_after: must be at least tasks.timeout (it is in hours)")
     tasks.first_poll = min(max(tasks.first_poll, 0.0), tasks.poll_interval)
     if config.server.public_url is not None:
         if not re.match(r"https?://", config.server.public_url):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import calendar
 import os
 import secrets
 import socket
@@ -21,6 +20,7 @@ from typing import TypeVar
 import httpx
 import structlog
 
+from proxy.billing import Billing, Reservation, price
 from proxy.config import ClientConfig, Config
 from proxy.errors import Kind, ProxyError
 from proxy.pool import KeyPool, UpstreamKey
@@ -49,6 +49,7 @@ class Caller:
     own_key: UpstreamKey | None = None
     on_task: Callable[[str], Awaitable[None]] | None = None  # told each task id as soon as it is recorded
     submits: list[asyncio.Task[Task]] | None = None  # where to list submits in flight for this request
+    reservation: Reservation | None = None  # what this request holds of the client's budget
 
 
 @dataclass(slots=True)
@@ -77,20 +78,13 @@ def _dead_here(owner: str) -> bool:
     return False
 
 
-def period_start(period: str, now: float) -> float:
-    if period == "total":
-        return 0.0
-    t = time.gmtime(now)
-    day = 1 if period == "monthly" else t.tm_mday
-    return float(calendar.timegm((t.tm_year, t.tm_mon, day, 0, 0, 0)))
-
-
 class Gateway:
     def __init__(self, config: Config, http: UpstreamClient, store: Store, owner: str,
                  observe: Observe | None = None) -> None:
         self.http = http
         self.observe = observe
         self.store = store
+        self.billing = Billing(store)
         self.owner = owner
         self.tasks = TaskWaiter(config.tasks, store, owner, self._task_final)
         self._loops: list[asyncio.Task[None]] = []
@@ -123,37 +117,19 @@ class Gateway:
 
     # ---- money ----------------------------------------------------------------------
 
-    @staticmethod
-    def price(model: ModelInfo | None, key: UpstreamKey | None) -> float:
-        """What one call costs with this key: the catalogue price, discounted on VIP keys."""
-        if model is None or model.price is None:
-            return 0.0
-        if key is not None and model.vip_discount and (key.vip_level or 0) >= 1:
-            return model.price * model.vip_discount
-        return model.price
-
-    async def check_budget(self, caller: Caller, route: Route, calls: int) -> None:
-        client = caller.client
-        if client is None or client.budget is None:
-            return
-        spent = await self.store.spent(client.name, period_start(client.budget_period, time.time()))
-        expected = self._cheapest_price(route, caller) * calls
-        if spent + expected > client.budget or (expected == 0 and spent >= client.budget):
-            period = {"daily": "daily ", "monthly": "monthly ", "total": ""}[client.budget_period]
-            raise ProxyError(Kind.BALANCE, f"The {period}budget of {client.budget:g} for client '{client.name}' "
-                             f"is spent ({spent:g} used; this request would cost {expected:g}).",
-                             code="insufficient_quota")
-
-    def _cheapest_price(self, route: Route, caller: Caller) -> float:
-        """The lowest price a usable key would pay: the key is chosen only when the call is made."""
+    async def reserve(self, caller: Caller, route: Route, calls: int) -> Reservation | None:
+        """Hold the expected cost of `calls` upstream calls on the caller's budget (429 if it
+        cannot pay); each call settles its share, the request releases the rest at its end."""
         if caller.own_key is not None:
-            return self.price(route.model, caller.own_key)
-        keys = [k for k in self.pools[route.provider.name].keys if k.state != "disabled"]
-        return min((self.price(route.model, k) for k in keys), default=self.price(route.model, None))
+            return None  # someone's own key: no budget of ours
+        keys = self.billing.usable_keys(self.pools[route.provider.name])
+        caller.reservation = await self.billing.reserve(caller.client, route.model, keys, calls)
+        return caller.reservation
 
     def _record(self, caller: Caller, route: Route, key: UpstreamKey, cost: float, outcome: str, kind: str,
                 task_id: str | None = None) -> None:
-        self.store.add_usage(UsageRecord(
+        self.billing.call_ended(caller.reservation, caller.name, cost)
+        self.billing.record(UsageRecord(
             at=time.time(), client=caller.name, model=route.public_id, upstream=route.provider.name,
             key=key.fingerprint, cost=cost, outcome=outcome, kind=kind, task_id=task_id,
             request_id=caller.request_id))
@@ -170,17 +146,23 @@ class Gateway:
                     if error.kind is Kind.AUTH:
                         raise ProxyError(Kind.INVALID_API_KEY, f"{provider.name} refused the key you sent.") from None
                     raise
-            return await self.pools[provider.name].run(call, lambda key: self.price(route.model, key))
+            return await self.pools[provider.name].run(call, lambda key: price(route.model, key))
         except ProxyError as error:
             if error.kind is Kind.MODEL_NOT_FOUND:
                 error.param = "model"
                 self.catalogue.forget(provider.name)  # the list we routed by is out of date
+            elif error.kind is Kind.UPSTREAM_UNAVAILABLE and error.delivered:
+                error.paid = True  # a timeout, a 5xx or garbage after the call arrived: it may be charged
             raise
 
     async def chat(self, route: Route, call: ChatCall, caller: Caller) -> ChatResult:
         provider = route.provider
-        answer, key = await self._run(route, caller, lambda secret: provider.chat(secret, call))
-        cost = self.price(route.model, key)
+        try:
+            answer, key = await self._run(route, caller, lambda secret: provider.chat(secret, call))
+        except BaseException:
+            self.billing.call_ended(caller.reservation, caller.name, None)
+            raise
+        cost = price(route.model, key)
         self._spend(key, cost)
         self._record(caller, route, key, cost, "ok", "chat")
         return ChatResult(answer, key)
@@ -202,11 +184,12 @@ class Gateway:
         provider = route.provider
         try:
             state, key = await self._run(route, caller, lambda secret: provider.submit_image(secret, call))
-        except ProxyError as error:
-            if error.kind is Kind.TASK_FAILED:  # finished and failed at submit: a task all the same
+        except BaseException as error:
+            self.billing.call_ended(caller.reservation, caller.name, None)
+            if isinstance(error, ProxyError) and error.kind is Kind.TASK_FAILED:  # failed at submit: a task still
                 await self._record_failed_at_submit(route, caller, error)
             raise
-        cost = state.cost if state.cost is not None else self.price(route.model, key)
+        cost = state.cost if state.cost is not None else price(route.model, key)
         self._spend(key, cost, state.balance)
         now = time.time()
         record = TaskRecord(
@@ -216,7 +199,8 @@ class Gateway:
             deadline=now + self.config.tasks.timeout)
         self._record(caller, route, key, cost, "submitted", "image", record.id)
         pool = None if caller.own_key is not None else self.pools[provider.name]
-        task = await self.tasks.start(Task(record=record, provider=provider, key=key, pool=pool, state=state))
+        task = await self.tasks.start(Task(record=record, provider=provider, key=key, pool=pool, state=state,
+                                           cost=cost))
         if caller.on_task is not None:
             await caller.on_task(task.id)
         return task
@@ -242,6 +226,8 @@ class Gateway:
     def _task_final(self, task: Task) -> None:
         outcome = {"succeeded": "ok", "failed": "failed", "timeout": "timeout"}.get(task.record.state, "failed")
         self.store.settle_usage(task.id, outcome, task.state.cost)
+        if task.state.cost is not None:  # the upstream's final word on what it charged
+            self.billing.adjust(task.record.client, task.state.cost - task.cost)
 
     # ---- background work ------------------------------------------------------------
 
