@@ -422,19 +422,20 @@ def dumps(doc: Mapping[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", nargs="?", type=Path, default=DEFAULT_INPUT, help="OpenAI's full openapi.yaml")
-    parser.add_argument("-o", "--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
+    if not args.spec.is_file():
+        parser.error(f"no spec at {args.spec}: pass the path of OpenAI's openapi.yaml")
     raw = args.spec.read_bytes()
     parsed = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     doc = subset(parsed, hashlib.sha256(raw).hexdigest())
     _check_schemas(doc)
     text = dumps(doc).encode()
-    tmp = args.output.with_name(f"{args.output.name}.{os.getpid()}.tmp")
+    tmp = OUTPUT.with_name(f"{OUTPUT.name}.{os.getpid()}.tmp")
     tmp.write_bytes(text)
-    os.replace(tmp, args.output)
+    os.replace(tmp, OUTPUT)
     schemas, operations = len(doc["components"]["schemas"]), len(doc["operations"])
     print(
-        f"{args.output}: {doc['info']['title']} {doc['info']['version']},"
+        f"{OUTPUT}: {doc['info']['title']} {doc['info']['version']},"
         f" {schemas} schemas, {operations} paths, {len(text)} bytes",
         file=sys.stderr,
     )
