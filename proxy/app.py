@@ -167,8 +167,9 @@ def _on_sighup(runtime: Runtime) -> None:
         log.error("config_reload_refused", error=str(error))
 
 
-def create_app(config: Config, config_path: str | Path | None = None) -> Litestar:
-    """The proxy as a Litestar app; `config_path` enables /admin/reload and SIGHUP."""
+def create_app(config: Config, config_path: str | Path | None = None, workers: int = 1) -> Litestar:
+    """The proxy as a Litestar app; `config_path` enables /admin/reload and SIGHUP. `workers`
+    processes serve it together, each keeping its part of every per-key and per-client limit."""
     redact.add(config.secrets())
     setup_logging(config.log.level, config.log.format)
     metrics = Metrics()
@@ -177,10 +178,10 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         http = build_client()
         store = SQLiteStore(config.storage.path)
-        gateway = Gateway(config, http, store, owner_name(), observe=metrics.observe_upstream)
+        gateway = Gateway(config, http, store, owner_name(), observe=metrics.observe_upstream, share=workers)
         metrics.gateway = gateway
         runtime = Runtime(config=config, config_path=Path(config_path) if config_path else None, http=http,
-                          store=store, gateway=gateway, clients=Clients(config))
+                          store=store, gateway=gateway, clients=Clients(config, workers), share=workers)
         app.state.runtime = runtime
         await gateway.start()
         tune_gc()

@@ -12,7 +12,7 @@ from collections import deque
 from proxy.config import ClientConfig, Config
 from proxy.errors import Kind, ProxyError
 from proxy.gateway import Caller
-from proxy.pool import fingerprint, passthrough_key
+from proxy.pool import fingerprint, part, passthrough_key
 from proxy.router import Route
 
 NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
@@ -47,8 +47,9 @@ def match_digest(token: str, digests: list[bytes]) -> int | None:
 
 
 class Clients:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, share: int = 1) -> None:
         self.clients = list(config.clients)
+        self.share = share  # processes that each keep their part of every client's rpm
         self._digests = [digest_of(c) for c in self.clients]
         # longest prefix first, so "sk-fy-" wins over "sk-"
         self._prefixes = sorted(((p.passthrough_prefix or "", name) for name, p in config.providers.items()
@@ -86,13 +87,14 @@ class Clients:
 
     def _admit(self, client: ClientConfig) -> None:
         """Requests per minute, per client, over a sliding minute."""
-        if client.rpm is None:
+        rpm = part(client.rpm, self.share)
+        if rpm is None:
             return
         now = time.monotonic()
         calls = self._calls.setdefault(client.name, deque())
         while calls and calls[0] <= now - WINDOW:
             calls.popleft()
-        if len(calls) >= client.rpm:
+        if len(calls) >= rpm:
             raise ProxyError(Kind.RATE_LIMITED, f"Rate limit reached for client '{client.name}': "
                              f"{client.rpm} requests per minute.", retry_after=calls[0] + WINDOW - now)
         calls.append(now)

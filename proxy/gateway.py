@@ -80,8 +80,9 @@ def _dead_here(owner: str) -> bool:
 
 class Gateway:
     def __init__(self, config: Config, http: UpstreamClient, store: Store, owner: str,
-                 observe: Observe | None = None) -> None:
+                 observe: Observe | None = None, share: int = 1) -> None:
         self.http = http
+        self.share = share  # processes keeping a part each of every key's limits
         self.observe = observe
         self.store = store
         self.billing = Billing(store)
@@ -100,7 +101,8 @@ class Gateway:
         self.pools: dict[str, KeyPool] = {}
         for name, table in config.providers.items():
             provider = self.providers[name]
-            pool = KeyPool(name, table, lambda key, p=provider: p.key_limit(key.vip_level))  # type: ignore[misc]
+            pool = KeyPool(name, table, lambda key, p=provider: p.key_limit(key.vip_level),  # type: ignore[misc]
+                           share=self.share)
             if name in old_pools:
                 pool.adopt(old_pools[name])
             self.pools[name] = pool

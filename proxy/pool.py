@@ -69,6 +69,11 @@ class CallWindow:
         return 0.0
 
 
+def part(limit: int | None, share: int) -> int | None:
+    """One process's part of a limit shared by `share` processes (at least 1, so it can serve)."""
+    return None if limit is None else max(1, limit // share)
+
+
 def fingerprint(secret: str) -> str:
     """A stable, non-reversible name for a key, safe for logs and admin pages."""
     return hashlib.sha256(secret.encode()).hexdigest()[:12]
@@ -109,10 +114,13 @@ def passthrough_key(provider: str, secret: str) -> UpstreamKey:
 
 class KeyPool:
     def __init__(self, provider: str, config: ProviderConfig,
-                 limit_of: Callable[[UpstreamKey], int | None] = lambda key: None) -> None:
+                 limit_of: Callable[[UpstreamKey], int | None] = lambda key: None, share: int = 1) -> None:
         self.provider = provider
         self.config = config
         self.limit_of = limit_of  # the upstream's own limit for a key (Fengyuan: by VIP level)
+        # How many processes share each key's limits, each keeping its part (workers with no
+        # shared state): a key's limit is never exceeded by their sum.
+        self.share = share
         self.keys = [self._key(k, config) for k in config.all_keys()]
         self._rr = 0
         self._changed = asyncio.Event()
@@ -142,7 +150,11 @@ class KeyPool:
     # ---- limits ---------------------------------------------------------------------
 
     def limit(self, key: UpstreamKey) -> int | None:
-        return key.rpm if key.rpm is not None else self.limit_of(key)
+        """Calls per rate window this process may make with the key: its part of the key's limit."""
+        return part(key.rpm if key.rpm is not None else self.limit_of(key), self.share)
+
+    def concurrency(self, key: UpstreamKey) -> int | None:
+        return part(key.max_concurrent, self.share)
 
     def _window(self) -> float:
         return self.config.rate_window + WINDOW_MARGIN
@@ -211,7 +223,8 @@ class KeyPool:
                     short = True
                     continue  # cannot pay: skip it before a request is wasted on it
             wait = self._wait(key, now)
-            busy = key.max_concurrent is not None and key.in_flight >= key.max_concurrent
+            most = self.concurrency(key)
+            busy = most is not None and key.in_flight >= most
             if wait <= 0 and not busy:
                 ready.append(key)
             else:

@@ -25,6 +25,7 @@ class Runtime:
     store: Store
     gateway: Gateway
     clients: Clients
+    share: int = 1  # processes serving together, each keeping its part of every limit
 
     def reload(self) -> Config:
         """Re-read the config file: clients, keys, limits, aliases. Requests in flight keep what
@@ -33,7 +34,7 @@ class Runtime:
             raise ValueError("this proxy was not started from a config file")
         config = load_config(self.config_path)
         redact.add(config.secrets())
-        clients = Clients(config)
+        clients = Clients(config, self.share)
         clients.adopt(self.clients)
         self.gateway.configure(config)
         self.clients, self.config = clients, config
