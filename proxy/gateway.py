@@ -50,6 +50,8 @@ class Caller:
     on_task: Callable[[str], Awaitable[None]] | None = None  # told each task id as soon as it is recorded
     submits: list[asyncio.Task[Task]] | None = None  # where to list submits in flight for this request
     reservation: Reservation | None = None  # what this request holds of the client's budget
+    source: str | None = None  # the caller's address, for passthrough callers (refusals are counted)
+    on_refused_key: Callable[[str | None], None] | None = None  # told when the upstream refuses an own key
 
 
 @dataclass(slots=True)
@@ -90,6 +92,7 @@ class Gateway:
         self.tasks = TaskWaiter(config.tasks, store, owner, self._task_final)
         self._loops: list[asyncio.Task[None]] = []
         self._submits: set[asyncio.Task[Task]] = set()
+        self.parked: dict[str, TaskRecord] = {}  # own-key tasks resumed without their key
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -146,6 +149,8 @@ class Gateway:
                     return await call(caller.own_key.secret), caller.own_key
                 except ProxyError as error:
                     if error.kind is Kind.AUTH:
+                        if caller.on_refused_key is not None:
+                            caller.on_refused_key(caller.source)
                         raise ProxyError(Kind.INVALID_API_KEY, f"{provider.name} refused the key you sent.") from None
                     raise
             return await self.pools[provider.name].run(call, lambda key: price(route.model, key))
@@ -248,6 +253,12 @@ class Gateway:
         provider = self.providers.get(record.upstream)
         pool = self.pools.get(record.upstream)
         key = pool.find(record.key) if pool else None
+        if provider is not None and key is None and record.client.startswith("own-key:"):
+            # Started with a caller's own key, which the proxy never keeps: it stays unfinished
+            # until its owner asks for it again with that key (GET /v1/tasks/{id}, a repeat).
+            self.parked[record.id] = record
+            log.info("task_parked", task_id=record.id, upstream=record.upstream)
+            return
         if provider is None or pool is None or key is None:
             record.state, record.reason = "failed", "the upstream key that started it is no longer configured"
             await self.store.save_task(record)
@@ -255,6 +266,16 @@ class Gateway:
         log.info("task_resumed", task_id=record.id, upstream=record.upstream)
         state = TaskState(status="running", task_id=record.upstream_task_id)
         await self.tasks.start(Task(record=record, provider=provider, key=key, pool=pool, state=state))
+
+    async def unpark(self, task_id: str, key: UpstreamKey | None) -> None:
+        """Its owner asked again with the key that started it: poll a parked task from now on."""
+        record = self.parked.get(task_id)
+        provider = self.providers.get(record.upstream) if record is not None else None
+        if record is None or provider is None or key is None or key.fingerprint != record.key:
+            return
+        del self.parked[task_id]
+        state = TaskState(status="running", task_id=record.upstream_task_id)
+        await self.tasks.start(Task(record=record, provider=provider, key=key, pool=None, state=state))
 
     async def _housekeeping(self) -> None:
         while True:

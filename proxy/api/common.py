@@ -28,8 +28,12 @@ def note(request: Request[Any, Any, Any], **fields: Any) -> None:
 
 def authenticate(request: Request[Any, Any, Any]) -> Caller:
     """The caller, within its request rate; 401 or 429 otherwise."""
-    caller = runtime(request).clients.authenticate(request.headers.get("authorization"),
-                                                   request.scope["state"].get("request_id"))
+    clients = runtime(request).clients
+    source = request.scope.get("client")
+    caller = clients.authenticate(request.headers.get("authorization"), request.scope["state"].get("request_id"),
+                                  source[0] if source else None)
+    if caller.own_key is not None:
+        caller.on_refused_key = clients.passthrough_refused
     caller.idempotency_key = request.headers.get("idempotency-key")
     note(request, client=caller.name)
     return caller
