@@ -11,12 +11,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from proxy.providers import DIALECTS
 from proxy.struct_errors import explain
-
-PROVIDER_TYPES = ("xffuw", "fengyuan")
-# How each upstream's keys look, for [auth] passthrough. Fengyuan keys start "sk-" like most
-# client keys do, so a mistyped client key would be sent there: its prefix must be set on purpose.
-DEFAULT_PREFIXES: dict[str, str | None] = {"xffuw": "xf_", "fengyuan": None}
 
 
 class ConfigError(Exception):
@@ -57,7 +53,7 @@ class UpstreamKeyConfig(_Table):
 
 
 class ProviderConfig(_Table):
-    base_url: str
+    base_url: str = ""  # default: the dialect's own (proxy/providers/__init__.py)
     keys: list[str] = []
     key: list[UpstreamKeyConfig] = []  # [[providers.<name>.key]] tables: keys with weights and limits
     # Which upstream dialect this table speaks; defaults to the table's name, so two
@@ -212,8 +208,12 @@ def _check(config: Config) -> None:
     for name, provider in config.providers.items():
         where = f"providers.{name}"
         provider.type = provider.type or name
-        if provider.type not in PROVIDER_TYPES:
-            raise ConfigError(f"{where}.type: unknown upstream {provider.type!r}; one of {PROVIDER_TYPES}")
+        registered = DIALECTS.get(provider.type)
+        if registered is None:
+            raise ConfigError(f"{where}.type: unknown upstream {provider.type!r}; one of {tuple(DIALECTS)}")
+        provider.base_url = provider.base_url or registered.base_url or ""
+        if not provider.base_url:
+            raise ConfigError(f"{where}.base_url: required for type {provider.type!r}")
         if not re.match(r"https?://", provider.base_url):
             raise ConfigError(f"{where}.base_url: expected an http(s) URL")
         if "/" in name:
@@ -232,7 +232,7 @@ def _check(config: Config) -> None:
         if provider.rate_window <= 0:
             raise ConfigError(f"{where}.rate_window: must be > 0")
         if provider.passthrough_prefix is None:
-            provider.passthrough_prefix = DEFAULT_PREFIXES[provider.type]
+            provider.passthrough_prefix = registered.passthrough_prefix
     if config.auth.passthrough:
         for name, provider in config.providers.items():
             prefix = provider.passthrough_prefix

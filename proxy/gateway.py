@@ -24,8 +24,9 @@ from proxy.billing import Billing, Reservation, price
 from proxy.config import ClientConfig, Config
 from proxy.errors import Kind, ProxyError
 from proxy.pool import KeyPool, UpstreamKey
-from proxy.providers import build_provider
-from proxy.providers.base import ChatAnswer, ChatCall, ImageCall, ModelInfo, Observe, Provider, TaskState
+from proxy.providers import DIALECTS
+from proxy.providers.base import ChatAnswer, ChatCall, ImageCall, ModelInfo, TaskState
+from proxy.providers.engine import Observe, Provider
 from proxy.router import Catalogue, Route
 from proxy.store import Store, TaskRecord, UsageRecord
 from proxy.tasks import Task, TaskWaiter, new_task_id
@@ -100,7 +101,9 @@ class Gateway:
         old_pools = getattr(self, "pools", {})
         self.config = config
         self.providers: dict[str, Provider] = {
-            name: build_provider(name, table, self.http, self.observe) for name, table in config.providers.items()}
+            name: Provider(name, DIALECTS[table.type or name].dialect(name), table.base_url, self.http,
+                           connect_timeout=table.connect_timeout, read_timeout=table.read_timeout, observe=self.observe)
+            for name, table in config.providers.items()}
         self.pools: dict[str, KeyPool] = {}
         for name, table in config.providers.items():
             provider = self.providers[name]

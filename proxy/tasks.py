@@ -21,7 +21,8 @@ import structlog
 from proxy.config import TasksConfig
 from proxy.errors import Kind, ProxyError
 from proxy.pool import KeyPool, UpstreamKey
-from proxy.providers.base import NotAnswered, Provider, Sent, TaskState
+from proxy.providers.base import TaskState
+from proxy.providers.engine import NotAnswered, Provider, Sent
 from proxy.store import Store, TaskRecord
 
 log = structlog.get_logger("proxy.tasks")
