@@ -25,13 +25,15 @@ from proxy.api.admin import ADMIN_ROUTES
 from proxy.api.idempotency import Idempotency
 from proxy.api.images import answer_from_tasks
 from proxy.api.tasks import retrieve_task
+from proxy.balances import Balances
 from proxy.clients import Clients
 from proxy.config import Config, ConfigError
 from proxy.errors import Kind, ProxyError
-from proxy.gateway import Gateway, owner_name
+from proxy.gateway import Gateway
 from proxy.log import setup_logging
 from proxy.metrics import Metrics
 from proxy.openai.errors import error_response, send_error
+from proxy.recovery import Recovery, owner_name
 from proxy.redact import redact
 from proxy.runtime import Runtime
 from proxy.store.sqlite import SQLiteStore
@@ -180,10 +182,13 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
         store = SQLiteStore(config.storage.path)
         gateway = Gateway(config, http, store, owner_name(), observe=metrics.observe_upstream, share=workers)
         metrics.gateway = gateway
+        recovery, balances = Recovery(gateway), Balances(gateway)
         runtime = Runtime(config=config, config_path=Path(config_path) if config_path else None, http=http,
-                          store=store, gateway=gateway, clients=Clients(config, workers), share=workers)
+                          store=store, gateway=gateway, recovery=recovery, clients=Clients(config, workers),
+                          share=workers)
         app.state.runtime = runtime
-        await gateway.start()
+        await recovery.start()
+        balances.start()
         tune_gc()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
@@ -193,7 +198,9 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
         finally:
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                 loop.remove_signal_handler(signal.SIGHUP)
+            await balances.close()
             await gateway.close()
+            await recovery.close()
             await store.close()
             await http.aclose()
 

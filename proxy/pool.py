@@ -20,6 +20,7 @@ from typing import Literal, TypeVar
 
 from proxy.config import ProviderConfig, UpstreamKeyConfig
 from proxy.errors import Kind, ProxyError
+from proxy.providers.base import KeyInfo
 
 T = TypeVar("T")
 KeyState = Literal["active", "cooling", "exhausted", "disabled"]
@@ -294,6 +295,28 @@ class KeyPool:
         elif error.kind is Kind.RATE_LIMITED:
             pause = error.retry_after if error.retry_after is not None else DEFAULT_COOLDOWN
             key.state, key.until, key.reason = "cooling", now + pause, error.message
+
+    def balance_read(self, key: UpstreamKey, info: KeyInfo | None, cheapest: float) -> bool:
+        """The upstream told the key's credits: True when that brings an exhausted key back."""
+        key.checked_at = time.time()
+        if info is None:  # an answer without user data: nothing learnt this time
+            return False
+        key.credits, key.vip_level = info.credits, info.vip_level
+        if key.state == "exhausted" and (info.credits or 0) >= cheapest:
+            self.set_state(key, "active")
+            return True
+        return False
+
+    def balance_unread(self, key: UpstreamKey, error: ProxyError) -> None:
+        key.checked_at = time.time()
+        self.failed(key, error)
+
+    def spent(self, key: UpstreamKey, cost: float, balance: float | None = None) -> None:
+        """A paid call: the key's known credits go down (or are what the upstream says)."""
+        if balance is not None:
+            key.credits = balance
+        elif key.credits is not None:
+            key.credits -= cost
 
     def set_state(self, key: UpstreamKey, state: KeyState, reason: str | None = None) -> None:
         key.state, key.until, key.reason = state, 0.0, reason
