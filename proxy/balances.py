@@ -55,6 +55,8 @@ class Balances:
             pool.balance_unread(key, error)
             log.warning("balance_read_failed", upstream=name, key=key.fingerprint, error=error.message)
             return
+        finally:
+            pool.landed(key)
         if pool.balance_read(key, info, await self._cheapest(name)):
             log.info("key_recovered", upstream=name, key=key.fingerprint, credits=key.credits)
 

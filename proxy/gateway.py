@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ class Gateway:
                            share=self.share)
             if name in old_pools:
                 pool.adopt(old_pools[name])
+            pool.poll_reserve = functools.partial(self.tasks.poll_reserve, name)
             self.pools[name] = pool
         self.catalogue = Catalogue(self.providers, {name: self._fetcher(name) for name in self.providers},
                                    config.aliases, {n: t.catalogue_ttl for n, t in config.providers.items()})
@@ -185,7 +187,7 @@ class Gateway:
         self._record(caller, route, key, cost, "submitted", "image", record.id)
         pool = None if caller.own_key is not None else self.pools[provider.name]
         task = await self.tasks.start(Task(record=record, provider=provider, key=key, pool=pool, state=state,
-                                           cost=cost))
+                                           cost=cost, model=(provider.name, call.model)))
         if caller.on_task is not None:
             await caller.on_task(task.id)
         return task

@@ -59,6 +59,7 @@ class Recovery:
 
     async def start(self) -> None:
         """Resume what a previous process left; then adopt and purge on every beat."""
+        await self.gateway.tasks.durations.load()
         await self.adopt(stale_before=time.time() - ORPHANED_AFTER)
         self._loop = asyncio.create_task(self._housekeeping(), name="housekeeping")
 
