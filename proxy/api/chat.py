@@ -78,7 +78,7 @@ def _usage(request: ChatCompletionRequest, results: list[ChatResult]) -> Usage:
     completion = 0
     for result in results:
         answer = result.answer
-        calls = "".join(c.function.name + c.function.arguments for c in _tool_calls(result) or ())
+        calls = "".join(c.function.name + c.function.arguments for c in tool_calls_of(result) or ())
         completion += (answer.completion_tokens if answer.completion_tokens is not None
                        else text_tokens((answer.content or "") + calls) + 3)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
@@ -93,7 +93,7 @@ def _finish(result: ChatResult) -> str:
     return "tool_calls" if answer.tool_calls else "stop"
 
 
-def _tool_calls(result: ChatResult) -> list[ToolCall] | None:
+def tool_calls_of(result: ChatResult) -> list[ToolCall] | None:
     """The upstream's tool calls in OpenAI's shape: arguments as a JSON string, an id for each."""
     calls = result.answer.tool_calls
     if not calls:
@@ -174,7 +174,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
         first = await first_answer(calls)  # answers for n > 1 are awaited inside the stream
         note(request, key=first.key.fingerprint)
         try:
-            _tool_calls(first)  # an answer that cannot be streamed is an HTTP error while that is possible
+            tool_calls_of(first)  # an answer that cannot be streamed is an HTTP error while that is possible
         except ProxyError:
             for pending in calls:
                 pending.cancel()
@@ -188,7 +188,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
         results = list(await asyncio.gather(*(gateway.chat(route, call, caller) for _ in range(body.n))))
     note(request, key=results[0].key.fingerprint)
     choices = [Choice(index=i, message=AssistantMessage(role="assistant", content=r.answer.content, refusal=None,
-                                                        tool_calls=_tool_calls(r)),
+                                                        tool_calls=tool_calls_of(r)),
                       finish_reason=_finish(r), logprobs=None) for i, r in enumerate(results)]
     return json_response(ChatCompletion(id=completion_id, object="chat.completion", created=created,
                                         model=body.model, choices=choices, usage=_usage(body, results)))
@@ -206,7 +206,7 @@ async def _stream(request: Request[Any, Any, Any], completion_id: str, created: 
             result = await pending
             results.append(result)
             content = result.answer.content or ""
-            tool_calls = _tool_calls(result)
+            tool_calls = tool_calls_of(result)
             # OpenAI opens a tool-call answer with the role alone (its content is null)
             opening = Delta(role="assistant") if tool_calls and not content else Delta(role="assistant", content="")
             yield chunk([ChunkChoice(index=i, delta=opening, finish_reason=None)])
