@@ -48,6 +48,7 @@ async def generate(request: Request[Any, Any, Any], caller: Caller, route: Route
                    response_format: str | None) -> Response[bytes]:
     """Start n tasks at once, wait for all, answer urls or base64; shared by generations and edits."""
     gateway = runtime(request).gateway
+    response_format = response_format or runtime(request).config.images.default_format(route.public_id)
     check_model(caller, route)
     await gateway.check_budget(caller, route, n)
     started: list[str] = []
