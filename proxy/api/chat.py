@@ -46,6 +46,7 @@ _encode = msgspec.json.Encoder().encode
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_N = 8
 STREAM_PIECE = 24  # characters per streamed content chunk
+PARAM_LOGGED = 300  # characters of an error's param kept in the access log: a client may send anything
 
 
 def check_messages(messages: list[dict[str, Any]]) -> None:
@@ -139,9 +140,6 @@ def stream_failure(request: Request[Any, Any, Any], error: BaseException) -> Pro
     if error.param is not None:
         note(request, error_param=error.param[:PARAM_LOGGED])
     return error
-
-
-PARAM_LOGGED = 300  # characters of an error's param kept in the access log: a client may send anything
 
 
 STREAM_NOTE = ("With stream=true: `data: <ChatCompletionChunk>` events, a last chunk with choices [] and usage "
