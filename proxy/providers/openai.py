@@ -52,6 +52,10 @@ IMAGE_WORDS = ("dall-e", "gpt-image", "image", "flux", "stable-diffusion", "sdxl
 IMAGE_FIXED = {"n": 1}
 
 
+def as_dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def model_kind(model_id: str) -> ModelKind:
     lowered = model_id.lower()
     return "image" if any(word in lowered for word in IMAGE_WORDS) else "chat"
@@ -129,9 +133,9 @@ class OpenAICompatible(Dialect):
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name}: chat/completions answered no choices")
         first = choices[0]
-        message = first.get("message") if isinstance(first.get("message"), dict) else {}
+        message = as_dict(first.get("message"))
         tool_calls = message.get("tool_calls")
-        usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+        usage = as_dict(payload.get("usage"))
         return ChatAnswer(content=as_text(message.get("content")),
                           tool_calls=tool_calls if isinstance(tool_calls, list) and tool_calls else None,
                           finish_reason=as_text(first.get("finish_reason")),
