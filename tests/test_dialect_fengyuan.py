@@ -53,10 +53,23 @@ def test_check_success(status: int, body: dict[str, Any], payload: Any) -> None:
     assert D.check(Answer(status, body, None)) == payload
 
 
+# The page's error format, {"success": false, "message": "错误信息", "code": "ERROR_CODE"}, with
+# each status its table lists: the status decides.
+DOC_ERROR = {"success": False, "message": "错误信息", "code": "ERROR_CODE"}
+DOC_STATUSES = [(400, Kind.BAD_REQUEST), (401, Kind.AUTH), (403, Kind.BALANCE), (404, Kind.MODEL_NOT_FOUND),
+                (429, Kind.RATE_LIMITED), (500, Kind.UPSTREAM_UNAVAILABLE)]
+
+
+@pytest.mark.parametrize(("status", "kind"), DOC_STATUSES)
+def test_check_documented_error_status(status: int, kind: Kind) -> None:
+    assert refusal(D.check, Answer(status, DOC_ERROR, None)) == (kind, "fy: 错误信息", None)
+
+
 # (status, body, Retry-After) -> (kind, message); retry_after goes along whenever a body was read
 ERRORS = [
     # documented: {"success": false, "message", "code": "ERROR_CODE"} with the sim's statuses and texts
-    (401, {"success": False, "message": "API密钥无效或已过期 (invalid api key)", "code": "INVALID_API_KEY"}, None,
+    (401, {"success": False, "message": "API密钥无效或已过期 (invalid api key)", "code": "INVALID_API_KEY",
+           "request_id": "req-00000001"}, None,
      Kind.AUTH, "fy: API密钥无效或已过期 (invalid api key)"),
     (403, {"success": False, "message": "积分不足 (insufficient credits)", "code": "INSUFFICIENT_CREDITS"}, None,
      Kind.BALANCE, "fy: 积分不足 (insufficient credits)"),
@@ -82,7 +95,8 @@ ERRORS = [
     (405, {"success": False, "message": "method not allowed", "code": "METHOD_NOT_ALLOWED"}, None,
      Kind.UPSTREAM_UNAVAILABLE, "fy: method not allowed"),
     # observed: {"code": N, "message", "data": null}, usually with HTTP 200; the number decides
-    (200, {"code": 401, "message": "API密钥无效或已过期 (invalid api key)", "data": None}, None,
+    (200, {"code": 401, "message": "API密钥无效或已过期 (invalid api key)", "data": None,
+           "request_id": "req-00000002"}, None,
      Kind.AUTH, "fy: API密钥无效或已过期 (invalid api key)"),
     (200, {"code": 40001, "message": "积分不足 (insufficient credits)", "data": None}, None,
      Kind.BALANCE, "fy: 积分不足 (insufficient credits)"),

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import json
+import tomllib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +26,7 @@ from proxy.server import BackgroundServer
 from proxy.sim.assets import PNG_BYTES
 from proxy.sim.openai_compat import CHAT_PREFIX
 
+ROOT = Path(__file__).resolve().parent.parent
 ALPHA, BETA = OPENAI_COMPAT_KEYS
 LISTED = {"gpt-4o-mini", "qwen2.5-7b-instruct", "dall-e-3", "gpt-image-1", "text-embedding-3-small"}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
@@ -295,3 +298,21 @@ def test_sim_charges_each_key_its_models_price(http: httpx.Client, openai_sim: C
     assert reply.status_code == 200 and len(reply.json()["data"]) == 3
     assert openai_sim.sim.keys[BETA] == pytest.approx(100.0 - 3 * 0.04)
     assert openai_sim.sim.keys[ALPHA] == 100.0
+
+
+# ---- the documented example ---------------------------------------------------------------------
+
+
+def test_the_commented_example_table_is_a_valid_config() -> None:
+    lines = (ROOT / "config.example.toml").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# [providers.compat]"))
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#"):
+            break
+        block.append(line.removeprefix("# "))
+    raw = {"clients": [{"name": "alice", "key": CLIENT_KEY}], **tomllib.loads("\n".join(block))}
+    config = parse_config(raw, env={"COMPAT_KEY_1": "sk-one-0000", "COMPAT_KEY_2": "sk-two-0000"})
+    compat = config.providers["compat"]
+    assert (compat.type, compat.base_url, len(compat.keys), compat.rpm) == ("openai", "https://llm.example.com/v1",
+                                                                          2, 500)

@@ -47,9 +47,6 @@ ERROR_BODY_KINDS = {400: Kind.BAD_REQUEST, 404: Kind.MODEL_NOT_FOUND, 413: Kind.
 # /models gives no kind: ids with these words are image models, the rest chat.
 IMAGE_WORDS = ("dall-e", "gpt-image", "image", "flux", "stable-diffusion", "sdxl", "sd3", "midjourney",
                "seedream", "cogview", "kolors", "recraft", "ideogram")
-# What the proxy asks of every image call: one image (n images are n calls, each on its own key).
-# No response_format: GPT image models refuse it (400 unknown_parameter) and answer base64 anyway.
-IMAGE_FIXED = {"n": 1}
 
 
 def as_dict(value: Any) -> dict[str, Any]:
@@ -143,7 +140,9 @@ class OpenAICompatible(Dialect):
                           completion_tokens=as_int(usage.get("completion_tokens")))
 
     def submit_request(self, call: ImageCall) -> UpstreamCall:
-        body: dict[str, Any] = {**call.extra, "model": call.model, "prompt": call.prompt, **IMAGE_FIXED}
+        # One image a call (n images are n calls, each on a key of its own). No response_format:
+        # GPT image models refuse it (400 unknown_parameter) and answer base64 anyway.
+        body: dict[str, Any] = {**call.extra, "model": call.model, "prompt": call.prompt, "n": 1}
         if call.size:
             body["size"] = call.size
         if call.references:  # OpenAI's JSON edits: reference images by URL
