@@ -289,6 +289,10 @@ def test_sim_answers_errors_in_openais_shape_with_real_statuses(http: httpx.Clie
     sim.keys[ALPHA] = 0.0
     assert error(post("/chat/completions", chat), 429) == ("insufficient_quota", None, "insufficient_quota")
     assert sim.keys[ALPHA] == 0.0  # a refused call costs nothing
+    sim.faults.down = True  # the shared fault layer: an nginx page, logged like any answer
+    down = post("/chat/completions", chat, BETA)
+    assert (down.status_code, down.headers["content-type"]) == (503, "text/html")
+    assert sim.calls[-1].endpoint == "chat" and sim.calls[-1].status == 503
 
 
 def test_sim_charges_each_key_its_models_price(http: httpx.Client, openai_sim: CompatSim) -> None:

@@ -4,9 +4,10 @@
 Errors are OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with real statuses: 401
 ``invalid_api_key``, 429 ``rate_limit_exceeded`` (with Retry-After) or ``insufficient_quota``,
 404 ``model_not_found``, 400 ``invalid_request_error``. Each key has a balance and a rate limit;
-every call is charged at its model's price. Chat answers a tool call when ``tools`` are sent; a
-GPT image model answers base64 only and refuses ``response_format``, as OpenAI's does. Prompt
-markers (proxy/sim/faults.py): ``[blocked]``, ``[error]``, ``[delay=s]``.
+every call is charged at its model's price. Chat answers a tool call when ``tools`` are sent,
+always as one JSON body (``stream`` is not simulated: the proxy never asks for it); a GPT image
+model answers base64 only and refuses ``response_format``, as OpenAI's does. Prompt markers
+(proxy/sim/faults.py): ``[blocked]``, ``[error]``, ``[delay=s]``.
 """
 
 from __future__ import annotations
