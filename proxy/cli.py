@@ -86,7 +86,7 @@ The proxy serves {base} ; client key: {DEMO_CLIENT_KEY}
   client = OpenAI(base_url="{base}", api_key="{DEMO_CLIENT_KEY}")
   print(client.chat.completions.create(model="gpt-4o-mini",
         messages=[{{"role": "user", "content": "你好"}}]).choices[0].message.content)
-  print(client.images.generate(model="gpt-image-2", prompt="一只橘猫").data[0].url)
+  print(client.images.generate(model="dall-e-3", prompt="一只橘猫").data[0].url)
   print([m.id for m in client.models.list()])
 
   curl {base}/chat/completions -H "Authorization: Bearer {DEMO_CLIENT_KEY}" \\

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import re
@@ -88,6 +89,12 @@ class TasksConfig(_Table):
     keep_results: float = 24.0  # hours a finished task's result stays retrievable
 
 
+ImageFormat = Literal["url", "b64_json"]
+# What OpenAI answers these models with (its clients send no response_format for them and
+# expect it); consulted after [images] response_format.
+BUILT_IN_IMAGE_FORMATS: dict[str, ImageFormat] = {"gpt-image-*": "b64_json", "chatgpt-image-*": "b64_json"}
+
+
 class ImagesConfig(_Table):
     # b64_json downloads the result: capped in size and time
     max_download_bytes: int = 32 * 1024 * 1024
@@ -95,6 +102,18 @@ class ImagesConfig(_Table):
     # Images uploaded for edits are kept in memory for the upstream to fetch, this much in all;
     # each client may hold its share (this over the clients, at least one request's body).
     uploads_max_bytes: int = 256 * 1024 * 1024
+    # The response_format of a request that sends none, by the model id or alias it names
+    # (globs, first match; then BUILT_IN_IMAGE_FORMATS; else "url").
+    response_format: dict[str, ImageFormat] = {}
+
+    def default_format(self, model: str) -> ImageFormat:
+        """`model` as the client named it; "xffuw/gpt-image-2" also matches "gpt-image-*"."""
+        names = [name for name in (model.lower(), model.partition("/")[2].lower()) if name]
+        for table in (self.response_format, BUILT_IN_IMAGE_FORMATS):
+            for glob, form in table.items():
+                if any(fnmatch.fnmatchcase(name, glob.lower()) for name in names):
+                    return form
+        return "url"
 
 
 class AuthConfig(_Table):

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
-import secrets
-import socket
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ from proxy.config import ClientConfig, Config
 from proxy.errors import Kind, ProxyError
 from proxy.pool import KeyPool, UpstreamKey
 from proxy.providers import DIALECTS
-from proxy.providers.base import ChatAnswer, ChatCall, ImageCall, ModelInfo, TaskState
+from proxy.providers.base import ChatAnswer, ChatCall, ImageCall, ModelInfo
 from proxy.providers.engine import Observe, Provider
 from proxy.router import Catalogue, Route
 from proxy.store import Store, TaskRecord, UsageRecord
@@ -35,8 +33,6 @@ from proxy.upstream_http import UpstreamClient
 T = TypeVar("T")
 log = structlog.get_logger("proxy.gateway")
 
-HOUSEKEEPING_EVERY = 10.0  # seconds: heartbeat of owned tasks, adoption of orphaned ones, purge
-ORPHANED_AFTER = 60.0  # seconds without a heartbeat before another process adopts a task
 
 
 @dataclass(slots=True)
@@ -61,26 +57,6 @@ class ChatResult:
     key: UpstreamKey
 
 
-def owner_name() -> str:
-    """host:pid:random: who polls a task, in the store; host and pid tell a crashed one."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
-def _dead_here(owner: str) -> bool:
-    """An owner on this host whose process is gone: its tasks need not wait for the timeout."""
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 class Gateway:
     def __init__(self, config: Config, http: UpstreamClient, store: Store, owner: str,
                  observe: Observe | None = None, share: int = 1) -> None:
@@ -91,9 +67,7 @@ class Gateway:
         self.billing = Billing(store)
         self.owner = owner
         self.tasks = TaskWaiter(config.tasks, store, owner, self._task_final)
-        self._loops: list[asyncio.Task[None]] = []
         self._submits: set[asyncio.Task[Task]] = set()
-        self.parked: dict[str, TaskRecord] = {}  # own-key tasks resumed without their key
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -111,6 +85,7 @@ class Gateway:
                            share=self.share)
             if name in old_pools:
                 pool.adopt(old_pools[name])
+            pool.poll_reserve = functools.partial(self.tasks.poll_reserve, name)
             self.pools[name] = pool
         self.catalogue = Catalogue(self.providers, {name: self._fetcher(name) for name in self.providers},
                                    config.aliases, {n: t.catalogue_ttl for n, t in config.providers.items()})
@@ -173,7 +148,8 @@ class Gateway:
             self.billing.call_ended(caller.reservation, caller.name, None)
             raise
         cost = price(route.model, key)
-        self._spend(key, cost)
+        if caller.own_key is None:
+            self.pools[provider.name].spent(key, cost)
         self._record(caller, route, key, cost, "ok", "chat")
         return ChatResult(answer, key)
 
@@ -200,7 +176,8 @@ class Gateway:
                 await self._record_failed_at_submit(route, caller, error)
             raise
         cost = state.cost if state.cost is not None else price(route.model, key)
-        self._spend(key, cost, state.balance)
+        if caller.own_key is None:
+            self.pools[provider.name].spent(key, cost, state.balance)
         now = time.time()
         record = TaskRecord(
             id=new_task_id(), client=caller.name, request_id=caller.request_id,
@@ -210,7 +187,7 @@ class Gateway:
         self._record(caller, route, key, cost, "submitted", "image", record.id)
         pool = None if caller.own_key is not None else self.pools[provider.name]
         task = await self.tasks.start(Task(record=record, provider=provider, key=key, pool=pool, state=state,
-                                           cost=cost))
+                                           cost=cost, model=(provider.name, call.model)))
         if caller.on_task is not None:
             await caller.on_task(task.id)
         return task
@@ -227,120 +204,11 @@ class Gateway:
         if caller.on_task is not None:
             await caller.on_task(record.id)
 
-    def _spend(self, key: UpstreamKey, cost: float, balance: float | None = None) -> None:
-        if balance is not None:
-            key.credits = balance
-        elif key.credits is not None:
-            key.credits -= cost
-
     def _task_final(self, task: Task) -> None:
         outcome = {"succeeded": "ok", "failed": "failed", "timeout": "timeout"}.get(task.record.state, "failed")
         self.store.settle_usage(task.id, outcome, task.state.cost)
         if task.state.cost is not None:  # the upstream's final word on what it charged
             self.billing.adjust(task.record.client, task.state.cost - task.cost)
-
-    # ---- background work ------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Resume unfinished tasks left by a previous process; start the background loops."""
-        await self._adopt(stale_before=time.time() - ORPHANED_AFTER)
-        self._loops = [asyncio.create_task(self._housekeeping(), name="housekeeping"),
-                       asyncio.create_task(self._balances(), name="balances")]
-
-    async def _adopt(self, stale_before: float) -> None:
-        dead = [o for o in await self.store.unfinished_owners() if o != self.owner and _dead_here(o)]
-        for record in await self.store.claim_unfinished(self.owner, stale_before, dead):
-            await self._resume(record)
-
-    async def _resume(self, record: TaskRecord) -> None:
-        provider = self.providers.get(record.upstream)
-        pool = self.pools.get(record.upstream)
-        key = pool.find(record.key) if pool else None
-        if provider is not None and key is None and record.client.startswith("own-key:"):
-            # Started with a caller's own key, which the proxy never keeps: it stays unfinished
-            # until its owner asks for it again with that key (GET /v1/tasks/{id}, a repeat).
-            self.parked[record.id] = record
-            log.info("task_parked", task_id=record.id, upstream=record.upstream)
-            return
-        if provider is None or pool is None or key is None:
-            record.state, record.reason = "failed", "the upstream key that started it is no longer configured"
-            await self.store.save_task(record)
-            return
-        log.info("task_resumed", task_id=record.id, upstream=record.upstream)
-        state = TaskState(status="running", task_id=record.upstream_task_id)
-        await self.tasks.start(Task(record=record, provider=provider, key=key, pool=pool, state=state))
-
-    async def unpark(self, task_id: str, key: UpstreamKey | None) -> None:
-        """Its owner asked again with the key that started it: poll a parked task from now on."""
-        record = self.parked.get(task_id)
-        provider = self.providers.get(record.upstream) if record is not None else None
-        if record is None or provider is None or key is None or key.fingerprint != record.key:
-            return
-        del self.parked[task_id]
-        state = TaskState(status="running", task_id=record.upstream_task_id)
-        await self.tasks.start(Task(record=record, provider=provider, key=key, pool=None, state=state))
-
-    async def _housekeeping(self) -> None:
-        while True:
-            await asyncio.sleep(HOUSEKEEPING_EVERY)
-            try:
-                await self.store.heartbeat(self.owner)
-                await self._adopt(stale_before=time.time() - ORPHANED_AFTER)
-                now = time.time()
-                await self.store.purge(now - self.config.tasks.keep_results * 3600,
-                                       now - self.config.storage.idempotency_hours * 3600)
-            except Exception as exc:
-                log.error("housekeeping_failed", error=repr(exc))
-
-    async def _balances(self) -> None:
-        """Read each key's credits and VIP level at start and every balance_interval; bring
-        exhausted keys back as soon as their credits can pay again."""
-        while True:
-            for name, pool in list(self.pools.items()):
-                if not self.providers[name].has_balance:
-                    continue
-                for key in list(pool.keys):
-                    if self._balance_due(pool, key):
-                        await self._read_balance(name, pool, key)
-            await asyncio.sleep(self._balance_tick())
-
-    def _balance_tick(self) -> float:
-        periods = [min(t.balance_interval, t.recheck_after) for t in self.config.providers.values()] or [30.0]
-        return min(30.0, max(0.1, min(periods) / 4))
-
-    def _balance_due(self, pool: KeyPool, key: UpstreamKey) -> bool:
-        if key.state == "disabled":
-            return False
-        if key.checked_at is None:
-            return True
-        age = time.time() - key.checked_at
-        if key.state == "exhausted":
-            return age >= pool.config.recheck_after
-        return age >= pool.config.balance_interval
-
-    async def _read_balance(self, name: str, pool: KeyPool, key: UpstreamKey) -> None:
-        try:
-            await pool.slot(key, time.monotonic() + 5.0)
-        except ProxyError:
-            return  # the key is busy up to its limit: read it next round, it refused nothing
-        try:
-            info = await self.providers[name].balance(key.secret)
-        except ProxyError as error:
-            key.checked_at = time.time()
-            pool.failed(key, error)
-            log.warning("balance_read_failed", upstream=name, key=key.fingerprint, error=error.message)
-            return
-        key.checked_at = time.time()
-        if info is None:  # an answer without user data: nothing learnt this time
-            return
-        key.credits, key.vip_level = info.credits, info.vip_level
-        if key.state == "exhausted" and (info.credits or 0) >= await self._cheapest(name):
-            pool.set_state(key, "active")
-            log.info("key_recovered", upstream=name, key=key.fingerprint, credits=info.credits)
-
-    async def _cheapest(self, name: str) -> float:
-        models = [m for m in await self.catalogue.models_of(name) if m.price]
-        return min((m.price or 0.0 for m in models), default=0.0) or 1e-9
 
     # ---- administration -------------------------------------------------------------
 
@@ -388,11 +256,9 @@ class Gateway:
         return base64.b64encode(b"".join(chunks)).decode("ascii")
 
     async def close(self) -> None:
-        for loop in self._loops:
-            loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
-        if self._submits:  # submits in flight end recorded, to be resumed by the next process
+        """Submits in flight end recorded, then every unfinished task is let go (the next
+        process resumes it)."""
+        if self._submits:
             longest = max(t.connect_timeout + t.read_timeout for t in self.config.providers.values())
             await asyncio.wait(list(self._submits), timeout=longest)
         await self.tasks.close()
-        await self.store.release(self.owner)

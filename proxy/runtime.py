@@ -10,6 +10,7 @@ import structlog
 from proxy.clients import Clients
 from proxy.config import Config, load_config
 from proxy.gateway import Gateway
+from proxy.recovery import Recovery
 from proxy.redact import redact
 from proxy.store import Store
 from proxy.upstream_http import UpstreamClient
@@ -24,6 +25,7 @@ class Runtime:
     http: UpstreamClient
     store: Store
     gateway: Gateway
+    recovery: Recovery
     clients: Clients
     share: int = 1  # processes serving together, each keeping its part of every limit
 

@@ -112,6 +112,8 @@ def proxy_config(sims: Sims, tmp_path: Any) -> dict[str, Any]:
         },
         "tasks": {"poll_interval": 0.2, "first_poll": 0.05, "timeout": 10},
         "aliases": {"dall-e-3": "xffuw/gpt-image-2", "my-chat": "gpt-4o-mini"},
+        # The suite's image tests read URLs; the gpt-image-* default (b64_json) is tested in test_images.py.
+        "images": {"response_format": {"gpt-image-*": "url"}},
         "log": {"format": "json"},
         "storage": {"path": str(tmp_path / "proxy.sqlite3")},
     }

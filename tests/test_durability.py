@@ -518,8 +518,8 @@ def test_sigterm_lets_requests_in_flight_finish_and_leaves_the_rest_resumable(
     proxy_config["storage"]["path"] = str(store)
     resumed_at = time.monotonic()
     successor = start_proxy(proxy_config)
-    wait_for(lambda: any(c.endpoint == "task" and c.at > resumed_at for c in sims.fengyuan.calls), 3,
-             "a poll from the next process")
+    wait_for(lambda: any(c.endpoint in ("task", "task_list") and c.at > resumed_at for c in sims.fengyuan.calls),
+             3, "a poll from the next process")
     view = get_task(successor.url, left.id).json()
     assert view["status"] in UNFINISHED and view["upstream"] == "fengyuan"
     assert sims.fengyuan.count("invoke") == 1

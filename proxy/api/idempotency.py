@@ -160,7 +160,7 @@ class Idempotency:
             if existing.done or existing.task_ids:
                 own_key = runtime.clients.own_key(_header(scope, b"authorization"))
                 for task_id in existing.task_ids if own_key is not None and not existing.done else ():
-                    await runtime.gateway.unpark(task_id, own_key)  # its owner is back with its key
+                    await runtime.recovery.unpark(task_id, own_key)  # its owner is back with its key
                 return await self._answer_repeat(runtime, send, existing)
             if time.time() - existing.created < ABANDONED_AFTER:
                 await send_error(send, ProxyError(

@@ -55,6 +55,7 @@ async def generate(request: Request[Any, Any, Any], caller: Caller, route: Route
     """Start n tasks at once, wait for all, answer urls or base64; shared by generations and edits,
     which `admit` the request first."""
     gateway = runtime(request).gateway
+    response_format = response_format or runtime(request).config.images.default_format(route.public_id)
     started: list[str] = []
     note(request, task_ids=started)
     on_tasks = request.scope["state"].get("on_tasks")  # an Idempotency-Key wants to know them

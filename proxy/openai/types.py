@@ -64,7 +64,7 @@ class ToolCallFunction(_Out):
 
 class ToolCall(_Out):
     id: str
-    type: str
+    type: Literal["function"]
     function: ToolCallFunction
 
 
@@ -92,10 +92,25 @@ class ChatCompletion(_Out):
     system_fingerprint: str | None = None
 
 
+class ToolCallChunkFunction(_Out):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallChunk(_Out):
+    """One tool call's piece in a stream: the first piece has id, type and name; later ones
+    only index and more arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallChunkFunction | None = None
+
+
 class Delta(_Out):
     role: str | None = None
     content: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallChunk] | None = None
 
 
 class ChunkChoice(_Out):

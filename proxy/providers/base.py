@@ -78,6 +78,13 @@ class UpstreamCall(NamedTuple):
     json: Any = None  # the body, sent as JSON
 
 
+class TaskList(NamedTuple):
+    """One page of a key's tasks (an upstream that lists them): what each says, by its id."""
+
+    tasks: list[TaskState]  # a finished one may have no URLs: its result is read with a poll
+    full: bool  # the page was full: older tasks may be on the next
+
+
 class Answer(NamedTuple):
     """An upstream's answer, as the dialect's `check` reads it."""
 
@@ -130,6 +137,15 @@ class Dialect:
 
     def parse_poll(self, task_id: str, payload: Any) -> TaskState:
         raise NotImplementedError
+
+    def list_request(self, page: int) -> UpstreamCall | None:
+        """A page (from 1) of the key's tasks, newest first, for one call to poll many; None:
+        the upstream has no such list, every task is polled on its own."""
+        return None
+
+    def parse_list(self, payload: Any) -> TaskList | None:
+        """None when the answer is not a list this dialect can read."""
+        return None
 
     def balance_request(self) -> UpstreamCall | None:
         return None

@@ -26,6 +26,7 @@ from proxy.providers.base import (
     ImageCall,
     KeyInfo,
     ModelInfo,
+    TaskList,
     TaskState,
     UpstreamCall,
     parse_retry_after,
@@ -198,6 +199,24 @@ class Provider:
 
     def read_poll(self, task_id: str, sent: Sent) -> TaskState:
         return self.dialect.parse_poll(task_id, self.dialect.check(self.upstream.answer(sent)))
+
+    @property
+    def lists_tasks(self) -> bool:
+        return self.dialect.list_request(1) is not None
+
+    def send_list(self, key: str, page: int) -> Sent | None:
+        """A page of the key's tasks, queued like a poll; None where it cannot be (use `list_tasks`)."""
+        request = self.dialect.list_request(page)
+        if request is None:
+            return None
+        return self.upstream.start_get(request.path, headers=self.dialect.auth(key), params=request.params)
+
+    def read_list(self, sent: Sent) -> TaskList | None:
+        return self.dialect.parse_list(self.dialect.check(self.upstream.answer(sent)))
+
+    async def list_tasks(self, key: str, page: int) -> TaskList | None:
+        request = self.dialect.list_request(page)
+        return None if request is None else self.dialect.parse_list(await self.call(request, key))
 
     async def balance(self, key: str) -> KeyInfo | None:
         request = self.dialect.balance_request()

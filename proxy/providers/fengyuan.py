@@ -19,6 +19,7 @@ from proxy.providers.base import (
     KeyInfo,
     ModelInfo,
     ModelKind,
+    TaskList,
     TaskState,
     TaskStatus,
     UpstreamCall,
@@ -131,13 +132,15 @@ def classify(code: Any, message: str, status: int) -> Kind:
     return Kind.BAD_REQUEST if status == 400 else Kind.UPSTREAM_UNAVAILABLE
 
 
-def task_state(data: dict[str, Any], task_id: str | None) -> TaskState:
-    """A task as the invoke, detail and list endpoints describe it."""
+def task_state(data: dict[str, Any], task_id: str | None, whole: bool = True) -> TaskState:
+    """A task as the invoke, detail and list endpoints describe it. `whole`: the answer is the
+    task's full record, so a finished task without a result URL has failed (a list entry may
+    leave its result out: it stays "succeeded" with no URLs, to be read in full)."""
     raw_id = data.get("task_id") or data.get("id") or task_id
     status = STATES.get(str(data.get("status", "")).lower().strip(), "running")
     urls = collect_urls(data) if status == "succeeded" else []
     reason = None
-    if status == "succeeded" and not urls:
+    if status == "succeeded" and not urls and whole:
         status, reason = "failed", "the task finished without a result URL"
     elif status == "failed":
         reason = next((str(data[k]) for k in REASON_KEYS if data.get(k)), None)
@@ -205,19 +208,19 @@ class Fengyuan(Dialect):
             raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name}: task {task_id} answered no data")
         return task_state(payload, task_id)
 
-    def list_request(self, page: int, limit: int = LIST_LIMIT) -> UpstreamCall:
+    def list_request(self, page: int) -> UpstreamCall:
         """One page of the key's tasks, newest first."""
-        return UpstreamCall("GET", "api/task/list", params={"page": str(page), "limit": str(limit)})
+        return UpstreamCall("GET", "api/task/list", params={"page": str(page), "limit": str(LIST_LIMIT)})
 
-    def parse_list(self, payload: Any) -> list[TaskState] | None:
+    def parse_list(self, payload: Any) -> TaskList | None:
         """The tasks of a list page (each with its id), or None when the shape is not one we know."""
         tasks = payload
         if isinstance(payload, dict):
             tasks = next((v for k in LIST_KEYS if isinstance(v := payload.get(k), list)), None)
         if not isinstance(tasks, list):
             return None
-        states = [task_state(t, None) for t in tasks if isinstance(t, dict)]
-        return [s for s in states if s.task_id is not None]
+        states = [task_state(t, None, whole=False) for t in tasks if isinstance(t, dict)]
+        return TaskList([s for s in states if s.task_id is not None], full=len(tasks) >= LIST_LIMIT)
 
     def balance_request(self) -> UpstreamCall:
         return UpstreamCall("GET", "api/user/info")
