@@ -562,8 +562,9 @@ def test_parse_poll_without_data(payload: Any) -> None:
 
 
 def test_list_request() -> None:
+    # a full page every time (the page size the docs allow at most): one call polls many tasks
     assert D.list_request(1) == UpstreamCall("GET", "api/task/list", params={"page": "1", "limit": "100"})
-    assert D.list_request(3, 20) == UpstreamCall("GET", "api/task/list", params={"page": "3", "limit": "20"})
+    assert D.list_request(3) == UpstreamCall("GET", "api/task/list", params={"page": "3", "limit": "100"})
 
 
 ROWS = [{"id": "task_1", "status": "completed", "result_url": URL},
@@ -584,12 +585,29 @@ LIST_SHAPES = [
     ({"tasks": ROWS[:1], "list": ROWS}, LISTED[:1]),
     # rows without an id, or not objects, are left out
     ({"tasks": [*ROWS, {"status": "completed"}, "task_9", None, {"id": "", "status": "pending"}]}, LISTED),
+    # a list entry may leave a finished task's result out: still succeeded, read in full by a poll
+    ({"tasks": [{"id": "task_4", "status": "completed"}, {"task_id": "task_5", "status": "success"}]},
+     [TaskState(status="succeeded", task_id="task_4"), TaskState(status="succeeded", task_id="task_5")]),
+    # the sim's rows, whole
+    ({"list": [{"task_id": "task_a", "status": "success", "progress": 100, "service_code": "image_generation",
+                "cost": 20.0, "image_urls": [URL], "queue_position": 0, "meta": META}], "total": 1, "page": 1,
+      "limit": 100},
+     [TaskState(status="succeeded", task_id="task_a", urls=[URL], progress=100.0, cost=20.0)]),
 ]
 
 
 @pytest.mark.parametrize(("payload", "states"), LIST_SHAPES, ids=[str(i) for i in range(len(LIST_SHAPES))])
 def test_parse_list(payload: Any, states: list[TaskState]) -> None:
-    assert D.parse_list(payload) == states
+    page = D.parse_list(payload)
+    assert page is not None and page.tasks == states and page.full is False
+
+
+@pytest.mark.parametrize(("rows", "full"), [(99, False), (100, True), (101, True)])
+def test_parse_list_page_is_full_at_the_page_size(rows: int, full: bool) -> None:
+    # counted over the rows the page held, readable or not: older tasks may be on the next page
+    payload = {"tasks": [{"id": f"t{i}", "status": "pending"} for i in range(rows - 1)] + [{"status": "x"}]}
+    page = D.parse_list(payload)
+    assert page is not None and (len(page.tasks), page.full) == (rows - 1, full)
 
 
 @pytest.mark.parametrize("payload", [{"total": 0}, {"tasks": {}}, {"list": "x"}, {}, None, "x", 5])

@@ -360,3 +360,8 @@ def test_no_balance_endpoint_and_no_known_limit() -> None:
     assert D.balance_request() is None
     assert D.parse_balance({"credits": 1}) is None
     assert [D.key_limit(v) for v in (None, 0, 1)] == [None, None, None]
+
+
+def test_no_task_list() -> None:
+    assert D.list_request(1) is None  # every task is polled on its own
+    assert D.parse_list({"tasks": []}) is None

@@ -215,12 +215,24 @@ def test_chat_request(params: dict[str, Any], body: dict[str, Any]) -> None:
 
 
 TOOL_CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+XF_CALL = {"id": "call_xf0000000000000000001", "type": "function",
+           "function": {"name": "get_weather", "arguments": "{\"city\": \"a\"}"}}
 CHATS = [
     # the page's answer: choices[0].message.content, nothing else promised
     ({"choices": [{"message": {"content": "你好!我是 AI 助手..."}}]}, ChatAnswer(content="你好!我是 AI 助手...")),
     # the sim's
     ({"choices": [{"message": {"content": "你好!我是 AI 助手。You said: hi"}}]},
      ChatAnswer(content="你好!我是 AI 助手。You said: hi")),
+    # the sim's when tools, tool results or response_format are sent (proxy/sim/chat_model.py)
+    ({"choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [XF_CALL]},
+                   "finish_reason": "tool_calls"}]},
+     ChatAnswer(content=None, tool_calls=[XF_CALL], finish_reason="tool_calls")),
+    ({"choices": [{"index": 0, "message": {"role": "assistant", "content": "Tool results: get_weather: sunny"},
+                   "finish_reason": "stop"}]},
+     ChatAnswer(content="Tool results: get_weather: sunny", finish_reason="stop")),
+    ({"choices": [{"index": 0, "message": {"role": "assistant", "content": "{\"answer\": \"hi\"}"},
+                   "finish_reason": "stop"}]},
+     ChatAnswer(content="{\"answer\": \"hi\"}", finish_reason="stop")),
     # all OpenAI's fields when a deployment sends them
     ({"id": "x", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
                               "finish_reason": "length"}],
@@ -419,3 +431,8 @@ def test_no_balance_endpoint_and_no_known_limit() -> None:
     assert D.balance_request() is None
     assert D.parse_balance({"credits": 5}) is None
     assert [D.key_limit(v) for v in (None, 0, 1, 5)] == [None, None, None, None]
+
+
+def test_no_task_list() -> None:
+    assert D.list_request(1) is None  # every task is polled on its own
+    assert D.parse_list({"tasks": []}) is None

@@ -4,10 +4,11 @@
 Errors are OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with real statuses: 401
 ``invalid_api_key``, 429 ``rate_limit_exceeded`` (with Retry-After) or ``insufficient_quota``,
 404 ``model_not_found``, 400 ``invalid_request_error``. Each key has a balance and a rate limit;
-every call is charged at its model's price. Chat answers a tool call when ``tools`` are sent,
-always as one JSON body (``stream`` is not simulated: the proxy never asks for it); a GPT image
-model answers base64 only and refuses ``response_format``, as OpenAI's does. Prompt markers
-(proxy/sim/faults.py): ``[blocked]``, ``[error]``, ``[delay=s]``.
+every call is charged at its model's price. Chat echoes the last user message after
+``CHAT_PREFIX``; with ``tools``, tool results or ``response_format`` it answers by the rules in
+``chat_model.py``, always as one JSON body (``stream`` is not simulated: the proxy never asks for
+it). A GPT image model answers base64 only and refuses ``response_format``, as OpenAI's does.
+Prompt markers (proxy/sim/faults.py): ``[blocked]``, ``[error]``, ``[delay=s]``, ``[tools:N]``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 
+from proxy.sim import chat_model
 from proxy.sim.assets import PNG_BYTES, files_route
 from proxy.sim.faults import (
     CallLog,
@@ -138,46 +140,11 @@ def classify(path: str) -> str:
             "/v1/images/edits": "edits"}.get(path.rstrip("/"), "other")
 
 
-def message_text(content: object) -> str:
-    """Text of an OpenAI message content: a string or a list of parts (text parts joined)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
-
-
 def last_user_text(messages: list[Any]) -> str:
     for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user":
-            return message_text(message.get("content"))
+            return chat_model.text_of(message.get("content"))
     return ""
-
-
-def chosen_tool(tools: Any, choice: Any) -> dict[str, Any] | None:
-    """The function tool the model calls: the one tool_choice names, else the first; None for none."""
-    functions: list[dict[str, Any]] = [t["function"] for t in tools if isinstance(t, dict)
-                                       and t.get("type") == "function" and isinstance(t.get("function"), dict)] \
-        if isinstance(tools, list) else []
-    if not functions or choice == "none":
-        return None
-    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-        name = choice["function"].get("name")
-        return next((f for f in functions if f.get("name") == name), None)
-    return functions[0]
-
-
-def sample_arguments(function: dict[str, Any], text: str) -> dict[str, Any]:
-    """Arguments for each required parameter: the user's text for strings, a plain value otherwise."""
-    schema = as_dict(function.get("parameters"))
-    properties = as_dict(schema.get("properties"))
-    samples = {"string": text, "integer": 1, "number": 1.0, "boolean": True, "array": [], "object": {}}
-    return {name: samples.get(str(as_dict(properties.get(name)).get("type")), text)
-            for name in schema.get("required") or [] if isinstance(name, str)}
-
-
-def as_dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
 def tokens(text: str) -> int:
@@ -269,23 +236,17 @@ def create_openai_compat_app(state: OpenAICompatSim) -> Litestar:
             return short_of_quota("chat", key)
         if markers.delay:
             await asyncio.sleep(markers.delay)  # a slow model, for timeout tests
-        last = messages[-1] if isinstance(messages[-1], dict) else {}
-        tool = None if last.get("role") == "tool" else chosen_tool(body.get("tools"), body.get("tool_choice"))
-        message: dict[str, Any]
-        if tool is not None:
-            call = {"id": f"call_sim{state.next_id():06d}", "type": "function",
-                    "function": {"name": str(tool.get("name", "")),
-                                 "arguments": msgspec.json.encode(sample_arguments(tool, text)).decode()}}
-            message, finish, content = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls", ""
-        else:
-            content = CHAT_PREFIX + (text or message_text(last.get("content")))
-            message, finish = {"role": "assistant", "content": content}, "stop"
-        prompt = tokens(" ".join(message_text(m.get("content")) for m in messages if isinstance(m, dict)))
-        completion = tokens(content or str(message.get("tool_calls")))
+        # tools, tool results, response_format: answered as the other sims' chat model does
+        choice = chat_model.answer(body, markers, lambda: f"call_sim{state.next_id():06d}")
+        if choice is None:
+            choice = {"message": {"role": "assistant", "content": CHAT_PREFIX + text}, "finish_reason": "stop"}
+        message = choice["message"]
+        prompt = tokens(" ".join(chat_model.text_of(m.get("content")) for m in messages if isinstance(m, dict)))
+        completion = tokens(message.get("content") or str(message.get("tool_calls")))
         return reply("chat", key, {
             "id": f"chatcmpl-sim{state.next_id():06d}", "object": "chat.completion", "created": int(time.time()),
             "model": model.id, "system_fingerprint": "fp_sim",
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, "logprobs": None, **choice}],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                       "total_tokens": prompt + completion},
         })
