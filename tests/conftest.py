@@ -129,10 +129,10 @@ class RunningProxy:
         return self.url + "/v1"
 
     def client(self, api_key: str = CLIENT_KEY, **options: Any) -> OpenAI:
-        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30, **options)
+        return OpenAI(base_url=self.base_url, api_key=api_key, **{"max_retries": 0, "timeout": 30, **options})
 
     def async_client(self, api_key: str = CLIENT_KEY, **options: Any) -> AsyncOpenAI:
-        return AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30, **options)
+        return AsyncOpenAI(base_url=self.base_url, api_key=api_key, **{"max_retries": 0, "timeout": 30, **options})
 
 
 @pytest.fixture
