@@ -602,15 +602,38 @@ def test_parse_list(payload: Any, states: list[TaskState]) -> None:
     assert page is not None and page.tasks == states and page.full is False
 
 
-@pytest.mark.parametrize(("rows", "full"), [(99, False), (100, True), (101, True)])
-def test_parse_list_page_is_full_at_the_page_size(rows: int, full: bool) -> None:
-    # counted over the rows the page held, readable or not: older tasks may be on the next page
-    payload = {"tasks": [{"id": f"t{i}", "status": "pending"} for i in range(rows - 1)] + [{"status": "x"}]}
+def rows(count: int) -> list[Any]:
+    """A page of `count` rows, the last one unreadable (it counts for the page all the same)."""
+    return [{"id": f"t{i}", "status": "pending"} for i in range(count - 1)] + [{"status": "x"}]
+
+
+# Whether more may follow: the page holds as many as its size (the answer's `limit`, else the
+# 100 asked for) and, when the answer names its total and page, those pages hold fewer.
+FULL = [
+    (rows(99), False), (rows(100), True), (rows(101), True), ([], False),
+    ({"tasks": rows(100)}, True), ({"list": rows(99)}, False),
+    ({"tasks": rows(20), "limit": 20}, True),  # an upstream that gives fewer than asked
+    ({"tasks": rows(19), "limit": 20}, False),
+    ({"tasks": rows(20), "limit": 20, "page": 1, "total": 20}, False),
+    ({"tasks": rows(20), "limit": 20, "page": 2, "total": 45}, True),
+    ({"tasks": rows(20), "limit": 20, "page": 2, "total": 40}, False),
+    ({"tasks": rows(20), "limit": 20, "total": 20}, True),  # a total without its page says nothing
+    ({"tasks": rows(20), "limit": "20"}, False),  # a size that is not a number: the 100 asked for
+    ({"tasks": [], "limit": 20, "page": 1, "total": 0}, False),
+]
+
+
+@pytest.mark.parametrize(("payload", "full"), FULL, ids=[str(i) for i in range(len(FULL))])
+def test_parse_list_page_is_full(payload: Any, full: bool) -> None:
     page = D.parse_list(payload)
-    assert page is not None and (len(page.tasks), page.full) == (rows - 1, full)
+    assert page is not None and page.full is full
+    count = len(payload if isinstance(payload, list) else payload.get("tasks", payload.get("list")))
+    assert len(page.tasks) == max(count - 1, 0)
 
 
-@pytest.mark.parametrize("payload", [{"total": 0}, {"tasks": {}}, {"list": "x"}, {}, None, "x", 5])
+# The sim's garbled list ({"result", "count"}), and other shapes no client knows.
+@pytest.mark.parametrize("payload", [{"result": "ok", "count": 3}, {"total": 0}, {"tasks": {}}, {"list": "x"}, {},
+                                     None, "x", 5])
 def test_parse_list_of_an_unknown_shape_is_none(payload: Any) -> None:
     assert D.parse_list(payload) is None
 
