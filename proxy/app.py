@@ -34,7 +34,7 @@ from proxy.metrics import Metrics
 from proxy.openai.errors import error_response, send_error
 from proxy.redact import redact
 from proxy.runtime import Runtime
-from proxy.store.sqlite import SQLiteStore
+from proxy.store import open_store
 from proxy.uploads import loggable_path
 from proxy.upstream_http import build_client
 
@@ -164,7 +164,7 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         http = build_client()
-        store = SQLiteStore(config.storage.path)
+        store = await open_store(config.storage)
         gateway = Gateway(config, http, store, owner_name(), observe=metrics.observe_upstream)
         metrics.gateway = gateway
         runtime = Runtime(config=config, config_path=Path(config_path) if config_path else None, http=http,
