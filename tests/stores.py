@@ -14,6 +14,7 @@ import itertools
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import asyncpg  # type: ignore[import-untyped]
 import msgspec
 import pytest
 
-from proxy.store import Store, TaskRecord
+from proxy.store import IdempotencyRecord, Store, TaskRecord, UsageRecord
 from proxy.store.postgres import PostgresStore
 from proxy.store.sqlite import SQLiteStore
 
@@ -130,3 +131,53 @@ async def tasks_seen_by_another_process(factory: StoreFactory) -> dict[str, Task
         finally:
             await db.close()
     return {r.id: r for r in (msgspec.msgpack.decode(blob, type=TaskRecord) for blob in blobs)}
+
+
+# ---- records and files for the tests -----------------------------------------------------------
+
+
+def task_record(n: int, state: str = "pending", owner: str | None = None) -> TaskRecord:
+    now = time.time()
+    return TaskRecord(id=f"task_{n}", client="alice", request_id=f"req_{n}", idempotency_key=None,
+                      upstream="xffuw", key="fp", upstream_task_id=str(n), model="m", state=state,  # type: ignore[arg-type]
+                      created=now, deadline=now + 60, owner=owner)
+
+
+def usage_record(at: float, client: str, model: str = "gpt-4o-mini", upstream: str = "xffuw", cost: float = 0.5,
+                 outcome: str = "ok", task_id: str | None = None) -> UsageRecord:
+    return UsageRecord(at=at, client=client, model=model, upstream=upstream, key="fp", cost=cost, outcome=outcome,
+                       kind="image" if task_id else "chat", task_id=task_id, request_id=f"req_{at}")
+
+
+# The schema of every file written before schema versions were recorded: version 1.
+UNVERSIONED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY, at REAL NOT NULL, client TEXT NOT NULL, model TEXT NOT NULL,
+    upstream TEXT NOT NULL, key TEXT NOT NULL, cost REAL NOT NULL, outcome TEXT NOT NULL,
+    kind TEXT NOT NULL, task_id TEXT, request_id TEXT);
+CREATE INDEX IF NOT EXISTS usage_client_at ON usage (client, at);
+CREATE INDEX IF NOT EXISTS usage_at ON usage (at);
+CREATE INDEX IF NOT EXISTS usage_task ON usage (task_id) WHERE task_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, state TEXT NOT NULL, owner TEXT,
+    updated REAL NOT NULL, record BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state, updated);
+CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, beat REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency (client TEXT NOT NULL, key TEXT NOT NULL, created REAL NOT NULL,
+    record BLOB NOT NULL, PRIMARY KEY (client, key));
+"""
+
+
+def unversioned_file(path: Path, rows: list[UsageRecord], tasks: list[TaskRecord]) -> None:
+    """A store file as the proxy wrote it before versions: that exact schema, and rows."""
+    with closing(sqlite3.connect(path)) as db, db:
+        db.executescript(UNVERSIONED_SCHEMA)
+        db.executemany("INSERT INTO usage (at, client, model, upstream, key, cost, outcome, kind, task_id, request_id) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       [(r.at, r.client, r.model, r.upstream, r.key, r.cost, r.outcome, r.kind, r.task_id,
+                         r.request_id) for r in rows])
+        db.executemany("INSERT INTO tasks (id, state, owner, updated, record) VALUES (?, ?, ?, ?, ?)",
+                       [(t.id, t.state, t.owner, time.time(), msgspec.msgpack.encode(t)) for t in tasks])
+        idem = IdempotencyRecord(client="alice", key="order-1", fingerprint="f", created=time.time(), done=True,
+                                 status=200, body=b"{}")
+        db.execute("INSERT INTO idempotency (client, key, created, record) VALUES (?, ?, ?, ?)",
+                   (idem.client, idem.key, idem.created, msgspec.msgpack.encode(idem)))

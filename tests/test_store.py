@@ -19,10 +19,20 @@ from typing import Any
 
 import msgspec
 import pytest
-from stores import PgServer, StoreFactory, any_store, pg_server, store_kind, tasks_seen_by_another_process
+from stores import (
+    PgServer,
+    StoreFactory,
+    any_store,
+    pg_server,
+    store_kind,
+    tasks_seen_by_another_process,
+    unversioned_file,
+)
+from stores import task_record as record
+from stores import usage_record as usage
 
 from proxy.config import ConfigError, parse_config
-from proxy.store import IdempotencyRecord, Store, TaskRecord, UsageRecord, UsageRow, ledger
+from proxy.store import IdempotencyRecord, Store, UsageRecord, UsageRow, ledger
 from proxy.store.migrations import SchemaTooNew
 from proxy.store.postgres import PostgresStore
 from proxy.store.sqlite import SQLiteStore
@@ -31,13 +41,6 @@ __all__ = ["any_store", "pg_server", "store_kind"]  # fixtures, imported for pyt
 
 DAY = 86400
 D0 = calendar.timegm((2026, 3, 1, 0, 0, 0))  # a UTC midnight
-
-
-def record(n: int, state: str = "pending") -> TaskRecord:
-    now = time.time()
-    return TaskRecord(id=f"task_{n}", client="alice", request_id=f"req_{n}", idempotency_key=None,
-                      upstream="xffuw", key="fp", upstream_task_id=str(n), model="m", state=state,  # type: ignore[arg-type]
-                      created=now, deadline=now + 60)
 
 
 def run(any_store: StoreFactory, test: Callable[[Store], Any]) -> None:
@@ -207,12 +210,6 @@ def test_close_writes_everything_queued(any_store: StoreFactory) -> None:
 # ---- usage ----------------------------------------------------------------------------------
 
 
-def usage(at: float, client: str, model: str = "gpt-4o-mini", upstream: str = "xffuw", cost: float = 0.5,
-          outcome: str = "ok", task_id: str | None = None) -> UsageRecord:
-    return UsageRecord(at=at, client=client, model=model, upstream=upstream, key="fp", cost=cost, outcome=outcome,
-                       kind="image" if task_id else "chat", task_id=task_id, request_id=f"req_{at}")
-
-
 def reference(rows: list[UsageRecord], since: float | None, until: float | None, client: str | None,
               model: str | None, group_by: str, split_by: str | None) -> list[UsageRow]:
     """What /admin/usage must answer, counted from every raw row."""
@@ -353,46 +350,10 @@ def test_a_settle_moves_cost_and_failures_between_the_right_rollup_rows() -> Non
 
 # ---- SQLite only ------------------------------------------------------------------------------
 
-# The schema of every file written before schema versions were recorded: version 1.
-UNVERSIONED_SCHEMA = """
-CREATE TABLE IF NOT EXISTS usage (
-    id INTEGER PRIMARY KEY, at REAL NOT NULL, client TEXT NOT NULL, model TEXT NOT NULL,
-    upstream TEXT NOT NULL, key TEXT NOT NULL, cost REAL NOT NULL, outcome TEXT NOT NULL,
-    kind TEXT NOT NULL, task_id TEXT, request_id TEXT);
-CREATE INDEX IF NOT EXISTS usage_client_at ON usage (client, at);
-CREATE INDEX IF NOT EXISTS usage_at ON usage (at);
-CREATE INDEX IF NOT EXISTS usage_task ON usage (task_id) WHERE task_id IS NOT NULL;
-CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, state TEXT NOT NULL, owner TEXT,
-    updated REAL NOT NULL, record BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state, updated);
-CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, beat REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS idempotency (client TEXT NOT NULL, key TEXT NOT NULL, created REAL NOT NULL,
-    record BLOB NOT NULL, PRIMARY KEY (client, key));
-"""
-
-
-def unversioned_file(path: Path, rows: list[UsageRecord]) -> None:
-    """A store file as the proxy wrote it before versions: today's exact schema and rows."""
-    with closing(sqlite3.connect(path)) as db, db:
-        db.executescript(UNVERSIONED_SCHEMA)
-        db.executemany("INSERT INTO usage (at, client, model, upstream, key, cost, outcome, kind, task_id, request_id) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       [(r.at, r.client, r.model, r.upstream, r.key, r.cost, r.outcome, r.kind, r.task_id,
-                         r.request_id) for r in rows])
-        task = record(7, "running")
-        task.owner = "old-process"
-        db.execute("INSERT INTO tasks (id, state, owner, updated, record) VALUES (?, ?, ?, ?, ?)",
-                   (task.id, task.state, task.owner, time.time(), msgspec.msgpack.encode(task)))
-        idem = IdempotencyRecord(client="alice", key="order-1", fingerprint="f", created=time.time(), done=True,
-                                 status=200, body=b"{}")
-        db.execute("INSERT INTO idempotency (client, key, created, record) VALUES (?, ?, ?, ?)",
-                   (idem.client, idem.key, idem.created, msgspec.msgpack.encode(idem)))
-
-
 def test_a_file_from_before_schema_versions_opens_upgraded_with_its_rows(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
     rows, settles = ledger_rows(seed=3)
-    unversioned_file(path, rows)
+    unversioned_file(path, rows, [record(7, "running", owner="old-process")])
 
     async def main() -> None:
         store = SQLiteStore(str(path))

@@ -29,6 +29,11 @@ _idem_decode = msgspec.msgpack.Decoder(IdempotencyRecord).decode
 # a connection lost or refused: the batch is tried again, not dropped
 _TRANSIENT = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
 RETRY_FOR = 60.0  # seconds a batch is retried while the database is unreachable
+ADD_TO_DAILY = (  # takes the columns of ledger.rollup_rows
+    "INSERT INTO usage_daily AS d (day, client, model, upstream, requests, cost, failed) "
+    "SELECT * FROM unnest($1::integer[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[], $7::bigint[]) "
+    "ON CONFLICT (day, client, model, upstream) DO UPDATE SET requests = d.requests + excluded.requests, "
+    "cost = d.cost + excluded.cost, failed = d.failed + excluded.failed")
 
 
 def numbered(sql: str) -> str:
@@ -121,12 +126,7 @@ class PostgresStore(BatchedWrites):
                         "WHERE usage.id = v.id", *zip(*changed, strict=True))
             rollups = ledger.rollup_rows(deltas)
             if rollups:
-                await db.execute(
-                    "INSERT INTO usage_daily AS d (day, client, model, upstream, requests, cost, failed) "
-                    "SELECT * FROM unnest($1::integer[], $2::text[], $3::text[], $4::text[], $5::bigint[], "
-                    "$6::float8[], $7::bigint[]) ON CONFLICT (day, client, model, upstream) DO UPDATE SET "
-                    "requests = d.requests + excluded.requests, cost = d.cost + excluded.cost, "
-                    "failed = d.failed + excluded.failed", *zip(*rollups, strict=True))
+                await db.execute(ADD_TO_DAILY, *zip(*rollups, strict=True))
             if batch.tasks:
                 await db.execute(
                     "INSERT INTO tasks (id, state, owner, updated, record) "
