@@ -54,6 +54,7 @@ def _store_migrate(args: argparse.Namespace) -> int:
     import asyncpg  # type: ignore[import-untyped]
 
     from proxy.store.migrations import SchemaTooNew
+    from proxy.store.postgres import StoreUnavailable
     from proxy.store.transfer import sqlite_to_postgres
 
     source, target = args.source, args.target
@@ -65,7 +66,8 @@ def _store_migrate(args: argparse.Namespace) -> int:
         return 2
     try:
         sqlite_to_postgres(source.removeprefix("sqlite:"), target)
-    except (OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError, SchemaTooNew) as error:
+    except (OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError, SchemaTooNew,
+            StoreUnavailable) as error:
         print(f"store migrate failed: {redact_url(str(error), target)}", file=sys.stderr)
         return 1
     return 0

@@ -34,7 +34,7 @@ from stores import usage_record as usage
 from proxy.config import ConfigError, parse_config
 from proxy.store import IdempotencyRecord, Store, UsageRecord, UsageRow, ledger
 from proxy.store.migrations import SchemaTooNew
-from proxy.store.postgres import PostgresStore
+from proxy.store.postgres import PostgresStore, StoreUnavailable
 from proxy.store.sqlite import SQLiteStore
 
 __all__ = ["any_store", "pg_server", "store_kind"]  # fixtures, imported for pytest to find
@@ -540,3 +540,10 @@ def test_storage_config(storage: dict[str, Any], env: dict[str, str], expect: An
 def test_the_database_password_is_a_secret() -> None:
     config = parse_config({**BASE, "storage": {"url": "postgresql://proxy:s3cr%40t@db:5432/proxy"}}, {})
     assert "s3cr@t" in config.secrets()
+
+
+def test_an_unreachable_database_is_named_without_its_password() -> None:
+    with pytest.raises(StoreUnavailable) as caught:
+        asyncio.run(PostgresStore.open("postgresql://proxy:hunter2-secret@127.0.0.1:1/ledger"))
+    assert "PostgreSQL at 127.0.0.1:1/ledger cannot be used ([storage] url)" in str(caught.value)
+    assert "hunter2-secret" not in str(caught.value)

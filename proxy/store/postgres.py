@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import msgspec
@@ -29,11 +30,16 @@ _idem_decode = msgspec.msgpack.Decoder(IdempotencyRecord).decode
 # a connection lost or refused: the batch is tried again, not dropped
 _TRANSIENT = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
 RETRY_FOR = 60.0  # seconds a batch is retried while the database is unreachable
+_USAGE_COLUMNS = ["at", "client", "model", "upstream", "key", "cost", "outcome", "kind", "task_id", "request_id"]
 ADD_TO_DAILY = (  # takes the columns of ledger.rollup_rows
     "INSERT INTO usage_daily AS d (day, client, model, upstream, requests, cost, failed) "
     "SELECT * FROM unnest($1::integer[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[], $7::bigint[]) "
     "ON CONFLICT (day, client, model, upstream) DO UPDATE SET requests = d.requests + excluded.requests, "
     "cost = d.cost + excluded.cost, failed = d.failed + excluded.failed")
+
+
+class StoreUnavailable(Exception):
+    """The database named by [storage] url cannot be reached or refuses the proxy."""
 
 
 def numbered(sql: str) -> str:
@@ -52,8 +58,13 @@ class PostgresStore(BatchedWrites):
     @classmethod
     async def open(cls, url: str, keep_usage_days: float = 90.0, max_size: int = 10) -> PostgresStore:
         """Connect (a pool of up to `max_size` connections) and bring the schema up to date."""
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=max_size,
-                                         server_settings={"application_name": "xf-openai-proxy"})
+        try:
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=max_size,
+                                             server_settings={"application_name": "xf-openai-proxy"})
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            parts = urlsplit(url)
+            raise StoreUnavailable(f"PostgreSQL at {parts.hostname}:{parts.port or 5432}{parts.path} cannot be used "
+                                   f"([storage] url): {error}") from None
         try:
             async with pool.acquire() as db:
                 await upgrade(db)
@@ -104,15 +115,10 @@ class PostgresStore(BatchedWrites):
             if not batch.tasks:
                 # nobody waits on this one and a crash loses the queue anyway: no wait for the flush to disk
                 await db.execute("SET LOCAL synchronous_commit = off")
-            if batch.usage:
-                u = batch.usage
-                await db.execute(
-                    "INSERT INTO usage (at, client, model, upstream, key, cost, outcome, kind, task_id, request_id) "
-                    "SELECT * FROM unnest($1::float8[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], "
-                    "$7::text[], $8::text[], $9::text[], $10::text[])",
-                    [r.at for r in u], [r.client for r in u], [r.model for r in u], [r.upstream for r in u],
-                    [r.key for r in u], [r.cost for r in u], [r.outcome for r in u], [r.kind for r in u],
-                    [r.task_id for r in u], [r.request_id for r in u])
+            if batch.usage:  # binary COPY: a third of the time of an INSERT from arrays
+                await db.copy_records_to_table("usage", columns=_USAGE_COLUMNS, records=[
+                    (r.at, r.client, r.model, r.upstream, r.key, r.cost, r.outcome, r.kind, r.task_id, r.request_id)
+                    for r in batch.usage])
             if batch.settles:
                 rows = await db.fetch(
                     "SELECT id, at, client, model, upstream, cost, outcome, task_id FROM usage "
