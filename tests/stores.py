@@ -82,8 +82,10 @@ def pg_server() -> Iterator[PgServer]:
     try:
         asyncio.run(_execute(admin_url, f'CREATE DATABASE "{name}"'))
     except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-        reason = f"PostgreSQL at {urlsplit(admin_url).hostname}:{urlsplit(admin_url).port or 5432} " \
-                 f"is not usable ({type(error).__name__}: {error})"
+        where = urlsplit(admin_url)
+        first_line = (str(error).splitlines() or [""])[0]
+        reason = f"PostgreSQL at {where.hostname}:{where.port or 5432} is not usable ({type(error).__name__}: " \
+                 f"{first_line}); set DATABASE_URL"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
