@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 import httpx
 import msgspec
+import openai
 import pytest
 from conftest import RunningProxy, Sims
 from stores import PgServer, pg_server, store_kind
@@ -136,3 +137,25 @@ def test_admin_usage_split_by(start_proxy: Callable[[dict[str, Any]], RunningPro
         reply = usage(proxy, group_by="client", split_by=bad)
         assert reply.status_code == 400, reply.text
         assert reply.json()["error"]["param"] == "split_by"
+
+
+def test_two_replicas_on_one_database_share_usage_and_budgets(
+        start_proxy: Callable[[dict[str, Any]], RunningProxy], proxy_config: dict[str, Any], sims: Sims,
+        pg_server: PgServer) -> None:
+    on(proxy_config, pg_server.fresh_schema())
+    proxy_config["clients"][0]["budget"] = 1.0  # a gpt-4o-mini chat costs 0.5 on the simulator
+    a, b = start_proxy(proxy_config), start_proxy(proxy_config)
+    chat: Any = [{"role": "user", "content": "hi"}]
+    a.client().chat.completions.create(model="gpt-4o-mini", messages=chat)
+    b.client("sk-test-bob-9876543210").chat.completions.create(model="gpt-4o-mini", messages=chat)
+    a.client().chat.completions.create(model="gpt-4o-mini", messages=chat)
+
+    def both(proxy: RunningProxy) -> Any:
+        rows = {r["group"]: r["requests"] for r in usage(proxy).json()["data"]}
+        return rows if rows == {"alice": 2, "bob": 1} else None
+
+    wait_for(lambda: both(a) and both(b), 3, "each replica's usage in the other's report")
+    with pytest.raises(openai.RateLimitError) as refused:  # alice spent her budget on a: b knows it
+        b.client().chat.completions.create(model="gpt-4o-mini", messages=chat)
+    assert refused.value.status_code == 429 and refused.value.body["code"] == "insufficient_quota"  # type: ignore[index]
+    assert sims.xffuw.count("chat") == 3
