@@ -1,6 +1,7 @@
 """A real proxy on each store: [storage] url on PostgreSQL serves images and chats and reports
-them in /admin/usage, a task left unfinished by one proxy is resumed by the next, and
-/admin/usage?split_by= answers per pair of dimensions (JSON and CSV) on both stores."""
+them in /admin/usage, a task left unfinished by one proxy is resumed by the next, two replicas
+on one database share usage and budgets, and /admin/usage?split_by= answers per pair of
+dimensions (JSON and CSV) on both stores."""
 
 from __future__ import annotations
 
