@@ -153,6 +153,9 @@ def test_langchain_snippet(doc_proxy: RunningProxy, sims: Sims) -> None:
                        str([CHAT_PREFIX + "one", CHAT_PREFIX + "two"]), CHAT_PREFIX + "async hello"]
     assert out[4] == CHAT_PREFIX + "Hello through /v1/responses"
     assert out[5].startswith(sims.xffuw_url + "/files/")
+    assert out[6:] == [WEATHER, "[('temperature', {'city': 'city'})]", CITY]
+    assert sims.xffuw.last_chat_body is not None  # with_structured_output asked for a JSON schema
+    assert sims.xffuw.last_chat_body["response_format"]["type"] == "json_schema"
 
 
 def test_llamaindex_snippet(doc_proxy: RunningProxy, sims: Sims) -> None:
@@ -189,10 +192,8 @@ CITY_JSON = '{"name":"name","country":"country","population":1}'
 
 def test_pydantic_ai_snippet(doc_proxy: RunningProxy, sims: Sims, capsys: pytest.CaptureFixture[str]) -> None:
     out = run_python("pydantic-ai", doc_proxy).splitlines()
-    assert out == [CHAT_PREFIX + "你好", CHAT_PREFIX + "Stream a haiku", WEATHER, WEATHER, CITY]
-    assert sims.xffuw.last_chat_body is not None  # structured output came as a call of pydantic-ai's output tool
-    assert [tool["function"]["name"] for tool in sims.xffuw.last_chat_body["tools"]] == ["final_result"]
-    assert served(capsys) == {"/v1/chat/completions": 7}
+    assert out == [CHAT_PREFIX + "你好", CHAT_PREFIX + "Stream a haiku", WEATHER, WEATHER, CITY, WEATHER]
+    assert served(capsys) == {"/v1/chat/completions": 7, "/v1/responses": 2}
 
 
 def test_openai_agents_snippet(doc_proxy: RunningProxy, sims: Sims, capsys: pytest.CaptureFixture[str]) -> None:
