@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,10 +98,18 @@ def doc_proxy(_doc_server: RunningProxy, sims: Sims, tmp_path: Path, monkeypatch
     return _doc_server
 
 
-def served(capsys: pytest.CaptureFixture[str]) -> Counter[str]:
-    """How many requests the proxy answered per path since the test began, from its access log."""
-    lines = (line for line in capsys.readouterr().err.splitlines() if line.startswith("{"))
-    return Counter(entry["path"] for entry in map(json.loads, lines) if entry.get("event") == "request")
+def assert_served(capsys: pytest.CaptureFixture[str], expected: dict[str, int]) -> None:
+    """The proxy answered these requests per path during the test, read from its access log (a
+    streamed answer is logged as its stream ends, so the last line may come a moment later)."""
+    seen: Counter[str] = Counter()
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+        seen.update(entry["path"] for entry in map(json.loads, lines) if entry.get("event") == "request")
+        if seen == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert seen == expected
 
 
 def run_python(name: str, proxy: RunningProxy) -> str:
@@ -193,14 +202,14 @@ CITY_JSON = '{"name":"name","country":"country","population":1}'
 def test_pydantic_ai_snippet(doc_proxy: RunningProxy, sims: Sims, capsys: pytest.CaptureFixture[str]) -> None:
     out = run_python("pydantic-ai", doc_proxy).splitlines()
     assert out == [CHAT_PREFIX + "你好", CHAT_PREFIX + "Stream a haiku", WEATHER, WEATHER, CITY, WEATHER]
-    assert served(capsys) == {"/v1/chat/completions": 7, "/v1/responses": 2}
+    assert_served(capsys, {"/v1/chat/completions": 7, "/v1/responses": 2})
 
 
 def test_openai_agents_snippet(doc_proxy: RunningProxy, sims: Sims, capsys: pytest.CaptureFixture[str]) -> None:
     out = run_python("openai-agents", doc_proxy).splitlines()
     assert out == [WEATHER] * 4
     # Each agent: a run and a streamed run, each a tool call then the answer.
-    assert served(capsys) == {"/v1/chat/completions": 4, "/v1/responses": 4}
+    assert_served(capsys, {"/v1/chat/completions": 4, "/v1/responses": 4})
 
 
 def test_instructor_snippet(doc_proxy: RunningProxy, sims: Sims) -> None:
@@ -222,7 +231,7 @@ def test_ai_sdk_snippet(doc_proxy: RunningProxy, sims: Sims, capsys: pytest.Capt
     assert out == [CHAT_PREFIX + "你好", CHAT_PREFIX + "Hello, chat", CHAT_PREFIX + "Stream a haiku",
                    WEATHER, WEATHER, WEATHER, WEATHER, CITY_JSON, f"image/png {len(PNG_BYTES)}"]
     # openai(...) is the Responses API, openai.chat(...) chat completions; generateImage gets b64_json.
-    assert served(capsys) == {"/v1/responses": 7, "/v1/chat/completions": 5, "/v1/images/generations": 1}
+    assert_served(capsys, {"/v1/responses": 7, "/v1/chat/completions": 5, "/v1/images/generations": 1})
 
 
 def test_langchain_js_snippet(doc_proxy: RunningProxy, sims: Sims) -> None:
