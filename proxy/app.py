@@ -28,13 +28,15 @@ from proxy.api.chat import PARAM_LOGGED
 from proxy.api.idempotency import Idempotency
 from proxy.api.images import answer_from_tasks
 from proxy.api.tasks import retrieve_task
+from proxy.balances import Balances
 from proxy.clients import Clients
 from proxy.config import Config, ConfigError
 from proxy.errors import Kind, ProxyError
-from proxy.gateway import Gateway, owner_name
+from proxy.gateway import Gateway
 from proxy.log import setup_logging
 from proxy.metrics import Metrics
 from proxy.openai.errors import error_response, send_error
+from proxy.recovery import Recovery, owner_name
 from proxy.redact import redact
 from proxy.runtime import Runtime
 from proxy.store.sqlite import SQLiteStore
@@ -104,7 +106,13 @@ def _error_fields(body: bytes) -> dict[str, str]:
     return {k: str(v)[:PARAM_LOGGED] for k, v in fields.items() if v is not None}
 
 
-def _proxy_error(_: Request[Any, Any, Any], error: ProxyError) -> Response[bytes]:
+# Headers that make a POST a possible repeat of an earlier one (proxy/api/idempotency.py).
+_REPEAT_HEADERS = frozenset({b"idempotency-key", b"x-stainless-retry-count"})
+
+
+def _proxy_error(request: Request[Any, Any, Any], error: ProxyError) -> Response[bytes]:
+    if error.reflects_upstream_work:  # an answer worth keeping for a repeat of this request
+        request.scope["state"]["upstream_work"] = "unfinished" if error.unfinished else "final"
     return error_response(error)
 
 
@@ -155,7 +163,7 @@ class ProxyApp(Litestar):
             await send(message)
 
         try:
-            if scope["method"] == "POST" and any(k == b"idempotency-key" for k, _ in scope["headers"]):
+            if scope["method"] == "POST" and any(k in _REPEAT_HEADERS for k, _ in scope["headers"]):
                 await self.idempotency(super().__call__, self.state.runtime, scope, receive, send_with_id)
             else:
                 await super().__call__(scope, receive, send_with_id)
@@ -173,6 +181,9 @@ class ProxyApp(Litestar):
                     await asyncio.wait(submits, timeout=5.0)
                 await send_error(send_with_id, _restarting(state))
         finally:
+            reservation = state.get("reservation")
+            if reservation is not None:  # what the request's calls did not use of its budget hold
+                self.state.runtime.gateway.billing.release(reservation)
             access = state.get("access", {})
             # only resolved models label the counter: clients cannot invent label values
             self.state.metrics.requests.labels(access.get("client", ""), access.get("model", "") if "upstream" in access
@@ -184,8 +195,11 @@ class ProxyApp(Litestar):
 
 def _restarting(state: dict[str, Any]) -> ProxyError:
     ids = tuple(state.get("access", {}).get("task_ids") or ())
-    tasks = f" Its tasks go on: GET /v1/tasks/{{id}} for {', '.join(ids)}." if ids else ""
-    return ProxyError(Kind.RESTARTING, f"The proxy is restarting; retry shortly.{tasks}", retry_after=2.0, task_ids=ids)
+    if not ids:
+        return ProxyError(Kind.RESTARTING, "The proxy is restarting; retry shortly.", retry_after=2.0)
+    # Tasks were started and paid: a repeat would pay again, so the answer says where they are.
+    return ProxyError(Kind.RESTARTING, f"The proxy is restarting; the upstream tasks this request started go on: "
+                      f"GET /v1/tasks/{{id}} for {', '.join(ids)}.", retry_after=2.0, task_ids=ids)
 
 
 # Objects allocated between young collections; Python's default is 700.
@@ -213,8 +227,9 @@ def _on_sighup(runtime: Runtime) -> None:
         log.error("config_reload_refused", error=str(error))
 
 
-def create_app(config: Config, config_path: str | Path | None = None) -> Litestar:
-    """The proxy as a Litestar app; `config_path` enables /admin/reload and SIGHUP."""
+def create_app(config: Config, config_path: str | Path | None = None, workers: int = 1) -> Litestar:
+    """The proxy as a Litestar app; `config_path` enables /admin/reload and SIGHUP. `workers`
+    processes serve it together, each keeping its part of every per-key and per-client limit."""
     redact.add(config.secrets())
     setup_logging(config.log.level, config.log.format)
     metrics = Metrics()
@@ -223,12 +238,15 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         http = build_client()
         store = SQLiteStore(config.storage.path)
-        gateway = Gateway(config, http, store, owner_name(), observe=metrics.observe_upstream)
+        gateway = Gateway(config, http, store, owner_name(), observe=metrics.observe_upstream, share=workers)
         metrics.gateway = gateway
+        recovery, balances = Recovery(gateway), Balances(gateway)
         runtime = Runtime(config=config, config_path=Path(config_path) if config_path else None, http=http,
-                          store=store, gateway=gateway, clients=Clients(config))
+                          store=store, gateway=gateway, recovery=recovery, clients=Clients(config, workers),
+                          share=workers)
         app.state.runtime = runtime
-        await gateway.start()
+        await recovery.start()
+        balances.start()
         tune_gc()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
@@ -238,7 +256,9 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
         finally:
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                 loop.remove_signal_handler(signal.SIGHUP)
+            await balances.close()
             await gateway.close()
+            await recovery.close()
             await store.close()
             await http.aclose()
 

@@ -29,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         # Each worker process builds its own app from the same file.
         os.environ["PROXY_CONFIG"] = os.path.abspath(args.config)
+        os.environ["PROXY_WORKERS"] = str(args.workers)  # each keeps its part of every limit
         uvicorn.run("proxy.asgi:app_from_env", factory=True, workers=args.workers, **options)
     else:
         from proxy.app import create_app

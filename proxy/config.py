@@ -12,12 +12,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from proxy.providers import DIALECTS
 from proxy.struct_errors import explain
-
-PROVIDER_TYPES = ("xffuw", "fengyuan")
-# How each upstream's keys look, for [auth] passthrough. Fengyuan keys start "sk-" like most
-# client keys do, so a mistyped client key would be sent there: its prefix must be set on purpose.
-DEFAULT_PREFIXES: dict[str, str | None] = {"xffuw": "xf_", "fengyuan": None}
 
 
 class ConfigError(Exception):
@@ -58,7 +54,7 @@ class UpstreamKeyConfig(_Table):
 
 
 class ProviderConfig(_Table):
-    base_url: str
+    base_url: str = ""  # default: the dialect's own (proxy/providers/__init__.py)
     keys: list[str] = []
     key: list[UpstreamKeyConfig] = []  # [[providers.<name>.key]] tables: keys with weights and limits
     # Which upstream dialect this table speaks; defaults to the table's name, so two
@@ -85,7 +81,11 @@ class TasksConfig(_Table):
     poll_interval: float = 3.0
     # the first poll comes this soon after submit (never later than poll_interval)
     first_poll: float = 1.0
-    timeout: float = 600.0
+    timeout: float = 600.0  # seconds a request waits for its tasks; then 504, and the tasks go on
+    # After a request's timeout its tasks are still polled, this often, until final or give_up_after
+    # hours from their start: a task the upstream charged for is never given up while it may finish.
+    late_poll_interval: float = 30.0
+    give_up_after: float = 24.0
     keep_results: float = 24.0  # hours a finished task's result stays retrievable
 
 
@@ -99,6 +99,9 @@ class ImagesConfig(_Table):
     # b64_json downloads the result: capped in size and time
     max_download_bytes: int = 32 * 1024 * 1024
     download_timeout: float = 60.0
+    # Images uploaded for edits are kept in memory for the upstream to fetch, this much in all;
+    # each client may hold its share (this over the clients, at least one request's body).
+    uploads_max_bytes: int = 256 * 1024 * 1024
     # The response_format of a request that sends none, by the model id or alias it names
     # (globs, first match; then BUILT_IN_IMAGE_FORMATS; else "url").
     response_format: dict[str, ImageFormat] = {}
@@ -224,8 +227,12 @@ def _check(config: Config) -> None:
     for name, provider in config.providers.items():
         where = f"providers.{name}"
         provider.type = provider.type or name
-        if provider.type not in PROVIDER_TYPES:
-            raise ConfigError(f"{where}.type: unknown upstream {provider.type!r}; one of {PROVIDER_TYPES}")
+        registered = DIALECTS.get(provider.type)
+        if registered is None:
+            raise ConfigError(f"{where}.type: unknown upstream {provider.type!r}; one of {tuple(DIALECTS)}")
+        provider.base_url = provider.base_url or registered.base_url or ""
+        if not provider.base_url:
+            raise ConfigError(f"{where}.base_url: required for type {provider.type!r}")
         if not re.match(r"https?://", provider.base_url):
             raise ConfigError(f"{where}.base_url: expected an http(s) URL")
         if "/" in name:
@@ -244,7 +251,7 @@ def _check(config: Config) -> None:
         if provider.rate_window <= 0:
             raise ConfigError(f"{where}.rate_window: must be > 0")
         if provider.passthrough_prefix is None:
-            provider.passthrough_prefix = DEFAULT_PREFIXES[provider.type]
+            provider.passthrough_prefix = registered.passthrough_prefix
     if config.auth.passthrough:
         for name, provider in config.providers.items():
             prefix = provider.passthrough_prefix
@@ -257,6 +264,10 @@ def _check(config: Config) -> None:
         raise ConfigError("tasks.poll_interval: must be > 0")
     if tasks.timeout <= 0:
         raise ConfigError("tasks.timeout: must be > 0")
+    if tasks.late_poll_interval < tasks.poll_interval:
+        raise ConfigError("tasks.late_poll_interval: must be >= tasks.poll_interval")
+    if tasks.give_up_after * 3600 < tasks.timeout:
+        raise ConfigError("tasks.give_up_after: must be at least tasks.timeout (it is in hours)")
     tasks.first_poll = min(max(tasks.first_poll, 0.0), tasks.poll_interval)
     if config.server.public_url is not None:
         if not re.match(r"https?://", config.server.public_url):

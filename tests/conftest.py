@@ -7,6 +7,7 @@ each test gets its own proxy (fresh pool and catalogue) built from `proxy_config
 from __future__ import annotations
 
 import copy
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -120,3 +121,14 @@ def proxy(start_proxy: Callable[[dict[str, Any]], RunningProxy], proxy_config: d
 @pytest.fixture
 def client(proxy: RunningProxy) -> OpenAI:
     return proxy.client()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Child processes a test starts (tests/helpers.py `spawn`), killed when it ends."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.providers.base import HTTPUpstream
+from proxy.providers.engine import HTTPUpstream
 from proxy.upstream_http import UpstreamClient, build_client, head_of, never_sent, origin_of, timed_out
 
 TIMEOUT = {"connect": 1.0, "read": 2.0, "write": 1.0, "pool": 1.0}

@@ -14,10 +14,10 @@ from litestar import Request, Response, get, post
 from litestar.params import FromPath
 
 from proxy.api.common import json_response, runtime
+from proxy.billing import period_start
 from proxy.clients import bearer_token, match_digest
 from proxy.config import ConfigError
 from proxy.errors import Kind, ProxyError, bad_request
-from proxy.gateway import period_start
 from proxy.openai.openapi import documented
 from proxy.redact import redact
 from proxy.store import UsageRow

@@ -13,7 +13,7 @@ import structlog
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from proxy.api.common import authenticate, first_answer, json_body, json_response, note, runtime
+from proxy.api.common import authenticate, first_answer, hold_budget, json_body, json_response, note, runtime
 from proxy.clients import check_model
 from proxy.errors import Kind, ProxyError, bad_request
 from proxy.gateway import ChatResult
@@ -46,6 +46,7 @@ _encode = msgspec.json.Encoder().encode
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_N = 8
 STREAM_PIECE = 24  # characters per streamed content chunk
+PARAM_LOGGED = 300  # characters of an error's param kept in the access log: a client may send anything
 
 
 def check_messages(messages: list[dict[str, Any]]) -> None:
@@ -141,9 +142,6 @@ def stream_failure(request: Request[Any, Any, Any], error: BaseException) -> Pro
     return error
 
 
-PARAM_LOGGED = 300  # characters of an error's param kept in the access log: a client may send anything
-
-
 STREAM_NOTE = ("With stream=true: `data: <ChatCompletionChunk>` events, a last chunk with choices [] and usage "
                "when stream_options.include_usage, then `data: [DONE]`.")
 
@@ -163,7 +161,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
     note(request, upstream=route.provider.name)
     check_route(route, "chat")
     check_model(caller, route)
-    await gateway.check_budget(caller, route, body.n)
+    await hold_budget(request, caller, route, body.n)
     call = ChatCall(model=route.upstream_model, messages=body.messages,
                     params={k: v for k, v in raw.items() if k not in CHAT_OWN_FIELDS})
     completion_id = "chatcmpl-" + secrets.token_urlsafe(18)

@@ -20,7 +20,7 @@ from litestar.params import FromPath
 from litestar.response import Stream
 
 from proxy.api.chat import stream_failure, tool_calls_of
-from proxy.api.common import authenticate, json_body, json_response, note, runtime
+from proxy.api.common import authenticate, hold_budget, json_body, json_response, note, runtime
 from proxy.api.completions import check_text_route
 from proxy.clients import check_model
 from proxy.conversations import Conversations, Stored
@@ -211,7 +211,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
     route = await gateway.catalogue.resolve(body.model)
     check_text_route(route, "responses")
     check_model(caller, route)
-    await gateway.check_budget(caller, route, 1)
+    await hold_budget(request, caller, route, 1)
     note(request, upstream=route.provider.name)
     result = await gateway.chat(route, ChatCall(model=route.upstream_model, messages=messages, params=params),
                                 caller)

@@ -1,9 +1,10 @@
 """OpenAI wire types: what clients send and what the proxy answers.
 
 Request Structs validate the fields the proxy reads; fields it does not read are kept by
-the handlers as raw JSON and passed through. Response Structs mirror the OpenAI spec
-(`../shared/openai-openapi.yaml`): fields the spec requires have no default, so they are
-always sent (null included); optional ones default to None and are omitted.
+the handlers as raw JSON and passed through. Response Structs mirror the OpenAI spec (the
+tests validate against its vendored part, `tests/openai_spec/openai-openapi.subset.json`):
+fields the spec requires have no default, so they are always sent (null included); optional
+ones default to None and are omitted.
 """
 
 from __future__ import annotations

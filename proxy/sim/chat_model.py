@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-import re._parser as _regex  # the standard library's own regex parser: patterns are spelled from its tree
+import re._parser as _regex  # type: ignore[import-not-found]  # the stdlib's regex parser: patterns are spelled from its tree
 from collections.abc import Callable
 from typing import Any
 
@@ -102,9 +102,10 @@ def tool_results(messages: list[dict[str, Any]]) -> str:
 def _tool_calls(tools: list[dict[str, Any]], choice: Any, messages: list[dict[str, Any]], markers: Markers,
                 new_call_id: Callable[[], str]) -> list[dict[str, Any]]:
     names = [t["name"] for t in tools]
-    named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    if named is None and isinstance(choice, dict):
-        named = choice.get("name")  # the Responses form {"type": "function", "name": ...}
+    named = None
+    if isinstance(choice, dict):  # chat's {"type": "function", "function": {"name": ...}}, or Responses' form
+        function = choice.get("function")
+        named = function.get("name") if isinstance(function, dict) else choice.get("name")
     if named in names:
         order = [named]
     else:
@@ -227,7 +228,8 @@ class _Maker:
         return self.string(schema, name, variant)
 
     def object(self, schema: dict[str, Any], depth: int, variant: int) -> dict[str, Any]:
-        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        found = schema.get("properties")
+        properties: dict[str, Any] = found if isinstance(found, dict) else {}
         required = [r for r in schema.get("required") or () if isinstance(r, str)]
         names = [n for n in properties if n in required] if depth >= DEEP else list(properties)
         out = {n: self.make(properties[n], n, depth + 1, variant) for n in names}
@@ -235,7 +237,7 @@ class _Maker:
             if n not in out:  # required but not described: any value does
                 out[n] = self.make(schema.get("additionalProperties", {}), n, depth + 1, variant)
         extra = schema.get("additionalProperties")
-        wanted = schema.get("minProperties") if isinstance(schema.get("minProperties"), int) else 0
+        wanted = _count(schema, "minProperties") or 0
         i = 0
         while len(out) < wanted and extra is not False:
             i += 1
@@ -244,8 +246,7 @@ class _Maker:
 
     def array(self, schema: dict[str, Any], name: str, depth: int) -> list[Any]:
         prefix = [p for p in schema.get("prefixItems") or () if isinstance(p, dict)]
-        low = schema.get("minItems") if isinstance(schema.get("minItems"), int) else 0
-        high = schema.get("maxItems") if isinstance(schema.get("maxItems"), int) else None
+        low, high = _count(schema, "minItems") or 0, _count(schema, "maxItems")
         count = max(low, len(prefix), 0 if depth >= DEEP else 1)
         if high is not None:
             count = min(count, high)
@@ -298,13 +299,18 @@ class _Maker:
         pattern = schema.get("pattern")
         if isinstance(pattern, str):
             value = _matching(pattern, value)
-        low = schema.get("minLength") if isinstance(schema.get("minLength"), int) else 0
-        high = schema.get("maxLength") if isinstance(schema.get("maxLength"), int) else None
+        low, high = _count(schema, "minLength") or 0, _count(schema, "maxLength")
         if len(value) < low:
             value += "x" * (low - len(value))
         if high is not None:
             value = value[:high]
         return value
+
+
+def _count(schema: dict[str, Any], key: str) -> int | None:
+    """A length bound (minItems, maxLength, ...) if the schema gives a usable one."""
+    value = schema.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _matching(pattern: str, preferred: str) -> str:

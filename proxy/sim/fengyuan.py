@@ -231,7 +231,7 @@ class FengyuanSim(CallLog):
         return self.rng.random()
 
     def is_poll_path(self, path: str) -> bool:
-        return path.startswith("/api/service/task/")
+        return path.startswith("/api/service/task/") or path.rstrip("/") == "/api/task/list"
 
     def record_fault(self, scope: Scope, status: int) -> None:
         self._log(classify(str(scope.get("path", ""))), key_of(scope_headers(scope)), status)

@@ -62,6 +62,7 @@ class IdempotencyRecord(msgspec.Struct, kw_only=True):
     response_format: str = "url"  # how to answer again from the tasks alone
     expected: int = 0  # how many tasks the request starts: a repeat waits until all are known
     submitted: bool = False  # the request is done submitting (some may have failed)
+    finished: float = 0.0  # unix time the answer was kept
 
 
 class UsageRow(msgspec.Struct, kw_only=True):
