@@ -136,6 +136,16 @@ def test_every_snippet_is_covered() -> None:
                                 "openai-agents", "instructor", "litellm", "node", "ai-sdk", "langchain-js", "curl"]
 
 
+def test_without_node_the_node_clients_fail_in_ci_and_skip_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the Node client tests"):
+        node_ready()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="node not on PATH"):
+        node_ready()
+
+
 def test_openai_python_snippet(doc_proxy: RunningProxy, sims: Sims) -> None:
     out = run_python("openai-python", doc_proxy).splitlines()
     assert out[0] == CHAT_PREFIX + "你好"
