@@ -104,7 +104,7 @@ def _config(case: Case, sim_url: str, store: Path, queue_timeout: float) -> dict
 
 
 async def _request(http: httpx.AsyncClient, url: str, model: str, prompt: str) -> tuple[int, str | None, float]:
-    reply = await http.post(url, json={"model": model, "prompt": prompt},
+    reply = await http.post(url, json={"model": model, "prompt": prompt, "response_format": "url"},
                             headers={"authorization": f"Bearer {CLIENT_KEY}"})
     answered = time.monotonic()
     result = reply.json()["data"][0]["url"] if reply.status_code == 200 else None

@@ -39,7 +39,7 @@ from proxy.openai.errors import error_response, send_error
 from proxy.recovery import Recovery, owner_name
 from proxy.redact import redact
 from proxy.runtime import Runtime
-from proxy.store.sqlite import SQLiteStore
+from proxy.store import open_store
 from proxy.uploads import loggable_path
 from proxy.upstream_http import build_client
 
@@ -237,7 +237,7 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         http = build_client()
-        store = SQLiteStore(config.storage.path)
+        store = await open_store(config.storage)
         gateway = Gateway(config, http, store, owner_name(), observe=metrics.observe_upstream, share=workers)
         metrics.gateway = gateway
         recovery, balances = Recovery(gateway), Balances(gateway)

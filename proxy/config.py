@@ -8,7 +8,8 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 
@@ -130,7 +131,17 @@ class AdminConfig(_Table):
 class StorageConfig(_Table):
     # SQLite file for usage, tasks and idempotency records; ":memory:" keeps nothing.
     path: str = "data/proxy.sqlite3"
+    # PostgreSQL instead of the file, for replicas on several machines ("" keeps the file, so
+    # url = "${DATABASE_URL:-}" serves both).
+    url: Annotated[str, msgspec.Meta(pattern=r"^(postgres(ql)?://.+)?$")] = ""
     idempotency_hours: float = 24.0
+    # days raw usage rows are kept; the per-day totals behind /admin/usage and budgets stay
+    keep_usage_days: Annotated[float, msgspec.Meta(gt=0)] = 90.0
+
+    def secrets(self) -> list[str]:
+        """The password in the url, if any."""
+        password = urlsplit(self.url).password if self.url else None
+        return [unquote(password)] if password else []
 
 
 class LogConfig(_Table):
@@ -155,6 +166,7 @@ class Config(_Table):
         found = [c.key for c in self.clients if c.key] + list(self.admin.keys)
         for provider in self.providers.values():
             found.extend(k.value for k in provider.all_keys())
+        found.extend(self.storage.secrets())
         return [s for s in found if s]
 
 

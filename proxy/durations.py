@@ -1,16 +1,17 @@
 """How long each model's tasks take, learned per upstream and model: a task's first poll falls
 near the early end of its model's durations (EARLY) instead of at `[tasks] first_poll`, so a
 60-second task costs a poll or two rather than one every poll_interval from the start.
-Kept in the store (when it keeps them), so a restart keeps what was learnt."""
+Kept in the store, so a restart keeps what was learnt."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 from collections import deque
-from typing import Any
 
 import structlog
+
+from proxy.store import Store
 
 log = structlog.get_logger("proxy.durations")
 
@@ -28,7 +29,7 @@ def quantile(ordered: list[float], q: float) -> float:
 
 
 class Durations:
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self._samples: dict[Model, deque[float]] = {}
         self._early: dict[Model, float] = {}
@@ -36,10 +37,7 @@ class Durations:
         self._timer: asyncio.TimerHandle | None = None
 
     async def load(self) -> None:
-        load = getattr(self.store, "load_durations", None)
-        if load is None:
-            return
-        for model, values in (await load()).items():
+        for model, values in (await self.store.load_durations()).items():
             self._samples[model] = deque(values[-KEEP:], maxlen=KEEP)
             self._refresh(model)
 
@@ -56,7 +54,7 @@ class Durations:
         samples.append(seconds)
         self._refresh(model)
         self._dirty.add(model)
-        if self._timer is None and getattr(self.store, "save_durations", None) is not None:
+        if self._timer is None:
             try:
                 self._timer = asyncio.get_running_loop().call_later(SAVE_AFTER, self.save)
             except RuntimeError:  # no loop (tools, tests): write now
@@ -70,12 +68,9 @@ class Durations:
     def save(self) -> None:
         """Queue what was learnt since the last save (the store writes it with its next batch)."""
         self._timer = None
-        save = getattr(self.store, "save_durations", None)
-        if save is None:
-            return
         for upstream, model in self._dirty:
             try:
-                save(upstream, model, list(self._samples[(upstream, model)]))
+                self.store.save_durations(upstream, model, list(self._samples[(upstream, model)]))
             except Exception as exc:  # learning is an optimisation: never fail a task for it
                 log.warning("durations_not_saved", upstream=upstream, model=model, error=repr(exc))
         self._dirty.clear()

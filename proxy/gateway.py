@@ -222,6 +222,9 @@ class Gateway:
     async def download(self, url: str) -> str:
         """Fetch a result as base64: http(s) only, capped in size and time, no redirects, media
         only; a GET is safe to repeat, so a failed one is tried twice more."""
+        head, _, data = url.partition(",")
+        if head.startswith("data:") and head.endswith(";base64") and data:
+            return data  # the upstream answered the image itself (type = "openai", base64-only models)
         for attempt in range(3):
             try:
                 return await self._download(url)

@@ -38,6 +38,7 @@ from proxy.store import Store, TaskRecord
 log = structlog.get_logger("proxy.tasks")
 POLL_TICK = 0.005  # seconds: the polls due within one tick go out together
 MAX_LIST_PAGES = 5  # pages of a key's task list read for one round of polls, at most
+PROGRESS_HORIZON = 3  # intervals a task's progress may put between its polls, at most
 
 
 @dataclass(eq=False)
@@ -74,7 +75,7 @@ class KeyPolls:
     """One pooled key's polls: due tasks wait here when the key has no room, the longest-waiting
     first; with an upstream task list, one list call answers every due task of the key."""
 
-    __slots__ = ("detail", "due", "key", "listing", "lists", "pool", "provider", "tasks", "timer")
+    __slots__ = ("detail", "due", "key", "listing", "lists", "model", "pool", "provider", "tasks", "timer")
 
     def __init__(self, provider: Provider, pool: KeyPool, key: UpstreamKey) -> None:
         self.provider, self.pool, self.key = provider, pool, key
@@ -83,6 +84,7 @@ class KeyPolls:
         self.detail: deque[Task] = deque()  # due tasks the list did not answer: polled one by one
         self.lists = provider.lists_tasks
         self.listing = False  # a list call is under way
+        self.model: Model | None = None  # the model of its latest task: how soon a new one falls due
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -152,16 +154,16 @@ class TaskWaiter:
         if task.pool is not None:
             task.keyed = self._key_polls(task)
             task.keyed.tasks[task.upstream_id] = task
+            task.keyed.model = task.model or task.keyed.model
         self._next(task, self._first_poll(task))
         return task
 
     def _first_poll(self, task: Task) -> float:
         """Near the early end of the model's learnt durations; the configured delay without them
         (and for a resumed task, asked once soon)."""
-        learnt = self.durations.first_poll(task.model) if task.model is not None else None
-        if learnt is None:
+        if task.model is None:
             return self.config.first_poll
-        return max(0.0, learnt - (time.time() - task.record.created))
+        return max(0.0, self._first_poll_of(task.model) - (time.time() - task.record.created))
 
     def _key_polls(self, task: Task) -> KeyPolls:
         assert task.pool is not None
@@ -173,16 +175,25 @@ class TaskWaiter:
         return polls
 
     def poll_reserve(self, upstream: str, key: UpstreamKey, window: float) -> int:
-        """Calls of the key's next `window` seconds its tasks' polls will need: one list call an
-        interval for an upstream that lists tasks, else a poll for each task (submits under way
-        included: each becomes a task)."""
+        """Calls of the key's next `window` seconds its tasks' polls will need, counting the
+        submits under way (each becomes a task): one list call an interval from when the first
+        falls due, for an upstream that lists tasks; else a poll for each task due by then."""
         keyed = self._keys.get((upstream, key.fingerprint))
-        tasks = (len(keyed.tasks) if keyed is not None else 0) + key.in_flight
-        if not tasks:
-            return 0
-        if keyed is not None and keyed.lists:
-            return math.ceil(window / self.config.poll_interval)
-        return tasks
+        if keyed is None:
+            return key.in_flight
+        now = time.monotonic()
+        horizon = now + window
+        # a submit under way is due at its model's first poll (the key's latest model says which)
+        first = self._first_poll_of(keyed.model) if key.in_flight else math.inf
+        dues = [t.due_at for t in keyed.tasks.values()]
+        if keyed.lists:
+            soonest = min(min(dues, default=math.inf), now + first)
+            return 0 if soonest >= horizon else math.ceil((horizon - max(now, soonest)) / self.config.poll_interval)
+        return sum(1 for due in dues if due < horizon) + (key.in_flight if now + first < horizon else 0)
+
+    def _first_poll_of(self, model: Model | None) -> float:
+        learnt = self.durations.first_poll(model) if model is not None else None
+        return self.config.first_poll if learnt is None else learnt
 
     async def result(self, task: Task, late_wait: float | None = None) -> TaskState:
         """Wait for the task to end; answer its final state or raise its error. Raises the
@@ -407,8 +418,19 @@ class TaskWaiter:
         if state.final:
             return True
         # Counted from the answer: a slow or delayed poll never brings the next one closer.
-        self._next(task, self._interval(task), arrived)
+        self._next(task, self._after(task, state), arrived)
         return False
+
+    def _after(self, task: Task, state: TaskState) -> float:
+        """When to poll next: an interval, or later where the task's progress says it has far to
+        go (never more than PROGRESS_HORIZON intervals: a progress may be coarse)."""
+        interval = self._interval(task)
+        progress = state.progress
+        if progress is None or not 0 < progress < 100:
+            return interval
+        elapsed = time.time() - task.record.created
+        remaining = elapsed * (100 - progress) / progress
+        return max(interval, min(remaining, PROGRESS_HORIZON * interval))
 
     def _poll_failed(self, task: Task, error: ProxyError) -> None:
         # A poll that fails is not a task that failed: try again at the next interval.
@@ -498,9 +520,9 @@ class TaskWaiter:
     def _push_back(self, task: Task, arrived: float | None) -> None:
         """Move a task's next poll to an interval after fresh news of it, never earlier."""
         since = time.monotonic() if arrived is None else arrived
-        due = since + self._interval(task)
-        if task.due_at < due < task.deadline:
-            self._next(task, self._interval(task), since)
+        after = self._after(task, task.state)
+        if task.due_at < since + after < task.deadline:
+            self._next(task, after, since)
 
     def _list_off(self, keyed: KeyPolls, error: ProxyError | None) -> None:
         """The key's upstream has no task list we can read: its tasks are polled one by one."""

@@ -220,7 +220,13 @@ class Fengyuan(Dialect):
         if not isinstance(tasks, list):
             return None
         states = [task_state(t, None, whole=False) for t in tasks if isinstance(t, dict)]
-        return TaskList([s for s in states if s.task_id is not None], full=len(tasks) >= LIST_LIMIT)
+        meta = payload if isinstance(payload, dict) else {}
+        # A full page means more may follow: full by the page size the answer names (an upstream
+        # may give fewer than asked), and short of the total when it names one.
+        limit = as_int(meta.get("limit")) or LIST_LIMIT
+        total, page = as_int(meta.get("total")), as_int(meta.get("page"))
+        more = bool(tasks) and len(tasks) >= limit and (total is None or page is None or page * limit < total)
+        return TaskList([s for s in states if s.task_id is not None], full=more)
 
     def balance_request(self) -> UpstreamCall:
         return UpstreamCall("GET", "api/user/info")
