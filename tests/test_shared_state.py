@@ -18,10 +18,12 @@ import httpx
 import pytest
 from conftest import CLIENT_KEY, FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, Sims
 from helpers import ADMIN, ADMIN_KEY, free_port, spawn, wait_healthy, wait_until, write_config
+from stores import PgServer, pg_server
 
 from proxy.pool import fingerprint
 from proxy.sim.assets import PNG_BYTES
 
+__all__ = ["pg_server"]  # a fixture, imported for pytest to find
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 SLOW_KEY = "xf_shared_slow_key_4444"  # a key of its own upstream table, limited to LIMIT a WINDOW
 LIMIT, WINDOW = 8, 2.0
@@ -297,3 +299,57 @@ def test_redis_stopped_mid_load_answers_no_5xx_and_loses_no_paid_task(
     assert sims.xffuw.count("image") == 16
     start()
     wait_until(lambda: httpx.get(f"{first}/healthz", timeout=5).json()["shared"] == "up", 5, "sharing again")
+
+
+def test_two_replicas_on_postgresql_and_redis_act_as_one(processes: list[subprocess.Popen[str]], sims: Sims,
+                                                         tmp_path: Path, pg_server: PgServer) -> None:
+    """The deployment of compose.yaml: one PostgreSQL, one Redis, two replicas."""
+    redis_or_skip(REDIS_URL)
+    prefix = f"xfp-test-{uuid.uuid4().hex[:12]}"
+    config = replica_config(sims, tmp_path / "unused.sqlite3", prefix)
+    config["storage"] = {"url": pg_server.fresh_schema()}
+    group = Replicas(processes, tmp_path, config)
+    try:
+        first, second = group.start(2)
+        assert chat(first, content="on the first").status_code == 200
+        assert chat(second, content="on the second").status_code == 200
+        for url in (first, second):  # usage from both, in either (each writes its own within a moment)
+            wait_until(lambda url=url: httpx.get(f"{url}/admin/usage", params={"client": "alice"}, headers=ADMIN,
+                                                 timeout=10).json()["total"]["requests"] == 2, 3, "usage of both")
+        with ThreadPoolExecutor(24) as pool:  # a budget of 10 (twenty chats) holds across both
+            replies = list(pool.map(lambda i: chat((first, second)[i % 2], key=ERIN_KEY, content=f"{i}"), range(24)))
+        assert sum(r.status_code == 200 for r in replies) <= 20
+        # a task started on the first, finished by the second after the first died: recorded once
+        headers = {"authorization": f"Bearer {OTHER_CLIENT_KEY}"}
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"{first}/v1/images/generations", headers=headers, timeout=30,
+                                  json={"model": "gpt-image-2", "prompt": "outlives [delay=2]"})
+            wait_until(lambda: sims.xffuw.count("image") == 1, 5, "the submit")
+            time.sleep(0.3)
+            group.procs[0].send_signal(signal.SIGKILL)
+            with pytest.raises(httpx.HTTPError):
+                pending.result()
+
+        def bob_usage() -> dict[str, Any]:
+            return httpx.get(f"{second}/admin/usage", params={"client": "bob"}, headers=ADMIN, timeout=10).json()
+
+        wait_until(lambda: sims.xffuw.count("task") and bob_usage()["total"]["requests"] == 1, 15, "the usage")
+        wait_until(lambda: any(t.endpoint == "file" for t in sims.xffuw.calls) or
+                   _task_done(second, headers), 15, "the adopted task to finish")
+        assert bob_usage()["total"] == {"requests": 1, "cost": 2.0, "failed": 0}
+        assert sims.xffuw.count("image") == 1
+    finally:
+        forget_prefix(REDIS_URL, prefix)
+
+
+def _task_done(url: str, headers: dict[str, str]) -> bool:
+    report = httpx.get(f"{url}/admin/usage", params={"client": "bob", "group_by": "model"}, headers=ADMIN,
+                       timeout=10).json()
+    return bool(report["data"]) and report["total"]["failed"] == 0 and _bob_task_succeeded(url, headers)
+
+
+def _bob_task_succeeded(url: str, headers: dict[str, str]) -> bool:
+    tasks = httpx.get(f"{url}/admin/tasks", headers=ADMIN, timeout=10)
+    if tasks.status_code != 200:
+        return True  # without the console's route, the usage total above is the check
+    return any(t.get("status") == "succeeded" for t in tasks.json().get("recent", []))
