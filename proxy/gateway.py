@@ -100,6 +100,20 @@ class Gateway:
         for pool in self.pools.values():
             pool.share = share
 
+    def save_calls(self) -> None:
+        """Each key's calls in its window, to the store (queued): a restart keeps counting them."""
+        for name, pool in self.pools.items():
+            for key in pool.keys:
+                calls = pool.recent_calls(key)
+                if calls:
+                    self.store.save_calls(name, key.fingerprint, calls)
+
+    async def restore_calls(self) -> None:
+        saved = await self.store.load_calls()
+        for name, pool in self.pools.items():
+            for key in pool.keys:
+                pool.restore_calls(key, saved.get((name, key.fingerprint), []))
+
     def apply_shared(self, states: dict[str, StateChange]) -> None:
         for pool in self.pools.values():
             pool.apply_shared(states, self.owner)
@@ -278,3 +292,4 @@ class Gateway:
             longest = max(t.connect_timeout + t.read_timeout for t in self.config.providers.values())
             await asyncio.wait(list(self._submits), timeout=longest)
         await self.tasks.close()
+        self.save_calls()

@@ -61,6 +61,14 @@ class CallWindow:
             buckets.append([now + CALL_BUCKET, 1])
         self.count += 1
 
+    def add_old(self, at: float, count: int) -> None:
+        """Calls made before any this process made (a previous process's, restored)."""
+        self._buckets.append([at, count])
+        self.count += count
+
+    def entries(self) -> list[tuple[float, int]]:
+        return [(end, int(count)) for end, count in self._buckets]
+
     def drop_until(self, horizon: float) -> None:
         buckets = self._buckets
         while buckets and buckets[0][0] <= horizon:
@@ -202,6 +210,21 @@ class KeyPool:
         if limit is None:
             return 0
         return min(limit // 2, self.poll_reserve(key, self.config.rate_window))
+
+    def recent_calls(self, key: UpstreamKey) -> list[float]:
+        """The key's calls in its window, as [unix time, count, ...]: what a restart keeps counting."""
+        self._rate_wait(key, time.monotonic())
+        offset = time.time() - time.monotonic()
+        return [value for end, count in key.calls.entries() for value in (end + offset, float(count))]
+
+    def restore_calls(self, key: UpstreamKey, calls: list[float]) -> None:
+        """A previous process's calls with `key` (from `recent_calls`), still in the window."""
+        now = time.monotonic()
+        offset, horizon = now - time.time(), now - self._window()
+        for i in range(0, len(calls) - 1, 2):
+            at = calls[i] + offset
+            if horizon < at <= now:
+                key.calls.add_old(at, int(calls[i + 1]))
 
     def calls_in_window(self, key: UpstreamKey) -> int:
         self._rate_wait(key, time.monotonic())  # drops calls that left the window

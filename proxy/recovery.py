@@ -66,6 +66,7 @@ class Recovery:
     async def start(self) -> None:
         """Resume what a previous process left; then adopt and purge on every beat."""
         await self.gateway.tasks.durations.load()
+        await self.gateway.restore_calls()  # the upstream still counts what the last process sent
         if self.shared is not None:
             with contextlib.suppress(SharedDown):
                 await self.shared.lease(self.lease)
@@ -131,6 +132,7 @@ class Recovery:
             await asyncio.sleep(HOUSEKEEPING_EVERY)
             try:
                 await self.store.heartbeat(self.owner)
+                self.gateway.save_calls()  # a crash loses at most this beat's calls
                 await self.adopt(stale_before=time.time() - ORPHANED_AFTER)
                 config, now = self.gateway.config, time.time()
                 await self.store.purge(now - config.tasks.keep_results * 3600,
