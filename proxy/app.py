@@ -14,14 +14,14 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import structlog
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
-from litestar.types import Message, Receive, Scope, Send
+from litestar.types import HTTPScope, LifeSpanReceive, LifeSpanScope, LifeSpanSend, Message, Receive, Scope, Send
 
 from proxy.api import ROUTES
 from proxy.api.admin import ADMIN_ROUTES
@@ -143,10 +143,12 @@ class ProxyApp(Litestar):
 
     idempotency: Idempotency
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope | LifeSpanScope, receive: Receive | LifeSpanReceive,
+                       send: Send | LifeSpanSend) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
+        scope, receive, send = cast(HTTPScope, scope), cast(Receive, receive), cast(Send, send)
         started = time.perf_counter()
         request_id = f"req_{_ID_PREFIX}{next(_ids):08x}"
         state = scope.setdefault("state", {})  # type: ignore[typeddict-item]

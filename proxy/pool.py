@@ -444,7 +444,7 @@ class KeyPool:
             state, wall, reason, _ = change
             until = time.monotonic() + (wall - time.time()) if wall else 0.0
             if (state, reason) != (key.state, key.reason) or abs(until - key.until) > 0.5:
-                self.set_state(key, state, reason or None, until, publish=False)  # type: ignore[arg-type]
+                self.set_state(key, state, reason or None, until, publish=False)  # type: ignore[arg-type]  # a KeyState
 
     def nobody_left(self, last: ProxyError | None, short: bool = False) -> ProxyError:
         """The error to answer when no key can take the call: the most hopeful state wins."""

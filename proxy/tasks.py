@@ -535,9 +535,10 @@ class TaskWaiter:
             self._list_off(keyed, listing)
         else:
             for state in listing.tasks:
-                task = keyed.tasks.get(state.task_id or "")
-                if task is None or task.ended:
+                found = keyed.tasks.get(state.task_id or "")
+                if found is None or found.ended:
                     continue
+                task = found
                 if state.status == "succeeded" and not state.urls:
                     continue  # finished, its result not on the list: its own poll reads it
                 due = wanted.pop(task.upstream_id, None) is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -52,7 +53,7 @@ async def json_body(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return parse_object(await request.body())
 
 
-async def first_answer(calls: list[asyncio.Future[T]]) -> T:
+async def first_answer(calls: Sequence[asyncio.Future[T]]) -> T:
     """For streams: the first answer comes before the headers go out, so upstream errors keep
     their HTTP status; if it fails, the other calls are cancelled."""
     try:

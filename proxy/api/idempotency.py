@@ -95,7 +95,7 @@ class Idempotency:
         if not complete:
             await send_error(send, ProxyError(Kind.PAYLOAD_TOO_LARGE, "The request body is too large."))
             return
-        target = f"{scope['method']} {scope['path']}\n".encode()
+        target = f"{scope.get('method')} {scope['path']}\n".encode()
         fingerprint = hashlib.sha256(target + body).hexdigest()
         if explicit is not None:
             repeat = Repeat(key_digest(explicit), None)
@@ -304,7 +304,8 @@ class Idempotency:
 
     @staticmethod
     async def _read(receive: Receive, limit: int) -> tuple[bytes, bool]:
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":

@@ -19,7 +19,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as redis
 import structlog
@@ -34,7 +34,7 @@ BEAT = 1.0  # seconds between health checks, replica heartbeats and key-state re
 SEEN_FOR = 5 * BEAT  # a replica not heard from for this long is gone
 TIMEOUT = 0.5  # seconds any Redis call may take before Redis counts as down
 
-StateChange = tuple[str, str, float, str]  # (state, until as unix time, reason, who wrote it)
+StateChange = tuple[str, float, str, str]  # (state, until as unix time (0: no end), reason, who wrote it)
 
 
 class SharedDown(Exception):
@@ -202,7 +202,7 @@ class Shared:
         await self._run(self._script("OWNED", [self.key("mark", name)], [self.owner, 0]))
 
     async def holder(self, name: str) -> str | None:
-        found = await self._run(self.client.get(self.key("mark", name)))
+        found = cast(bytes | None, await self._run(self.client.get(self.key("mark", name))))
         return found.decode() if found is not None else None
 
     async def alive(self, owners: list[str]) -> set[str]:
@@ -237,8 +237,7 @@ class Shared:
 
     async def blob(self, kind: str, name: str) -> bytes | None:
         _, prefix = self._blob_keys(kind)
-        found = await self._run(self.client.get(prefix + name))
-        return bytes(found) if found is not None else None
+        return cast(bytes | None, await self._run(self.client.get(prefix + name)))
 
     async def forget(self, kind: str, names: list[str]) -> None:
         if names:
