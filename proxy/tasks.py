@@ -63,6 +63,7 @@ class Task:
     keyed: KeyPolls | None = None  # its key's poll queue (pooled keys only)
     detail: bool = False  # its next poll asks for the task itself, not the key's task list
     unknown: int = 0  # polls in a row the upstream answered it knows no such task
+    progress_seen: tuple[float, float] | None = None  # (time.monotonic(), progress) of the last poll that had one
 
     @property
     def id(self) -> str:
@@ -461,14 +462,18 @@ class TaskWaiter:
         return False
 
     def _after(self, task: Task, state: TaskState) -> float:
-        """When to poll next: an interval, or later where the task's progress says it has far to
-        go (never more than PROGRESS_HORIZON intervals: a progress may be coarse)."""
+        """When to poll next: an interval, or later where the task's progress, advancing at the
+        rate seen between two polls, says it has far to go (never more than PROGRESS_HORIZON
+        intervals: a progress may be coarse). A progress that does not move says nothing."""
         interval = self._interval(task)
-        progress = state.progress
-        if progress is None or not 0 < progress < 100:
+        progress, last = state.progress, task.progress_seen
+        if progress is None or not 0 <= progress < 100:
             return interval
-        elapsed = time.time() - task.record.created
-        remaining = elapsed * (100 - progress) / progress
+        now = time.monotonic()
+        task.progress_seen = (now, progress)
+        if last is None or progress <= last[1] or now <= last[0]:
+            return interval
+        remaining = (100 - progress) * (now - last[0]) / (progress - last[1])
         return max(interval, min(remaining, PROGRESS_HORIZON * interval))
 
     def _poll_failed(self, task: Task, error: ProxyError) -> None:
