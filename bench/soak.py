@@ -731,7 +731,7 @@ async def _run(s: Settings, logs: Path, procs: Procs, record: Record, timeline: 
     outcomes = Counter(a.outcome for a in attempts)
     errors = Counter(f"{a.status} {a.reason}" for a in attempts if a.outcome == "error")
     five_hundreds = sum(1 for a in attempts if a.status >= 500 and a.status not in (502, 503, 504))
-    no_answer = Counter()
+    no_answer: Counter[str] = Counter()
     unexpected_drops: list[str] = []
     for a in attempts:
         if a.outcome != "none":

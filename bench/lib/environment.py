@@ -15,7 +15,7 @@ from lib import BENCH, OUT, ROOT, say
 
 LITELLM_VENV = BENCH / ".venv-litellm"
 LITELLM_SPEC = os.environ.get("BENCH_LITELLM_SPEC", "litellm[proxy]==1.106.2")
-QUIET_RUN = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+NULL = subprocess.DEVNULL
 
 
 def ensure_wrk(allow_install: bool) -> str | None:
@@ -26,8 +26,8 @@ def ensure_wrk(allow_install: bool) -> str | None:
         say("setup: installing wrk with apt-get …")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         try:
-            subprocess.run(["apt-get", "update", "-qq"], check=False, timeout=300, env=env, **QUIET_RUN)
-            subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, timeout=300, env=env, **QUIET_RUN)
+            for step in (["update", "-qq"], ["install", "-y", "-qq", "wrk"]):
+                subprocess.run(["apt-get", *step], check=False, timeout=300, env=env, stdout=NULL, stderr=NULL)
         except subprocess.TimeoutExpired:
             pass
     return shutil.which("wrk")
@@ -40,7 +40,7 @@ def ensure_bench_deps(allow_install: bool) -> None:
         if allow_install:
             say(f"setup: installing bench-only deps ({BENCH / 'requirements.txt'}) into {sys.prefix} …")
             subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(BENCH / "requirements.txt")],
-                           check=False, timeout=600, **QUIET_RUN)
+                           check=False, timeout=600, stdout=NULL, stderr=NULL)
 
 
 def _litellm_version() -> str | None:
