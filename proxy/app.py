@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import itertools
 import re
@@ -39,6 +40,7 @@ from proxy.openai.errors import error_response, send_error
 from proxy.recovery import Recovery, owner_name
 from proxy.redact import redact
 from proxy.runtime import Runtime
+from proxy.shared import Shared
 from proxy.store import open_store
 from proxy.uploads import loggable_path
 from proxy.upstream_http import build_client
@@ -233,6 +235,14 @@ def _on_sighup(runtime: Runtime) -> None:
         log.error("config_reload_refused", error=str(error))
 
 
+def _on_reload(runtime: Runtime) -> None:
+    """Another replica re-read its config: so does this one, from its own file."""
+    try:
+        runtime.reload(tell_replicas=False)
+    except (ConfigError, ValueError) as error:
+        log.error("config_reload_refused", error=str(error), asked_by="another replica")
+
+
 def create_app(config: Config, config_path: str | Path | None = None, workers: int = 1) -> Litestar:
     """The proxy as a Litestar app; `config_path` enables /admin/reload and SIGHUP. `workers`
     processes serve it together, each keeping its part of every per-key and per-client limit."""
@@ -244,13 +254,19 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         http = build_client()
         store = await open_store(config.storage)
-        gateway = Gateway(config, http, store, owner_name(), observe=metrics.observe_upstream, share=workers)
-        metrics.gateway = gateway
-        recovery, balances = Recovery(gateway), Balances(gateway)
+        owner = owner_name()
+        shared = Shared(config.shared.redis_url, config.shared.prefix, owner) if config.shared.redis_url else None
+        gateway = Gateway(config, http, store, owner, observe=metrics.observe_upstream, share=workers, shared=shared)
+        metrics.gateway, metrics.shared = gateway, shared
+        recovery, balances = Recovery(gateway, config.shared.lease), Balances(gateway)
         runtime = Runtime(config=config, config_path=Path(config_path) if config_path else None, http=http,
-                          store=store, gateway=gateway, recovery=recovery, clients=Clients(config, workers),
-                          share=workers)
+                          store=store, gateway=gateway, recovery=recovery, clients=Clients(config, workers, shared),
+                          share=workers, shared=shared, workers=workers)
         app.state.runtime = runtime
+        if shared is not None:
+            shared.on_states, shared.on_change = gateway.apply_shared, runtime.shared_changed
+            shared.on_reload = functools.partial(_on_reload, runtime)
+            await shared.start()
         await recovery.start()
         balances.start()
         tune_gc()
@@ -266,6 +282,8 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
             await gateway.close()
             await recovery.close()
             await store.close()
+            if shared is not None:
+                await shared.close()
             await http.aclose()
 
     app = ProxyApp(

@@ -26,7 +26,7 @@ def note(request: Request[Any, Any, Any], **fields: Any) -> None:
     request.scope["state"].setdefault("access", {}).update(fields)
 
 
-def authenticate(request: Request[Any, Any, Any]) -> Caller:
+async def authenticate(request: Request[Any, Any, Any]) -> Caller:
     """The caller, within its request rate; 401 or 429 otherwise."""
     clients = runtime(request).clients
     source = request.scope.get("client")
@@ -35,6 +35,7 @@ def authenticate(request: Request[Any, Any, Any]) -> Caller:
     if caller.own_key is not None:
         caller.on_refused_key = clients.passthrough_refused
     caller.idempotency_key = request.headers.get("idempotency-key")
+    await clients.admit(caller)
     note(request, client=caller.name)
     return caller
 

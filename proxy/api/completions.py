@@ -104,7 +104,7 @@ STREAM_NOTE = ("With stream=true: `data: <Completion chunk>` events (finish_reas
 @post("/v1/completions", status_code=200, **documented(Completion, body=CompletionRequest, stream=STREAM_NOTE))
 async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     """Legacy completions: each prompt becomes one user message to a chat model."""
-    caller = authenticate(request)
+    caller = await authenticate(request)
     raw = await json_body(request)
     body = convert(raw, CompletionRequest)
     prompts = _prompts(body.prompt)
