@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,16 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from lib import OUT
+from lib.numbers import nearest_rank
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from proxy.app import create_app
+from proxy.config import parse_config
+from proxy.server import BackgroundServer
+from proxy.sim import FengyuanKey, FengyuanSim, XffuwSim, create_fengyuan_app, create_xffuw_app
 
-from proxy.app import create_app  # noqa: E402
-from proxy.config import parse_config  # noqa: E402
-from proxy.server import BackgroundServer  # noqa: E402
-from proxy.sim import FengyuanKey, FengyuanSim, XffuwSim, create_fengyuan_app, create_xffuw_app  # noqa: E402
-
-OUT = ROOT / "bench" / "out"
 CLIENT_KEY = "sk-bench-capacity-0001"
 FY_KEY = "sk-fy-bench-normal-0001"
 XF_KEY = "xf_bench_capacity_0001"
@@ -77,15 +73,9 @@ class Outcome:
             "finished": self.finished, "not_200": self.case.requests - self.finished,
             "calls_per_task": round(total / max(1, self.finished), 2), "calls": self.calls,
             "upstream_429": self.refused_429, "wall_s": round(self.wall, 1),
-            "delay_p50_s": round(_pct(delays, 50), 2), "delay_p99_s": round(_pct(delays, 99), 2),
+            "delay_p50_s": round(nearest_rank(delays, 50), 2), "delay_p99_s": round(nearest_rank(delays, 99), 2),
             "delay_max_s": round(delays[-1], 2) if delays else None,
         }
-
-
-def _pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    return values[min(len(values) - 1, max(0, round(p / 100 * len(values)) - 1))]
 
 
 def _config(case: Case, sim_url: str, store: Path, queue_timeout: float) -> dict[str, Any]:
@@ -190,7 +180,6 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "capacity.json").write_text(json.dumps(rows, indent=2))
     slow = [r for r in rows if r["delay_p99_s"] > 2 * POLL_INTERVAL]
-    _ = statistics  # the percentiles above are nearest-rank, as in bench/run.py
     return 1 if slow else 0
 
 

@@ -24,27 +24,18 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import httpx
+from lib import BENCH
+from lib.procs import Procs, free_port, wait_ready
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from proxy.upstream_http import build_client, head_of, origin_of  # noqa: E402
+from proxy.upstream_http import build_client, head_of, origin_of
 
 BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
 HEADERS = {"authorization": "Bearer xf_bench", "content-type": "application/json"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def measure(name: str, call: Callable[[], Awaitable[None]], requests: int, concurrency: int) -> None:
@@ -127,19 +118,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
-    port = free_port()
-    stub = subprocess.Popen([sys.executable, str(ROOT / "bench" / "stub.py"), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    port, procs = free_port(), Procs()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("the stub did not start") from None
-                time.sleep(0.05)
+        wait_ready(procs.spawn([sys.executable, str(BENCH / "stub.py"), "--port", str(port)]), port, "/healthz", 10)
         try:
             import uvloop
             uvloop.install()
@@ -148,7 +129,7 @@ def main() -> None:
         print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {os.cpu_count()} cores")
         asyncio.run(run(f"http://127.0.0.1:{port}/api/v1/chat.php", args.requests, args.concurrency))
     finally:
-        os.killpg(stub.pid, 15)
+        procs.stop_all()
 
 
 if __name__ == "__main__":

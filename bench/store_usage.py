@@ -24,17 +24,17 @@ import argparse
 import asyncio
 import os
 import random
-import secrets
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import httpx
+from lib.numbers import pct, table
+from lib.procs import Procs, free_port, wait_ready
+from lib.targets import PROXY, to_toml
 
 from proxy.store import Store, UsageRecord
 from proxy.store.postgres import PostgresStore
@@ -106,26 +106,15 @@ async def before_rollups(kind: str, where: str, group: str, runs: int) -> list[f
     return times
 
 
-def serve(storage: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A real proxy on the store, in its own process."""
-    port = 18000 + secrets.randbelow(2000)
+def serve(procs: Procs, storage: dict[str, Any], workdir: Path) -> str:
+    """A real proxy on the store, in its own process: its URL."""
+    port = free_port()
     config = workdir / f"proxy-{port}.toml"
-    config.write_text(f'[server]\nport = {port}\n[[clients]]\nname = "bench"\nkey = "sk-bench-0123456789"\n'
-                      f'[admin]\nkeys = ["{ADMIN}"]\n[log]\nlevel = "warning"\n[storage]\n{storage}\n')
-    process = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-        if process.poll() is not None:
-            raise RuntimeError(f"the proxy did not start: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-    process.kill()
-    raise RuntimeError("the proxy did not answer /healthz within 30 s")
+    config.write_text(to_toml({"server": {"port": port}, "clients": [{"name": "bench", "key": "sk-bench-0123456789"}],
+                               "admin": {"keys": [ADMIN]}, "log": {"level": "warning"}, "storage": storage}))
+    log = workdir / f"proxy-{port}.log"
+    wait_ready(procs.spawn([*PROXY, "serve", "--config", str(config)], log), port, "/healthz", 30, log, every=0.1)
+    return f"http://127.0.0.1:{port}"
 
 
 def time_route(url: str, params: dict[str, str], n: int) -> tuple[list[float], int]:
@@ -143,9 +132,7 @@ def time_route(url: str, params: dict[str, str], n: int) -> tuple[list[float], i
 
 
 def ms(values: list[float], q: float) -> str:
-    if len(values) == 1:
-        return f"{values[0] * 1000:.1f}"
-    return f"{statistics.quantiles(values, n=100, method='inclusive')[int(q) - 1] * 1000:.1f}"
+    return f"{pct(values, q) * 1000:.1f}"
 
 
 async def open_store(kind: str, where: str) -> Store:
@@ -172,7 +159,8 @@ async def time_store(store: Store, params: dict[str, str], n: int) -> list[float
     return times
 
 
-def bench(kind: str, where: str, storage: str, rows: list[UsageRecord], queries: int, workdir: Path) -> list[str]:
+def bench(kind: str, where: str, storage: dict[str, Any], rows: list[UsageRecord], queries: int,
+          workdir: Path) -> list[str]:
     now = time.time()
 
     async def fill_and_time() -> tuple[float, list[list[float]]]:
@@ -185,15 +173,15 @@ def bench(kind: str, where: str, storage: str, rows: list[UsageRecord], queries:
 
     rate, in_process = asyncio.run(fill_and_time())
     lines = [f"| {kind} | write: `add_usage` until committed, rollups included | {rate:,.0f} records/s | | |"]
-    process, url = serve(storage, workdir)
+    procs = Procs()
     try:
+        url = serve(procs, storage, workdir)
         for (label, params), store_times in zip(queries_to_time(now), in_process, strict=True):
             times, n = time_route(url, params, queries)
             lines.append(f"| {kind} | `/admin/usage?{label}` ({n} rows) | | {ms(store_times, 50)} / "
                          f"{ms(store_times, 99)} | {ms(times, 50)} / {ms(times, 99)} |")
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        procs.stop_all()
     for group in ("day", "client"):
         times = asyncio.run(before_rollups(kind, where, group, 5))
         lines.append(f"| {kind} | before rollups: GROUP BY {group} over every raw row (SQL, 5 runs) | | "
@@ -208,20 +196,19 @@ def main() -> int:
     parser.add_argument("--only", choices=("sqlite", "postgres"))
     args = parser.parse_args()
     rows = records(args.rows, time.time())
-    lines = ["| store | what | write rate | store method p50 / p99 ms | HTTP p50 / p99 ms |",
-             "|---|---|---|---|---|"]
+    lines = table(["store", "what", "write rate", "store method p50 / p99 ms", "HTTP p50 / p99 ms"], [])
     with tempfile.TemporaryDirectory(prefix="store-bench-") as tmp:
         workdir = Path(tmp)
         if args.only in (None, "sqlite"):
             path = str(workdir / "usage.sqlite3")
-            lines += bench("sqlite", path, f'path = "{path}"', rows, args.queries, workdir)
+            lines += bench("sqlite", path, {"path": path}, rows, args.queries, workdir)
         if args.only in (None, "postgres"):
             admin_url = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test"
             name = f"xfp_bench_{os.getpid()}"
             url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
             asyncio.run(_execute(admin_url, f'CREATE DATABASE "{name}"'))
             try:
-                lines += bench("postgres", url, f'url = "{url}"', rows, args.queries, workdir)
+                lines += bench("postgres", url, {"url": url}, rows, args.queries, workdir)
             finally:
                 asyncio.run(_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     print(f"{args.rows:,} usage rows over 90 days ({len(CLIENTS)} clients, {len(MODELS)} models, "
