@@ -217,13 +217,9 @@ GC_YOUNG_THRESHOLD = 50_000
 
 
 def tune_gc() -> None:
-    """Keep the cyclic garbage collector off the hot path (bench/README.md, "Garbage collector").
-
-    With 10,000 requests waiting, every poll's short-lived objects outlived Python's default
-    young-generation threshold of 700 allocations, reached the oldest generation, and
-    triggered full collections over ~2 million objects: 0.6 s pauses, a third of the CPU.
-    Young collections every 50,000 allocations let those objects die young; what the process
-    holds from startup (modules, config, routes) is frozen out of every later collection.
+    """Keep the cyclic garbage collector off the hot path (bench/README.md, "The garbage
+    collector"): short-lived objects die young between rarer young collections, and what the
+    process holds from startup (modules, config, routes) is frozen out of every later one.
     """
     gc.collect()
     gc.freeze()

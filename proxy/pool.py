@@ -40,12 +40,10 @@ ANSWER_WAIT = 0.05  # seconds to wait for room when only calls under way fill a 
 
 
 class CallWindow:
-    """A key's recent calls as (end, count) buckets, oldest first.
-
-    At 5,000 polls a second, a 60-second window is 6,000 buckets rather than 300,000
-    timestamps (about 10 MB; bench/README.md). A call counts as made at its bucket's end, at
-    most CALL_BUCKET after it really was: it leaves the window late, never early.
-    """
+    """A key's recent calls as (end, count) buckets, oldest first: a bucket per CALL_BUCKET,
+    not a timestamp per call, keeps a busy key's window small (bench/README.md, "Memory per
+    waiting request"). A call counts as made at its bucket's end: it leaves the window late,
+    never early."""
 
     __slots__ = ("_buckets", "count")
 

@@ -124,9 +124,8 @@ class TaskWaiter:
     """Polls every unfinished task of this process on its own schedule.
 
     Event-loop timers, not a sleeping coroutine per task: the polls due in a tick are sent by
-    its timer, and each answer, read in a callback, schedules the next. 10,000 waiting tasks
-    then cost a list entry each between polls, and a poll no coroutine or asyncio task
-    (bench/README.md).
+    its timer, and each answer, read in a callback, schedules the next; a waiting task costs a
+    list entry between polls (bench/README.md, "One timer per waiting task").
     """
 
     def __init__(self, config: TasksConfig, store: Store, owner: str,
@@ -253,8 +252,7 @@ class TaskWaiter:
 
         Polls fall due on POLL_TICK boundaries, rounded up (never sooner than `delay`), and one
         timer starts all the polls of a tick in one turn of the event loop: they go out
-        together, pipelined on a few connections (proxy/upstream_http.py), rather than one
-        write each (bench/README.md)."""
+        together, pipelined on a few connections (bench/README.md, "Polls pipelined")."""
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         due = (now if since is None else since) + delay
@@ -282,7 +280,7 @@ class TaskWaiter:
 
     def _send_poll(self, task: Task) -> KeyPolls | None:
         """Most polls: sent from their tick's timer and read in a callback, with no coroutine
-        or asyncio task each (bench/README.md). A poll whose key has no room now, or that
+        or asyncio task each ("Polls with no task each"). A poll whose key has no room now, or that
         the key's task list answers, waits in the key's queue, which is answered."""
         task.timer = None
         keyed = task.keyed

@@ -93,7 +93,7 @@ async def generate(request: Request[Any, Any, Any], caller: Caller, route: Route
 
 async def _settled(calls: list[Coroutine[Any, Any, T]]) -> list[T | BaseException]:
     """Like gather(return_exceptions=True), with no task made for a single call: a waiting
-    request holds one task fewer (10,000 waiting requests, bench/README.md)."""
+    request holds one task fewer (bench/README.md, "One timer per waiting task")."""
     if len(calls) == 1:
         try:
             return [await calls[0]]

@@ -74,10 +74,8 @@ class HTTPUpstream:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.http = http
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout).as_dict()
-        # A call's request head is written once and kept: a task's poll is the same request
-        # every few seconds while it runs, and writing it (URL, headers) cost more than the rest
-        # of the call (bench/README.md, profile of 10,000 waiting tasks). A plain dict, oldest
-        # entry out first when full: a lookup costs a twentieth of cachetools' LRU, and an
+        # A call's request head is written once and kept: a task's poll is the same request every
+        # few seconds (bench/README.md, "Per call"). A plain dict, oldest out first when full: an
         # entry evicted while in use is only written again.
         self._prepared: dict[tuple[Any, ...], _Prepared] = {}
 

@@ -99,9 +99,8 @@ class BatchedWrites:
 
     def finish_task(self, record: TaskRecord) -> None:
         """A task's final state, queued like usage and written with it, within FLUSH_AFTER
-        seconds, and not waited for: its answer need not wait on the disk. When thousands of
-        tasks end within seconds, a transaction each cost the store thread a core's fifth
-        (bench/README.md). Reads in this process flush it first; if the process dies before the
+        seconds, and not waited for: its answer need not wait on the disk (bench/README.md, "The
+        burst of answers"). Reads in this process flush it first; if the process dies before the
         write, the task is still unfinished in the store and the next process polls it to its
         end again."""
         self._queue_task(record)

@@ -233,7 +233,7 @@ class PostgresStore(BatchedWrites):
         return await self._run(claim)
 
     async def heartbeat(self, owner: str) -> None:
-        """One row per process, not an update of every task it polls (10,000 rows every 10 s)."""
+        """One row per process, not an update of every task it polls ("The store's periodic work")."""
         await self._run(lambda db: db.execute(
             "INSERT INTO owners (owner, beat) VALUES ($1, $2) ON CONFLICT (owner) DO UPDATE SET beat = excluded.beat",
             owner, time.time()))

@@ -133,7 +133,7 @@ class SQLiteStore(BatchedWrites):
         return await self._run(claim)
 
     async def heartbeat(self, owner: str) -> None:
-        """One row per process, not an update of every task it polls (10,000 rows every 10 s)."""
+        """One row per process, not an update of every task it polls ("The store's periodic work")."""
         await self._run(lambda db: db.execute("INSERT OR REPLACE INTO owners (owner, beat) VALUES (?, ?)",
                                               (owner, time.time())))
 
@@ -225,7 +225,7 @@ def _write(db: sqlite3.Connection, batch: Batch) -> None:
                        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, client, model, upstream) DO UPDATE SET "
                        "requests = requests + excluded.requests, cost = cost + excluded.cost, "
                        "failed = failed + excluded.failed", ledger.rollup_rows(deltas))
-        # an upsert, not INSERT OR REPLACE (a delete and an insert): 7 µs a row, not 11
+        # an upsert, not INSERT OR REPLACE (a delete and an insert): one write a row, not two
         db.executemany("INSERT INTO tasks (id, state, owner, updated, record) VALUES (?, ?, ?, ?, ?) "
                        "ON CONFLICT (id) DO UPDATE SET state = excluded.state, owner = excluded.owner, "
                        "updated = excluded.updated, record = excluded.record", batch.tasks)
