@@ -27,6 +27,8 @@ from proxy.api.images import answer_from_tasks
 from proxy.api.tasks import retrieve_task
 from proxy.clients import Clients
 from proxy.config import Config, ConfigError
+from proxy.downloads import Downloads
+from proxy.egress import Egress
 from proxy.errors import Kind, ProxyError
 from proxy.gateway import Gateway, owner_name
 from proxy.log import setup_logging
@@ -160,12 +162,17 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
     redact.add(config.secrets())
     setup_logging(config.log.level, config.log.format)
     metrics = Metrics()
+    try:
+        egress = Egress(config.server.upstream_proxy)
+    except ValueError as error:  # HTTPS_PROXY or HTTP_PROXY not an http:// proxy
+        raise ConfigError(f"{error}; set [server] upstream_proxy to override the environment") from None
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         http = build_client()
         store = SQLiteStore(config.storage.path)
-        gateway = Gateway(config, http, store, owner_name(), observe=metrics.observe_upstream)
+        gateway = Gateway(config, http, store, owner_name(), observe=metrics.observe_upstream,
+                          downloads=Downloads(config.images.download_memory_bytes, egress))
         metrics.gateway = gateway
         runtime = Runtime(config=config, config_path=Path(config_path) if config_path else None, http=http,
                           store=store, gateway=gateway, clients=Clients(config))

@@ -8,9 +8,11 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
+from proxy.egress import parse_proxy
 from proxy.struct_errors import explain
 
 PROVIDER_TYPES = ("xffuw", "fengyuan")
@@ -37,6 +39,9 @@ class ServerConfig(_Table):
     shutdown_grace: float = 30.0
     # Browser clients: origins allowed by CORS (["*"] for any); empty turns CORS off.
     cors_origins: list[str] = []
+    # The egress HTTP proxy for upstream calls and downloads ("http://[user:pass@]host:port");
+    # unset: HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment; "": none (proxy/egress.py).
+    upstream_proxy: str | None = None
 
 
 class ClientConfig(_Table):
@@ -89,9 +94,13 @@ class TasksConfig(_Table):
 
 
 class ImagesConfig(_Table):
-    # b64_json downloads the result: capped in size and time
-    max_download_bytes: int = 32 * 1024 * 1024
+    # b64_json downloads the result: capped in size and time (proxy/downloads.py)
+    max_download_bytes: int = 32 * 1024 * 1024  # one result
+    max_request_download_bytes: int = 128 * 1024 * 1024  # a request's results together
+    download_memory_bytes: int = 256 * 1024 * 1024  # all downloads held at once, per process (read at start)
     download_timeout: float = 60.0
+    # fetch results from loopback and private addresses too (the upstream's own origin always is)
+    allow_private_hosts: bool = False
 
 
 class AuthConfig(_Table):
@@ -131,6 +140,9 @@ class Config(_Table):
     def secrets(self) -> list[str]:
         """Every configured secret, so log lines and error texts can be scrubbed of them."""
         found = [c.key for c in self.clients if c.key] + list(self.admin.keys)
+        proxy = self.server.upstream_proxy
+        if proxy:  # its password
+            found.append(urlsplit(proxy if "://" in proxy else "http://" + proxy).password or "")
         for provider in self.providers.values():
             found.extend(k.value for k in provider.all_keys())
         return [s for s in found if s]
@@ -239,6 +251,19 @@ def _check(config: Config) -> None:
     if tasks.timeout <= 0:
         raise ConfigError("tasks.timeout: must be > 0")
     tasks.first_poll = min(max(tasks.first_poll, 0.0), tasks.poll_interval)
+    if config.server.upstream_proxy:
+        try:
+            parse_proxy(config.server.upstream_proxy, "server.upstream_proxy")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    images = config.images
+    for name in ("max_download_bytes", "max_request_download_bytes", "download_memory_bytes"):
+        if getattr(images, name) < 1:
+            raise ConfigError(f"images.{name}: must be >= 1")
+    if images.download_timeout <= 0:
+        raise ConfigError("images.download_timeout: must be > 0")
+    if images.max_download_bytes > images.download_memory_bytes:
+        raise ConfigError("images.max_download_bytes: must not exceed images.download_memory_bytes")
     if config.server.public_url is not None:
         if not re.match(r"https?://", config.server.public_url):
             raise ConfigError("server.public_url: expected an http(s) URL")
