@@ -169,7 +169,7 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        http = build_client()
+        http = build_client(egress=egress, max_answer_bytes=config.server.max_answer_bytes)
         store = SQLiteStore(config.storage.path)
         gateway = Gateway(config, http, store, owner_name(), observe=metrics.observe_upstream,
                           downloads=Downloads(config.images.download_memory_bytes, egress))

@@ -42,6 +42,7 @@ class ServerConfig(_Table):
     # The egress HTTP proxy for upstream calls and downloads ("http://[user:pass@]host:port");
     # unset: HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment; "": none (proxy/egress.py).
     upstream_proxy: str | None = None
+    max_answer_bytes: int = 16 * 1024 * 1024  # a larger upstream API answer is an upstream error
 
 
 class ClientConfig(_Table):
@@ -256,6 +257,8 @@ def _check(config: Config) -> None:
             parse_proxy(config.server.upstream_proxy, "server.upstream_proxy")
         except ValueError as error:
             raise ConfigError(str(error)) from None
+    if config.server.max_answer_bytes < 1024:
+        raise ConfigError("server.max_answer_bytes: must be >= 1024")
     images = config.images
     for name in ("max_download_bytes", "max_request_download_bytes", "download_memory_bytes"):
         if getattr(images, name) < 1:
