@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import ipaddress
 import socket
 import ssl
@@ -166,7 +167,8 @@ class Downloaded:
             self._let_go(index, self.reserved[index])
 
     def __del__(self) -> None:  # an answer dropped before it was written must not keep the budget
-        self.release()
+        with contextlib.suppress(RuntimeError):  # its event loop closed already
+            self.release()
 
 
 class _Refused(httpcore.ConnectError):
@@ -299,8 +301,9 @@ class Downloads:
             async with asyncio.timeout_at(deadline):
                 await self.budget.take(most)
         except TimeoutError:
-            raise ProxyError(Kind.RATE_LIMITED, "The proxy is holding as many downloaded results as it may; "
-                             "retry shortly, or ask for response_format url.", retry_after=RETRY_AFTER) from None
+            raise ProxyError(Kind.DOWNLOADS_BUSY, "The proxy is holding as many downloaded results as it may. "
+                             "The images are ready: GET /v1/tasks/{id} for the ids in x-proxy-task-ids, or ask "
+                             "with response_format url.", retry_after=RETRY_AFTER) from None
         downloaded.hold(index, most)
         try:
             async with asyncio.timeout_at(deadline):

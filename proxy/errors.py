@@ -31,6 +31,7 @@ class Kind(enum.Enum):
     CONFLICT = "conflict"
     RESTARTING = "restarting"
     NO_UPSTREAM_KEY = "no_upstream_key"
+    DOWNLOADS_BUSY = "downloads_busy"  # b64_json results wait for download memory: after paid tasks
     INTERNAL = "internal"
 
 
@@ -63,6 +64,8 @@ SHAPES: dict[Kind, Shape] = {
     Kind.CONFLICT: Shape(409, "invalid_request_error", "idempotency_key_reused"),
     Kind.RESTARTING: Shape(503, "server_error", "proxy_restarting"),
     Kind.NO_UPSTREAM_KEY: Shape(503, "server_error", "no_upstream_key"),
+    # the tasks are paid and done: an SDK retrying the POST would pay again
+    Kind.DOWNLOADS_BUSY: Shape(429, "requests", "rate_limit_exceeded", retry=False),
     Kind.INTERNAL: Shape(500, "server_error", "internal_error"),
 }
 

@@ -274,9 +274,9 @@ async def _tunnel(loop: asyncio.AbstractEventLoop, proxy: EgressProxy, host: str
             request += b"Proxy-Authorization: " + proxy.authorization + b"\r\n"
         raw.write(request + b"\r\n")
         answer = await tunnel.answer
-        head, _, rest = answer.partition(b"\r\n\r\n")
-        status = head.split(b" ", 2)[1] if head.startswith(b"HTTP/1.") and head.count(b" ") >= 1 else b""
-        if not (status.isdigit() and 200 <= int(status) < 300) or rest:
+        head, end, rest = answer.partition(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1] if head.startswith(b"HTTP/1.") and b" " in head else b""
+        if not (status.isdigit() and 200 <= int(status) < 300) or not end or rest:
             raise ProxyRefused(f"the egress proxy answered CONNECT with {head[:64]!r}")
     except BaseException:
         raw.close()

@@ -282,7 +282,8 @@ def test_concurrent_downloads_stay_within_the_process_budget_and_one_that_waits_
             with pytest.raises(ProxyError) as caught:  # a third gives up after its timeout
                 await downloads.fetch([(up.url("/third"), "xffuw")], config(up, max_download_bytes=2 * MiB,
                                                                              download_timeout=0.2))
-            assert (caught.value.kind, caught.value.retry_after) == (Kind.RATE_LIMITED, 5.0)
+            assert (caught.value.kind, caught.value.retry_after) == (Kind.DOWNLOADS_BUSY, 5.0)
+            assert (caught.value.shape.status, caught.value.shape.retry) == (429, False)  # no paying SDK retry
             assert base64.b64decode(b"".join(first.base64(0))) == b"p" * 2 * MiB  # written: its bytes let go
             first.release()
             later = await asyncio.wait_for(second, 5)
