@@ -423,6 +423,9 @@ def _optional_tables() -> list[str]:
     return [f"""
 [storage]
 path = "{OUT / 'proxy.sqlite3'}"
+""", """
+[images]
+response_format = {"gpt-image-*" = "url"}  # answer the stub's URLs, as measured before b64_json became the default
 """]
 
 

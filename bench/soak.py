@@ -511,8 +511,8 @@ class Soak:
                 markers = "[instant]"
         prompt = f"soak {uuid.uuid4().hex[:12]} 一只橘猫 {markers}"
         body: dict[str, Any] = {"model": model, "prompt": prompt, "n": n}
-        if fmt == "b64_json":
-            body["response_format"] = "b64_json"
+        if fmt == "b64_json" or "gpt-image-" in model:  # gpt-image-* answers b64_json unless asked for URLs
+            body["response_format"] = fmt
         if rng.random() < 0.3:
             body["size"] = rng.choice(["1024x1024", "1536x1024", "1024x1536"])
         idem = uuid.uuid4().hex

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 
 from proxy.egress import parse_proxy
+from proxy.providers import DIALECTS
 from proxy.struct_errors import explain
-
-PROVIDER_TYPES = ("xffuw", "fengyuan")
-# How each upstream's keys look, for [auth] passthrough. Fengyuan keys start "sk-" like most
-# client keys do, so a mistyped client key would be sent there: its prefix must be set on purpose.
-DEFAULT_PREFIXES: dict[str, str | None] = {"xffuw": "xf_", "fengyuan": None}
 
 
 class ConfigError(Exception):
@@ -63,7 +60,7 @@ class UpstreamKeyConfig(_Table):
 
 
 class ProviderConfig(_Table):
-    base_url: str
+    base_url: str = ""  # default: the dialect's own (proxy/providers/__init__.py)
     keys: list[str] = []
     key: list[UpstreamKeyConfig] = []  # [[providers.<name>.key]] tables: keys with weights and limits
     # Which upstream dialect this table speaks; defaults to the table's name, so two
@@ -90,18 +87,44 @@ class TasksConfig(_Table):
     poll_interval: float = 3.0
     # the first poll comes this soon after submit (never later than poll_interval)
     first_poll: float = 1.0
-    timeout: float = 600.0
+    timeout: float = 600.0  # seconds a request waits for its tasks; then 504, and the tasks go on
+    # After a request's timeout its tasks are still polled, this often, until final or give_up_after
+    # hours from their start: a task the upstream charged for is never given up while it may finish.
+    late_poll_interval: float = 30.0
+    give_up_after: float = 24.0
     keep_results: float = 24.0  # hours a finished task's result stays retrievable
+
+
+ImageFormat = Literal["url", "b64_json"]
+# What OpenAI answers these models with (its clients send no response_format for them and
+# expect it); consulted after [images] response_format.
+BUILT_IN_IMAGE_FORMATS: dict[str, ImageFormat] = {"gpt-image-*": "b64_json", "chatgpt-image-*": "b64_json"}
 
 
 class ImagesConfig(_Table):
     # b64_json downloads the result: capped in size and time (proxy/downloads.py)
     max_download_bytes: int = 32 * 1024 * 1024  # one result
     max_request_download_bytes: int = 128 * 1024 * 1024  # a request's results together
-    download_memory_bytes: int = 256 * 1024 * 1024  # all downloads held at once, per process (read at start)
+    # all downloads held at once, on this machine (each of N workers holds 1/N; read at start)
+    download_memory_bytes: int = 256 * 1024 * 1024
     download_timeout: float = 60.0
     # fetch results from loopback and private addresses too (the upstream's own origin always is)
     allow_private_hosts: bool = False
+    # Images uploaded for edits are kept in memory for the upstream to fetch, this much in all;
+    # each client may hold its share (this over the clients, at least one request's body).
+    uploads_max_bytes: int = 256 * 1024 * 1024
+    # The response_format of a request that sends none, by the model id or alias it names
+    # (globs, first match; then BUILT_IN_IMAGE_FORMATS; else "url").
+    response_format: dict[str, ImageFormat] = {}
+
+    def default_format(self, model: str) -> ImageFormat:
+        """`model` as the client named it; "xffuw/gpt-image-2" also matches "gpt-image-*"."""
+        names = [name for name in (model.lower(), model.partition("/")[2].lower()) if name]
+        for table in (self.response_format, BUILT_IN_IMAGE_FORMATS):
+            for glob, form in table.items():
+                if any(fnmatch.fnmatchcase(name, glob.lower()) for name in names):
+                    return form
+        return "url"
 
 
 class AuthConfig(_Table):
@@ -118,7 +141,17 @@ class AdminConfig(_Table):
 class StorageConfig(_Table):
     # SQLite file for usage, tasks and idempotency records; ":memory:" keeps nothing.
     path: str = "data/proxy.sqlite3"
+    # PostgreSQL instead of the file, for replicas on several machines ("" keeps the file, so
+    # url = "${DATABASE_URL:-}" serves both).
+    url: Annotated[str, msgspec.Meta(pattern=r"^(postgres(ql)?://.+)?$")] = ""
     idempotency_hours: float = 24.0
+    # days raw usage rows are kept; the per-day totals behind /admin/usage and budgets stay
+    keep_usage_days: Annotated[float, msgspec.Meta(gt=0)] = 90.0
+
+    def secrets(self) -> list[str]:
+        """The password in the url, if any."""
+        password = urlsplit(self.url).password if self.url else None
+        return [unquote(password)] if password else []
 
 
 class LogConfig(_Table):
@@ -142,10 +175,12 @@ class Config(_Table):
         """Every configured secret, so log lines and error texts can be scrubbed of them."""
         found = [c.key for c in self.clients if c.key] + list(self.admin.keys)
         proxy = self.server.upstream_proxy
-        if proxy:  # its password
-            found.append(urlsplit(proxy if "://" in proxy else "http://" + proxy).password or "")
+        password = urlsplit(proxy if "://" in proxy else "http://" + proxy).password if proxy else None
+        if password:  # the egress proxy's, as written and as sent
+            found += [password, unquote(password)]
         for provider in self.providers.values():
             found.extend(k.value for k in provider.all_keys())
+        found.extend(self.storage.secrets())
         return [s for s in found if s]
 
 
@@ -218,8 +253,12 @@ def _check(config: Config) -> None:
     for name, provider in config.providers.items():
         where = f"providers.{name}"
         provider.type = provider.type or name
-        if provider.type not in PROVIDER_TYPES:
-            raise ConfigError(f"{where}.type: unknown upstream {provider.type!r}; one of {PROVIDER_TYPES}")
+        registered = DIALECTS.get(provider.type)
+        if registered is None:
+            raise ConfigError(f"{where}.type: unknown upstream {provider.type!r}; one of {tuple(DIALECTS)}")
+        provider.base_url = provider.base_url or registered.base_url or ""
+        if not provider.base_url:
+            raise ConfigError(f"{where}.base_url: required for type {provider.type!r}")
         if not re.match(r"https?://", provider.base_url):
             raise ConfigError(f"{where}.base_url: expected an http(s) URL")
         if "/" in name:
@@ -238,7 +277,7 @@ def _check(config: Config) -> None:
         if provider.rate_window <= 0:
             raise ConfigError(f"{where}.rate_window: must be > 0")
         if provider.passthrough_prefix is None:
-            provider.passthrough_prefix = DEFAULT_PREFIXES[provider.type]
+            provider.passthrough_prefix = registered.passthrough_prefix
     if config.auth.passthrough:
         for name, provider in config.providers.items():
             prefix = provider.passthrough_prefix
@@ -251,6 +290,10 @@ def _check(config: Config) -> None:
         raise ConfigError("tasks.poll_interval: must be > 0")
     if tasks.timeout <= 0:
         raise ConfigError("tasks.timeout: must be > 0")
+    if tasks.late_poll_interval < tasks.poll_interval:
+        raise ConfigError("tasks.late_poll_interval: must be >= tasks.poll_interval")
+    if tasks.give_up_after * 3600 < tasks.timeout:
+        raise ConfigError("tasks.give_up_after: must be at least tasks.timeout (it is in hours)")
     tasks.first_poll = min(max(tasks.first_poll, 0.0), tasks.poll_interval)
     if config.server.upstream_proxy:
         try:

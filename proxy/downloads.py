@@ -21,6 +21,7 @@ import base64
 import collections
 import contextlib
 import ipaddress
+import re
 import socket
 import ssl
 from collections.abc import Iterable, Iterator
@@ -59,6 +60,19 @@ def private_address(text: str) -> bool:
             return True
     return (not ip.is_global or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
             or ip.is_unspecified or ip.is_reserved)
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+def data_url_base64(url: str) -> str | None:
+    """The base64 of a `data:` URL of a media file (a base64-only upstream's result), else None."""
+    head, comma, data = url.partition(",")
+    if not (head.startswith("data:") and head.endswith(";base64") and comma and data):
+        return None
+    if not media_type_allowed(head[5:-7].encode("latin-1")) or not _BASE64.fullmatch(data):
+        return None
+    return data
 
 
 def media_type_allowed(content_type: bytes | None) -> bool:
@@ -113,6 +127,7 @@ class Downloaded:
         self._budget = budget
         self._request_limit = request_limit
         self.bodies: list[collections.deque[bytes]] = [collections.deque() for _ in range(count)]
+        self.given: list[str | None] = [None] * count  # base64 the upstream answered itself (data: URLs)
         self.sizes = [0] * count
         self.reserved = [0] * count  # of the budget, per result
 
@@ -130,8 +145,9 @@ class Downloaded:
 
     def add(self, index: int, chunk: bytes, limit: int) -> None:
         self.sizes[index] += len(chunk)
-        if self.sizes[index] > min(limit, self.reserved[index]):
-            raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"The result is larger than {limit} bytes; ask for "
+        cap = min(limit, self.reserved[index])  # less than the limit where a worker's budget is smaller
+        if self.sizes[index] > cap:
+            raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"The result is larger than {cap} bytes; ask for "
                              "response_format url instead.")
         if sum(self.sizes) > self._request_limit:
             raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"The results together are larger than "
@@ -144,6 +160,11 @@ class Downloaded:
         self.sizes[index] = 0
 
     def base64(self, index: int) -> Iterator[bytes]:
+        given = self.given[index]
+        if given is not None:
+            for at in range(0, len(given), PIECE):
+                yield given[at:at + PIECE].encode("ascii")
+            return
         chunks, pending = self.bodies[index], bytearray()
         while chunks:
             chunk = chunks.popleft()
@@ -282,7 +303,10 @@ class Downloads:
         try:
             async with asyncio.TaskGroup() as group:
                 for index, (url, _) in enumerate(results):
-                    group.create_task(self._one(session, downloaded, index, url, images))
+                    if url.startswith("data:"):
+                        downloaded.given[index] = _given(url)
+                    else:
+                        group.create_task(self._one(session, downloaded, index, url, images))
         except BaseExceptionGroup as failed:
             downloaded.release()
             raise next((e for e in failed.exceptions if isinstance(e, ProxyError)), failed.exceptions[0]) from None
@@ -301,7 +325,8 @@ class Downloads:
             async with asyncio.timeout_at(deadline):
                 await self.budget.take(most)
         except TimeoutError:
-            raise ProxyError(Kind.DOWNLOADS_BUSY, "The proxy is holding as many downloaded results as it may. "
+            # after paid tasks: the handler names them, which makes it x-should-retry: false
+            raise ProxyError(Kind.RATE_LIMITED, "The proxy is holding as many downloaded results as it may. "
                              "The images are ready: GET /v1/tasks/{id} for the ids in x-proxy-task-ids, or ask "
                              "with response_format url.", retry_after=RETRY_AFTER) from None
         downloaded.hold(index, most)
@@ -353,6 +378,15 @@ class Downloads:
                     httpcore.ProxyError, httpcore.UnsupportedProtocol, OSError) as exc:
                 raise _Again(f"Downloading the result failed ({exc.__class__.__name__}).") from None
         raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"The result URL redirected more than {MAX_REDIRECTS} times.")
+
+
+def _given(url: str) -> str:
+    """A data: URL's base64, already in memory with the task: written as it is, nothing held."""
+    data = data_url_base64(url)
+    if data is None:
+        raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, "The upstream answered a data: URL that is no base64 image, "
+                         "video or audio file.")
+    return data
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -6,6 +6,10 @@ upstream refused the key; back on reload or by an admin). Every upstream call ma
 key, polls included, counts against the key's own rate limit, so the proxy never causes an
 upstream 429 by itself: when every key is at its limit a request waits up to
 `queue_timeout`, then gets 429 with Retry-After.
+
+A call counts from the moment it is sent until its answer lands, and then stays in the
+window counted from the answer's arrival: the upstream saw it somewhere between the two, so
+its own sliding window lets go of it before ours does, never after.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Literal, TypeVar
 
 from proxy.config import ProviderConfig, UpstreamKeyConfig
 from proxy.errors import Kind, ProxyError
+from proxy.providers.base import KeyInfo
 
 T = TypeVar("T")
 KeyState = Literal["active", "cooling", "exhausted", "disabled"]
@@ -30,6 +35,7 @@ DEFAULT_COOLDOWN = 10.0  # seconds a rate-limited key rests when the upstream na
 # call a little later than we send it: count over a slightly longer window.
 WINDOW_MARGIN = 0.5
 CALL_BUCKET = 0.01  # seconds: calls this close together are counted as one entry of the window
+ANSWER_WAIT = 0.05  # seconds to wait for room when only calls under way fill a key's window
 
 
 class CallWindow:
@@ -69,6 +75,11 @@ class CallWindow:
         return 0.0
 
 
+def part(limit: int | None, share: int) -> int | None:
+    """One process's part of a limit shared by `share` processes (at least 1, so it can serve)."""
+    return None if limit is None else max(1, limit // share)
+
+
 def fingerprint(secret: str) -> str:
     """A stable, non-reversible name for a key, safe for logs and admin pages."""
     return hashlib.sha256(secret.encode()).hexdigest()[:12]
@@ -85,7 +96,8 @@ class UpstreamKey:
     state: KeyState = "active"
     until: float = 0.0  # monotonic time the current state ends (cooling, exhausted)
     reason: str | None = None
-    in_flight: int = 0
+    in_flight: int = 0  # requests (chat, submits) under way: max_concurrent
+    unanswered: int = 0  # calls of any kind sent whose answer has not landed: in the window already
     requests: int = 0
     failures: int = 0
     credits: float | None = None
@@ -109,13 +121,20 @@ def passthrough_key(provider: str, secret: str) -> UpstreamKey:
 
 class KeyPool:
     def __init__(self, provider: str, config: ProviderConfig,
-                 limit_of: Callable[[UpstreamKey], int | None] = lambda key: None) -> None:
+                 limit_of: Callable[[UpstreamKey], int | None] = lambda key: None, share: int = 1) -> None:
         self.provider = provider
         self.config = config
         self.limit_of = limit_of  # the upstream's own limit for a key (Fengyuan: by VIP level)
+        # How many processes share each key's limits, each keeping its part (workers with no
+        # shared state): a key's limit is never exceeded by their sum.
+        self.share = share
         self.keys = [self._key(k, config) for k in config.all_keys()]
         self._rr = 0
         self._changed = asyncio.Event()
+        self.waiting = 0  # requests waiting in `acquire` for a key with room
+        # Calls of a key's window that requests leave to the polls of its tasks (the task waiter
+        # says how many): a burst of submits never leaves its own tasks no room to be polled.
+        self.poll_reserve: Callable[[UpstreamKey, float], int] = lambda key, window: 0
 
     def _key(self, table: UpstreamKeyConfig, config: ProviderConfig) -> UpstreamKey:
         return UpstreamKey(self.provider, table.value, fingerprint(table.value), weight=table.weight,
@@ -142,49 +161,76 @@ class KeyPool:
     # ---- limits ---------------------------------------------------------------------
 
     def limit(self, key: UpstreamKey) -> int | None:
-        return key.rpm if key.rpm is not None else self.limit_of(key)
+        """Calls per rate window this process may make with the key: its part of the key's limit."""
+        return part(key.rpm if key.rpm is not None else self.limit_of(key), self.share)
+
+    def concurrency(self, key: UpstreamKey) -> int | None:
+        return part(key.max_concurrent, self.share)
 
     def _window(self) -> float:
         return self.config.rate_window + WINDOW_MARGIN
 
-    def _rate_wait(self, key: UpstreamKey, now: float) -> float:
-        """Seconds until the key may make one more call (0 when it may now)."""
+    def _rate_wait(self, key: UpstreamKey, now: float, reserve: int = 0) -> float:
+        """Seconds until the key may make one more call (0 when it may now), leaving `reserve`
+        calls of its window unused."""
         limit = self.limit(key)
         calls = key.calls
         horizon = now - self._window()
         calls.drop_until(horizon)
-        if limit is None or calls.count < limit:
+        if limit is None or calls.count + key.unanswered < limit - reserve:
             return 0.0
-        return calls.wait_below(limit, horizon)
+        limit -= reserve
+        if key.unanswered >= limit:
+            return ANSWER_WAIT  # calls under way fill the window: the next answer to land frees room
+        return calls.wait_below(limit - key.unanswered, horizon)
 
-    def _wait(self, key: UpstreamKey, now: float) -> float:
+    def _wait(self, key: UpstreamKey, now: float, reserve: int = 0) -> float:
         """Seconds until the key may be called: its rate window, and a cooling period if any."""
-        wait = self._rate_wait(key, now)
+        wait = self._rate_wait(key, now, reserve)
         if key.state == "cooling" and key.until > now:
             wait = max(wait, key.until - now)
         return wait
 
+    def _reserve(self, key: UpstreamKey) -> int:
+        limit = self.limit(key)
+        if limit is None:
+            return 0
+        return min(limit // 2, self.poll_reserve(key, self.config.rate_window))
+
     def calls_in_window(self, key: UpstreamKey) -> int:
         self._rate_wait(key, time.monotonic())  # drops calls that left the window
-        return key.calls.count
+        return key.calls.count + key.unanswered
 
-    def note_call(self, key: UpstreamKey) -> None:
-        key.calls.add(time.monotonic())
+    def wait(self, key: UpstreamKey) -> float:
+        """Seconds until `key` may make one more call (0: now)."""
+        return self._wait(key, time.monotonic())
+
+    def requests_may_call(self, key: UpstreamKey) -> bool:
+        """Whether a request (not a poll) may call with `key` now: room beyond the poll reserve."""
+        return self._wait(key, time.monotonic(), self._reserve(key)) <= 0
 
     def take_now(self, key: UpstreamKey) -> bool:
-        """Count one call of `key` if it may make it now; False (nothing counted) if it must wait."""
+        """Count one call of `key` if it may make it now; False (nothing counted) if it must wait.
+        Its answer must be reported with `landed`."""
         if self._wait(key, time.monotonic()) > 0:
             return False
-        self.note_call(key)
+        key.unanswered += 1
         return True
 
+    def landed(self, key: UpstreamKey, at: float | None = None) -> None:
+        """The answer to a counted call arrived (or it failed) at `at` (time.monotonic())."""
+        key.unanswered -= 1
+        key.calls.add(time.monotonic() if at is None else at)
+        self._changed.set()
+
     async def slot(self, key: UpstreamKey, deadline: float | None = None) -> None:
-        """Wait until `key` may make one more call (polls, balance reads), then count it."""
+        """Wait until `key` may make one more call (polls, balance reads), then count it; its
+        answer must be reported with `landed`."""
         while True:
             now = time.monotonic()
             wait = self._wait(key, now)
             if wait <= 0:
-                self.note_call(key)
+                key.unanswered += 1
                 return
             if deadline is not None and now + wait > deadline:
                 raise ProxyError(Kind.RATE_LIMITED, f"the {self.provider} key is at its rate limit",
@@ -210,8 +256,9 @@ class KeyPool:
                 if cost is not None and key.credits < cost:
                     short = True
                     continue  # cannot pay: skip it before a request is wasted on it
-            wait = self._wait(key, now)
-            busy = key.max_concurrent is not None and key.in_flight >= key.max_concurrent
+            wait = self._wait(key, now, self._reserve(key))
+            most = self.concurrency(key)
+            busy = most is not None and key.in_flight >= most
             if wait <= 0 and not busy:
                 ready.append(key)
             else:
@@ -245,7 +292,7 @@ class KeyPool:
             ready, soonest, short = self._candidates(exclude, cost_of, now)
             if ready:
                 key = self._pick(ready)
-                self.note_call(key)
+                key.unanswered += 1
                 key.requests += 1
                 key.in_flight += 1
                 return key
@@ -256,14 +303,18 @@ class KeyPool:
                                  f"every {self.provider} key is at its rate or concurrency limit; retry later",
                                  retry_after=max(1.0, soonest))
             self._changed.clear()
+            self.waiting += 1  # polls that can be late by an interval leave the next room to this
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout=min(soonest, deadline - now))
             except TimeoutError:
                 pass
+            finally:
+                self.waiting -= 1
 
     def release(self, key: UpstreamKey) -> None:
+        """A call from `acquire` is over: its answer landed now."""
         key.in_flight -= 1
-        self._changed.set()
+        self.landed(key)
 
     # ---- outcomes -------------------------------------------------------------------
 
@@ -281,6 +332,28 @@ class KeyPool:
         elif error.kind is Kind.RATE_LIMITED:
             pause = error.retry_after if error.retry_after is not None else DEFAULT_COOLDOWN
             key.state, key.until, key.reason = "cooling", now + pause, error.message
+
+    def balance_read(self, key: UpstreamKey, info: KeyInfo | None, cheapest: float) -> bool:
+        """The upstream told the key's credits: True when that brings an exhausted key back."""
+        key.checked_at = time.time()
+        if info is None:  # an answer without user data: nothing learnt this time
+            return False
+        key.credits, key.vip_level = info.credits, info.vip_level
+        if key.state == "exhausted" and (info.credits or 0) >= cheapest:
+            self.set_state(key, "active")
+            return True
+        return False
+
+    def balance_unread(self, key: UpstreamKey, error: ProxyError) -> None:
+        key.checked_at = time.time()
+        self.failed(key, error)
+
+    def spent(self, key: UpstreamKey, cost: float, balance: float | None = None) -> None:
+        """A paid call: the key's known credits go down (or are what the upstream says)."""
+        if balance is not None:
+            key.credits = balance
+        elif key.credits is not None:
+            key.credits -= cost
 
     def set_state(self, key: UpstreamKey, state: KeyState, reason: str | None = None) -> None:
         key.state, key.until, key.reason = state, 0.0, reason

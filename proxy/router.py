@@ -18,7 +18,8 @@ import cachetools
 import structlog
 
 from proxy.errors import Kind, ProxyError
-from proxy.providers.base import ModelInfo, Provider
+from proxy.providers.base import ModelInfo
+from proxy.providers.engine import Provider
 
 log = structlog.get_logger("proxy.router")
 

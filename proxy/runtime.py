@@ -10,6 +10,7 @@ import structlog
 from proxy.clients import Clients
 from proxy.config import Config, load_config
 from proxy.gateway import Gateway
+from proxy.recovery import Recovery
 from proxy.redact import redact
 from proxy.store import Store
 from proxy.upstream_http import UpstreamClient
@@ -24,7 +25,9 @@ class Runtime:
     http: UpstreamClient
     store: Store
     gateway: Gateway
+    recovery: Recovery
     clients: Clients
+    share: int = 1  # processes serving together, each keeping its part of every limit
 
     def reload(self) -> Config:
         """Re-read the config file: clients, keys, limits, aliases. Requests in flight keep what
@@ -33,7 +36,7 @@ class Runtime:
             raise ValueError("this proxy was not started from a config file")
         config = load_config(self.config_path)
         redact.add(config.secrets())
-        clients = Clients(config)
+        clients = Clients(config, self.share)
         clients.adopt(self.clients)
         self.gateway.configure(config)
         self.clients, self.config = clients, config

@@ -15,7 +15,7 @@ from conftest import CLIENT_KEY, RunningProxy, Sims
 from test_upstream_http import Req, Upstream, answer, each, run
 
 from proxy.config import Config, parse_config
-from proxy.downloads import Budget, Downloaded, Downloads, media_type_allowed, private_address
+from proxy.downloads import Budget, Downloaded, Downloads, data_url_base64, media_type_allowed, private_address
 from proxy.errors import Kind, ProxyError
 from proxy.openai.types import ImageData, ImagesResponse
 from proxy.sim.assets import PNG_BYTES
@@ -52,6 +52,16 @@ CONTENT_TYPES = {
 @pytest.mark.parametrize(("content_type", "allowed"), CONTENT_TYPES.items())
 def test_media_type_allowed(content_type: bytes | None, allowed: bool) -> None:
     assert media_type_allowed(content_type) is allowed
+
+
+@pytest.mark.parametrize(("url", "data"), [
+    ("data:image/png;base64,iVBORw0KGgo=", "iVBORw0KGgo="), ("data:video/mp4;base64,AAAA", "AAAA"),
+    ("data:text/html;base64,PGI+", None), ("data:image/png,rawbytes", None), ("data:image/png;base64,", None),
+    ('data:image/png;base64,AA"},{"x":"', None), ("data:image/png;base64,AA AA", None),
+    ("https://cdn.example/a.png", None), ("javascript:alert(1)", None),
+])
+def test_data_url_base64(url: str, data: str | None) -> None:
+    assert data_url_base64(url) == data
 
 
 @pytest.mark.parametrize("sizes", [[0], [1], [2], [3], [65536 * 3], [65536 * 3 + 1], [7, 100_000, 1, 2, 300_000],
@@ -282,8 +292,9 @@ def test_concurrent_downloads_stay_within_the_process_budget_and_one_that_waits_
             with pytest.raises(ProxyError) as caught:  # a third gives up after its timeout
                 await downloads.fetch([(up.url("/third"), "xffuw")], config(up, max_download_bytes=2 * MiB,
                                                                              download_timeout=0.2))
-            assert (caught.value.kind, caught.value.retry_after) == (Kind.DOWNLOADS_BUSY, 5.0)
-            assert (caught.value.shape.status, caught.value.shape.retry) == (429, False)  # no paying SDK retry
+            assert (caught.value.kind, caught.value.retry_after) == (Kind.RATE_LIMITED, 5.0)
+            caught.value.task_ids = ("task_1",)  # as the images handler names the request's tasks
+            assert (caught.value.shape.status, caught.value.should_retry) == (429, False)  # no paying SDK retry
             assert base64.b64decode(b"".join(first.base64(0))) == b"p" * 2 * MiB  # written: its bytes let go
             first.release()
             later = await asyncio.wait_for(second, 5)

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.providers.base import HTTPUpstream
+from proxy.providers.engine import HTTPUpstream
 from proxy.upstream_http import (
     AnswerTooLarge,
     Reply,

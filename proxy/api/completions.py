@@ -11,7 +11,7 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from proxy.api.common import authenticate, first_answer, json_body, json_response, note, runtime
+from proxy.api.common import authenticate, first_answer, hold_budget, json_body, json_response, note, runtime
 from proxy.clients import check_model
 from proxy.errors import ProxyError, bad_request
 from proxy.gateway import ChatResult
@@ -118,7 +118,7 @@ async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stre
     route = await gateway.catalogue.resolve(body.model)
     check_text_route(route, "completions")
     check_model(caller, route)
-    await gateway.check_budget(caller, route, len(prompts) * body.n)
+    await hold_budget(request, caller, route, len(prompts) * body.n)
     note(request, upstream=route.provider.name)
     params = {k: v for k, v in raw.items() if k not in COMPLETION_OWN_FIELDS}
     calls = [asyncio.ensure_future(gateway.chat(route, ChatCall(model=route.upstream_model,
