@@ -334,7 +334,7 @@ class Downloads:
             async with asyncio.timeout_at(deadline):
                 for attempt in range(ATTEMPTS):
                     try:
-                        await self._get(session, downloaded, index, httpx.URL(url), images)
+                        await self._get(session, downloaded, index, _parsed(url), images)
                         break
                     except _Again as again:
                         if attempt == ATTEMPTS - 1:
@@ -361,7 +361,7 @@ class Downloads:
                 async with pool.stream(b"GET", target, headers=_HEADERS, extensions={"timeout": timeouts}) as answer:
                     location = _header(answer.headers, b"location")
                     if answer.status in _REDIRECTS and location is not None:
-                        url = url.join(location.decode("latin-1"))
+                        url = _parsed(location.decode("latin-1"), url)
                         continue
                     length = _check(answer.status, answer.headers, images.max_download_bytes)
                     if length is not None:
@@ -378,6 +378,14 @@ class Downloads:
                     httpcore.ProxyError, httpcore.UnsupportedProtocol, OSError) as exc:
                 raise _Again(f"Downloading the result failed ({exc.__class__.__name__}).") from None
         raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"The result URL redirected more than {MAX_REDIRECTS} times.")
+
+
+def _parsed(url: str, base: httpx.URL | None = None) -> httpx.URL:
+    """`url` (relative to `base`, a redirect's Location), or ProxyError when it is none."""
+    try:
+        return httpx.URL(url) if base is None else base.join(url)
+    except httpx.InvalidURL:
+        raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, "The result URL is not a valid URL.") from None
 
 
 def _given(url: str) -> str:

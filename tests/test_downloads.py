@@ -200,11 +200,13 @@ def test_answers_that_are_not_a_result_file(path: str, says: str) -> None:
     run(main)
 
 
-def test_a_non_http_result_url_is_refused() -> None:
+def test_a_non_http_or_invalid_result_url_is_refused() -> None:
     async def main() -> None:
         async with Upstream(each(files)) as up:
             error = await refused(Downloads(64 * MiB), config(up), "file:///etc/passwd")
             assert "http(s)" in error.message
+            error = await refused(Downloads(64 * MiB), config(up), "http://cdn.example:port/a.png")
+            assert "not a valid URL" in error.message
 
     run(main)
 
