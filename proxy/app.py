@@ -152,16 +152,19 @@ class ProxyApp(Litestar):
         state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
         state["request_id"] = request_id
         status = 0
+        answered = False  # the whole answer was sent
         failure: dict[str, str] | None = None  # code and param of an error answer
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, failure
+            nonlocal status, failure, answered
             if message["type"] == "http.response.start":
                 status = message["status"]
                 # a new list: a framework may reuse the one it passes
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
-            elif status >= 400 and failure is None:
-                failure = _error_fields(message.get("body", b""))  # type: ignore[arg-type]
+            else:
+                answered = not message.get("more_body", False)
+                if status >= 400 and failure is None:
+                    failure = _error_fields(message.get("body", b""))  # type: ignore[arg-type]
             await send(message)
 
         try:
@@ -172,9 +175,12 @@ class ProxyApp(Litestar):
         except asyncio.CancelledError:
             # The server is shutting down past its grace period. Answer in OpenAI's shape while
             # the connection is still there: the tasks go on after the restart.
+            task = asyncio.current_task()
+            if answered and task is not None:  # cut only in its bookkeeping, after the answer: done
+                task.uncancel()
+                return
             if status:
                 raise
-            task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
             with contextlib.suppress(Exception):

@@ -39,6 +39,7 @@ log = structlog.get_logger("proxy.tasks")
 POLL_TICK = 0.005  # seconds: the polls due within one tick go out together
 MAX_LIST_PAGES = 5  # pages of a key's task list read for one round of polls, at most
 PROGRESS_HORIZON = 3  # intervals a task's progress may put between its polls, at most
+UNKNOWN_AFTER = 3  # polls in a row answering "no such task" before the task counts as lost upstream
 
 
 @dataclass(eq=False)
@@ -61,6 +62,7 @@ class Task:
     due_at: float = 0.0  # time.monotonic() its next (or current) poll falls due
     keyed: KeyPolls | None = None  # its key's poll queue (pooled keys only)
     detail: bool = False  # its next poll asks for the task itself, not the key's task list
+    unknown: int = 0  # polls in a row the upstream answered it knows no such task
 
     @property
     def id(self) -> str:
@@ -414,6 +416,7 @@ class TaskWaiter:
     def _took(self, task: Task, state: TaskState, arrived: float | None = None) -> bool:
         """A poll's answer: True when final (to settle), else the next poll is scheduled."""
         task.state = state
+        task.unknown = 0
         task.record.progress = state.progress
         if state.final:
             return True
@@ -433,8 +436,15 @@ class TaskWaiter:
         return max(interval, min(remaining, PROGRESS_HORIZON * interval))
 
     def _poll_failed(self, task: Task, error: ProxyError) -> None:
-        # A poll that fails is not a task that failed: try again at the next interval.
+        # A poll that fails is not a task that failed: try again at the next interval, unless the
+        # upstream keeps saying it knows no such task.
         task.last_problem = error.message
+        task.unknown = task.unknown + 1 if error.kind in (Kind.NOT_FOUND, Kind.MODEL_NOT_FOUND) else 0
+        if task.unknown >= UNKNOWN_AFTER:
+            task.state = TaskState(status="failed", task_id=task.upstream_id,
+                                   reason=f"the upstream no longer knows the task ({error.message})")
+            self._settle(task)
+            return
         if task.pool is not None and error.kind is Kind.RATE_LIMITED:
             task.pool.failed(task.key, error)
         log.warning("poll_failed", task_id=task.id, upstream=task.provider.name, error=error.message)

@@ -139,7 +139,7 @@ UNREADABLE = [(404, None), (404, "<html>Not Found</html>"), (400, None), (502, N
 @pytest.mark.parametrize(("status", "body"), UNREADABLE, ids=[f"{s}-{b!r}" for s, b in UNREADABLE])
 def test_check_unreadable(status: int, body: Any) -> None:
     assert refusal(D.check, Answer(status, body, 9.0)) == (
-        Kind.UPSTREAM_UNAVAILABLE, f"compat upstream answered HTTP {status} with an unreadable body", None)
+        Kind.UPSTREAM_UNAVAILABLE, f"compat upstream answered HTTP {status} with an unreadable body", 9.0)
 
 
 CHAT_COMPLETION = {

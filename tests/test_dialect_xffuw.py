@@ -43,13 +43,13 @@ ERRORS = [
      "xf: upstream service error, please retry later"),
     (200, {"error": "generation failed: simulated failure"}, None, Kind.TASK_FAILED,
      "xf: generation failed: simulated failure"),
-    (200, {"error": "invalid json body"}, None, Kind.UPSTREAM_UNAVAILABLE, "xf: invalid json body"),
-    (200, {"error": "messages required"}, None, Kind.UPSTREAM_UNAVAILABLE, "xf: messages required"),
-    (200, {"error": "prompt required"}, None, Kind.UPSTREAM_UNAVAILABLE, "xf: prompt required"),
-    (200, {"error": "images must be an array of urls"}, None, Kind.UPSTREAM_UNAVAILABLE,
+    (200, {"error": "invalid json body"}, None, Kind.BAD_REQUEST, "xf: invalid json body"),
+    (200, {"error": "messages required"}, None, Kind.BAD_REQUEST, "xf: messages required"),
+    (200, {"error": "prompt required"}, None, Kind.BAD_REQUEST, "xf: prompt required"),
+    (200, {"error": "images must be an array of urls"}, None, Kind.BAD_REQUEST,
      "xf: images must be an array of urls"),
-    (200, {"error": "task_id required"}, None, Kind.UPSTREAM_UNAVAILABLE, "xf: task_id required"),
-    (200, {"error": "task not found"}, None, Kind.UPSTREAM_UNAVAILABLE, "xf: task not found"),
+    (200, {"error": "task_id required"}, None, Kind.BAD_REQUEST, "xf: task_id required"),
+    (200, {"error": "task not found"}, None, Kind.NOT_FOUND, "xf: task not found"),
     (404, {"error": "not found"}, None, Kind.UPSTREAM_UNAVAILABLE, "xf: not found"),
     (405, {"error": "method not allowed"}, None, Kind.UPSTREAM_UNAVAILABLE, "xf: method not allowed"),
     (500, {"error": "internal server error"}, None, Kind.UPSTREAM_UNAVAILABLE, "xf: internal server error"),
@@ -103,9 +103,9 @@ def test_check_error(status: int, body: Any, retry_after: float | None, kind: Ki
     assert refusal(D.check, Answer(status, body, retry_after)) == (kind, message, retry_after)
 
 
-def test_check_unreadable_answer_drops_retry_after() -> None:
+def test_check_unreadable_answer_keeps_retry_after() -> None:
     assert refusal(D.check, Answer(503, None, 30.0)) == (
-        Kind.UPSTREAM_UNAVAILABLE, "xf upstream answered HTTP 503 with an unreadable body", None)
+        Kind.UPSTREAM_UNAVAILABLE, "xf upstream answered HTTP 503 with an unreadable body", 30.0)
 
 
 # Bodies that are answers, not errors: check hands them back as they are.

@@ -298,7 +298,8 @@ def test_task_that_never_ends_times_out(
     assert task_id in error["message"]
     assert 0.9 <= elapsed < 3.0
     polls = sims.xffuw.count("task")
-    assert 3 <= polls <= 1 + 1.0 / POLL_INTERVAL + 1
+    # polled until the deadline, never faster than the interval (its creeping progress spaces them out)
+    assert 2 <= polls <= 1 + 1.0 / POLL_INTERVAL + 1
 
 
 def test_moderation_refusal_is_content_policy_violation(client: openai.OpenAI, sims: Sims) -> None:

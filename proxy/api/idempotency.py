@@ -255,7 +255,8 @@ class Idempotency:
         record.done, record.status, record.body, record.finished = True, status, b"".join(chunks), time.time()
         record.content_type = headers.get("content-type", "application/json")
         record.headers = {k: v for k, v in headers.items() if k in _REPLAYED_HEADERS}
-        await runtime.store.idempotency_finish(record)
+        # Written even if a shutdown cuts this request now: its answer was sent, a repeat must find it.
+        await asyncio.shield(runtime.store.idempotency_finish(record))
         return record
 
     @staticmethod

@@ -205,4 +205,5 @@ def first_match(phrase: str, table: list[tuple[tuple[str, ...], Kind]]) -> Kind 
 
 def unreadable(name: str, answer: Answer) -> ProxyError:
     return ProxyError(Kind.UPSTREAM_UNAVAILABLE,
-                      f"{name} upstream answered HTTP {answer.status} with an unreadable body")
+                      f"{name} upstream answered HTTP {answer.status} with an unreadable body",
+                      retry_after=answer.retry_after)

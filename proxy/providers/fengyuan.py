@@ -11,6 +11,8 @@ import math
 import re
 from typing import Any
 
+import msgspec
+
 from proxy.errors import Kind, ProxyError
 from proxy.providers.base import (
     Answer,
@@ -41,7 +43,7 @@ STATES: dict[str, TaskStatus] = {
     "canceled": "failed", "timeout": "failed",
 }
 
-BUSINESS_CODES = {40001: Kind.BALANCE, 300202: Kind.BALANCE, 40002: Kind.UPSTREAM_UNAVAILABLE,
+BUSINESS_CODES = {400: Kind.BAD_REQUEST, 40001: Kind.BALANCE, 300202: Kind.BALANCE, 40002: Kind.UPSTREAM_UNAVAILABLE,
                   40003: Kind.CONTENT_POLICY, 401: Kind.AUTH, 403: Kind.BALANCE, 429: Kind.RATE_LIMITED,
                   404: Kind.MODEL_NOT_FOUND}
 STATUS_KINDS = {401: Kind.AUTH, 403: Kind.BALANCE, 404: Kind.MODEL_NOT_FOUND, 429: Kind.RATE_LIMITED}
@@ -132,6 +134,11 @@ def classify(code: Any, message: str, status: int) -> Kind:
     return Kind.BAD_REQUEST if status == 400 else Kind.UPSTREAM_UNAVAILABLE
 
 
+def text(value: Any) -> str:
+    """A reason as text: as given, or as JSON when the upstream sent a structure."""
+    return value if isinstance(value, str) else msgspec.json.encode(value).decode()
+
+
 def task_state(data: dict[str, Any], task_id: str | None, whole: bool = True) -> TaskState:
     """A task as the invoke, detail and list endpoints describe it. `whole`: the answer is the
     task's full record, so a finished task without a result URL has failed (a list entry may
@@ -143,7 +150,7 @@ def task_state(data: dict[str, Any], task_id: str | None, whole: bool = True) ->
     if status == "succeeded" and not urls and whole:
         status, reason = "failed", "the task finished without a result URL"
     elif status == "failed":
-        reason = next((str(data[k]) for k in REASON_KEYS if data.get(k)), None)
+        reason = next((text(data[k]) for k in REASON_KEYS if data.get(k)), None)
     return TaskState(status=status, task_id=None if raw_id is None else str(raw_id), urls=urls,
                      progress=as_float(data.get("progress")), reason=reason,
                      cost=as_float(data.get("cost")), balance=as_float(data.get("balance")))
@@ -165,8 +172,8 @@ class Fengyuan(Dialect):
                                  retry_after=answer.retry_after)
             raise unreadable(self.name, answer)
         code = body.get("code")
-        ok = body.get("success") is True or (
-            body.get("success") is None and code in (0, "0", 200, "200", None) and "data" in body)
+        ok = body.get("success") is True or (body.get("success") is None and (
+            code in (0, "0", 200, "200") or (code is None and "data" in body)))
         if ok and answer.status < 400:
             return body.get("data")
         message = str(body.get("message") or body.get("msg") or body.get("error") or "unknown error")

@@ -43,11 +43,14 @@ STATES: dict[str, TaskStatus] = {
 PHRASES: list[tuple[tuple[str, ...], Kind]] = [
     (("invalid api key", "invalid key", "api key", "unauthorized", "unauthorised", "密钥"), Kind.AUTH),
     (("insufficient balance", "balance", "insufficient", "余额", "算力不足"), Kind.BALANCE),
+    (("task not found", "no such task", "任务不存在"), Kind.NOT_FOUND),  # a poll of a task it forgot
     (("model not found", "no such model", "unknown model", "模型不存在"), Kind.MODEL_NOT_FOUND),
     (("rate limit", "too many requests", "too frequent", "频繁"), Kind.RATE_LIMITED),
     (("blocked", "moderation", "sensitive", "违规", "敏感"), Kind.CONTENT_POLICY),
     # an immediate-result model that failed at submit: a finished, paid task, not a transport problem
     (("generation failed", "生成失败"), Kind.TASK_FAILED),
+    # its own validation of a request: refused before any work, nothing paid
+    (("required", "invalid json", "must be", "invalid parameter"), Kind.BAD_REQUEST),
 ]
 
 STATUS_KINDS = {401: Kind.AUTH, 403: Kind.AUTH, 402: Kind.BALANCE, 429: Kind.RATE_LIMITED}
