@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import structlog
 from litestar import Litestar, Request, Response
@@ -248,10 +249,11 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        http = build_client(egress=egress, max_answer_bytes=config.server.max_answer_bytes)
+        tls = httpx.create_ssl_context()  # one CA bundle loaded, for upstream calls and downloads alike
+        http = build_client(verify=tls, egress=egress, max_answer_bytes=config.server.max_answer_bytes)
         store = await open_store(config.storage)
         # the download memory is the machine's: each worker holds its part
-        downloads = Downloads(max(1, config.images.download_memory_bytes // workers), egress)
+        downloads = Downloads(max(1, config.images.download_memory_bytes // workers), egress, verify=tls)
         gateway = Gateway(config, http, store, owner_name(), observe=metrics.observe_upstream, share=workers,
                           downloads=downloads)
         metrics.gateway = gateway
