@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import itertools
 import re
@@ -13,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import msgspec
@@ -21,7 +22,7 @@ import structlog
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
-from litestar.types import Message, Receive, Scope, Send
+from litestar.types import HTTPScope, LifeSpanReceive, LifeSpanScope, LifeSpanSend, Message, Receive, Scope, Send
 
 from proxy.api import ROUTES
 from proxy.api.admin import ADMIN_ROUTES
@@ -42,6 +43,7 @@ from proxy.openai.errors import error_response, send_error
 from proxy.recovery import Recovery, owner_name
 from proxy.redact import redact
 from proxy.runtime import Runtime
+from proxy.shared import Shared
 from proxy.store import open_store
 from proxy.uploads import loggable_path
 from proxy.upstream_http import build_client
@@ -144,10 +146,12 @@ class ProxyApp(Litestar):
 
     idempotency: Idempotency
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope | LifeSpanScope, receive: Receive | LifeSpanReceive,
+                       send: Send | LifeSpanSend) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
+        scope, receive, send = cast(HTTPScope, scope), cast(Receive, receive), cast(Send, send)
         started = time.perf_counter()
         request_id = f"req_{_ID_PREFIX}{next(_ids):08x}"
         state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
@@ -236,6 +240,14 @@ def _on_sighup(runtime: Runtime) -> None:
         log.error("config_reload_refused", error=str(error))
 
 
+def _on_reload(runtime: Runtime) -> None:
+    """Another replica re-read its config: so does this one, from its own file."""
+    try:
+        runtime.reload(tell_replicas=False)
+    except (ConfigError, ValueError) as error:
+        log.error("config_reload_refused", error=str(error), asked_by="another replica")
+
+
 def create_app(config: Config, config_path: str | Path | None = None, workers: int = 1) -> Litestar:
     """The proxy as a Litestar app; `config_path` enables /admin/reload and SIGHUP. `workers`
     processes serve it together, each keeping its part of every per-key and per-client limit."""
@@ -252,16 +264,22 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
         tls = httpx.create_ssl_context()  # one CA bundle loaded, for upstream calls and downloads alike
         http = build_client(verify=tls, egress=egress, max_answer_bytes=config.server.max_answer_bytes)
         store = await open_store(config.storage)
+        owner = owner_name()
+        shared = Shared(config.shared.redis_url, config.shared.prefix, owner) if config.shared.redis_url else None
         # the download memory is the machine's: each worker holds its part
         downloads = Downloads(max(1, config.images.download_memory_bytes // workers), egress, verify=tls)
-        gateway = Gateway(config, http, store, owner_name(), observe=metrics.observe_upstream, share=workers,
+        gateway = Gateway(config, http, store, owner, observe=metrics.observe_upstream, share=workers, shared=shared,
                           downloads=downloads)
-        metrics.gateway = gateway
-        recovery, balances = Recovery(gateway), Balances(gateway)
+        metrics.gateway, metrics.shared = gateway, shared
+        recovery, balances = Recovery(gateway, config.shared.lease), Balances(gateway)
         runtime = Runtime(config=config, config_path=Path(config_path) if config_path else None, http=http,
-                          store=store, gateway=gateway, recovery=recovery, clients=Clients(config, workers),
-                          share=workers)
+                          store=store, gateway=gateway, recovery=recovery, clients=Clients(config, workers, shared),
+                          share=workers, shared=shared, workers=workers)
         app.state.runtime = runtime
+        if shared is not None:
+            shared.on_states, shared.on_change = gateway.apply_shared, runtime.shared_changed
+            shared.on_reload = functools.partial(_on_reload, runtime)
+            await shared.start()
         await recovery.start()
         balances.start()
         tune_gc()
@@ -277,6 +295,8 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
             await gateway.close()
             await recovery.close()
             await store.close()
+            if shared is not None:
+                await shared.close()
             await http.aclose()
 
     app = ProxyApp(

@@ -14,6 +14,7 @@ from proxy.errors import Kind, ProxyError
 from proxy.gateway import Caller
 from proxy.pool import UpstreamKey, fingerprint, part, passthrough_key
 from proxy.router import Route
+from proxy.shared import Shared, SharedDown
 
 NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
           "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
@@ -51,9 +52,10 @@ def match_digest(token: str, digests: list[bytes]) -> int | None:
 
 
 class Clients:
-    def __init__(self, config: Config, share: int = 1) -> None:
+    def __init__(self, config: Config, share: int = 1, shared: Shared | None = None) -> None:
         self.clients = list(config.clients)
         self.share = share  # processes that each keep their part of every client's rpm
+        self.shared = shared  # with shared state, every client's rpm is counted in Redis
         self._digests = [digest_of(c) for c in self.clients]
         # longest prefix first, so "sk-fy-" wins over "sk-"
         self._prefixes = sorted(((p.passthrough_prefix or "", name) for name, p in config.providers.items()
@@ -76,7 +78,6 @@ class Clients:
             raise ProxyError(Kind.INVALID_API_KEY, NO_KEY)
         found = self._find(token)
         if isinstance(found, ClientConfig):
-            self._admit(found)
             return Caller(name=found.name, client=found, request_id=request_id)
         if found is not None:
             self._admit_passthrough(source)
@@ -116,8 +117,28 @@ class Clients:
             return found.name
         return f"own-key:{fingerprint(token)}" if found is not None and token is not None else None
 
+    async def admit(self, caller: Caller) -> None:
+        """Requests per minute, per client, over a sliding minute: across every replica when
+        shared, else this process's part."""
+        client = caller.client
+        if client is None or client.rpm is None:
+            return
+        if self.shared is not None and self.shared.active:
+            try:
+                member, wait = await self.shared.take(f"client:{client.name}", client.rpm, WINDOW)
+            except SharedDown:
+                pass  # counted here from now on, split across the replicas last seen
+            else:
+                if member is None:
+                    raise self._over(client, wait)
+                return
+        self._admit(client)
+
+    def _over(self, client: ClientConfig, wait: float) -> ProxyError:
+        return ProxyError(Kind.RATE_LIMITED, f"Rate limit reached for client '{client.name}': "
+                          f"{client.rpm} requests per minute.", retry_after=wait)
+
     def _admit(self, client: ClientConfig) -> None:
-        """Requests per minute, per client, over a sliding minute."""
         rpm = part(client.rpm, self.share)
         if rpm is None:
             return
@@ -126,8 +147,7 @@ class Clients:
         while calls and calls[0] <= now - WINDOW:
             calls.popleft()
         if len(calls) >= rpm:
-            raise ProxyError(Kind.RATE_LIMITED, f"Rate limit reached for client '{client.name}': "
-                             f"{client.rpm} requests per minute.", retry_after=calls[0] + WINDOW - now)
+            raise self._over(client, calls[0] + WINDOW - now)
         calls.append(now)
 
     def adopt(self, old: Clients) -> None:

@@ -138,6 +138,21 @@ class AdminConfig(_Table):
     keys_sha256: list[str] = []
 
 
+class SharedConfig(_Table):
+    # Redis for state every worker and replica shares: limits, key states, budget holds,
+    # Idempotency-Key marks, uploads, conversations ("" keeps each process's own, so
+    # redis_url = "${REDIS_URL:-}" serves both).
+    redis_url: Annotated[str, msgspec.Meta(pattern=r"^(rediss?://.+|unix://.+)?$")] = ""
+    prefix: Annotated[str, msgspec.Meta(min_length=1)] = "xfproxy"  # two proxies may share one Redis
+    # seconds a replica's lease on its tasks lasts unrenewed: a replica that dies has its tasks
+    # adopted by another within about this long
+    lease: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+
+    def secrets(self) -> list[str]:
+        password = urlsplit(self.redis_url).password if self.redis_url else None
+        return [unquote(password)] if password else []
+
+
 class StorageConfig(_Table):
     # SQLite file for usage, tasks and idempotency records; ":memory:" keeps nothing.
     path: str = "data/proxy.sqlite3"
@@ -169,6 +184,7 @@ class Config(_Table):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    shared: SharedConfig = msgspec.field(default_factory=SharedConfig)
     aliases: dict[str, str] = {}
 
     def secrets(self) -> list[str]:
@@ -181,6 +197,7 @@ class Config(_Table):
         for provider in self.providers.values():
             found.extend(k.value for k in provider.all_keys())
         found.extend(self.storage.secrets())
+        found.extend(self.shared.secrets())
         return [s for s in found if s]
 
 

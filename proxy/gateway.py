@@ -25,6 +25,7 @@ from proxy.providers import DIALECTS
 from proxy.providers.base import ChatAnswer, ChatCall, ImageCall, ModelInfo
 from proxy.providers.engine import Observe, Provider
 from proxy.router import Catalogue, Route
+from proxy.shared import Shared, StateChange
 from proxy.store import Store, TaskRecord, UsageRecord
 from proxy.tasks import Task, TaskWaiter, new_task_id
 from proxy.upstream_http import UpstreamClient
@@ -58,13 +59,15 @@ class ChatResult:
 
 class Gateway:
     def __init__(self, config: Config, http: UpstreamClient, store: Store, owner: str,
-                 observe: Observe | None = None, share: int = 1, *, downloads: Downloads) -> None:
+                 observe: Observe | None = None, share: int = 1, shared: Shared | None = None, *,
+                 downloads: Downloads) -> None:
         self.http = http
         self.downloads = downloads
         self.share = share  # processes keeping a part each of every key's limits
+        self.shared = shared  # state every replica shares (Redis), when configured
         self.observe = observe
         self.store = store
-        self.billing = Billing(store)
+        self.billing = Billing(store, shared)
         self.owner = owner
         self.tasks = TaskWaiter(config.tasks, store, owner, self._task_final)
         self._submits: set[asyncio.Task[Task]] = set()
@@ -82,7 +85,7 @@ class Gateway:
         for name, table in config.providers.items():
             provider = self.providers[name]
             pool = KeyPool(name, table, lambda key, p=provider: p.key_limit(key.vip_level),  # type: ignore[misc]
-                           share=self.share)
+                           share=self.share, shared=self.shared)
             if name in old_pools:
                 pool.adopt(old_pools[name])
             pool.poll_reserve = functools.partial(self.tasks.poll_reserve, name)
@@ -90,6 +93,31 @@ class Gateway:
         self.catalogue = Catalogue(self.providers, {name: self._fetcher(name) for name in self.providers},
                                    config.aliases, {n: t.catalogue_ttl for n, t in config.providers.items()})
         self.tasks.config = config.tasks
+        self.billing.configure(config)
+
+    def set_share(self, share: int) -> None:
+        """How many processes now keep a part each of every key's limits."""
+        self.share = share
+        for pool in self.pools.values():
+            pool.share = share
+
+    def save_calls(self) -> None:
+        """Each key's calls in its window, to the store (queued): a restart keeps counting them."""
+        for name, pool in self.pools.items():
+            for key in pool.keys:
+                calls = pool.recent_calls(key)
+                if calls:
+                    self.store.save_calls(name, key.fingerprint, calls)
+
+    async def restore_calls(self) -> None:
+        saved = await self.store.load_calls()
+        for name, pool in self.pools.items():
+            for key in pool.keys:
+                pool.restore_calls(key, saved.get((name, key.fingerprint), []))
+
+    def apply_shared(self, states: dict[str, StateChange]) -> None:
+        for pool in self.pools.values():
+            pool.apply_shared(states, self.owner)
 
     def _fetcher(self, name: str) -> Callable[[], Awaitable[list[ModelInfo]]]:
         async def fetch() -> list[ModelInfo]:
@@ -208,7 +236,7 @@ class Gateway:
         outcome = {"succeeded": "ok", "failed": "failed", "timeout": "timeout"}.get(task.record.state, "failed")
         self.store.settle_usage(task.id, outcome, task.state.cost)
         if task.state.cost is not None:  # the upstream's final word on what it charged
-            self.billing.adjust(task.record.client, task.state.cost - task.cost)
+            self.billing.adjust(task.record.client, task.state.cost - task.cost, task.record.created)
 
     # ---- administration -------------------------------------------------------------
 
@@ -230,3 +258,4 @@ class Gateway:
             longest = max(t.connect_timeout + t.read_timeout for t in self.config.providers.values())
             await asyncio.wait(list(self._submits), timeout=longest)
         await self.tasks.close()
+        self.save_calls()

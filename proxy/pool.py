@@ -25,6 +25,7 @@ from typing import Literal, TypeVar
 from proxy.config import ProviderConfig, UpstreamKeyConfig
 from proxy.errors import Kind, ProxyError
 from proxy.providers.base import KeyInfo
+from proxy.shared import Shared, SharedDown, StateChange
 
 T = TypeVar("T")
 KeyState = Literal["active", "cooling", "exhausted", "disabled"]
@@ -59,6 +60,14 @@ class CallWindow:
         else:
             buckets.append([now + CALL_BUCKET, 1])
         self.count += 1
+
+    def add_old(self, at: float, count: int) -> None:
+        """Calls made before any this process made (a previous process's, restored)."""
+        self._buckets.append([at, count])
+        self.count += count
+
+    def entries(self) -> list[tuple[float, int]]:
+        return [(end, int(count)) for end, count in self._buckets]
 
     def drop_until(self, horizon: float) -> None:
         buckets = self._buckets
@@ -104,6 +113,7 @@ class UpstreamKey:
     vip_level: int | None = None
     checked_at: float | None = None  # unix time of the last balance read
     calls: CallWindow = field(default_factory=CallWindow)  # monotonic send times inside the window
+    shared_calls: deque[str] = field(default_factory=deque)  # its calls under way counted in Redis
     current: int = 0  # smooth weighted round robin
 
     def usable(self, now: float) -> bool:
@@ -121,13 +131,17 @@ def passthrough_key(provider: str, secret: str) -> UpstreamKey:
 
 class KeyPool:
     def __init__(self, provider: str, config: ProviderConfig,
-                 limit_of: Callable[[UpstreamKey], int | None] = lambda key: None, share: int = 1) -> None:
+                 limit_of: Callable[[UpstreamKey], int | None] = lambda key: None, share: int = 1,
+                 shared: Shared | None = None) -> None:
         self.provider = provider
         self.config = config
         self.limit_of = limit_of  # the upstream's own limit for a key (Fengyuan: by VIP level)
         # How many processes share each key's limits, each keeping its part (workers with no
         # shared state): a key's limit is never exceeded by their sum.
         self.share = share
+        # With shared state, every key's calls are counted in Redis, across every replica, and its
+        # state changes are published there (a replica reads them every second).
+        self.shared = shared
         self.keys = [self._key(k, config) for k in config.all_keys()]
         self._rr = 0
         self._changed = asyncio.Event()
@@ -152,7 +166,7 @@ class KeyPool:
                 continue
             key.weight, key.rpm, key.max_concurrent = fresh.weight, fresh.rpm, fresh.max_concurrent
             if key.state == "disabled":
-                key.state, key.until, key.reason = "active", 0.0, None
+                self.set_state(key, "active")
             self.keys[i] = key
 
     def find(self, fp: str) -> UpstreamKey | None:
@@ -197,6 +211,21 @@ class KeyPool:
             return 0
         return min(limit // 2, self.poll_reserve(key, self.config.rate_window))
 
+    def recent_calls(self, key: UpstreamKey) -> list[float]:
+        """The key's calls in its window, as [unix time, count, ...]: what a restart keeps counting."""
+        self._rate_wait(key, time.monotonic())
+        offset = time.time() - time.monotonic()
+        return [value for end, count in key.calls.entries() for value in (end + offset, float(count))]
+
+    def restore_calls(self, key: UpstreamKey, calls: list[float]) -> None:
+        """A previous process's calls with `key` (from `recent_calls`), still in the window."""
+        now = time.monotonic()
+        offset, horizon = now - time.time(), now - self._window()
+        for i in range(0, len(calls) - 1, 2):
+            at = calls[i] + offset
+            if horizon < at <= now:
+                key.calls.add_old(at, int(calls[i + 1]))
+
     def calls_in_window(self, key: UpstreamKey) -> int:
         self._rate_wait(key, time.monotonic())  # drops calls that left the window
         return key.calls.count + key.unanswered
@@ -209,28 +238,61 @@ class KeyPool:
         """Whether a request (not a poll) may call with `key` now: room beyond the poll reserve."""
         return self._wait(key, time.monotonic(), self._reserve(key)) <= 0
 
+    def counted_shared(self, key: UpstreamKey) -> bool:
+        """Whether the key's calls are counted in Redis now (it has limits, and Redis answers)."""
+        return self.shared is not None and self.shared.active and (
+            self.limit(key) is not None or self.concurrency(key) is not None)
+
     def take_now(self, key: UpstreamKey) -> bool:
-        """Count one call of `key` if it may make it now; False (nothing counted) if it must wait.
-        Its answer must be reported with `landed`."""
-        if self._wait(key, time.monotonic()) > 0:
+        """Count one call of `key` if it may make it now; False (nothing counted) if it must wait,
+        or ask Redis (`take`). Its answer must be reported with `landed`."""
+        if self.counted_shared(key) or self._wait(key, time.monotonic()) > 0:
             return False
         key.unanswered += 1
         return True
+
+    async def take(self, key: UpstreamKey, reserve: int = 0, requests: bool = False) -> float:
+        """Count one call of `key` if it may make it now (0), else the seconds to wait; across
+        every replica when shared. `requests`: a request's call (max_concurrent counts it)."""
+        wait = self._wait(key, time.monotonic(), reserve)
+        if wait > 0:
+            return wait
+        if self.counted_shared(key):
+            assert self.shared is not None
+            try:
+                member, wait = await self.shared.take(
+                    self._name(key), self.limit(key), self._window(), reserve=reserve, hold=self._hold(),
+                    most=self.concurrency(key) if requests else None)
+            except SharedDown:
+                return await self.take(key, reserve, requests)  # counted here, split across the replicas
+            if member is None:
+                return wait
+            key.shared_calls.append(member)
+        key.unanswered += 1
+        return 0.0
 
     def landed(self, key: UpstreamKey, at: float | None = None) -> None:
         """The answer to a counted call arrived (or it failed) at `at` (time.monotonic())."""
         key.unanswered -= 1
         key.calls.add(time.monotonic() if at is None else at)
+        if key.shared_calls and self.shared is not None:
+            self.shared.soon(self.shared.landed(self._name(key), key.shared_calls.popleft()))
         self._changed.set()
+
+    def _name(self, key: UpstreamKey) -> str:
+        return f"{self.provider}:{key.fingerprint}"
+
+    def _hold(self) -> float:
+        """How long a call counted in Redis may stay unanswered: then its process is gone."""
+        return self.config.connect_timeout + self.config.read_timeout + 5.0
 
     async def slot(self, key: UpstreamKey, deadline: float | None = None) -> None:
         """Wait until `key` may make one more call (polls, balance reads), then count it; its
         answer must be reported with `landed`."""
         while True:
             now = time.monotonic()
-            wait = self._wait(key, now)
+            wait = await self.take(key)
             if wait <= 0:
-                key.unanswered += 1
                 return
             if deadline is not None and now + wait > deadline:
                 raise ProxyError(Kind.RATE_LIMITED, f"the {self.provider} key is at its rate limit",
@@ -290,9 +352,16 @@ class KeyPool:
         while True:
             now = time.monotonic()
             ready, soonest, short = self._candidates(exclude, cost_of, now)
-            if ready:
+            while ready:
                 key = self._pick(ready)
-                key.unanswered += 1
+                if self.counted_shared(key):  # room here; Redis says whether there is room everywhere
+                    wait = await self.take(key, self._reserve(key), requests=True)
+                    if wait > 0:
+                        ready.remove(key)
+                        soonest = min(soonest, wait)
+                        continue
+                else:
+                    key.unanswered += 1
                 key.requests += 1
                 key.in_flight += 1
                 return key
@@ -319,19 +388,19 @@ class KeyPool:
     # ---- outcomes -------------------------------------------------------------------
 
     def succeeded(self, key: UpstreamKey) -> None:
-        if key.state != "disabled":
-            key.state, key.until, key.reason = "active", 0.0, None
+        if key.state not in ("active", "disabled"):
+            self.set_state(key, "active")
 
     def failed(self, key: UpstreamKey, error: ProxyError) -> None:
         key.failures += 1
         now = time.monotonic()
         if error.kind is Kind.AUTH:
-            key.state, key.until, key.reason = "disabled", 0.0, error.message
+            self.set_state(key, "disabled", error.message)
         elif error.kind is Kind.BALANCE:
-            key.state, key.until, key.reason = "exhausted", now + self.config.recheck_after, error.message
+            self.set_state(key, "exhausted", error.message, now + self.config.recheck_after)
         elif error.kind is Kind.RATE_LIMITED:
             pause = error.retry_after if error.retry_after is not None else DEFAULT_COOLDOWN
-            key.state, key.until, key.reason = "cooling", now + pause, error.message
+            self.set_state(key, "cooling", error.message, now + pause)
 
     def balance_read(self, key: UpstreamKey, info: KeyInfo | None, cheapest: float) -> bool:
         """The upstream told the key's credits: True when that brings an exhausted key back."""
@@ -355,9 +424,27 @@ class KeyPool:
         elif key.credits is not None:
             key.credits -= cost
 
-    def set_state(self, key: UpstreamKey, state: KeyState, reason: str | None = None) -> None:
-        key.state, key.until, key.reason = state, 0.0, reason
+    def set_state(self, key: UpstreamKey, state: KeyState, reason: str | None = None, until: float = 0.0,
+                  publish: bool = True) -> None:
+        """A key's state (until: time.monotonic() it ends; 0: none), told to every replica when
+        shared (`publish`: not when it came from one)."""
+        changed = (state, reason, until) != (key.state, key.reason, key.until)
+        key.state, key.until, key.reason = state, until, reason
         self._changed.set()
+        if changed and publish and self.shared is not None:
+            wall = time.time() + (until - time.monotonic()) if until else 0.0
+            self.shared.soon(self.shared.set_state(self._name(key), state, wall, reason))
+
+    def apply_shared(self, states: dict[str, StateChange], me: str) -> None:
+        """Key states other replicas published (every second): each key takes the latest."""
+        for key in self.keys:
+            change = states.get(self._name(key))
+            if change is None or change[3] == me:
+                continue
+            state, wall, reason, _ = change
+            until = time.monotonic() + (wall - time.time()) if wall else 0.0
+            if (state, reason) != (key.state, key.reason) or abs(until - key.until) > 0.5:
+                self.set_state(key, state, reason or None, until, publish=False)  # type: ignore[arg-type]  # a KeyState
 
     def nobody_left(self, last: ProxyError | None, short: bool = False) -> ProxyError:
         """The error to answer when no key can take the call: the most hopeful state wins."""

@@ -2,7 +2,9 @@
 
 At start, and every HOUSEKEEPING_EVERY seconds, a process claims the unfinished tasks of
 processes that stopped (released at a graceful stop, silent for ORPHANED_AFTER seconds, or
-known dead on this host) and polls them on. A task started with a caller's own key, which
+known dead on this host) and polls them on. With shared state each process holds a lease in
+Redis, renewed while it lives: once a process's lease lapses (`[shared] lease` seconds), the
+next replica to look adopts its tasks; replicas look every half lease. A task started with a caller's own key, which
 the proxy never keeps, is parked until its owner asks for it again with that key. Old
 records are purged on the same beat.
 """
@@ -10,6 +12,7 @@ records are purged on the same beat.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -20,6 +23,7 @@ import structlog
 from proxy.gateway import Gateway
 from proxy.pool import UpstreamKey
 from proxy.providers.base import TaskState
+from proxy.shared import SharedDown
 from proxy.store import TaskRecord
 from proxy.tasks import Task
 
@@ -50,23 +54,51 @@ def dead_here(owner: str) -> bool:
 
 
 class Recovery:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, lease: float = 10.0) -> None:
         self.gateway = gateway  # its providers and pools follow config reloads
         self.store = gateway.store
         self.owner = gateway.owner
+        self.shared = gateway.shared
+        self.lease = lease
         self.parked: dict[str, TaskRecord] = {}  # own-key tasks resumed without their key
-        self._loop: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Resume what a previous process left; then adopt and purge on every beat."""
         await self.gateway.tasks.durations.load()
+        await self.gateway.restore_calls()  # the upstream still counts what the last process sent
+        if self.shared is not None:
+            with contextlib.suppress(SharedDown):
+                await self.shared.lease(self.lease)
         await self.adopt(stale_before=time.time() - ORPHANED_AFTER)
-        self._loop = asyncio.create_task(self._housekeeping(), name="housekeeping")
+        self._loops = [asyncio.create_task(self._housekeeping(), name="housekeeping")]
+        if self.shared is not None:
+            self._loops.append(asyncio.create_task(self._leases(), name="leases"))
 
     async def adopt(self, stale_before: float) -> None:
-        dead = [o for o in await self.store.unfinished_owners() if o != self.owner and dead_here(o)]
+        owners = [o for o in await self.store.unfinished_owners() if o != self.owner]
+        dead = [o for o in owners if dead_here(o)]
+        if self.shared is not None and self.shared.active:
+            try:
+                alive = await self.shared.alive(owners)
+            except SharedDown:
+                alive = set(owners)
+            dead += [o for o in owners if o not in alive and o not in dead]
         for record in await self.store.claim_unfinished(self.owner, stale_before, dead):
             await self.resume(record)
+
+    async def _leases(self) -> None:
+        """Renew this process's lease; adopt the tasks of processes whose lease lapsed."""
+        assert self.shared is not None
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await self.shared.lease(self.lease)
+                await self.adopt(stale_before=time.time() - ORPHANED_AFTER)
+            except SharedDown:
+                pass  # the housekeeping beat adopts by the store's heartbeats meanwhile
+            except Exception as exc:
+                log.error("lease_failed", error=repr(exc))
 
     async def resume(self, record: TaskRecord) -> None:
         gateway = self.gateway
@@ -100,6 +132,7 @@ class Recovery:
             await asyncio.sleep(HOUSEKEEPING_EVERY)
             try:
                 await self.store.heartbeat(self.owner)
+                self.gateway.save_calls()  # a crash loses at most this beat's calls
                 await self.adopt(stale_before=time.time() - ORPHANED_AFTER)
                 config, now = self.gateway.config, time.time()
                 await self.store.purge(now - config.tasks.keep_results * 3600,
@@ -109,7 +142,7 @@ class Recovery:
 
     async def close(self) -> None:
         """Stop the beat; this process's unfinished tasks become free for the next one at once."""
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
         await self.store.release(self.owner)

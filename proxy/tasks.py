@@ -77,7 +77,8 @@ class KeyPolls:
     """One pooled key's polls: due tasks wait here when the key has no room, the longest-waiting
     first; with an upstream task list, one list call answers every due task of the key."""
 
-    __slots__ = ("detail", "due", "key", "listing", "lists", "model", "pool", "provider", "tasks", "timer")
+    __slots__ = ("detail", "draining", "due", "key", "listing", "lists", "model", "pool", "provider", "tasks",
+                 "timer")
 
     def __init__(self, provider: Provider, pool: KeyPool, key: UpstreamKey) -> None:
         self.provider, self.pool, self.key = provider, pool, key
@@ -88,6 +89,7 @@ class KeyPolls:
         self.listing = False  # a list call is under way
         self.model: Model | None = None  # the model of its latest task: how soon a new one falls due
         self.timer: asyncio.TimerHandle | None = None
+        self.draining: asyncio.Task[None] | None = None  # asking Redis for room (shared state)
 
 
 def _no_list(error: ProxyError) -> bool:
@@ -296,39 +298,73 @@ class TaskWaiter:
 
     def _drain(self, keyed: KeyPolls) -> None:
         """Send what the key has room for, the longest-waiting poll first; come back when
-        the key has room again, or when a queued task's deadline comes first."""
+        the key has room again, or when a queued task's deadline comes first. A key counted in
+        Redis (shared state) is asked there, from a coroutine of its own."""
         if keyed.timer is not None:
             keyed.timer.cancel()
             keyed.timer = None
-        pool, key = keyed.pool, keyed.key
+        if keyed.pool.counted_shared(keyed.key):
+            if keyed.draining is None:
+                keyed.draining = asyncio.ensure_future(self._drain_shared(keyed))
+            return
+        while (up := self._up_next(keyed)) is not None:
+            queue, head, listed = up
+            now = time.monotonic()
+            wait = self._deferred(keyed, head, now, keyed.pool.wait(keyed.key))
+            if wait > 0 or not keyed.pool.take_now(keyed.key):
+                self._wake(keyed, max(wait, 0.005), now)
+                return
+            self._send_head(keyed, queue, head, listed)
+
+    async def _drain_shared(self, keyed: KeyPolls) -> None:
+        try:
+            while (up := self._up_next(keyed)) is not None:
+                queue, head, listed = up
+                wait = self._deferred(keyed, head, time.monotonic(), 0.0)
+                if wait <= 0:
+                    wait = await keyed.pool.take(keyed.key)
+                if wait > 0:
+                    keyed.draining = None
+                    self._wake(keyed, max(wait, 0.005), time.monotonic())
+                    return
+                if up == self._up_next(keyed):  # nothing changed while Redis answered
+                    self._send_head(keyed, queue, head, listed)
+                else:
+                    keyed.pool.landed(keyed.key)  # the room taken is given back unused
+        finally:
+            if keyed.draining is asyncio.current_task():
+                keyed.draining = None
+
+    def _up_next(self, keyed: KeyPolls) -> tuple[deque[Task], Task, bool] | None:
+        """The queue to serve next, its longest-waiting task, and whether a list call answers it."""
         while True:
             if keyed.detail:
                 queue, listed = keyed.detail, False
             elif keyed.due and not keyed.listing:
                 queue, listed = keyed.due, keyed.lists
             else:
-                return
-            head = queue[0]
-            if head.ended:
-                queue.popleft()
-                continue
-            now = time.monotonic()
-            wait = pool.wait(key)
-            if wait <= 0 and pool.waiting and pool.requests_may_call(key):
-                # A request waits to submit and this room is not the polls' reserve: the request
-                # goes first, unless this poll is already an interval late.
-                wait = head.due_at + self._interval(head) - now
-            if wait > 0 or not pool.take_now(key):
-                self._wake(keyed, max(wait, 0.005), now)
-                return
-            if listed:
-                wanted = {t.upstream_id: t for t in keyed.due if not t.ended}
-                keyed.due.clear()
-                keyed.listing = True
-                self._send_list(keyed, 1, wanted)
-            else:
-                queue.popleft()
-                self._poll_now(head)
+                return None
+            if not queue[0].ended:
+                return queue, queue[0], listed
+            queue.popleft()
+
+    def _deferred(self, keyed: KeyPolls, head: Task, now: float, wait: float) -> float:
+        """A request waiting to submit goes first when this room is not the polls' reserve,
+        unless the poll is already an interval late."""
+        if wait <= 0 and keyed.pool.waiting and keyed.pool.requests_may_call(keyed.key):
+            return head.due_at + self._interval(head) - now
+        return wait
+
+    def _send_head(self, keyed: KeyPolls, queue: deque[Task], head: Task, listed: bool) -> None:
+        """The key's call is counted: a list call for every due task, or the head's own poll."""
+        if listed:
+            wanted = {t.upstream_id: t for t in keyed.due if not t.ended}
+            keyed.due.clear()
+            keyed.listing = True
+            self._send_list(keyed, 1, wanted)
+        else:
+            queue.popleft()
+            self._poll_now(head)
 
     def _wake(self, keyed: KeyPolls, wait: float, now: float) -> None:
         """Drain again after `wait`, or at the first deadline of a queued task if sooner."""
@@ -499,9 +535,10 @@ class TaskWaiter:
             self._list_off(keyed, listing)
         else:
             for state in listing.tasks:
-                task = keyed.tasks.get(state.task_id or "")
-                if task is None or task.ended:
+                found = keyed.tasks.get(state.task_id or "")
+                if found is None or found.ended:
                     continue
+                task = found
                 if state.status == "succeeded" and not state.urls:
                     continue  # finished, its result not on the list: its own poll reads it
                 due = wanted.pop(task.upstream_id, None) is not None
@@ -623,6 +660,8 @@ class TaskWaiter:
         for keyed in self._keys.values():
             if keyed.timer is not None:
                 keyed.timer.cancel()
+            if keyed.draining is not None:
+                keyed.draining.cancel()
             keyed.due.clear()
             keyed.detail.clear()
         for task in list(self.live.values()):

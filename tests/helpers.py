@@ -158,11 +158,19 @@ class Output:
         return "".join(self.lines)
 
 
-def spawn(processes: list[subprocess.Popen[str]], *args: str,
-          env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+class Child(subprocess.Popen[str]):
+    """A child process whose output is read as it comes (`out`, `err`): a full pipe nobody reads
+    would stop it."""
+
+    out: Output
+    err: Output
+
+
+def spawn(processes: list[subprocess.Popen[str]], *args: str, env: dict[str, str] | None = None) -> Child:
     """`python -m proxy <args>` as a child process, killed by the `processes` fixture at the end."""
-    process = subprocess.Popen([sys.executable, "-m", "proxy", *args], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = Child([sys.executable, "-m", "proxy", *args], cwd=ROOT, env=env,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.out, process.err = Output(process.stdout), Output(process.stderr)
     processes.append(process)
     return process
 

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 from conftest import CLIENT_KEY, FENGYUAN_KEYS, XFFUW_KEYS, RunningProxy, Sims
-from helpers import Output, free_port, spawn, stop, to_toml, wait_healthy, write_config
+from helpers import free_port, spawn, stop, to_toml, wait_healthy, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"
@@ -206,7 +206,7 @@ def test_serve_answers_the_sdk_and_stops_on_sigterm(processes: list[subprocess.P
     }
     port = free_port()
     process = spawn(processes, "serve", "--config", str(write_config(tmp_path, raw)), "--port", str(port))
-    stderr = Output(process.stderr)
+    stderr = process.err
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, process)
     with openai.OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0) as client:
@@ -228,8 +228,7 @@ def test_serve_answers_the_sdk_and_stops_on_sigterm(processes: list[subprocess.P
 def test_demo_prints_a_working_snippet(processes: list[subprocess.Popen[str]], sig: signal.Signals) -> None:
     port = free_port()
     process = spawn(processes, "demo", "--port", str(port))
-    stdout = Output(process.stdout)
-    Output(process.stderr)
+    stdout = process.out
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, process)
     deadline = time.monotonic() + 5
@@ -256,8 +255,6 @@ def test_demo_answers_kept_alive_requests_without_a_delayed_ack_stall(
     response head and body go out as two segments and the second waits for a delayed ACK."""
     port = free_port()
     process = spawn(processes, "demo", "--port", str(port))
-    Output(process.stdout)
-    Output(process.stderr)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, process)
     took: dict[str, list[float]] = {"/healthz": [], "/v1/models": []}

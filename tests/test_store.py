@@ -376,11 +376,11 @@ def test_a_file_from_before_schema_versions_opens_upgraded_with_its_rows(tmp_pat
 
     asyncio.run(main())
     with closing(sqlite3.connect(path)) as db:
-        assert [v for v, in db.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+        assert [v for v, in db.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
         assert db.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == len(rows)
     SQLiteStore(str(path))._pool.shutdown()  # opening again changes nothing
     with closing(sqlite3.connect(path)) as db:
-        assert [v for v, in db.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+        assert [v for v, in db.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
 
 
 def test_processes_opening_a_new_file_together_upgrade_it_once(tmp_path: Path) -> None:
@@ -405,7 +405,7 @@ def test_processes_opening_a_new_file_together_upgrade_it_once(tmp_path: Path) -
     for store in opened:
         asyncio.run(store.close())
     with closing(sqlite3.connect(path)) as db:
-        assert [v for v, in db.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+        assert [v for v, in db.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
 
 
 def test_a_file_from_a_newer_proxy_is_refused(tmp_path: Path) -> None:
@@ -449,7 +449,7 @@ def test_replicas_starting_together_on_a_fresh_database_migrate_it_once(pg_serve
         try:
             # each migration is a plain CREATE: had two replicas applied one, an opener would have failed
             async with stores[0]._pool.acquire() as db:
-                assert [r[0] for r in await db.fetch("SELECT version FROM schema_version")] == [1]
+                assert sorted(r[0] for r in await db.fetch("SELECT version FROM schema_version")) == [1, 2]
             for n, store in enumerate(stores):  # all of them work on the one schema
                 store.add_usage(usage(D0 + n, f"replica-{n}"))
             for store in stores:

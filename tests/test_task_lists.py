@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import FENGYUAN_KEYS, RunningProxy, Sims
+from conftest import FENGYUAN_KEYS, XFFUW_KEYS, RunningProxy, Sims
 from helpers import AUTH, wait_until
 
 FY_IMAGE = "fengyuan/image_generation"
@@ -153,3 +153,29 @@ def test_a_task_the_upstream_forgot_fails_after_a_few_polls(proxy: RunningProxy,
     assert reply.status_code == 502 and error["code"] == "upstream_task_failed", reply.text
     assert "no longer knows" in error["message"]
     assert sims.xffuw.count("task") <= 6
+
+
+def test_a_restart_keeps_counting_a_keys_window(start_proxy: Callable[[dict[str, Any]], RunningProxy],
+                                                proxy_config: dict[str, Any], sims: Sims) -> None:
+    """The upstream still counts the calls the last process made: the next one must too."""
+    window = 20.0  # longer than a stop and a start take
+    sims.xffuw.rate_limit, sims.xffuw.rate_window = 6, window
+    proxy_config["providers"]["xffuw"].update(keys=[XFFUW_KEYS[0]], rate_window=window, rpm=6, queue_timeout=0.2)
+    first = start_proxy(proxy_config)
+    client = first.client()
+    statuses = []
+    for i in range(6):  # the catalogue read and five chats fill the window
+        try:
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"{i}"}])
+            statuses.append(200)
+        except Exception as exc:
+            statuses.append(getattr(exc, "status_code", 0))
+    first.server.stop()
+    second = start_proxy(proxy_config)
+    for i in range(3):
+        try:
+            second.client().chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"{i}"}])
+        except Exception as exc:
+            assert getattr(exc, "status_code", 0) == 429, exc  # the proxy's own 429: it waits for room
+    assert sims.xffuw.rate_limited_count == 0, "the restarted proxy pushed the key past its limit"
+    assert 200 in statuses

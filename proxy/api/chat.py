@@ -149,7 +149,7 @@ STREAM_NOTE = ("With stream=true: `data: <ChatCompletionChunk>` events, a last c
 @post("/v1/chat/completions", status_code=200,
       **documented(ChatCompletion, body=ChatCompletionRequest, stream=STREAM_NOTE))
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
-    caller = authenticate(request)
+    caller = await authenticate(request)
     raw = await json_body(request)
     body = convert(raw, ChatCompletionRequest)
     check_messages(body.messages)

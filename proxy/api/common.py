@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -26,7 +27,7 @@ def note(request: Request[Any, Any, Any], **fields: Any) -> None:
     request.scope["state"].setdefault("access", {}).update(fields)
 
 
-def authenticate(request: Request[Any, Any, Any]) -> Caller:
+async def authenticate(request: Request[Any, Any, Any]) -> Caller:
     """The caller, within its request rate; 401 or 429 otherwise."""
     clients = runtime(request).clients
     source = request.scope.get("client")
@@ -35,6 +36,7 @@ def authenticate(request: Request[Any, Any, Any]) -> Caller:
     if caller.own_key is not None:
         caller.on_refused_key = clients.passthrough_refused
     caller.idempotency_key = request.headers.get("idempotency-key")
+    await clients.admit(caller)
     note(request, client=caller.name)
     return caller
 
@@ -51,7 +53,7 @@ async def json_body(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return parse_object(await request.body())
 
 
-async def first_answer(calls: list[asyncio.Future[T]]) -> T:
+async def first_answer(calls: Sequence[asyncio.Future[T]]) -> T:
     """For streams: the first answer comes before the headers go out, so upstream errors keep
     their HTTP status; if it fails, the other calls are cancelled."""
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from litestar import Request, Response, post
@@ -104,7 +104,7 @@ STREAM_NOTE = ("With stream=true: `data: <Completion chunk>` events (finish_reas
 @post("/v1/completions", status_code=200, **documented(Completion, body=CompletionRequest, stream=STREAM_NOTE))
 async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     """Legacy completions: each prompt becomes one user message to a chat model."""
-    caller = authenticate(request)
+    caller = await authenticate(request)
     raw = await json_body(request)
     body = convert(raw, CompletionRequest)
     prompts = _prompts(body.prompt)
@@ -142,7 +142,7 @@ async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stre
                                     choices=choices, usage=_usage(prompts, body.n, results)))
 
 
-async def _stream(head: Completion, prompts: list[str], n: int, calls: list[asyncio.Future[ChatResult]],
+async def _stream(head: Completion, prompts: list[str], n: int, calls: Sequence[asyncio.Future[ChatResult]],
                   include_usage: bool) -> AsyncIterator[bytes]:
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
         return sse.event(Completion(id=head.id, object="text_completion", created=head.created, model=head.model,

@@ -19,6 +19,7 @@ any upstream call free the key for a retry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.errors import Kind, ProxyError, bad_request
 from proxy.openai.errors import error_headers, error_payload, send_error
+from proxy.shared import SharedDown
 from proxy.store import IdempotencyRecord
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
 _REPLAYED_HEADERS = ("retry-after", "x-should-retry", "x-proxy-task-ids")
 ABANDONED_AFTER = 900.0  # seconds: a record still "running" without tasks is taken as lost after this
+MARK_LIFE = 6.0  # seconds a replica's mark on a request it runs lasts unrenewed (it renews it every third)
 SUBMITS_SETTLE = 30.0  # seconds a repeat waits for the first request's submits to be recorded
 RETRY_WINDOW = 600.0  # seconds after its end an answer still serves an SDK's retry of its request
 MAX_KEY_LENGTH = 255
@@ -92,7 +95,7 @@ class Idempotency:
         if not complete:
             await send_error(send, ProxyError(Kind.PAYLOAD_TOO_LARGE, "The request body is too large."))
             return
-        target = f"{scope['method']} {scope['path']}\n".encode()
+        target = f"{scope.get('method')} {scope['path']}\n".encode()
         fingerprint = hashlib.sha256(target + body).hexdigest()
         if explicit is not None:
             repeat = Repeat(key_digest(explicit), None)
@@ -150,10 +153,19 @@ class Idempotency:
             if existing is not None:  # another process took it meanwhile: this one runs apart
                 await app(scope, _replay_body(body, receive), send)
                 return None
-        if existing is not None and not existing.done and not existing.task_ids and record.key.startswith("retry:"):
-            # An SDK's retry of a request still running in another process: wait for its answer.
-            existing = await self._wait_done(runtime, existing)
-            if existing is None and await store.idempotency_begin(record) is not None:
+        shared = runtime.shared if runtime.shared is not None and runtime.shared.active else None
+        mark = f"idem:{record.client}:{record.key}"
+        running = existing is not None and not existing.done and not existing.task_ids
+        if running and (record.key.startswith("retry:") or shared is not None):
+            # The first request still runs in another process (an SDK's retry, or a replica that
+            # shares state says so): wait for its answer, or take over if it is gone.
+            assert existing is not None
+            existing, gone = await self._wait_done(runtime, existing, mark if shared is not None else None)
+            if gone:
+                assert existing is not None
+                record.created = existing.created
+                existing = None  # its process died mid-request: this request takes it over
+            elif existing is None and await store.idempotency_begin(record) is not None:
                 await app(scope, _replay_body(body, receive), send)
                 return None
         if existing is not None:
@@ -168,24 +180,55 @@ class Idempotency:
                     code="idempotency_key_in_progress", retry_after=1.0))
                 return None
             record.created = existing.created  # abandoned: this request takes it over
+        renewing = self._hold_mark(runtime, mark) if runtime.shared is not None else None
         try:
             return await self._run(app, runtime, scope, receive, body, send, record)
         except BaseException:
             if not record.task_ids:  # with tasks started, a repeat must answer from them, not pay again
                 await store.idempotency_drop(record.client, record.key)
             raise
+        finally:
+            if renewing is not None:
+                renewing.cancel()
+                assert runtime.shared is not None
+                runtime.shared.soon(runtime.shared.unmark(mark))
 
     @staticmethod
-    async def _wait_done(runtime: Runtime, record: IdempotencyRecord) -> IdempotencyRecord | None:
-        """The record once done or with tasks; None if the first request dropped it (it failed
-        before any upstream work, so this retry is a first attempt now)."""
+    def _hold_mark(runtime: Runtime, mark: str) -> asyncio.Task[None]:
+        """Tell every replica this process runs the request, for as long as it lives."""
+        shared = runtime.shared
+        assert shared is not None
+
+        async def hold() -> None:
+            with contextlib.suppress(SharedDown):
+                await shared.mark(mark, MARK_LIFE)
+                while True:
+                    await asyncio.sleep(MARK_LIFE / 3)
+                    await shared.renew(mark, MARK_LIFE)
+
+        return asyncio.ensure_future(hold())
+
+    @staticmethod
+    async def _wait_done(runtime: Runtime, record: IdempotencyRecord,
+                         mark: str | None) -> tuple[IdempotencyRecord | None, bool]:
+        """(the record once done or with tasks, False); (None, False) if the first request
+        dropped it (it failed before any upstream work: this is a first attempt now); (the
+        record, True) when the process running it is gone (its mark in Redis lapsed)."""
         deadline = time.monotonic() + ABANDONED_AFTER
+        checked = time.monotonic()
         while time.monotonic() < deadline:
             await asyncio.sleep(0.1)
             fresh = await runtime.store.idempotency_get(record.client, record.key)
             if fresh is None or fresh.done or fresh.task_ids:
-                return fresh
-        return record
+                return fresh, False
+            if mark is not None and runtime.shared is not None and time.monotonic() - checked > MARK_LIFE / 3:
+                checked = time.monotonic()
+                try:
+                    if await runtime.shared.holder(mark) is None:
+                        return fresh, True
+                except SharedDown:
+                    mark = None  # no one can tell now: wait as without shared state
+        return record, False
 
     async def _answer_repeat(self, runtime: Runtime, send: Send,
                              existing: IdempotencyRecord) -> IdempotencyRecord | None:
@@ -261,7 +304,8 @@ class Idempotency:
 
     @staticmethod
     async def _read(receive: Receive, limit: int) -> tuple[bytes, bool]:
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":

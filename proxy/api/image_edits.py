@@ -45,7 +45,8 @@ def uploads(request: Request[Any, Any, Any]) -> Uploads:
     state = request.app.state
     found = state.get("uploads")
     if found is None:
-        found = state["uploads"] = Uploads(runtime(request).config.images.uploads_max_bytes)
+        rt = runtime(request)
+        found = state["uploads"] = Uploads(rt.config.images.uploads_max_bytes, shared=rt.shared)
     return found  # type: ignore[no-any-return]
 
 
@@ -85,7 +86,7 @@ class _References:
             raise bad_request(f"Invalid file for '{where}': expected a PNG, JPEG, WebP or GIF image.", param=where)
         self.items.append((data, *kind))
 
-    def urls(self, owner: str) -> list[str]:
+    async def urls(self, owner: str) -> list[str]:
         """The references as URLs; uploaded images are kept from now on (`kept` names them)."""
         store = uploads(self.request)
         config = runtime(self.request).config
@@ -97,16 +98,16 @@ class _References:
                 if isinstance(item, str):
                     out.append(item)
                 else:
-                    name = store.put(*item, owner=owner, share=share)
+                    name = await store.keep(*item, owner=owner, share=share)
                     self.kept.append(name)
                     out.append(f"{self.public_url}{PATH}{name}")
         except ProxyError:
-            self.drop()
+            await self.drop()
             raise
         return out
 
-    def drop(self) -> None:
-        uploads(self.request).drop(self.kept)
+    async def drop(self) -> None:
+        await uploads(self.request).forget(self.kept)
         self.kept.clear()
 
 
@@ -154,7 +155,7 @@ def _int_field(fields: dict[str, Any], name: str, default: int) -> int:
       **documented(ImagesResponse, body=ImageEditRequest, multipart=EDIT_FORM))
 async def images_edits(request: Request[Any, Any, Any]) -> Response[bytes]:
     """New images from a prompt and reference images (uploaded files or URLs)."""
-    caller = authenticate(request)
+    caller = await authenticate(request)
     refs = _References(request)
     content_type, _ = request.content_type
     if content_type == "multipart/form-data":
@@ -199,13 +200,13 @@ async def images_edits(request: Request[Any, Any, Any]) -> Response[bytes]:
     await admit(request, caller, route, n)
     # Only now are uploads kept: a refused request leaves nothing behind.
     call = ImageCall(model=route.upstream_model, prompt=prompt, kind=route.model.kind if route.model else "image",
-                     size=size, references=refs.urls(caller.name), extra=extra)
+                     size=size, references=await refs.urls(caller.name), extra=extra)
     try:
         return await generate(request, caller, route, call, n, response_format)
     except BaseException:
         live = runtime(request).gateway.tasks.live
         if not any(task_id in live for task_id in request.scope["state"].get("access", {}).get("task_ids", ())):
-            refs.drop()  # a failed request whose tasks are over (or never began): nobody fetches them now
+            await refs.drop()  # a failed request whose tasks are over (or never began): nobody fetches them now
         raise
 
 
@@ -213,7 +214,7 @@ async def images_edits(request: Request[Any, Any, Any]) -> Response[bytes]:
                                        description="The uploaded image, with its own content type."))
 async def uploaded_file(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[bytes]:
     """An uploaded reference image. No API key: the unguessable, expiring name is the secret."""
-    found = uploads(request).get(name)
+    found = await uploads(request).fetch(name)
     if found is None:
         raise ProxyError(Kind.NOT_FOUND, "No such upload; uploads expire after an hour.")
     return Response(found.data, status_code=200, media_type=found.content_type,

@@ -180,7 +180,7 @@ async def answer_from_tasks(runtime: Runtime, task_ids: list[str],
 
 @post("/v1/images/generations", status_code=200, **documented(ImagesResponse, body=ImageGenerationRequest))
 async def images_generations(request: Request[Any, Any, Any]) -> Response[bytes]:
-    caller = authenticate(request)
+    caller = await authenticate(request)
     raw = await json_body(request)
     body = convert(raw, ImageGenerationRequest)
     if not body.prompt.strip():

@@ -186,7 +186,7 @@ def _chat_params(body: ResponseRequest, tools: list[FunctionTool]) -> dict[str, 
 @post("/v1/responses", status_code=200, **documented(ResponseObject, body=ResponseRequest, stream=STREAM_NOTE))
 async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     """A model response to `input`, continuing `previous_response_id` if given."""
-    caller = authenticate(request)
+    caller = await authenticate(request)
     raw = await json_body(request)
     body = convert(raw, ResponseRequest)
     _refuse_unsupported(body)
@@ -305,7 +305,7 @@ async def _events(request: Request[Any, Any, Any], done: ResponseObject) -> Asyn
 @get("/v1/responses/{response_id:str}", **documented(ResponseObject, errors=(401, 404)))
 async def retrieve_response(request: Request[Any, Any, Any], response_id: FromPath[str]) -> Response[bytes]:
     """A stored response of this client."""
-    caller = authenticate(request)
+    caller = await authenticate(request)
     found = conversations(request).get(response_id, caller.name)
     if found is None:
         raise ProxyError(Kind.NOT_FOUND, f"Response with id '{response_id}' not found.")
@@ -315,7 +315,7 @@ async def retrieve_response(request: Request[Any, Any, Any], response_id: FromPa
 @delete("/v1/responses/{response_id:str}", status_code=200, **documented(Deleted, errors=(401, 404)))
 async def delete_response(request: Request[Any, Any, Any], response_id: FromPath[str]) -> Response[bytes]:
     """Forget a stored response of this client (a later previous_response_id to it is a 404)."""
-    caller = authenticate(request)
+    caller = await authenticate(request)
     if not conversations(request).delete(response_id, caller.name):
         raise ProxyError(Kind.NOT_FOUND, f"Response with id '{response_id}' not found.")
     return json_response(Deleted(id=response_id))

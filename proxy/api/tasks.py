@@ -34,7 +34,7 @@ class TaskView(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 @get("/v1/tasks/{task_id:str}", **documented(TaskView, errors=(401, 404)))
 async def retrieve_task(request: Request[Any, Any, Any], task_id: FromPath[str]) -> Response[bytes]:
-    caller = authenticate(request)
+    caller = await authenticate(request)
     rt = runtime(request)
     await rt.recovery.unpark(task_id, caller.own_key)
     found = await rt.gateway.tasks.find(task_id)

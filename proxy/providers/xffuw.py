@@ -106,10 +106,10 @@ class Xffuw(Dialect):
         choices = payload.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name}: chat.php answered no choices")
-        first = choices[0]
-        message = first.get("message") if isinstance(first.get("message"), dict) else {}
+        first: dict[str, Any] = choices[0]
+        message: dict[str, Any] = first["message"] if isinstance(first.get("message"), dict) else {}
         tool_calls = message.get("tool_calls")
-        usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+        usage: dict[str, Any] = payload["usage"] if isinstance(payload.get("usage"), dict) else {}
         return ChatAnswer(
             content=as_text(message.get("content")),
             tool_calls=tool_calls if isinstance(tool_calls, list) and tool_calls else None,

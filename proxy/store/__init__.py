@@ -120,6 +120,11 @@ class Store(Protocol):
 
     def save_durations(self, upstream: str, model: str, durations: list[float]) -> None: ...  # queued, replaces
 
+    # each upstream key's recent calls, flattened (wall time, count, ...): a restart keeps counting
+    async def load_calls(self) -> dict[tuple[str, str], list[float]]: ...  # by (upstream, key fingerprint)
+
+    def save_calls(self, upstream: str, key: str, calls: list[float]) -> None: ...  # queued, replaces
+
     async def close(self) -> None: ...  # writes everything queued first
 
 

@@ -28,16 +28,17 @@ durations_decode = msgspec.msgpack.Decoder(list[float]).decode
 class Batch:
     """Everything one write transaction carries, in the order it is applied."""
 
-    __slots__ = ("durations", "settles", "tasks", "usage")
+    __slots__ = ("calls", "durations", "settles", "tasks", "usage")
 
     def __init__(self) -> None:
         self.usage: list[UsageRecord] = []
         self.settles: list[tuple[str, str, float | None]] = []  # task id, outcome, cost
         self.tasks: list[TaskRow] = []
         self.durations: dict[tuple[str, str], list[float]] = {}
+        self.calls: dict[tuple[str, str], list[float]] = {}
 
     def __bool__(self) -> bool:
-        return bool(self.usage or self.settles or self.tasks or self.durations)
+        return bool(self.usage or self.settles or self.tasks or self.durations or self.calls)
 
     def last_task_rows(self) -> list[TaskRow]:
         """One row per task, the latest queued, sorted by id (one lock order across replicas)."""
@@ -79,6 +80,11 @@ class BatchedWrites:
     def save_durations(self, upstream: str, model: str, durations: list[float]) -> None:
         """Replace the learned task durations of (upstream, model); queued like usage."""
         self._batch.durations[upstream, model] = list(durations)
+        self._flush_later()
+
+    def save_calls(self, upstream: str, key: str, calls: list[float]) -> None:
+        """Replace a key's recent calls (wall time, count, flattened); queued like usage."""
+        self._batch.calls[upstream, key] = list(calls)
         self._flush_later()
 
     async def save_task(self, record: TaskRecord) -> None:

@@ -146,6 +146,13 @@ class PostgresStore(BatchedWrites):
                     "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) "
                     "ON CONFLICT (upstream, model) DO UPDATE SET durations = excluded.durations",
                     [u for u, _ in keys], [m for _, m in keys], [durations_encode(batch.durations[k]) for k in keys])
+            if batch.calls:
+                keys = sorted(batch.calls)
+                await db.execute(
+                    "INSERT INTO key_calls (upstream, key, calls) "
+                    "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) "
+                    "ON CONFLICT (upstream, key) DO UPDATE SET calls = excluded.calls",
+                    [u for u, _ in keys], [k for _, k in keys], [durations_encode(batch.calls[k]) for k in keys])
 
     # ---- usage ----------------------------------------------------------------------
 
@@ -168,6 +175,10 @@ class PostgresStore(BatchedWrites):
 
     async def load_durations(self) -> dict[tuple[str, str], list[float]]:
         rows = await self._run(lambda db: db.fetch("SELECT upstream, model, durations FROM durations"))
+        return {(r[0], r[1]): durations_decode(r[2]) for r in rows}
+
+    async def load_calls(self) -> dict[tuple[str, str], list[float]]:
+        rows = await self._run(lambda db: db.fetch("SELECT upstream, key, calls FROM key_calls"))
         return {(r[0], r[1]): durations_decode(r[2]) for r in rows}
 
     # ---- tasks ----------------------------------------------------------------------

@@ -76,6 +76,10 @@ class SQLiteStore(BatchedWrites):
         rows = await self._run(lambda db: db.execute("SELECT upstream, model, durations FROM durations").fetchall())
         return {(upstream, model): durations_decode(blob) for upstream, model, blob in rows}
 
+    async def load_calls(self) -> dict[tuple[str, str], list[float]]:
+        rows = await self._run(lambda db: db.execute("SELECT upstream, key, calls FROM key_calls").fetchall())
+        return {(upstream, key): durations_decode(blob) for upstream, key, blob in rows}
+
     # ---- tasks ----------------------------------------------------------------------
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
@@ -228,3 +232,6 @@ def _write(db: sqlite3.Connection, batch: Batch) -> None:
         db.executemany("INSERT INTO durations (upstream, model, durations) VALUES (?, ?, ?) "
                        "ON CONFLICT (upstream, model) DO UPDATE SET durations = excluded.durations",
                        [(u, m, durations_encode(d)) for (u, m), d in batch.durations.items()])
+        db.executemany("INSERT INTO key_calls (upstream, key, calls) VALUES (?, ?, ?) "
+                       "ON CONFLICT (upstream, key) DO UPDATE SET calls = excluded.calls",
+                       [(u, k, durations_encode(c)) for (u, k), c in batch.calls.items()])

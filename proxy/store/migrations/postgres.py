@@ -42,6 +42,11 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "CREATE TABLE durations (upstream TEXT NOT NULL, model TEXT NOT NULL, durations BYTEA NOT NULL, "
         "PRIMARY KEY (upstream, model))",
     ]),
+    (2, [
+        # each upstream key's recent calls (wall time, count), so a restart keeps counting its window
+        "CREATE TABLE key_calls (upstream TEXT NOT NULL, key TEXT NOT NULL, calls BYTEA NOT NULL, "
+        "PRIMARY KEY (upstream, key))",
+    ]),
 ]
 LATEST = MIGRATIONS[-1][0]
 

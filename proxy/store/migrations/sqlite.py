@@ -38,6 +38,11 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "CREATE INDEX tasks_updated ON tasks (updated)",
         "CREATE INDEX idempotency_created ON idempotency (created)",
     ]),
+    (3, [
+        # each upstream key's recent calls (wall time, count), so a restart keeps counting its window
+        "CREATE TABLE key_calls (upstream TEXT NOT NULL, key TEXT NOT NULL, calls BLOB NOT NULL, "
+        "PRIMARY KEY (upstream, key))",
+    ]),
 ]
 LATEST = MIGRATIONS[-1][0]
 
