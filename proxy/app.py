@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import msgspec
 import structlog
 from litestar import Litestar, Request, Response
@@ -32,6 +33,8 @@ from proxy.api.tasks import retrieve_task
 from proxy.balances import Balances
 from proxy.clients import Clients
 from proxy.config import Config, ConfigError
+from proxy.downloads import Downloads
+from proxy.egress import Egress
 from proxy.errors import Kind, ProxyError
 from proxy.gateway import Gateway
 from proxy.log import setup_logging
@@ -247,14 +250,22 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
     redact.add(config.secrets())
     setup_logging(config.log.level, config.log.format)
     metrics = Metrics()
+    try:
+        egress = Egress(config.server.upstream_proxy)
+    except ValueError as error:  # HTTPS_PROXY or HTTP_PROXY not an http:// proxy
+        raise ConfigError(f"{error}; set [server] upstream_proxy to override the environment") from None
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        http = build_client()
+        tls = httpx.create_ssl_context()  # one CA bundle loaded, for upstream calls and downloads alike
+        http = build_client(verify=tls, egress=egress, max_answer_bytes=config.server.max_answer_bytes)
         store = await open_store(config.storage)
         owner = owner_name()
         shared = Shared(config.shared.redis_url, config.shared.prefix, owner) if config.shared.redis_url else None
-        gateway = Gateway(config, http, store, owner, observe=metrics.observe_upstream, share=workers, shared=shared)
+        # the download memory is the machine's: each worker holds its part
+        downloads = Downloads(max(1, config.images.download_memory_bytes // workers), egress, verify=tls)
+        gateway = Gateway(config, http, store, owner, observe=metrics.observe_upstream, share=workers, shared=shared,
+                          downloads=downloads)
         metrics.gateway, metrics.shared = gateway, shared
         recovery, balances = Recovery(gateway, config.shared.lease), Balances(gateway)
         runtime = Runtime(config=config, config_path=Path(config_path) if config_path else None, http=http,

@@ -13,6 +13,7 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
+from proxy.egress import parse_proxy
 from proxy.providers import DIALECTS
 from proxy.struct_errors import explain
 
@@ -35,6 +36,10 @@ class ServerConfig(_Table):
     shutdown_grace: float = 30.0
     # Browser clients: origins allowed by CORS (["*"] for any); empty turns CORS off.
     cors_origins: list[str] = []
+    # The egress HTTP proxy for upstream calls and downloads ("http://[user:pass@]host:port");
+    # unset: HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment; "": none (proxy/egress.py).
+    upstream_proxy: str | None = None
+    max_answer_bytes: int = 16 * 1024 * 1024  # a larger upstream API answer is an upstream error
 
 
 class ClientConfig(_Table):
@@ -97,9 +102,14 @@ BUILT_IN_IMAGE_FORMATS: dict[str, ImageFormat] = {"gpt-image-*": "b64_json", "ch
 
 
 class ImagesConfig(_Table):
-    # b64_json downloads the result: capped in size and time
-    max_download_bytes: int = 32 * 1024 * 1024
+    # b64_json downloads the result: capped in size and time (proxy/downloads.py)
+    max_download_bytes: int = 32 * 1024 * 1024  # one result
+    max_request_download_bytes: int = 128 * 1024 * 1024  # a request's results together
+    # all downloads held at once, on this machine (each of N workers holds 1/N; read at start)
+    download_memory_bytes: int = 256 * 1024 * 1024
     download_timeout: float = 60.0
+    # fetch results from loopback and private addresses too (the upstream's own origin always is)
+    allow_private_hosts: bool = False
     # Images uploaded for edits are kept in memory for the upstream to fetch, this much in all;
     # each client may hold its share (this over the clients, at least one request's body).
     uploads_max_bytes: int = 256 * 1024 * 1024
@@ -180,6 +190,10 @@ class Config(_Table):
     def secrets(self) -> list[str]:
         """Every configured secret, so log lines and error texts can be scrubbed of them."""
         found = [c.key for c in self.clients if c.key] + list(self.admin.keys)
+        proxy = self.server.upstream_proxy
+        password = urlsplit(proxy if "://" in proxy else "http://" + proxy).password if proxy else None
+        if password:  # the egress proxy's, as written and as sent
+            found += [password, unquote(password)]
         for provider in self.providers.values():
             found.extend(k.value for k in provider.all_keys())
         found.extend(self.storage.secrets())
@@ -298,6 +312,21 @@ def _check(config: Config) -> None:
     if tasks.give_up_after * 3600 < tasks.timeout:
         raise ConfigError("tasks.give_up_after: must be at least tasks.timeout (it is in hours)")
     tasks.first_poll = min(max(tasks.first_poll, 0.0), tasks.poll_interval)
+    if config.server.upstream_proxy:
+        try:
+            parse_proxy(config.server.upstream_proxy, "server.upstream_proxy")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    if config.server.max_answer_bytes < 1024:
+        raise ConfigError("server.max_answer_bytes: must be >= 1024")
+    images = config.images
+    for name in ("max_download_bytes", "max_request_download_bytes", "download_memory_bytes"):
+        if getattr(images, name) < 1:
+            raise ConfigError(f"images.{name}: must be >= 1")
+    if images.download_timeout <= 0:
+        raise ConfigError("images.download_timeout: must be > 0")
+    if images.max_download_bytes > images.download_memory_bytes:
+        raise ConfigError("images.max_download_bytes: must not exceed images.download_memory_bytes")
     if config.server.public_url is not None:
         if not re.match(r"https?://", config.server.public_url):
             raise ConfigError("server.public_url: expected an http(s) URL")

@@ -8,18 +8,17 @@ OpenAI's shapes.
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import httpx
 import structlog
 
 from proxy.billing import Billing, Reservation, price
 from proxy.config import ClientConfig, Config
+from proxy.downloads import Downloaded, Downloads
 from proxy.errors import Kind, ProxyError
 from proxy.pool import KeyPool, UpstreamKey
 from proxy.providers import DIALECTS
@@ -60,8 +59,10 @@ class ChatResult:
 
 class Gateway:
     def __init__(self, config: Config, http: UpstreamClient, store: Store, owner: str,
-                 observe: Observe | None = None, share: int = 1, shared: Shared | None = None) -> None:
+                 observe: Observe | None = None, share: int = 1, shared: Shared | None = None, *,
+                 downloads: Downloads) -> None:
         self.http = http
+        self.downloads = downloads
         self.share = share  # processes keeping a part each of every key's limits
         self.shared = shared  # state every replica shares (Redis), when configured
         self.observe = observe
@@ -246,44 +247,9 @@ class Gateway:
                 return pool, key
         return None
 
-    async def download(self, url: str) -> str:
-        """Fetch a result as base64: http(s) only, capped in size and time, no redirects, media
-        only; a GET is safe to repeat, so a failed one is tried twice more."""
-        head, _, data = url.partition(",")
-        if head.startswith("data:") and head.endswith(";base64") and data:
-            return data  # the upstream answered the image itself (type = "openai", base64-only models)
-        for attempt in range(3):
-            try:
-                return await self._download(url)
-            except ProxyError:
-                if attempt == 2:
-                    raise
-                await asyncio.sleep(0.2 * (attempt + 1))
-        raise AssertionError("unreachable")
-
-    async def _download(self, url: str) -> str:
-        limit = self.config.images.max_download_bytes
-        if not url.startswith(("http://", "https://")):
-            raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, "the result is not at an http(s) URL")
-        try:
-            async with asyncio.timeout(self.config.images.download_timeout):
-                async with self.http.stream("GET", url) as reply:
-                    if reply.status_code != 200:
-                        raise ProxyError(Kind.UPSTREAM_UNAVAILABLE,
-                                         f"downloading the result answered HTTP {reply.status_code}")
-                    kind = reply.headers.get("content-type", "").lower()
-                    if kind.startswith("text/") or "json" in kind or "xml" in kind:
-                        raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, "the result URL answered a page, not a file")
-                    chunks, size = [], 0
-                    async for chunk in reply.aiter_bytes():
-                        size += len(chunk)
-                        if size > limit:
-                            raise ProxyError(Kind.UPSTREAM_UNAVAILABLE,
-                                             f"the result is larger than {limit} bytes; ask for url instead")
-                        chunks.append(chunk)
-        except (httpx.HTTPError, OSError, TimeoutError):
-            raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, "downloading the result failed") from None
-        return base64.b64encode(b"".join(chunks)).decode("ascii")
+    def download(self, results: list[tuple[str, str]]) -> Awaitable[Downloaded]:
+        """Results (URL, the upstream that produced it) downloaded whole: proxy/downloads.py."""
+        return self.downloads.fetch(results, self.config)
 
     async def close(self) -> None:
         """Submits in flight end recorded, then every unfinished task is let go (the next

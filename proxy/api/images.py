@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request, Response, post
+from litestar.response import Stream
 
 from proxy.api.common import authenticate, hold_budget, json_body, note, runtime
 from proxy.clients import check_model
+from proxy.downloads import Downloaded, data_url_base64
 from proxy.errors import Kind, ProxyError, bad_request
 from proxy.gateway import Caller, Gateway
 from proxy.openai.decode import convert
@@ -51,7 +53,7 @@ async def admit(request: Request[Any, Any, Any], caller: Caller, route: Route, n
 
 
 async def generate(request: Request[Any, Any, Any], caller: Caller, route: Route, call: ImageCall, n: int,
-                   response_format: str | None) -> Response[bytes]:
+                   response_format: str | None) -> Response[Any]:
     """Start n tasks at once, wait for all, answer urls or base64; shared by generations and edits,
     which `admit` the request first."""
     gateway = runtime(request).gateway
@@ -84,11 +86,15 @@ async def generate(request: Request[Any, Any, Any], caller: Caller, route: Route
         error.task_ids = tuple(started)  # every task this request started stays retrievable
         raise error
     try:
-        body = await _images_body(gateway, [url for task in tasks for url in task.state.urls], response_format)
+        body = await _images_body(gateway, [(url, task.record.upstream) for task in tasks for url in task.state.urls],
+                                  response_format)
     except ProxyError as error:
         error.task_ids = ids  # the tasks succeeded: their results stay retrievable
         raise
-    return Response(body, media_type="application/json", headers={"x-proxy-task-ids": ",".join(ids)} if ids else None)
+    headers = {"x-proxy-task-ids": ",".join(ids)} if ids else None
+    if isinstance(body, bytes):
+        return Response(body, media_type="application/json", headers=headers)
+    return Stream(body, media_type="application/json", headers=headers)
 
 
 async def _settled(calls: list[Coroutine[Any, Any, T]]) -> list[T | BaseException]:
@@ -102,13 +108,35 @@ async def _settled(calls: list[Coroutine[Any, Any, T]]) -> list[T | BaseExceptio
     return list(await asyncio.gather(*calls, return_exceptions=True))
 
 
-async def _images_body(gateway: Gateway, urls: list[str], response_format: str | None) -> bytes:
-    if response_format == "b64_json":
-        encoded = await asyncio.gather(*(gateway.download(url) for url in urls))
-        data = [ImageData(b64_json=b64) for b64 in encoded]
-    else:
-        data = [ImageData(url=url) for url in urls]
-    return _encode(ImagesResponse(created=int(time.time()), data=data))
+async def _images_body(gateway: Gateway, results: list[tuple[str, str]],
+                       response_format: str | None) -> bytes | AsyncIterator[bytes]:
+    """The answer for these results (URL, upstream): URLs as such, or base64 written as the
+    downloads are let go of, never built whole."""
+    created = int(time.time())
+    if response_format != "b64_json":
+        if not all(url.startswith(("http://", "https://")) or data_url_base64(url) for url, _ in results):
+            raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, "The upstream gave a result URL that is not http(s).")
+        return _encode(ImagesResponse(created=created, data=[ImageData(url=url) for url, _ in results]))
+    return _b64_json(created, await gateway.download(results))
+
+
+_SLOT = "\x00"  # stands for a result's base64 in the answer's shape; encoded as below
+_SLOT_JSON = b'"\\u0000"'
+
+
+async def _b64_json(created: int, downloaded: Downloaded) -> AsyncIterator[bytes]:
+    """The same bytes as the ImagesResponse encoded whole, each b64_json written piece by piece."""
+    try:
+        slots = [ImageData(b64_json=_SLOT) for _ in range(len(downloaded))]
+        around = _encode(ImagesResponse(created=created, data=slots)).split(_SLOT_JSON)
+        for index, before in enumerate(around[:-1]):
+            yield before + b'"'
+            for piece in downloaded.base64(index):
+                yield piece
+            yield b'"'
+        yield around[-1]
+    finally:
+        downloaded.release()
 
 
 async def answer_from_tasks(runtime: Runtime, task_ids: list[str],
@@ -142,9 +170,10 @@ async def answer_from_tasks(runtime: Runtime, task_ids: list[str],
         error = error_of(record) if record is not None else ProxyError(Kind.NOT_FOUND, "the task is gone")
         if error is not None:
             return answer(error)
-    urls = [url for record in records if record is not None for url in record.urls]
+    results = [(url, record.upstream) for record in records if record is not None for url in record.urls]
     try:
-        return 200, headers, await _images_body(runtime.gateway, urls, response_format), True
+        body = await _images_body(runtime.gateway, results, response_format)
+        return 200, headers, body if isinstance(body, bytes) else b"".join([piece async for piece in body]), True
     except ProxyError as error:
         return answer(error)
 
