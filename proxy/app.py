@@ -34,7 +34,6 @@ from proxy.balances import Balances
 from proxy.clients import Clients
 from proxy.config import Config, ConfigError
 from proxy.downloads import Downloads
-from proxy.egress import Egress
 from proxy.errors import Kind, ProxyError
 from proxy.gateway import Gateway
 from proxy.log import setup_logging
@@ -250,10 +249,7 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
     redact.add(config.secrets())
     setup_logging(config.log.level, config.log.format)
     metrics = Metrics()
-    try:
-        egress = Egress(config.server.upstream_proxy)
-    except ValueError as error:  # HTTPS_PROXY or HTTP_PROXY not an http:// proxy
-        raise ConfigError(f"{error}; set [server] upstream_proxy to override the environment") from None
+    egress = config.server.egress()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -20,6 +20,7 @@ DEMO_CLIENT_KEY = "sk-demo-alice"
 def _serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
+        config.server.egress()  # the environment's proxies, refused here rather than in a worker
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

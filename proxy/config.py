@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
-from proxy.egress import parse_proxy
+from proxy.egress import Egress, parse_proxy
 from proxy.providers import DIALECTS
 from proxy.struct_errors import explain
 
@@ -40,6 +40,14 @@ class ServerConfig(_Table):
     # unset: HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment; "": none (proxy/egress.py).
     upstream_proxy: str | None = None
     max_answer_bytes: int = 16 * 1024 * 1024  # a larger upstream API answer is an upstream error
+
+    def egress(self) -> Egress:
+        """The egress proxies for `upstream_proxy` and the environment; a proxy of the environment
+        that is not one is a config error, naming the variable."""
+        try:
+            return Egress(self.upstream_proxy)
+        except ValueError as error:  # HTTPS_PROXY or HTTP_PROXY not an http:// proxy
+            raise ConfigError(f"{error}; set [server] upstream_proxy to override the environment") from None
 
 
 class ClientConfig(_Table):

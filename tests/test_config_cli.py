@@ -153,6 +153,15 @@ def test_serve_refuses_a_bad_config_with_the_same_line(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1 and "server.colour" in result.stderr
 
 
+def test_serve_refuses_an_environment_proxy_it_cannot_use_with_one_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, minimal())
+    result = cli("serve", "--config", str(path), "--port", str(free_port()),
+                 env=base_env(HTTPS_PROXY="socks5://proxy.corp:1080"))
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "HTTPS_PROXY" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("args", [[], ["serve"], ["demo"], ["check-config"]])
 def test_help_exits_zero(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     result = cli_here(capsys, *args, "--help")
