@@ -212,3 +212,34 @@ def test_a_shutdown_answer_after_a_paid_submit_says_do_not_retry(
     assert reply.headers["x-should-retry"] == "false"
     (task_id,) = task_ids(reply)
     assert f"GET /v1/tasks/{{id}} for {task_id}" in error["message"]
+
+
+def test_a_large_answer_is_not_stored_but_rebuilt_from_its_tasks(
+        proxy: RunningProxy, sims: Sims, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images as base64 may be megabytes: the record keeps the task ids, and a repeat builds
+    the same answer again from the tasks, paying nothing more."""
+    import proxy.api.idempotency as idempotency
+
+    monkeypatch.setattr(idempotency, "MAX_KEPT_BODY", 100)  # any image answer is "large" now
+    key = {"idempotency-key": "large-answer"}
+    first = post_image(proxy.url, "a big one", headers=key, response_format="b64_json")
+    assert first.status_code == 200, first.text
+    second = post_image(proxy.url, "a big one", headers=key, response_format="b64_json")
+    assert second.status_code == 200 and second.headers["idempotent-replayed"] == "true"
+    assert second.json()["data"] == first.json()["data"]
+    assert sims.xffuw.count("image") == 1
+
+    async def stored() -> bytes:
+        store = SQLiteStore(proxy_config_path(proxy))
+        try:
+            record = await store.idempotency_get("alice", key_digest("large-answer"))
+            assert record is not None and record.task_ids
+            return record.body
+        finally:
+            await store.close()
+
+    assert asyncio.run(stored()) == b""
+
+
+def proxy_config_path(proxy: RunningProxy) -> str:
+    return str(proxy.server.server.config.app.state.runtime.config.storage.path)  # type: ignore[union-attr]

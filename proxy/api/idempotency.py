@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 _REPLAYED_HEADERS = ("retry-after", "x-should-retry", "x-proxy-task-ids")
 ABANDONED_AFTER = 900.0  # seconds: a record still "running" without tasks is taken as lost after this
 MARK_LIFE = 6.0  # seconds a replica's mark on a request it runs lasts unrenewed (it renews it every third)
+# Answers larger than this (images as base64) are not stored: a repeat builds them again from
+# the tasks (their results are kept), rather than the store holding megabytes per request.
+MAX_KEPT_BODY = 1024 * 1024
 SUBMITS_SETTLE = 30.0  # seconds a repeat waits for the first request's submits to be recorded
 RETRY_WINDOW = 600.0  # seconds after its end an answer still serves an SDK's retry of its request
 MAX_KEY_LENGTH = 255
@@ -244,7 +247,7 @@ class Idempotency:
             else:
                 existing.status, existing.headers, existing.body, final = await self.rebuild(
                     runtime, existing.task_ids, existing.response_format)
-                if not final:  # its tasks still run: this answer is not the one to keep
+                if not final or len(existing.body) > MAX_KEPT_BODY:  # not the answer to keep: rebuilt each time
                     await self._replay(send, existing)
                     return None
             existing.content_type, existing.done, existing.finished = "application/json", True, time.time()
@@ -274,15 +277,17 @@ class Idempotency:
 
         state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
         state["on_tasks"] = on_tasks
-        status, headers, chunks = 0, {}, []
+        status, headers, chunks, size = 0, {}, [], 0
 
         async def capture(message: Message) -> None:
-            nonlocal status, headers
+            nonlocal status, headers, size
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in message.get("headers", [])}
             elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
+                size += len(message.get("body", b""))
+                if size <= MAX_KEPT_BODY:  # a larger answer (images as base64) is not kept
+                    chunks.append(message.get("body", b""))
             await send(message)
 
         await app(scope, _replay_body(body, receive), capture)
@@ -290,7 +295,7 @@ class Idempotency:
         work = state.get("upstream_work")
         if work == "unfinished" and record.task_ids:  # its tasks go on: a repeat answers from them
             return None
-        keep = 200 <= status < 300 or work is not None
+        keep = (200 <= status < 300 or work is not None) and size <= MAX_KEPT_BODY
         if not keep:
             if not record.task_ids:  # with tasks started (a download failed, say), a repeat answers from them
                 await runtime.store.idempotency_drop(record.client, record.key)
