@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from capacity import POLL_INTERVAL as CAPACITY_INTERVAL
 from lib import OUT
 from lib.numbers import fmt, table
 from lib.procs import QUIET
@@ -108,8 +109,34 @@ def _image_rows(im: dict[str, Any], s: Settings) -> list[str]:
     return lines
 
 
+def _capacity_rows(rows: list[dict[str, Any]]) -> list[str]:
+    return [f"## One key's capacity (bench/capacity.py; poll_interval {CAPACITY_INTERVAL:g} s, 60 calls a minute)",
+            "", *table(["case (upstream:requests:task s)", "answered", "calls per task", "upstream 429s",
+                        "delay after the task's end p50 / p99 / max s", "wall s", "calls"],
+                       ((c["case"], f"{c['finished']} of {c['requests']}", c["calls_per_task"], c["upstream_429"],
+                         f"{c['delay_p50_s']} / {c['delay_p99_s']} / {c['delay_max_s']}", c["wall_s"],
+                         ", ".join(f"{k} {v}" for k, v in c["calls"].items())) for c in rows))]
+
+
+def _capacity_targets(rows: list[dict[str, Any]]) -> list[Target]:
+    """Issue 13's targets on one normal key."""
+    found: list[Target] = []
+    bounds = {"fengyuan:40:10": 1.5, "fengyuan:100:60": 1.5, "xffuw:20:60": 3.0}  # calls per task
+    for c in rows:
+        name = c["case"]
+        if name in bounds:
+            found.append((f"{name}: ≤ {bounds[name]:g} upstream calls per task", f"{c['calls_per_task']}",
+                          c["calls_per_task"] <= bounds[name]))
+        found += [(f"{name}: 0 upstream 429s, every task answered",
+                   f"{c['upstream_429']} 429s, {c['finished']} of {c['requests']}",
+                   c["upstream_429"] == 0 and c["finished"] == c["requests"]),
+                  (f"{name}: answer delay p99 ≤ 2 × poll_interval", f"{c['delay_p99_s']} s",
+                   c["delay_p99_s"] <= 2 * CAPACITY_INTERVAL)]
+    return found
+
+
 def targets(r: dict[str, Any], s: Settings) -> list[Target]:
-    """Issue 6's targets: (what, measured, met)."""
+    """Issue 6's targets (and issue 13's, for one key's capacity): (what, measured, met)."""
     seq, load, start, im = r["sequential"], r["load"], r["startup"], r.get("images")
     found: list[Target] = []
     p, d = seq.get("proxy-1w"), seq.get("direct")
@@ -141,7 +168,7 @@ def targets(r: dict[str, Any], s: Settings) -> list[Target]:
     if st:
         found += [("idle RSS < 80 MB", f"{st['rss']:.1f} MB", st["rss"] < 80),
                   ("startup < 1 s", f"{st['ready']:.2f} s", st["ready"] < 1.0)]
-    return found
+    return found + _capacity_targets(r.get("capacity") or [])
 
 
 def _profile_rows(r: dict[str, Any], s: Settings) -> list[str]:
@@ -177,6 +204,8 @@ def report(r: dict[str, Any], s: Settings, quick: bool) -> tuple[str, list[Targe
     im = r.get("images")
     if im:
         lines += ["", *_image_rows(im, s)]
+    if r.get("capacity"):
+        lines += ["", *_capacity_rows(r["capacity"])]
     noisy = [f"{name} {phase}" for phase in ("sequential", "load", "stream")
              for name, res in r[phase].items() if res.get("noise", 0) >= QUIET]
     if im and im.get("noise", 0) >= QUIET:

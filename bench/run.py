@@ -5,8 +5,8 @@
     .venv/bin/python bench/run.py --quick    # a few seconds per scenario, CI sanity
     options: --no-litellm  --profile  --skip-install  --images N  --quiet-wait S  --nice N
 
-Runs the scenario programs in order (sequential.py, streams.py, throughput.py, images.py and
-the startup trials) against each target and writes the report (report.py). Everything runs
+Runs the scenario programs in order (sequential.py, streams.py, throughput.py, images.py, the
+startup trials and capacity.py) against each target and writes the report (report.py). Everything runs
 on 127.0.0.1; every child process is stopped by its process group at the end (Ctrl-C and
 errors included). See bench/README.md.
 """
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import capacity
 import images
 import sequential
 import throughput
@@ -159,6 +160,13 @@ def _run(bench: Session, args: argparse.Namespace, t_begin: float) -> int:
         say(line)
     if args.profile and (found := images.profile(bench)):
         r["profile_images"] = found
+
+    # one rate-limited key's capacity (issue 13): the simulators and a proxy in this process
+    r["capacity"] = []
+    for case in capacity.cases(args.quick):
+        quiet(f"capacity {case.name}")
+        say(f"[capacity] {case.name} …")
+        r["capacity"].append(capacity.run_case(case, args.quick).row())
 
     text, targets = report(r, s, args.quick)
     text += f"\nTotal benchmark time: {time.monotonic() - t_begin:.0f} s.\n"
