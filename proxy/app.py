@@ -27,6 +27,7 @@ from litestar.types import HTTPScope, LifeSpanReceive, LifeSpanScope, LifeSpanSe
 from proxy.api import ROUTES
 from proxy.api.admin import ADMIN_ROUTES
 from proxy.api.chat import PARAM_LOGGED
+from proxy.api.dependencies import DEPENDENCIES
 from proxy.api.idempotency import Idempotency
 from proxy.api.images import answer_from_tasks
 from proxy.api.tasks import retrieve_task
@@ -293,6 +294,7 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
 
     app = ProxyApp(
         route_handlers=[*ROUTES, retrieve_task, *ADMIN_ROUTES],
+        dependencies=DEPENDENCIES,
         lifespan=[lifespan],
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected},
         request_max_body_size=config.server.max_body_bytes,

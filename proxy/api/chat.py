@@ -13,7 +13,8 @@ import structlog
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from proxy.api.common import authenticate, first_answer, hold_budget, json_body, json_response, note, runtime
+from proxy.api.common import first_answer, hold_budget, json_body, json_response, note
+from proxy.api.dependencies import CallerDep, GatewayDep
 from proxy.clients import check_model
 from proxy.errors import Kind, ProxyError, bad_request
 from proxy.gateway import ChatResult
@@ -148,15 +149,14 @@ STREAM_NOTE = ("With stream=true: `data: <ChatCompletionChunk>` events, a last c
 
 @post("/v1/chat/completions", status_code=200,
       **documented(ChatCompletion, body=ChatCompletionRequest, stream=STREAM_NOTE))
-async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
-    caller = await authenticate(request)
+async def chat_completions(request: Request[Any, Any, Any], caller: CallerDep,
+                           gateway: GatewayDep) -> Response[bytes] | Stream:
     raw = await json_body(request)
     body = convert(raw, ChatCompletionRequest)
     check_messages(body.messages)
     if not 1 <= body.n <= MAX_N:
         raise bad_request(f"Invalid value for 'n': must be between 1 and {MAX_N}.", param="n")
     note(request, model=body.model)
-    gateway = runtime(request).gateway
     route = await gateway.catalogue.resolve(body.model)
     note(request, upstream=route.provider.name)
     check_route(route, "chat")

@@ -11,7 +11,8 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from proxy.api.common import authenticate, first_answer, hold_budget, json_body, json_response, note, runtime
+from proxy.api.common import first_answer, hold_budget, json_body, json_response, note
+from proxy.api.dependencies import CallerDep, GatewayDep
 from proxy.clients import check_model
 from proxy.errors import ProxyError, bad_request
 from proxy.gateway import ChatResult
@@ -102,9 +103,9 @@ STREAM_NOTE = ("With stream=true: `data: <Completion chunk>` events (finish_reas
 
 
 @post("/v1/completions", status_code=200, **documented(Completion, body=CompletionRequest, stream=STREAM_NOTE))
-async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+async def completions(request: Request[Any, Any, Any], caller: CallerDep,
+                      gateway: GatewayDep) -> Response[bytes] | Stream:
     """Legacy completions: each prompt becomes one user message to a chat model."""
-    caller = await authenticate(request)
     raw = await json_body(request)
     body = convert(raw, CompletionRequest)
     prompts = _prompts(body.prompt)
@@ -114,7 +115,6 @@ async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stre
     if len(prompts) * body.n > MAX_CHOICES:
         raise bad_request(f"Too many completions: prompts x n must be at most {MAX_CHOICES}.", param="prompt")
     note(request, model=body.model)
-    gateway = runtime(request).gateway
     route = await gateway.catalogue.resolve(body.model)
     check_text_route(route, "completions")
     check_model(caller, route)

@@ -15,7 +15,8 @@ from litestar import Request, Response, get, post
 from litestar.datastructures import UploadFile
 from litestar.params import FromPath
 
-from proxy.api.common import authenticate, json_body, note, runtime
+from proxy.api.common import json_body, note, runtime
+from proxy.api.dependencies import CallerDep, GatewayDep
 from proxy.api.images import DEFAULT_MODEL, MAX_N, admit, check_image_route, generate
 from proxy.errors import Kind, ProxyError, bad_request
 from proxy.openai.decode import convert
@@ -153,9 +154,9 @@ def _int_field(fields: dict[str, Any], name: str, default: int) -> int:
 
 @post("/v1/images/edits", status_code=200,
       **documented(ImagesResponse, body=ImageEditRequest, multipart=EDIT_FORM))
-async def images_edits(request: Request[Any, Any, Any]) -> Response[bytes]:
+async def images_edits(request: Request[Any, Any, Any], caller: CallerDep,
+                       gateway: GatewayDep) -> Response[bytes]:
     """New images from a prompt and reference images (uploaded files or URLs)."""
-    caller = await authenticate(request)
     refs = _References(request)
     content_type, _ = request.content_type
     if content_type == "multipart/form-data":
@@ -194,7 +195,7 @@ async def images_edits(request: Request[Any, Any, Any]) -> Response[bytes]:
     if not 1 <= n <= MAX_N:
         raise bad_request(f"Invalid value for 'n': must be between 1 and {MAX_N}.", param="n")
     note(request, model=model, references=len(refs.items))
-    route = await runtime(request).gateway.catalogue.resolve(model)
+    route = await gateway.catalogue.resolve(model)
     check_image_route(route)
     note(request, upstream=route.provider.name)
     await admit(request, caller, route, n)
@@ -202,9 +203,9 @@ async def images_edits(request: Request[Any, Any, Any]) -> Response[bytes]:
     call = ImageCall(model=route.upstream_model, prompt=prompt, kind=route.model.kind if route.model else "image",
                      size=size, references=await refs.urls(caller.name), extra=extra)
     try:
-        return await generate(request, caller, route, call, n, response_format)
+        return await generate(request, gateway, caller, route, call, n, response_format)
     except BaseException:
-        live = runtime(request).gateway.tasks.live
+        live = gateway.tasks.live
         if not any(task_id in live for task_id in request.scope["state"].get("access", {}).get("task_ids", ())):
             await refs.drop()  # a failed request whose tasks are over (or never began): nobody fetches them now
         raise

@@ -12,7 +12,8 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from proxy.api.common import authenticate, hold_budget, json_body, note, runtime
+from proxy.api.common import hold_budget, json_body, note
+from proxy.api.dependencies import CallerDep, GatewayDep
 from proxy.clients import check_model
 from proxy.downloads import Downloaded, data_url_base64
 from proxy.errors import Kind, ProxyError, bad_request
@@ -52,12 +53,11 @@ async def admit(request: Request[Any, Any, Any], caller: Caller, route: Route, n
     await hold_budget(request, caller, route, n)
 
 
-async def generate(request: Request[Any, Any, Any], caller: Caller, route: Route, call: ImageCall, n: int,
-                   response_format: str | None) -> Response[Any]:
+async def generate(request: Request[Any, Any, Any], gateway: Gateway, caller: Caller, route: Route,
+                   call: ImageCall, n: int, response_format: str | None) -> Response[Any]:
     """Start n tasks at once, wait for all, answer urls or base64; shared by generations and edits,
     which `admit` the request first."""
-    gateway = runtime(request).gateway
-    response_format = response_format or runtime(request).config.images.default_format(route.public_id)
+    response_format = response_format or gateway.config.images.default_format(route.public_id)
     started: list[str] = []
     note(request, task_ids=started)
     on_tasks = request.scope["state"].get("on_tasks")  # an Idempotency-Key wants to know them
@@ -179,8 +179,8 @@ async def answer_from_tasks(runtime: Runtime, task_ids: list[str],
 
 
 @post("/v1/images/generations", status_code=200, **documented(ImagesResponse, body=ImageGenerationRequest))
-async def images_generations(request: Request[Any, Any, Any]) -> Response[bytes]:
-    caller = await authenticate(request)
+async def images_generations(request: Request[Any, Any, Any], caller: CallerDep,
+                             gateway: GatewayDep) -> Response[bytes]:
     raw = await json_body(request)
     body = convert(raw, ImageGenerationRequest)
     if not body.prompt.strip():
@@ -192,7 +192,6 @@ async def images_generations(request: Request[Any, Any, Any]) -> Response[bytes]
             raise bad_request("Reference images must be http(s) URLs.", param=f"images[{i}]")
     model = body.model or DEFAULT_MODEL
     note(request, model=model)
-    gateway = runtime(request).gateway
     route = await gateway.catalogue.resolve(model)
     check_image_route(route)
     note(request, upstream=route.provider.name)
@@ -201,4 +200,4 @@ async def images_generations(request: Request[Any, Any, Any]) -> Response[bytes]
                      kind=route.model.kind if route.model else "image", size=body.size,
                      references=body.images or [],
                      extra={k: v for k, v in raw.items() if k not in _OPENAI_FIELDS})
-    return await generate(request, caller, route, call, body.n, body.response_format)
+    return await generate(request, gateway, caller, route, call, body.n, body.response_format)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
 
-from litestar import Request, Response, get
+from litestar import Response, get
 from litestar.params import FromPath
 
-from proxy.api.common import authenticate, json_response, runtime
+from proxy.api.common import json_response
+from proxy.api.dependencies import CallerDep, GatewayDep
 from proxy.clients import check_model
 from proxy.gateway import Caller
 from proxy.openai.openapi import documented
@@ -30,17 +30,15 @@ def _allowed(caller: Caller, entry: Listed) -> bool:
 
 
 @get("/v1/models", **documented(ModelList, errors=(401, 429)))
-async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
-    caller = await authenticate(request)
-    listing = await runtime(request).gateway.catalogue.listing()
+async def list_models(caller: CallerDep, gateway: GatewayDep) -> Response[bytes]:
+    listing = await gateway.catalogue.listing()
     return json_response(ModelList(object="list", data=[_model(e) for e in listing if _allowed(caller, e)]))
 
 
 @get("/v1/models/{model_id:path}", **documented(Model, errors=(401, 403, 404, 429)))
-async def retrieve_model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> Response[bytes]:
-    caller = await authenticate(request)
+async def retrieve_model(model_id: FromPath[str], caller: CallerDep, gateway: GatewayDep) -> Response[bytes]:
     model_id = model_id.lstrip("/")
-    catalogue = runtime(request).gateway.catalogue
+    catalogue = gateway.catalogue
     route = await catalogue.resolve(model_id)
     check_model(caller, route)
     model = route.model

@@ -20,8 +20,9 @@ from litestar.params import FromPath
 from litestar.response import Stream
 
 from proxy.api.chat import stream_failure, tool_calls_of
-from proxy.api.common import authenticate, hold_budget, json_body, json_response, note, runtime
+from proxy.api.common import hold_budget, json_body, json_response, note
 from proxy.api.completions import check_text_route
+from proxy.api.dependencies import CallerDep, GatewayDep
 from proxy.clients import check_model
 from proxy.conversations import Conversations, Stored
 from proxy.errors import Kind, ProxyError, bad_request
@@ -184,9 +185,9 @@ def _chat_params(body: ResponseRequest, tools: list[FunctionTool]) -> dict[str, 
 
 
 @post("/v1/responses", status_code=200, **documented(ResponseObject, body=ResponseRequest, stream=STREAM_NOTE))
-async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+async def create_response(request: Request[Any, Any, Any], caller: CallerDep,
+                          gateway: GatewayDep) -> Response[bytes] | Stream:
     """A model response to `input`, continuing `previous_response_id` if given."""
-    caller = await authenticate(request)
     raw = await json_body(request)
     body = convert(raw, ResponseRequest)
     _refuse_unsupported(body)
@@ -207,7 +208,6 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     messages = [*system, *history, *new]
     note(request, model=body.model)
-    gateway = runtime(request).gateway
     route = await gateway.catalogue.resolve(body.model)
     check_text_route(route, "responses")
     check_model(caller, route)
@@ -303,9 +303,9 @@ async def _events(request: Request[Any, Any, Any], done: ResponseObject) -> Asyn
 
 
 @get("/v1/responses/{response_id:str}", **documented(ResponseObject, errors=(401, 404)))
-async def retrieve_response(request: Request[Any, Any, Any], response_id: FromPath[str]) -> Response[bytes]:
+async def retrieve_response(request: Request[Any, Any, Any], response_id: FromPath[str],
+                            caller: CallerDep) -> Response[bytes]:
     """A stored response of this client."""
-    caller = await authenticate(request)
     found = conversations(request).get(response_id, caller.name)
     if found is None:
         raise ProxyError(Kind.NOT_FOUND, f"Response with id '{response_id}' not found.")
@@ -313,9 +313,9 @@ async def retrieve_response(request: Request[Any, Any, Any], response_id: FromPa
 
 
 @delete("/v1/responses/{response_id:str}", status_code=200, **documented(Deleted, errors=(401, 404)))
-async def delete_response(request: Request[Any, Any, Any], response_id: FromPath[str]) -> Response[bytes]:
+async def delete_response(request: Request[Any, Any, Any], response_id: FromPath[str],
+                          caller: CallerDep) -> Response[bytes]:
     """Forget a stored response of this client (a later previous_response_id to it is a 404)."""
-    caller = await authenticate(request)
     if not conversations(request).delete(response_id, caller.name):
         raise ProxyError(Kind.NOT_FOUND, f"Response with id '{response_id}' not found.")
     return json_response(Deleted(id=response_id))

@@ -3,13 +3,12 @@ caller's own upstream tasks (ids are in x-proxy-task-ids and in timeout/failure 
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
-from litestar import Request, Response, get
+from litestar import Response, get
 from litestar.params import FromPath
 
-from proxy.api.common import authenticate, json_response, runtime
+from proxy.api.common import json_response
+from proxy.api.dependencies import CallerDep, GatewayDep, RecoveryDep
 from proxy.errors import Kind, ProxyError
 from proxy.openai.errors import error_payload
 from proxy.openai.openapi import documented
@@ -33,11 +32,10 @@ class TaskView(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 @get("/v1/tasks/{task_id:str}", **documented(TaskView, errors=(401, 404)))
-async def retrieve_task(request: Request[Any, Any, Any], task_id: FromPath[str]) -> Response[bytes]:
-    caller = await authenticate(request)
-    rt = runtime(request)
-    await rt.recovery.unpark(task_id, caller.own_key)
-    found = await rt.gateway.tasks.find(task_id)
+async def retrieve_task(task_id: FromPath[str], caller: CallerDep, gateway: GatewayDep,
+                        recovery: RecoveryDep) -> Response[bytes]:
+    await recovery.unpark(task_id, caller.own_key)
+    found = await gateway.tasks.find(task_id)
     record = found.record if isinstance(found, Task) else found
     if not isinstance(record, TaskRecord) or record.client != caller.name:
         raise ProxyError(Kind.NOT_FOUND, f"No task '{task_id}' for this client.", param="task_id")
