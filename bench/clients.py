@@ -94,7 +94,7 @@ async def run(url: str, requests: int, concurrency: int) -> None:
     origin = origin_of(target)
     head = head_of("POST", target, [(b"host", target.netloc), *((k.encode(), v.encode()) for k, v in HEADERS.items()),
                                     (b"content-length", str(len(BODY)).encode())]) + b"\r\n"
-    timeouts = {"connect": 5.0, "read": 60.0, "pool": 5.0}
+    timeouts: dict[str, float | None] = {"connect": 5.0, "read": 60.0, "pool": 5.0}
 
     async def with_fetch() -> None:
         assert (await ours.transport.fetch(origin, "POST", head, BODY, timeouts)).status == 200

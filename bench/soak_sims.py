@@ -37,6 +37,8 @@ from litestar import Litestar, Request, Response, get, post
 from proxy.server import bind, port_of, uvicorn_server
 from proxy.sim import FengyuanKey, FengyuanSim, XffuwSim, create_fengyuan_app, create_xffuw_app
 from proxy.sim.faults import Faults
+from proxy.sim.fengyuan import FengyuanTask
+from proxy.sim.xffuw import XffuwTask
 
 XFFUW_KEYS = ["xf_soak_key_alpha_1111", "xf_soak_key_beta_2222", "xf_soak_key_gamma_3333"]
 FENGYUAN_KEYS = ["sk-fy-soak-key-one-4444", "sk-fy-soak-key-two-5555"]
@@ -144,7 +146,7 @@ class Recorder:
         self.submits.append(entry)
 
     def state(self) -> dict[str, Any]:
-        tasks = list(self.sim.tasks.values())
+        tasks: list[XffuwTask | FengyuanTask] = [*self.sim.tasks.values()]
         return {
             "submits": list(self.submits),
             "tasks": {t.id: {"outcome": t.outcome, "duration": t.duration} for t in tasks},
@@ -195,7 +197,7 @@ async def serve(args: argparse.Namespace) -> None:
     apps = {"xffuw": xffuw_app, "fengyuan": fengyuan_app, "control": control_app(recorders)}
     servers = {name: uvicorn_server(app, timeout_graceful_shutdown=1, backlog=4096) for name, app in apps.items()}
     for server in servers.values():
-        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # ours below
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # ours below
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -15,7 +15,7 @@ def test_ruff_check_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_mypy_proxy_is_clean() -> None:
-    result = subprocess.run([sys.executable, "-m", "mypy", "proxy"], cwd=ROOT, capture_output=True, text=True,
+def test_mypy_proxy_and_bench_are_clean() -> None:
+    result = subprocess.run([sys.executable, "-m", "mypy", "proxy", "bench"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
