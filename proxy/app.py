@@ -26,6 +26,7 @@ from proxy.api.idempotency import Idempotency
 from proxy.api.images import answer_from_tasks
 from proxy.api.tasks import retrieve_task
 from proxy.clients import Clients
+from proxy.clip import clip
 from proxy.config import Config, ConfigError
 from proxy.errors import Kind, ProxyError
 from proxy.gateway import Gateway, owner_name
@@ -56,13 +57,13 @@ def _proxy_error(_: Request[Any, Any, Any], error: ProxyError) -> Response[bytes
 def _http_error(request: Request[Any, Any, Any], error: HTTPException) -> Response[bytes]:
     kind = _HTTP_KINDS.get(error.status_code, Kind.BAD_REQUEST if error.status_code < 500 else Kind.INTERNAL)
     if kind is Kind.NOT_FOUND:
-        message = f"Unknown request URL: {request.method} {request.url.path}. Please check the URL."
+        message = f"Unknown request URL: {request.method} {clip(request.url.path)}. Please check the URL."
     elif kind is Kind.METHOD_NOT_ALLOWED:
-        message = f"Method {request.method} is not allowed for {request.url.path}."
+        message = f"Method {request.method} is not allowed for {clip(request.url.path)}."
     elif kind is Kind.PAYLOAD_TOO_LARGE:
         message = "The request body is larger than this proxy accepts."
     else:
-        message = str(error.detail) if error.detail else "Bad request."
+        message = clip(error.detail) if error.detail else "Bad request."
     return error_response(ProxyError(kind, message))
 
 

@@ -20,6 +20,7 @@ from litestar.response import Stream
 from proxy.api.common import authenticate, json_body, json_response, note, runtime
 from proxy.api.completions import answer_tokens, check_text_route
 from proxy.clients import check_model
+from proxy.clip import clip
 from proxy.conversations import Conversations, Stored
 from proxy.errors import Kind, ProxyError, bad_request
 from proxy.openai import sse
@@ -75,7 +76,7 @@ def conversations(request: Request[Any, Any, Any]) -> Conversations:
 
 def _refuse_unsupported(body: ResponseRequest) -> None:
     if body.tools:
-        kinds = sorted({str(t.get("type")) if isinstance(t, dict) else "?" for t in body.tools})
+        kinds = sorted({clip(t.get("type")) if isinstance(t, dict) else "?" for t in body.tools})
         raise bad_request(f"Tools are not supported by this proxy: its upstreams cannot run them (got "
                           f"{', '.join(kinds)}). Remove 'tools' or send an empty list.", param="tools")
     if body.tool_choice is not None and body.tool_choice not in ("auto", "none"):
@@ -124,8 +125,8 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
     if body.previous_response_id is not None:
         previous = store.get(body.previous_response_id, caller.name)
         if previous is None:
-            raise ProxyError(Kind.NOT_FOUND, f"Previous response with id '{body.previous_response_id}' not found.",
-                             param="previous_response_id")
+            raise ProxyError(Kind.NOT_FOUND, f"Previous response with id '{clip(body.previous_response_id)}' "
+                             "not found.", param="previous_response_id")
         history = _decode_messages(previous.messages)
     # Instructions apply to this turn only; they are not kept with the conversation (as OpenAI does).
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
@@ -201,7 +202,7 @@ async def retrieve_response(request: Request[Any, Any, Any], response_id: FromPa
     caller = authenticate(request)
     found = conversations(request).get(response_id, caller.name)
     if found is None:
-        raise ProxyError(Kind.NOT_FOUND, f"Response with id '{response_id}' not found.")
+        raise ProxyError(Kind.NOT_FOUND, f"Response with id '{clip(response_id)}' not found.")
     return Response(found.response, status_code=200, media_type="application/json")
 
 
@@ -210,5 +211,5 @@ async def delete_response(request: Request[Any, Any, Any], response_id: FromPath
     """Forget a stored response of this client (a later previous_response_id to it is a 404)."""
     caller = authenticate(request)
     if not conversations(request).delete(response_id, caller.name):
-        raise ProxyError(Kind.NOT_FOUND, f"Response with id '{response_id}' not found.")
+        raise ProxyError(Kind.NOT_FOUND, f"Response with id '{clip(response_id)}' not found.")
     return json_response(Deleted(id=response_id))

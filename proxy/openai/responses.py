@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from proxy.clip import clip
 from proxy.errors import bad_request
 
 _encode = msgspec.json.Encoder().encode
@@ -206,7 +207,7 @@ def _content(content: Any, role: str, where: str) -> str | list[dict[str, Any]]:
         elif kind == "input_image" and role != "assistant":
             parts.append(_image_part(part, here))
         else:
-            raise bad_request(f"Invalid value for '{here}.type': '{kind}' content is not supported by this "
+            raise bad_request(f"Invalid value for '{here}.type': '{clip(kind)}' content is not supported by this "
                               "proxy's upstreams; use input_text or input_image.", param=f"{here}.type")
     if role == "assistant" or (len(parts) <= 1 and all(p["type"] == "text" for p in parts)):
         return "".join(p["text"] for p in parts if p["type"] == "text")
@@ -227,7 +228,7 @@ def input_messages(value: str | list[Any]) -> list[dict[str, Any]]:
             raise bad_request(f"Invalid value for '{where}': expected an input item object.", param=where)
         kind = item.get("type", "message")
         if kind != "message":
-            raise bad_request(f"Invalid value for '{where}.type': '{kind}' items are not supported by this "
+            raise bad_request(f"Invalid value for '{where}.type': '{clip(kind)}' items are not supported by this "
                               "proxy's upstreams, which run no tools; send messages, and continue a "
                               "conversation with previous_response_id.", param=f"{where}.type")
         role = item.get("role")
