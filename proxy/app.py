@@ -18,6 +18,8 @@ import structlog
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.types import Message, Receive, Scope, Send
 
 from proxy.api import ROUTES
@@ -194,6 +196,10 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
                                expose_headers=["x-request-id", "x-proxy-task-ids", "retry-after"])
         if config.server.cors_origins else None,
         logging_config=None,
+        # The document only: Litestar's viewer pages load their scripts from CDNs, which the
+        # closed networks teams run the proxy in cannot reach.
+        openapi_config=OpenAPIConfig(title="xf-openai-proxy", version="1.0.0", path="/schema",
+                                     render_plugins=[JsonRenderPlugin()]),
         debug=False,
     )
     app.state.metrics = metrics
