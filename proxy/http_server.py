@@ -2,7 +2,9 @@
 
 - A request head (request line and headers) larger than `max_head_bytes` gets 431 and the
   connection is closed: httptools buffers a header whole before it hands it over, so an
-  unbounded one costs memory and event-loop time (a 128 MB header: 6 s, 486 MB).
+  unbounded one costs memory and event-loop time (a 128 MB header: 6 s, 486 MB). A head
+  pipelined behind another request may pass the cap by less than HEAD_PIECE; if that request
+  is still being answered, the connection is closed without a 431.
 - A head must arrive complete within `header_timeout` of the connection opening, or of its
   first byte on a kept-alive connection (uvicorn's keep-alive timeout covers the silence
   between requests). A deadline, not an idle timer: one byte a second does not extend it.
@@ -29,6 +31,7 @@ from uvicorn.server import ServerState
 from proxy.openai.types import ErrorBody, ErrorResponse
 
 MAX_HEAD_BYTES = 64 * 1024
+HEAD_PIECE = 16 * 1024
 HEADER_TIMEOUT = 10.0
 # Seconds a connection refused with an answer is still read (and what comes dropped) before it
 # is closed: closing a socket with unread input resets it, and the client would lose the answer.
@@ -158,24 +161,25 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # ---- heads: size and time --------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.refused:
-            return
-        if self.reading_head:
+        # While a head is read, the parser gets it at most HEAD_PIECE bytes at a time, never past
+        # the cap: a request ending inside a piece starts the next head's count there, which is
+        # then short by less than a piece (the next head is pipelined behind it).
+        while not self.refused:
+            if not self.reading_head:
+                super().data_received(data)
+                break
             room = self.limits.max_head_bytes - self.head_bytes
-            if len(data) > room:
-                # The head may end within its room (a body or the next request follows): parse
-                # that far, then go on with the rest, counted afresh if it is another head.
-                self.head_bytes += room
-                super().data_received(data[:room])
-                if self.reading_head and self.head_bytes and not self.transport.is_closing():
-                    self._refuse(431, f"The request head (request line and headers) is larger than the "
-                                      f"{self.limits.max_head_bytes} bytes this proxy accepts.",
-                                 "request_header_fields_too_large")
-                else:
-                    self.data_received(data[room:])
+            if room <= 0:
+                self._refuse(431, f"The request head (request line and headers) is larger than the "
+                                  f"{self.limits.max_head_bytes} bytes this proxy accepts.",
+                             "request_header_fields_too_large")
                 return
-            self.head_bytes += len(data)
-        super().data_received(data)
+            cut = min(room, HEAD_PIECE)
+            piece, data = data[:cut], data[cut:]
+            self.head_bytes += len(piece)
+            super().data_received(piece)
+            if not data:
+                break
         if self.reading_head and self.head_bytes and self.head_timer is None and not self.transport.is_closing():
             self.head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
 

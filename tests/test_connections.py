@@ -30,6 +30,7 @@ from proxy.server import BackgroundServer
 
 ROOT = Path(__file__).resolve().parent.parent
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n"
+MB = 1 << 20
 
 
 def open_raw(url: str) -> socket.socket:
@@ -161,6 +162,17 @@ def test_a_huge_request_head_gets_431_fast_without_memory_and_healthz_answers(pr
     assert elapsed < 5, elapsed  # four 32 MB heads, refused after their first 64 KiB
     assert max(health) < 1.0, health
     assert growth < 16 << 20, f"resident memory grew {growth / 2**20:.1f} MiB"
+
+
+def test_a_huge_head_pipelined_behind_a_request_closes_the_connection(proxy: RunningProxy) -> None:
+    with open_raw(proxy.url) as sock:
+        try:
+            sock.sendall(HEALTHZ + b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * MB + b"\r\n\r\n")
+        except OSError:
+            pass  # closed before it took it all
+        answer = read_answer(sock, timeout=5)
+    assert answer.count(b"HTTP/1.1 200") <= 1  # the first request's answer at most; never the second's
+    assert b"431" in answer or answer.count(b"HTTP/1.1") <= 1
 
 
 def test_a_head_just_under_the_cap_and_a_body_after_it_are_served(proxy: RunningProxy) -> None:
