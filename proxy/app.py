@@ -164,7 +164,7 @@ def _on_sighup(runtime: Runtime) -> None:
 
 def create_app(config: Config, config_path: str | Path | None = None) -> Litestar:
     """The proxy as a Litestar app; `config_path` enables /admin/reload and SIGHUP."""
-    redact.add(config.secrets())
+    redact.add_config(config)
     setup_logging(config.log.level, config.log.format)
     metrics = Metrics()
 

@@ -4,19 +4,26 @@ A configured secret is scrubbed whole, and so is any stretch of text that shows 
 consecutive characters of it, of its URL-encoded form or of its base64 at any alignment:
 an upstream that echoes a key cut short ("xf_live_9fK2…"), its tail, or the key inside an
 encoded credential leaks it as surely as the whole key. Fewer than 8 characters (a masked
-"xf_l…pL1") name a key without giving it away, and are kept.
+"xf_l…pL1") name a key without giving it away, and are kept; so are 8 characters that are
+all inside a name the config gives to something (a client named "backend-bot" whose key is
+"sk-backend-bot-…" keeps its name in the logs).
 
 The text is cut into runs of the characters keys and their encodings are made of; a run
-that contains an 8-character piece of a secret form is replaced whole. Verdicts on runs are
-remembered (most runs in log lines recur: field names, paths, model ids), so a line costs
-one regex scan and a few dict lookups.
+that contains a secret or an 8-character piece of one is replaced whole. Verdicts on runs
+are remembered (most runs in log lines recur: field names, paths, model ids), so a line
+costs one regex scan and a few dict lookups.
 """
 
 from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from urllib.parse import quote, quote_plus
+
+if TYPE_CHECKING:
+    from proxy.config import Config
 
 REDACTED = "[redacted]"
 PIECE = 8  # characters of a secret that count as showing it
@@ -47,23 +54,39 @@ def _pieces(form: str) -> set[str]:
     return {piece for i in range(len(form) - PIECE + 1) if len(set(piece := form[i:i + PIECE])) >= 4}
 
 
+def _alternation(secrets: Iterable[str]) -> re.Pattern[str] | None:
+    ordered = sorted(secrets, key=len, reverse=True)  # longest first: no partial leftovers
+    return re.compile("|".join(re.escape(s) for s in ordered)) if ordered else None
+
+
 class Redactor:
     def __init__(self) -> None:
         self._secrets: set[str] = set()
-        self._whole: re.Pattern[str] | None = None  # secrets the runs cannot see: short, or odd characters
+        self._public: set[str] = set()
+        self._odd: re.Pattern[str] | None = None  # secrets no run holds: short, or odd characters
+        self._whole: re.Pattern[str] | None = None  # the others, looked for in runs
         self._pieces: frozenset[str] = frozenset()
         self._verdicts: dict[str, str] = {}
 
-    def add(self, secrets: list[str]) -> None:
+    def add(self, secrets: Iterable[str], public: Iterable[str] = ()) -> None:
+        """Scrub `secrets` from now on; pieces of them inside a `public` name are kept."""
         fresh = {s for s in secrets if len(s) >= 4} - self._secrets
-        if not fresh:
+        named = set(public) - self._public
+        if not fresh and not named:
             return
         self._secrets |= fresh
-        whole = sorted((s for s in self._secrets if len(s) < PIECE or not _ONE_RUN.fullmatch(s)),
-                       key=len, reverse=True)  # longest first: no partial leftovers
-        self._whole = re.compile("|".join(re.escape(s) for s in whole)) if whole else None
-        self._pieces = self._pieces.union(*(_pieces(form) for secret in fresh for form in forms(secret)))
+        self._public |= named
+        odd = [s for s in self._secrets if len(s) < 7 or not _ONE_RUN.fullmatch(s)]  # 7: the shortest run
+        self._odd = _alternation(odd)
+        self._whole = _alternation(self._secrets.difference(odd))
+        pieces = set().union(*(_pieces(form) for secret in self._secrets for form in forms(secret)))
+        names = "\n".join(self._public)
+        self._pieces = frozenset(piece for piece in pieces if piece not in names)
         self._verdicts = {}
+
+    def add_config(self, config: Config) -> None:
+        """Every secret of a config; the names it gives clients, upstreams and aliases are public."""
+        self.add(config.secrets(), public=[*(c.name for c in config.clients), *config.providers, *config.aliases])
 
     def _verdict(self, run: str) -> str:
         """The run as it may be shown."""
@@ -74,7 +97,9 @@ class Redactor:
                 shown = REDACTED
                 break
         else:
-            if "xf_" in run or "sk-" in run:
+            if self._whole is not None and self._whole.search(run):
+                shown = REDACTED
+            elif "xf_" in run or "sk-" in run:
                 shown = _KEY_SHAPES.sub(REDACTED, run)
         if len(self._verdicts) >= _REMEMBERED:
             self._verdicts = {}
@@ -82,8 +107,8 @@ class Redactor:
         return shown
 
     def __call__(self, text: str) -> str:
-        if self._whole is not None:
-            text = self._whole.sub(REDACTED, text)
+        if self._odd is not None:
+            text = self._odd.sub(REDACTED, text)
         verdicts = self._verdicts
         changed: dict[str, str] | None = None
         for run in _RUN.findall(text):

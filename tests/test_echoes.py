@@ -219,13 +219,15 @@ def test_a_key_echoed_partly_or_transformed_is_scrubbed(echo_proxy: RunningProxy
 # ---- the redactor alone: what it scrubs, what it leaves -------------------------------
 
 
-KEYS = ["xf_live_9fK2mQ7rT4wZ8pL1", "sk-fy-Hq3Vn8Rt6Yb2Mk5Jd9", "Tok+With/Odd=Chars~7Gh3Jk", "short", "with space 7Yh"]
+KEYS = ["xf_live_9fK2mQ7rT4wZ8pL1", "sk-fy-Hq3Vn8Rt6Yb2Mk5Jd9", "Tok+With/Odd=Chars~7Gh3Jk", "short", "with space 7Yh",
+        "sk-backend-bot-Q7w8e9r0t1"]
+NAMES = ["backend-bot"]  # a client named like its key
 
 
 @pytest.fixture(scope="module")
 def redactor() -> Redactor:
     scrub = Redactor()
-    scrub.add(KEYS)
+    scrub.add(KEYS, public=NAMES)
     return scrub
 
 
@@ -244,6 +246,7 @@ SCRUBBED = [(f"{name} of {key}", text) for key in KEYS[:3] for name, text in tra
     ("a short key whole", "got short here"),
     ("a key with a space whole", "got with space 7Yh here"),
     ("a key-shaped unknown key", "client sent xf_unknown_key_1234"),
+    ("a named key's own part", "key backend-bot-Q7w8 refused"),
 ]
 
 
@@ -264,6 +267,7 @@ KEPT = [
     "invalid key xf_l...pL1",  # a masked form shows too little of the key to be scrubbed
     "a fragment of seven: 9fK2mQ7",
     "你好!我是 AI 助手。",
+    '{"client":"backend-bot","status":200}',  # a name inside a key stays a name
 ]
 
 
