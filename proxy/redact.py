@@ -66,6 +66,7 @@ class Redactor:
         self._odd: re.Pattern[str] | None = None  # secrets no run holds: short, or odd characters
         self._whole: re.Pattern[str] | None = None  # the others, looked for in runs
         self._pieces: frozenset[str] = frozenset()
+        self._quarters: frozenset[str] = frozenset()  # 4-character stretches of the pieces
         self._verdicts: dict[str, str] = {}
 
     def add(self, secrets: Iterable[str], public: Iterable[str] = ()) -> None:
@@ -82,25 +83,36 @@ class Redactor:
         pieces = set().union(*(_pieces(form) for secret in self._secrets for form in forms(secret)))
         names = "\n".join(self._public)
         self._pieces = frozenset(piece for piece in pieces if piece not in names)
+        self._quarters = frozenset(piece[start:start + 4] for piece in self._pieces for start in range(4))
         self._verdicts = {}
 
     def add_config(self, config: Config) -> None:
         """Every secret of a config; the names it gives clients, upstreams and aliases are public."""
         self.add(config.secrets(), public=[*(c.name for c in config.clients), *config.providers, *config.aliases])
 
-    def _verdict(self, run: str) -> str:
-        """The run as it may be shown."""
-        pieces = self._pieces
-        shown = run
-        for i in range(len(run) - PIECE + 1):  # a loop, not any(): a quarter faster
-            if run[i:i + PIECE] in pieces:
-                shown = REDACTED
+    def _shows_a_piece(self, run: str) -> bool:
+        # Any 8 characters of the run hold the 4 that start at a multiple of 4: only if one such
+        # stretch is a quarter of a piece can a piece be there (a line's unique ids, mostly not).
+        quarters = self._quarters
+        for start in range(0, len(run) - 3, 4):
+            if run[start:start + 4] in quarters:
                 break
         else:
-            if self._whole is not None and self._whole.search(run):
-                shown = REDACTED
-            elif "xf_" in run or "sk-" in run:
-                shown = _KEY_SHAPES.sub(REDACTED, run)
+            return False
+        pieces = self._pieces
+        for start in range(len(run) - PIECE + 1):  # a loop, not any(): a quarter faster
+            if run[start:start + PIECE] in pieces:
+                return True
+        return False
+
+    def _verdict(self, run: str) -> str:
+        """The run as it may be shown."""
+        if self._shows_a_piece(run) or (self._whole is not None and self._whole.search(run)):
+            shown = REDACTED
+        elif "xf_" in run or "sk-" in run:
+            shown = _KEY_SHAPES.sub(REDACTED, run)
+        else:
+            shown = run
         if len(self._verdicts) >= _REMEMBERED:
             self._verdicts = {}
         self._verdicts[run] = shown
