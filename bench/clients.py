@@ -8,11 +8,10 @@ of this process (the stub runs in its own). Candidates:
 
 - httpx with its default transport;
 - httpx over aiohttp (`httpx-aiohttp`, the transport openai-python offers for this problem);
-- httpx over this proxy's transport, through `AsyncClient.send` (auth, redirects, cookies,
-  hooks) and through `UpstreamClient.call` (straight to the transport);
+- aiohttp on its own, for reference;
 - this proxy's transport through `Http1Transport.fetch`, a request head written once and
-  bytes in, a plain `Reply` out: what the providers use;
-- aiohttp on its own, for reference.
+  bytes in, a plain `Reply` out: what the providers use; and the same with GETs (a task's
+  poll), which go out pipelined when several are asked for in one turn of the event loop.
 
 httpx-aiohttp is a bench-only requirement (bench/requirements.txt); it is skipped when
 missing.
@@ -24,27 +23,18 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import httpx
+from lib import BENCH
+from lib.procs import Procs, free_port, wait_ready
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from proxy.upstream_http import build_client, head_of, origin_of  # noqa: E402
+from proxy.upstream_http import build_client, head_of, origin_of
 
 BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
 HEADERS = {"authorization": "Bearer xf_bench", "content-type": "application/json"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def measure(name: str, call: Callable[[], Awaitable[None]], requests: int, concurrency: int) -> None:
@@ -65,7 +55,7 @@ async def measure(name: str, call: Callable[[], Awaitable[None]], requests: int,
 
 
 async def run(url: str, requests: int, concurrency: int) -> None:
-    print(f"\n{requests:,} POSTs, {concurrency} at once, one client per row\n")
+    print(f"\n{requests:,} calls a row (POSTs; GETs in the last row), {concurrency} at once, one client per row\n")
     print("| client | calls/s | CPU µs per call |\n|---|---|---|")
     plain = httpx.AsyncClient(limits=httpx.Limits(max_connections=1000), trust_env=False)
 
@@ -101,15 +91,6 @@ async def run(url: str, requests: int, concurrency: int) -> None:
 
     ours = build_client()
     target = httpx.URL(url)
-
-    async def with_send() -> None:
-        (await ours.send(httpx.Request("POST", target, content=BODY, headers=HEADERS))).raise_for_status()
-
-    async def with_call() -> None:
-        (await ours.call(httpx.Request("POST", target, content=BODY, headers=HEADERS))).raise_for_status()
-
-    await measure("httpx over this proxy's transport, `send`", with_send, requests, concurrency)
-    await measure("httpx over this proxy's transport, `call`", with_call, requests, concurrency)
     origin = origin_of(target)
     head = head_of("POST", target, [(b"host", target.netloc), *((k.encode(), v.encode()) for k, v in HEADERS.items()),
                                     (b"content-length", str(len(BODY)).encode())]) + b"\r\n"
@@ -119,6 +100,13 @@ async def run(url: str, requests: int, concurrency: int) -> None:
         assert (await ours.transport.fetch(origin, "POST", head, BODY, timeouts)).status == 200
 
     await measure("this proxy's transport, `fetch` (what providers use)", with_fetch, requests, concurrency)
+    poll = target.copy_with(path="/api/v1/models.php")
+    poll_head = head_of("GET", poll, [(b"host", poll.netloc), (b"authorization", b"Bearer xf_bench")]) + b"\r\n"
+
+    async def with_fetch_get() -> None:
+        assert (await ours.transport.fetch(origin, "GET", poll_head, b"", timeouts)).status == 200
+
+    await measure("this proxy's transport, `fetch` GETs (pipelined)", with_fetch_get, requests, concurrency)
     await ours.aclose()
 
 
@@ -127,19 +115,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
-    port = free_port()
-    stub = subprocess.Popen([sys.executable, str(ROOT / "bench" / "stub.py"), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    port, procs = free_port(), Procs()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("the stub did not start") from None
-                time.sleep(0.05)
+        wait_ready(procs.spawn([sys.executable, str(BENCH / "stub.py"), "--port", str(port)]), port, "/healthz", 10)
         try:
             import uvloop
             uvloop.install()
@@ -148,7 +126,7 @@ def main() -> None:
         print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {os.cpu_count()} cores")
         asyncio.run(run(f"http://127.0.0.1:{port}/api/v1/chat.php", args.requests, args.concurrency))
     finally:
-        os.killpg(stub.pid, 15)
+        procs.stop_all()
 
 
 if __name__ == "__main__":

@@ -28,15 +28,11 @@ import argparse
 import asyncio
 import base64
 import json
-import os
 import random
-import resource
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,12 +45,10 @@ from typing import Any
 
 import httpx
 import msgspec
-
-ROOT = Path(__file__).resolve().parents[1]
-PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
-sys.path.insert(0, str(ROOT / "bench"))
-
-from soak_sims import FENGYUAN_KEYS, XFFUW_KEYS  # noqa: E402
+from lib import BENCH
+from lib.procs import Procs, free_port, interrupt_on_signals, raise_nofile, status_kb, wait_ready
+from lib.targets import PROXY, to_toml
+from soak_sims import FENGYUAN_KEYS, XFFUW_KEYS
 
 HOST = "127.0.0.1"
 CHAT_PREFIX = "你好!我是 AI 助手。You said: "  # what the simulated xffuw chat answers
@@ -104,89 +98,17 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return s
 
 
-# ---- child processes --------------------------------------------------------------------
-
-
-class Children:
-    """Every process this run starts, each in its own session; stopped by process group."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str], log: Path, **options: Any) -> subprocess.Popen[bytes]:
-        handle = log.open("ab")
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=options.pop("stdout", handle), stderr=handle,
-                                start_new_session=True, cwd=ROOT, **options)
-        handle.close()
-        self.procs.append(proc)
-        return proc
-
-    @staticmethod
-    def signal(proc: subprocess.Popen[bytes], sig: int) -> None:
-        try:
-            os.killpg(proc.pid, sig)  # the group this run created for it (start_new_session)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                self.signal(proc, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.signal(proc, signal.SIGKILL)
-                proc.wait(timeout=5)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def memory_kib(pid: int) -> tuple[int, int]:
-    """(VmHWM, VmRSS) of a live process, in KiB; zeros when it is gone."""
-    found = {"VmHWM:": 0, "VmRSS:": 0}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            name = line.split(":", 1)[0] + ":"
-            if name in found:
-                found[name] = int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return found["VmHWM:"], found["VmRSS:"]
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(value)
-
-
-def proxy_toml(s: Settings, port: int, sims: dict[str, str], db: Path, clients: dict[str, str]) -> str:
-    lines = ["[server]", f"host = {toml_value(HOST)}", f"port = {port}", f"shutdown_grace = {s.shutdown_grace!r}", ""]
-    for name, key in clients.items():
-        lines += ["[[clients]]", f"name = {toml_value(name)}", f"key = {toml_value(key)}", ""]
-    lines += ["[providers.xffuw]", f"base_url = {toml_value(sims['xffuw'] + '/api/v1/')}",
-              f"keys = {toml_value(XFFUW_KEYS)}", "connect_timeout = 2.0", "read_timeout = 15.0",
-              "rpm = 1000000", "", "[providers.fengyuan]", f"base_url = {toml_value(sims['fengyuan'])}",
-              f"keys = {toml_value(FENGYUAN_KEYS)}", "connect_timeout = 2.0", "read_timeout = 15.0",
-              "rpm = 1000000", "",
-              "[tasks]", "poll_interval = 0.5", "first_poll = 0.25", f"timeout = {s.task_timeout!r}",
-              "keep_results = 1.0", "", "[images]", "download_timeout = 10.0", "",
-              "[log]", 'level = "info"', 'format = "json"', "",
-              "[storage]", f"path = {toml_value(str(db))}", "",
-              "[aliases]", '"dall-e-3" = "xffuw/gpt-image-2"', ""]
-    return "\n".join(lines)
+def proxy_config(s: Settings, port: int, sims: dict[str, str], db: Path, clients: dict[str, str]) -> str:
+    limits = {"connect_timeout": 2.0, "read_timeout": 15.0, "rpm": 1000000}
+    return to_toml({
+        "server": {"host": HOST, "port": port, "shutdown_grace": s.shutdown_grace},
+        "clients": [{"name": name, "key": key} for name, key in clients.items()],
+        "providers": {"xffuw": {"base_url": sims["xffuw"] + "/api/v1/", "keys": XFFUW_KEYS, **limits},
+                      "fengyuan": {"base_url": sims["fengyuan"], "keys": FENGYUAN_KEYS, **limits}},
+        "tasks": {"poll_interval": 0.5, "first_poll": 0.25, "timeout": s.task_timeout, "keep_results": 1.0},
+        "images": {"download_timeout": 10.0}, "log": {"level": "info", "format": "json"},
+        "storage": {"path": str(db)}, "aliases": {"dall-e-3": "xffuw/gpt-image-2"},
+    }) + "\n"
 
 
 # ---- what the clients saw ---------------------------------------------------------------
@@ -511,8 +433,8 @@ class Soak:
                 markers = "[instant]"
         prompt = f"soak {uuid.uuid4().hex[:12]} 一只橘猫 {markers}"
         body: dict[str, Any] = {"model": model, "prompt": prompt, "n": n}
-        if fmt == "b64_json":
-            body["response_format"] = "b64_json"
+        if fmt == "b64_json" or "gpt-image-" in model:  # gpt-image-* answers b64_json unless asked for URLs
+            body["response_format"] = fmt
         if rng.random() < 0.3:
             body["size"] = rng.choice(["1024x1024", "1536x1024", "1024x1536"])
         idem = uuid.uuid4().hex
@@ -612,66 +534,46 @@ class Soak:
 
 
 class ProxyProcess:
-    def __init__(self, children: Children, config: Path, port: int, logs: Path) -> None:
-        self.children = children
+    def __init__(self, procs: Procs, config: Path, port: int, logs: Path) -> None:
+        self.procs = procs
         self.config = config
         self.port = port
         self.logs = logs
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Any = None  # subprocess.Popen[bytes]
         self.peak_kib: list[int] = []  # one per process started
         self.rss_kib: list[list[int]] = []  # VmRSS samples, one list per process started
-        self.starts = 0
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
     async def start(self) -> None:
-        self.starts += 1
-        log = self.logs / f"proxy-{self.starts}.log"
-        self.proc = self.children.start([PYTHON, "-m", "proxy", "serve", "--config", str(self.config)], log)
+        """Spawn it and wait for /healthz; the event loop (the clients) runs meanwhile."""
+        log = self.logs / f"proxy-{len(self.peak_kib) + 1}.log"
+        self.proc = self.procs.spawn([*PROXY, "serve", "--config", str(self.config)], log)
         self.peak_kib.append(0)
         self.rss_kib.append([])
-        deadline = time.monotonic() + 30
-        async with httpx.AsyncClient(trust_env=False) as http:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the proxy exited with {self.proc.returncode} at start; see {log}")
-                try:
-                    if (await http.get(self.url + "/healthz", timeout=1.0)).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the proxy did not become healthy; see {log}")
-                await asyncio.sleep(0.1)
+        await asyncio.get_running_loop().run_in_executor(None, wait_ready, self.proc, self.port, "/healthz", 30,
+                                                         log, 0.1)
 
     def sample(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            hwm, rss = memory_kib(self.proc.pid)
-            self.peak_kib[-1] = max(self.peak_kib[-1], hwm)
-            if rss:
+            self.peak_kib[-1] = max(self.peak_kib[-1], status_kb(self.proc.pid, "VmHWM"))
+            if rss := status_kb(self.proc.pid, "VmRSS"):
                 self.rss_kib[-1].append(rss)
 
     async def stop(self, grace: float) -> int:
-        """SIGTERM, then wait for the exit; SIGKILL (a failure) only if it overstays."""
-        assert self.proc is not None
+        """SIGTERM, then wait for the exit; SIGKILL (a failure: -9) only if it overstays."""
         self.sample()
-        self.children.signal(self.proc, signal.SIGTERM)
-        deadline = time.monotonic() + grace + 15
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                self.children.signal(self.proc, signal.SIGKILL)
-                self.proc.wait(5)
-                return -9
-            await asyncio.sleep(0.05)
-        return self.proc.returncode
+        code = await asyncio.get_running_loop().run_in_executor(None, self.procs.stop, self.proc, grace + 15)
+        return -9 if code is None else code
 
 
-async def start_sims(children: Children, logs: Path, s: Settings) -> dict[str, str]:
+async def start_sims(procs: Procs, logs: Path, s: Settings) -> dict[str, str]:
     out = logs / "sims.stdout"
-    proc = children.start([PYTHON, str(ROOT / "bench" / "soak_sims.py"), "--fault-rate", str(s.fault_rate),
-                           "--seed", str(s.seed)], logs / "sims.log", stdout=out.open("wb"))
+    with out.open("wb") as stdout:
+        proc = procs.spawn([sys.executable, str(BENCH / "soak_sims.py"), "--fault-rate", str(s.fault_rate),
+                            "--seed", str(s.seed)], logs / "sims.log", stdout=stdout)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -719,34 +621,34 @@ def read_access_log(texts: list[str]) -> tuple[dict[str, int], Counter[str], lis
 
 async def run(s: Settings) -> int:
     logs = Path(tempfile.mkdtemp(prefix="proxy-soak-"))
-    children = Children()
+    procs = Procs()
     record = Record()
     timeline: dict[str, float] = {}
     report: dict[str, Any] = {}
     try:
-        return await _run(s, logs, children, record, timeline, report)
+        return await _run(s, logs, procs, record, timeline, report)
     except (RuntimeError, httpx.HTTPError, OSError) as error:  # a child died or never started
         traceback.print_exc()
         print(f"SOAK FAILED: the run broke off: {error!r}")
         return 2
     finally:
-        children.stop_all()
+        procs.stop_all()
         if not s.keep and report.get("passed"):
             shutil.rmtree(logs, ignore_errors=True)
         else:
             print(f"logs, config and the proxy's store: {logs}")
 
 
-async def _run(s: Settings, logs: Path, children: Children, record: Record, timeline: dict[str, float],
+async def _run(s: Settings, logs: Path, procs: Procs, record: Record, timeline: dict[str, float],
                report: dict[str, Any]) -> int:
     wall = time.monotonic()
-    sims = await start_sims(children, logs, s)
+    sims = await start_sims(procs, logs, s)
     clients = {f"soak-{i:02d}": f"sk-soak-{i:02d}-{secrets.token_hex(8)}" for i in range(CLIENT_NAMES)}
     db = logs / "store" / "proxy.sqlite3"
     config = logs / "proxy.toml"
     port = free_port()
-    config.write_text(proxy_toml(s, port, sims, db, clients))
-    proxy = ProxyProcess(children, config, port, logs)
+    config.write_text(proxy_config(s, port, sims, db, clients))
+    proxy = ProxyProcess(procs, config, port, logs)
     await proxy.start()
     print(f"soak: {s.clients} clients for {s.seconds:g} s against {proxy.url} (upstream faults {s.fault_rate:.0%}, "
           f"one restart at {s.restart_at:g} s); logs in {logs}", flush=True)
@@ -829,7 +731,7 @@ async def _run(s: Settings, logs: Path, children: Children, record: Record, time
     outcomes = Counter(a.outcome for a in attempts)
     errors = Counter(f"{a.status} {a.reason}" for a in attempts if a.outcome == "error")
     five_hundreds = sum(1 for a in attempts if a.status >= 500 and a.status not in (502, 503, 504))
-    no_answer = Counter()
+    no_answer: Counter[str] = Counter()
     unexpected_drops: list[str] = []
     for a in attempts:
         if a.outcome != "none":
@@ -1053,13 +955,8 @@ def main(argv: list[str] | None = None) -> int:
                              "longest tasks, so the restart cuts requests that wait on them")
     parser.add_argument("--keep", action="store_true", help="keep the logs, config and store even when it passes")
     s = settings_from(parser.parse_args(argv))
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-    def interrupted(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)  # the finally blocks stop the children
+    raise_nofile()
+    interrupt_on_signals()  # SIGTERM: the finally blocks stop the children
     try:
         return asyncio.run(run(s))
     except KeyboardInterrupt:

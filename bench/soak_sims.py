@@ -27,13 +27,9 @@ import contextvars
 import json
 import re
 import signal
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post

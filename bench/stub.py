@@ -13,7 +13,7 @@ Routes (authorization is accepted, never checked):
   GET  /api/v1/task.php?task_id=N       pending until the task's final time, then success
   POST /v1/chat/completions             OpenAI chat.completion with CONTENT (stream=true: SSE)
   GET  /v1/models                       OpenAI model list
-Control (used by bench/run.py):
+Control (used by bench/images.py):
   POST /_reset?hold=1|0&base=S&spread=S&steps=K   forget tasks and counters
   POST /_release?after=S&spread=S&steps=K         held tasks become final at
                                                    release + after + (hash(N) mod K) / K * spread
@@ -232,6 +232,7 @@ def handle(method: str, target: str, body: bytes, keep_alive: bool) -> bytes:
 
 class HTTPProtocol(asyncio.Protocol):
     __slots__ = ("buffer", "transport")
+    transport: asyncio.Transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -303,7 +304,7 @@ class HTTPProtocol(asyncio.Protocol):
 
 
 def _dechunk(buffer: bytes, start: int) -> tuple[bytes, int] | None:
-    parts = []
+    parts: list[bytes] = []
     pos = start
     while True:
         eol = buffer.find(b"\r\n", pos)

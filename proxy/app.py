@@ -4,41 +4,50 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import itertools
+import re
 import secrets
 import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import httpx
+import msgspec
 import structlog
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
-from litestar.types import Message, Receive, Scope, Send
+from litestar.types import HTTPScope, LifeSpanReceive, LifeSpanScope, LifeSpanSend, Message, Receive, Scope, Send
 from multipart import ParserLimitReached  # type: ignore[import-untyped]  # Litestar's form parser
 
 from proxy.api import ROUTES
 from proxy.api.admin import ADMIN_ROUTES
+from proxy.api.chat import PARAM_LOGGED
 from proxy.api.idempotency import Idempotency
 from proxy.api.images import answer_from_tasks
 from proxy.api.tasks import retrieve_task
+from proxy.balances import Balances
 from proxy.clients import Clients
 from proxy.clip import clip
 from proxy.config import Config, ConfigError
+from proxy.downloads import Downloads
 from proxy.errors import Kind, ProxyError
-from proxy.gateway import Gateway, owner_name
+from proxy.gateway import Gateway
 from proxy.log import setup_logging
 from proxy.metrics import Metrics
 from proxy.openai.errors import error_response, send_error
+from proxy.recovery import Recovery, owner_name
 from proxy.redact import redact
 from proxy.runtime import Runtime
-from proxy.store.sqlite import SQLiteStore
+from proxy.shared import Shared
+from proxy.store import open_store
 from proxy.uploads import loggable_path
 from proxy.upstream_http import build_client
 
@@ -53,7 +62,65 @@ _HTTP_KINDS = {404: Kind.NOT_FOUND, 405: Kind.METHOD_NOT_ALLOWED, 413: Kind.PAYL
                415: Kind.UNSUPPORTED_MEDIA_TYPE, 401: Kind.INVALID_API_KEY}
 
 
-def _proxy_error(_: Request[Any, Any, Any], error: ProxyError) -> Response[bytes]:
+# OpenAI API routes the upstreams have nothing behind, and what to call their service.
+_UNSERVED = [(re.compile(pattern), service) for pattern, service in (
+    (r"/v1/embeddings\b", "embeddings"),
+    (r"/v1/audio\b", "audio (speech, transcription, translation)"),
+    (r"/v1/moderations\b", "moderation"),
+    (r"/v1/(files|uploads)\b", "file storage"),
+    (r"/v1/batches\b", "batch"),
+    (r"/v1/fine[_-]tun", "fine-tuning"),
+    (r"/v1/vector_stores\b", "vector store"),
+    (r"/v1/(assistants|threads)\b", "Assistants"),
+    (r"/v1/realtime\b", "Realtime"),
+    (r"/v1/images/variations\b", "image variation"),
+    (r"/v1/chat/completions/", "stored chat completion"),
+    (r"/v1/responses/[^/]+/(input_items|cancel)\b", "response input-item listing or cancellation"),
+    (r"/v1/responses/(compact|input_tokens)\b", "response compaction or token counting"),
+    (r"/v1/(conversations|containers|evals|graders|videos|chatkit|organization|projects|certificates)\b",
+     "such"),
+)]
+SERVED = ("chat completions, completions, responses, images (generations and edits), models and "
+          "tasks")
+
+
+def _not_found_message(method: str, path: str) -> str:
+    service = next((service for pattern, service in _UNSERVED if pattern.match(path)), None)
+    if service is None:
+        return f"Unknown request URL: {method} {clip(path)}. Please check the URL."
+    return (f"The upstreams behind this proxy offer no {service} service: {method} {clip(path)} is an OpenAI API "
+            f"route this proxy does not serve. It serves {SERVED}.")
+
+
+class _ErrorFields(msgspec.Struct):
+    code: Any = None
+    param: Any = None
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _ErrorFields
+
+
+_decode_error = msgspec.json.Decoder(_ErrorBody).decode
+
+
+def _error_fields(body: bytes) -> dict[str, str]:
+    """code and param of an OpenAI-shaped error body, for the access log."""
+    try:
+        error = _decode_error(body).error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return {}
+    fields = {"error_code": error.code, "error_param": error.param}
+    return {k: str(v)[:PARAM_LOGGED] for k, v in fields.items() if v is not None}
+
+
+# Headers that make a POST a possible repeat of an earlier one (proxy/api/idempotency.py).
+_REPEAT_HEADERS = frozenset({b"idempotency-key", b"x-stainless-retry-count"})
+
+
+def _proxy_error(request: Request[Any, Any, Any], error: ProxyError) -> Response[bytes]:
+    if error.reflects_upstream_work:  # an answer worth keeping for a repeat of this request
+        request.scope["state"]["upstream_work"] = "unfinished" if error.unfinished else "final"
     return error_response(error)
 
 
@@ -63,7 +130,7 @@ def _http_error(request: Request[Any, Any, Any], error: HTTPException) -> Respon
         return error_response(ProxyError(Kind.PAYLOAD_TOO_LARGE, "The multipart form exceeds this proxy's limits "
                                          f"({error.__context__})."))
     if kind is Kind.NOT_FOUND:
-        message = f"Unknown request URL: {request.method} {clip(request.url.path)}. Please check the URL."
+        message = _not_found_message(request.method, request.url.path)
     elif kind is Kind.METHOD_NOT_ALLOWED:
         message = f"Method {request.method} is not allowed for {clip(request.url.path)}."
     elif kind is Kind.PAYLOAD_TOO_LARGE:
@@ -85,35 +152,46 @@ class ProxyApp(Litestar):
 
     idempotency: Idempotency
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope | LifeSpanScope, receive: Receive | LifeSpanReceive,
+                       send: Send | LifeSpanSend) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
+        scope, receive, send = cast(HTTPScope, scope), cast(Receive, receive), cast(Send, send)
         started = time.perf_counter()
         request_id = f"req_{_ID_PREFIX}{next(_ids):08x}"
         state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
         state["request_id"] = request_id
         status = 0
+        answered = False  # the whole answer was sent
+        failure: dict[str, str] | None = None  # code and param of an error answer
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, failure, answered
             if message["type"] == "http.response.start":
                 status = message["status"]
                 # a new list: a framework may reuse the one it passes
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+            else:
+                answered = not message.get("more_body", False)
+                if status >= 400 and failure is None:
+                    failure = _error_fields(message.get("body", b""))  # type: ignore[arg-type]
             await send(message)
 
         try:
-            if scope["method"] == "POST" and any(k == b"idempotency-key" for k, _ in scope["headers"]):
+            if scope["method"] == "POST" and any(k in _REPEAT_HEADERS for k, _ in scope["headers"]):
                 await self.idempotency(super().__call__, self.state.runtime, scope, receive, send_with_id)
             else:
                 await super().__call__(scope, receive, send_with_id)
         except asyncio.CancelledError:
             # The server is shutting down past its grace period. Answer in OpenAI's shape while
             # the connection is still there: the tasks go on after the restart.
+            task = asyncio.current_task()
+            if answered and task is not None:  # cut only in its bookkeeping, after the answer: done
+                task.uncancel()
+                return
             if status:
                 raise
-            task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
             with contextlib.suppress(Exception):
@@ -122,19 +200,25 @@ class ProxyApp(Litestar):
                     await asyncio.wait(submits, timeout=5.0)
                 await send_error(send_with_id, _restarting(state))
         finally:
+            reservation = state.get("reservation")
+            if reservation is not None:  # what the request's calls did not use of its budget hold
+                self.state.runtime.gateway.billing.release(reservation)
             access = state.get("access", {})
             # only resolved models label the counter: clients cannot invent label values
             self.state.metrics.requests.labels(access.get("client", ""), access.get("model", "") if "upstream" in access
                                                else "", str(status)).inc()
             access_log.info("request", request_id=request_id, method=scope["method"], path=loggable_path(scope["path"]),
                             status=status, latency_ms=round((time.perf_counter() - started) * 1000, 2),
-                            **access)
+                            **{**access, **(failure or {})})
 
 
 def _restarting(state: dict[str, Any]) -> ProxyError:
     ids = tuple(state.get("access", {}).get("task_ids") or ())
-    tasks = f" Its tasks go on: GET /v1/tasks/{{id}} for {', '.join(ids)}." if ids else ""
-    return ProxyError(Kind.RESTARTING, f"The proxy is restarting; retry shortly.{tasks}", retry_after=2.0, task_ids=ids)
+    if not ids:
+        return ProxyError(Kind.RESTARTING, "The proxy is restarting; retry shortly.", retry_after=2.0)
+    # Tasks were started and paid: a repeat would pay again, so the answer says where they are.
+    return ProxyError(Kind.RESTARTING, f"The proxy is restarting; the upstream tasks this request started go on: "
+                      f"GET /v1/tasks/{{id}} for {', '.join(ids)}.", retry_after=2.0, task_ids=ids)
 
 
 # Objects allocated between young collections; Python's default is 700.
@@ -142,13 +226,9 @@ GC_YOUNG_THRESHOLD = 50_000
 
 
 def tune_gc() -> None:
-    """Keep the cyclic garbage collector off the hot path (bench/README.md, "Garbage collector").
-
-    With 10,000 requests waiting, every poll's short-lived objects outlived Python's default
-    young-generation threshold of 700 allocations, reached the oldest generation, and
-    triggered full collections over ~2 million objects: 0.6 s pauses, a third of the CPU.
-    Young collections every 50,000 allocations let those objects die young; what the process
-    holds from startup (modules, config, routes) is frozen out of every later collection.
+    """Keep the cyclic garbage collector off the hot path (bench/README.md, "The garbage
+    collector"): short-lived objects die young between rarer young collections, and what the
+    process holds from startup (modules, config, routes) is frozen out of every later one.
     """
     gc.collect()
     gc.freeze()
@@ -162,22 +242,45 @@ def _on_sighup(runtime: Runtime) -> None:
         log.error("config_reload_refused", error=str(error))
 
 
-def create_app(config: Config, config_path: str | Path | None = None) -> Litestar:
-    """The proxy as a Litestar app; `config_path` enables /admin/reload and SIGHUP."""
+def _on_reload(runtime: Runtime) -> None:
+    """Another replica re-read its config: so does this one, from its own file."""
+    try:
+        runtime.reload(tell_replicas=False)
+    except (ConfigError, ValueError) as error:
+        log.error("config_reload_refused", error=str(error), asked_by="another replica")
+
+
+def create_app(config: Config, config_path: str | Path | None = None, workers: int = 1) -> Litestar:
+    """The proxy as a Litestar app; `config_path` enables /admin/reload and SIGHUP. `workers`
+    processes serve it together, each keeping its part of every per-key and per-client limit."""
     redact.add_config(config)
     setup_logging(config.log.level, config.log.format)
     metrics = Metrics()
+    egress = config.server.egress()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        http = build_client()
-        store = SQLiteStore(config.storage.path)
-        gateway = Gateway(config, http, store, owner_name(), observe=metrics.observe_upstream)
-        metrics.gateway = gateway
+        tls = httpx.create_ssl_context()  # one CA bundle loaded, for upstream calls and downloads alike
+        http = build_client(verify=tls, egress=egress, max_answer_bytes=config.server.max_answer_bytes)
+        store = await open_store(config.storage)
+        owner = owner_name()
+        shared = Shared(config.shared.redis_url, config.shared.prefix, owner) if config.shared.redis_url else None
+        # the download memory is the machine's: each worker holds its part
+        downloads = Downloads(max(1, config.images.download_memory_bytes // workers), egress, verify=tls)
+        gateway = Gateway(config, http, store, owner, observe=metrics.observe_upstream, share=workers, shared=shared,
+                          downloads=downloads)
+        metrics.gateway, metrics.shared = gateway, shared
+        recovery, balances = Recovery(gateway, config.shared.lease), Balances(gateway)
         runtime = Runtime(config=config, config_path=Path(config_path) if config_path else None, http=http,
-                          store=store, gateway=gateway, clients=Clients(config))
+                          store=store, gateway=gateway, recovery=recovery, clients=Clients(config, workers, shared),
+                          share=workers, shared=shared, workers=workers)
         app.state.runtime = runtime
-        await gateway.start()
+        if shared is not None:
+            shared.on_states, shared.on_change = gateway.apply_shared, runtime.shared_changed
+            shared.on_reload = functools.partial(_on_reload, runtime)
+            await shared.start()
+        await recovery.start()
+        balances.start()
         tune_gc()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
@@ -187,8 +290,12 @@ def create_app(config: Config, config_path: str | Path | None = None) -> Litesta
         finally:
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                 loop.remove_signal_handler(signal.SIGHUP)
+            await balances.close()
             await gateway.close()
+            await recovery.close()
             await store.close()
+            if shared is not None:
+                await shared.close()
             await http.aclose()
 
     app = ProxyApp(

@@ -12,4 +12,4 @@ from proxy.config import load_config
 
 def app_from_env() -> Litestar:
     path = os.environ["PROXY_CONFIG"]
-    return create_app(load_config(path), path)
+    return create_app(load_config(path), path, workers=int(os.environ.get("PROXY_WORKERS", "1")))

@@ -1,12 +1,14 @@
-"""`proxy serve | demo | check-config`."""
+"""`proxy serve | demo | check-config | store migrate`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import sqlite3
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
 from proxy.config import ConfigError, load_config, parse_config
 
@@ -16,6 +18,7 @@ DEMO_CLIENT_KEY = "sk-demo-alice"
 def _serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
+        config.server.egress()  # the environment's proxies, refused here rather than in a worker
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
@@ -32,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         # Each worker process builds its own app from the same file.
         os.environ["PROXY_CONFIG"] = os.path.abspath(args.config)
+        os.environ["PROXY_WORKERS"] = str(args.workers)  # each keeps its part of every limit
         return 0 if run(uvicorn_config("proxy.asgi:app_from_env", factory=True, workers=args.workers,
                                        **options)) else 3
     from proxy.app import create_app
@@ -48,6 +52,35 @@ def _check_config(args: argparse.Namespace) -> int:
     providers = ", ".join(f"{name} ({len(p.all_keys())} keys)" for name, p in config.providers.items()) or "none"
     print(f"ok: {len(config.clients)} clients; providers: {providers}; {len(config.aliases)} aliases")
     return 0
+
+
+def _store_migrate(args: argparse.Namespace) -> int:
+    import asyncpg  # type: ignore[import-untyped]
+
+    from proxy.store.migrations import SchemaTooNew
+    from proxy.store.postgres import StoreUnavailable
+    from proxy.store.transfer import sqlite_to_postgres
+
+    source, target = args.source, args.target
+    if not source.startswith("sqlite:") or len(source) == len("sqlite:"):
+        print("--from: expected sqlite:PATH (the [storage] path of the proxy that wrote it)", file=sys.stderr)
+        return 2
+    if not target.startswith(("postgresql://", "postgres://")):
+        print("--to: expected a postgresql:// URL", file=sys.stderr)
+        return 2
+    try:
+        sqlite_to_postgres(source.removeprefix("sqlite:"), target)
+    except (OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError, SchemaTooNew,
+            StoreUnavailable) as error:
+        print(f"store migrate failed: {redact_url(str(error), target)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def redact_url(text: str, url: str) -> str:
+    """The URL's password never reaches the terminal or a CI log."""
+    password = urlsplit(url).password
+    return text.replace(password, "***") if password else text
 
 
 def demo_config(xffuw_url: str, fengyuan_url: str, port: int, host: str) -> dict[str, Any]:
@@ -87,7 +120,7 @@ The proxy serves {base} ; client key: {DEMO_CLIENT_KEY}
   client = OpenAI(base_url="{base}", api_key="{DEMO_CLIENT_KEY}")
   print(client.chat.completions.create(model="gpt-4o-mini",
         messages=[{{"role": "user", "content": "你好"}}]).choices[0].message.content)
-  print(client.images.generate(model="gpt-image-2", prompt="一只橘猫").data[0].url)
+  print(client.images.generate(model="dall-e-3", prompt="一只橘猫").data[0].url)
   print([m.id for m in client.models.list()])
 
   curl {base}/chat/completions -H "Authorization: Bearer {DEMO_CLIENT_KEY}" \\
@@ -117,11 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=8080)
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
+    store = commands.add_parser("store", help="the usage, task and idempotency store")
+    store_commands = store.add_subparsers(dest="store_command", required=True)
+    migrate = store_commands.add_parser(
+        "migrate", help="copy a SQLite store's history to PostgreSQL (again: copies what changed since)")
+    migrate.add_argument("--from", dest="source", required=True, metavar="sqlite:PATH")
+    migrate.add_argument("--to", dest="target", required=True, metavar="postgresql://USER:PASS@HOST:5432/DB")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     if args.command == "check-config":
         return _check_config(args)
+    if args.command == "store":
+        return _store_migrate(args)
     try:
         asyncio.run(_demo(args.host, args.port))
     except KeyboardInterrupt:

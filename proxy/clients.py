@@ -13,13 +13,18 @@ from proxy.clip import clip
 from proxy.config import ClientConfig, Config
 from proxy.errors import Kind, ProxyError
 from proxy.gateway import Caller
-from proxy.pool import fingerprint, passthrough_key
+from proxy.pool import UpstreamKey, fingerprint, part, passthrough_key
 from proxy.router import Route
+from proxy.shared import Shared, SharedDown
 
 NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
           "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
 BAD_KEY = "Incorrect API key provided. Ask the proxy's administrator for a valid key."
 WINDOW = 60.0
+# [auth] passthrough: a source address whose own keys the upstream refused this often within
+# PASSTHROUGH_WINDOW seconds gets no more passthrough calls until the window moves on.
+PASSTHROUGH_FAILURES = 10
+PASSTHROUGH_WINDOW = 600.0
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -48,14 +53,17 @@ def match_digest(token: str, digests: list[bytes]) -> int | None:
 
 
 class Clients:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, share: int = 1, shared: Shared | None = None) -> None:
         self.clients = list(config.clients)
+        self.share = share  # processes that each keep their part of every client's rpm
+        self.shared = shared  # with shared state, every client's rpm is counted in Redis
         self._digests = [digest_of(c) for c in self.clients]
         # longest prefix first, so "sk-fy-" wins over "sk-"
         self._prefixes = sorted(((p.passthrough_prefix or "", name) for name, p in config.providers.items()
                                  if p.passthrough_prefix), key=lambda item: -len(item[0])) \
             if config.auth.passthrough else []
         self._calls: dict[str, deque[float]] = {}
+        self._refused: dict[str, deque[float]] = {}  # source address -> times its own keys were refused
 
     def _find(self, token: str) -> ClientConfig | str | None:
         """The client a token belongs to, or the provider whose passthrough prefix it has."""
@@ -64,18 +72,43 @@ class Clients:
             return self.clients[index]
         return next((provider for prefix, provider in self._prefixes if token.startswith(prefix)), None)
 
-    def authenticate(self, authorization: str | None, request_id: str | None = None) -> Caller:
+    def authenticate(self, authorization: str | None, request_id: str | None = None,
+                     source: str | None = None) -> Caller:
         token = bearer_token(authorization)
         if token is None:
             raise ProxyError(Kind.INVALID_API_KEY, NO_KEY)
         found = self._find(token)
         if isinstance(found, ClientConfig):
-            self._admit(found)
             return Caller(name=found.name, client=found, request_id=request_id)
         if found is not None:
+            self._admit_passthrough(source)
             return Caller(name=f"own-key:{fingerprint(token)}", client=None, request_id=request_id,
-                          own_key=passthrough_key(found, token))
+                          own_key=passthrough_key(found, token), source=source)
         raise ProxyError(Kind.INVALID_API_KEY, BAD_KEY)
+
+    def own_key(self, authorization: str | None) -> UpstreamKey | None:
+        """The upstream key a passthrough caller brought, if that is what the header carries."""
+        token = bearer_token(authorization)
+        found = self._find(token) if token is not None else None
+        return passthrough_key(found, token) if isinstance(found, str) and token is not None else None
+
+    def _admit_passthrough(self, source: str | None) -> None:
+        """Someone probing keys through the proxy: their refusals are counted per address."""
+        refused = self._refused.get(source or "")
+        if not refused:
+            return
+        now = time.monotonic()
+        while refused and refused[0] <= now - PASSTHROUGH_WINDOW:
+            refused.popleft()
+        if len(refused) >= PASSTHROUGH_FAILURES:
+            raise ProxyError(Kind.RATE_LIMITED, "Too many refused upstream keys from this address; retry later.",
+                             retry_after=refused[0] + PASSTHROUGH_WINDOW - now)
+
+    def passthrough_refused(self, source: str | None) -> None:
+        refused = self._refused.setdefault(source or "", deque())
+        refused.append(time.monotonic())
+        if len(refused) > PASSTHROUGH_FAILURES:
+            refused.popleft()
 
     def identify(self, authorization: str | None) -> str | None:
         """The caller's name, without counting a request: for keying idempotency records."""
@@ -85,21 +118,42 @@ class Clients:
             return found.name
         return f"own-key:{fingerprint(token)}" if found is not None and token is not None else None
 
+    async def admit(self, caller: Caller) -> None:
+        """Requests per minute, per client, over a sliding minute: across every replica when
+        shared, else this process's part."""
+        client = caller.client
+        if client is None or client.rpm is None:
+            return
+        if self.shared is not None and self.shared.active:
+            try:
+                member, wait = await self.shared.take(f"client:{client.name}", client.rpm, WINDOW)
+            except SharedDown:
+                pass  # counted here from now on, split across the replicas last seen
+            else:
+                if member is None:
+                    raise self._over(client, wait)
+                return
+        self._admit(client)
+
+    def _over(self, client: ClientConfig, wait: float) -> ProxyError:
+        return ProxyError(Kind.RATE_LIMITED, f"Rate limit reached for client '{client.name}': "
+                          f"{client.rpm} requests per minute.", retry_after=wait)
+
     def _admit(self, client: ClientConfig) -> None:
-        """Requests per minute, per client, over a sliding minute."""
-        if client.rpm is None:
+        rpm = part(client.rpm, self.share)
+        if rpm is None:
             return
         now = time.monotonic()
         calls = self._calls.setdefault(client.name, deque())
         while calls and calls[0] <= now - WINDOW:
             calls.popleft()
-        if len(calls) >= client.rpm:
-            raise ProxyError(Kind.RATE_LIMITED, f"Rate limit reached for client '{client.name}': "
-                             f"{client.rpm} requests per minute.", retry_after=calls[0] + WINDOW - now)
+        if len(calls) >= rpm:
+            raise self._over(client, calls[0] + WINDOW - now)
         calls.append(now)
 
     def adopt(self, old: Clients) -> None:
         """After a reload: clients that stay keep their rate-limit windows."""
+        self._refused = old._refused
         for name, calls in old._calls.items():
             if any(c.name == name for c in self.clients):
                 self._calls[name] = calls

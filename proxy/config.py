@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 
+from proxy.egress import Egress, parse_proxy
+from proxy.providers import DIALECTS
 from proxy.struct_errors import explain
-
-PROVIDER_TYPES = ("xffuw", "fengyuan")
-# How each upstream's keys look, for [auth] passthrough. Fengyuan keys start "sk-" like most
-# client keys do, so a mistyped client key would be sent there: its prefix must be set on purpose.
-DEFAULT_PREFIXES: dict[str, str | None] = {"xffuw": "xf_", "fengyuan": None}
 
 
 class ConfigError(Exception):
@@ -42,6 +41,18 @@ class ServerConfig(_Table):
     # Open client connections per process; past it the one idle longest is closed for the new
     # one. Unset: the open-file limit less what upstream connections and the store need.
     max_connections: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    # The egress HTTP proxy for upstream calls and downloads ("http://[user:pass@]host:port");
+    # unset: HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment; "": none (proxy/egress.py).
+    upstream_proxy: str | None = None
+    max_answer_bytes: int = 16 * 1024 * 1024  # a larger upstream API answer is an upstream error
+
+    def egress(self) -> Egress:
+        """The egress proxies for `upstream_proxy` and the environment; a proxy of the environment
+        that is not one is a config error, naming the variable."""
+        try:
+            return Egress(self.upstream_proxy)
+        except ValueError as error:  # HTTPS_PROXY or HTTP_PROXY not an http:// proxy
+            raise ConfigError(f"{error}; set [server] upstream_proxy to override the environment") from None
 
 
 class ClientConfig(_Table):
@@ -62,7 +73,7 @@ class UpstreamKeyConfig(_Table):
 
 
 class ProviderConfig(_Table):
-    base_url: str
+    base_url: str = ""  # default: the dialect's own (proxy/providers/__init__.py)
     keys: list[str] = []
     key: list[UpstreamKeyConfig] = []  # [[providers.<name>.key]] tables: keys with weights and limits
     # Which upstream dialect this table speaks; defaults to the table's name, so two
@@ -89,14 +100,44 @@ class TasksConfig(_Table):
     poll_interval: float = 3.0
     # the first poll comes this soon after submit (never later than poll_interval)
     first_poll: float = 1.0
-    timeout: float = 600.0
+    timeout: float = 600.0  # seconds a request waits for its tasks; then 504, and the tasks go on
+    # After a request's timeout its tasks are still polled, this often, until final or give_up_after
+    # hours from their start: a task the upstream charged for is never given up while it may finish.
+    late_poll_interval: float = 30.0
+    give_up_after: float = 24.0
     keep_results: float = 24.0  # hours a finished task's result stays retrievable
 
 
+ImageFormat = Literal["url", "b64_json"]
+# What OpenAI answers these models with (its clients send no response_format for them and
+# expect it); consulted after [images] response_format.
+BUILT_IN_IMAGE_FORMATS: dict[str, ImageFormat] = {"gpt-image-*": "b64_json", "chatgpt-image-*": "b64_json"}
+
+
 class ImagesConfig(_Table):
-    # b64_json downloads the result: capped in size and time
-    max_download_bytes: int = 32 * 1024 * 1024
+    # b64_json downloads the result: capped in size and time (proxy/downloads.py)
+    max_download_bytes: int = 32 * 1024 * 1024  # one result
+    max_request_download_bytes: int = 128 * 1024 * 1024  # a request's results together
+    # all downloads held at once, on this machine (each of N workers holds 1/N; read at start)
+    download_memory_bytes: int = 256 * 1024 * 1024
     download_timeout: float = 60.0
+    # fetch results from loopback and private addresses too (the upstream's own origin always is)
+    allow_private_hosts: bool = False
+    # Images uploaded for edits are kept in memory for the upstream to fetch, this much in all;
+    # each client may hold its share (this over the clients, at least one request's body).
+    uploads_max_bytes: int = 256 * 1024 * 1024
+    # The response_format of a request that sends none, by the model id or alias it names
+    # (globs, first match; then BUILT_IN_IMAGE_FORMATS; else "url").
+    response_format: dict[str, ImageFormat] = {}
+
+    def default_format(self, model: str) -> ImageFormat:
+        """`model` as the client named it; "xffuw/gpt-image-2" also matches "gpt-image-*"."""
+        names = [name for name in (model.lower(), model.partition("/")[2].lower()) if name]
+        for table in (self.response_format, BUILT_IN_IMAGE_FORMATS):
+            for glob, form in table.items():
+                if any(fnmatch.fnmatchcase(name, glob.lower()) for name in names):
+                    return form
+        return "url"
 
 
 class AuthConfig(_Table):
@@ -110,10 +151,35 @@ class AdminConfig(_Table):
     keys_sha256: list[str] = []
 
 
+class SharedConfig(_Table):
+    # Redis for state every worker and replica shares: limits, key states, budget holds,
+    # Idempotency-Key marks, uploads, conversations ("" keeps each process's own, so
+    # redis_url = "${REDIS_URL:-}" serves both).
+    redis_url: Annotated[str, msgspec.Meta(pattern=r"^(rediss?://.+|unix://.+)?$")] = ""
+    prefix: Annotated[str, msgspec.Meta(min_length=1)] = "xfproxy"  # two proxies may share one Redis
+    # seconds a replica's lease on its tasks lasts unrenewed: a replica that dies has its tasks
+    # adopted by another within about this long
+    lease: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+
+    def secrets(self) -> list[str]:
+        password = urlsplit(self.redis_url).password if self.redis_url else None
+        return [unquote(password)] if password else []
+
+
 class StorageConfig(_Table):
     # SQLite file for usage, tasks and idempotency records; ":memory:" keeps nothing.
     path: str = "data/proxy.sqlite3"
+    # PostgreSQL instead of the file, for replicas on several machines ("" keeps the file, so
+    # url = "${DATABASE_URL:-}" serves both).
+    url: Annotated[str, msgspec.Meta(pattern=r"^(postgres(ql)?://.+)?$")] = ""
     idempotency_hours: float = 24.0
+    # days raw usage rows are kept; the per-day totals behind /admin/usage and budgets stay
+    keep_usage_days: Annotated[float, msgspec.Meta(gt=0)] = 90.0
+
+    def secrets(self) -> list[str]:
+        """The password in the url, if any."""
+        password = urlsplit(self.url).password if self.url else None
+        return [unquote(password)] if password else []
 
 
 class LogConfig(_Table):
@@ -131,13 +197,20 @@ class Config(_Table):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    shared: SharedConfig = msgspec.field(default_factory=SharedConfig)
     aliases: dict[str, str] = {}
 
     def secrets(self) -> list[str]:
         """Every configured secret, so log lines and error texts can be scrubbed of them."""
         found = [c.key for c in self.clients if c.key] + list(self.admin.keys)
+        proxy = self.server.upstream_proxy
+        password = urlsplit(proxy if "://" in proxy else "http://" + proxy).password if proxy else None
+        if password:  # the egress proxy's, as written and as sent
+            found += [password, unquote(password)]
         for provider in self.providers.values():
             found.extend(k.value for k in provider.all_keys())
+        found.extend(self.storage.secrets())
+        found.extend(self.shared.secrets())
         return [s for s in found if s]
 
 
@@ -210,8 +283,12 @@ def _check(config: Config) -> None:
     for name, provider in config.providers.items():
         where = f"providers.{name}"
         provider.type = provider.type or name
-        if provider.type not in PROVIDER_TYPES:
-            raise ConfigError(f"{where}.type: unknown upstream {provider.type!r}; one of {PROVIDER_TYPES}")
+        registered = DIALECTS.get(provider.type)
+        if registered is None:
+            raise ConfigError(f"{where}.type: unknown upstream {provider.type!r}; one of {tuple(DIALECTS)}")
+        provider.base_url = provider.base_url or registered.base_url or ""
+        if not provider.base_url:
+            raise ConfigError(f"{where}.base_url: required for type {provider.type!r}")
         if not re.match(r"https?://", provider.base_url):
             raise ConfigError(f"{where}.base_url: expected an http(s) URL")
         if "/" in name:
@@ -230,7 +307,7 @@ def _check(config: Config) -> None:
         if provider.rate_window <= 0:
             raise ConfigError(f"{where}.rate_window: must be > 0")
         if provider.passthrough_prefix is None:
-            provider.passthrough_prefix = DEFAULT_PREFIXES[provider.type]
+            provider.passthrough_prefix = registered.passthrough_prefix
     if config.auth.passthrough:
         for name, provider in config.providers.items():
             prefix = provider.passthrough_prefix
@@ -243,7 +320,26 @@ def _check(config: Config) -> None:
         raise ConfigError("tasks.poll_interval: must be > 0")
     if tasks.timeout <= 0:
         raise ConfigError("tasks.timeout: must be > 0")
+    if tasks.late_poll_interval < tasks.poll_interval:
+        raise ConfigError("tasks.late_poll_interval: must be >= tasks.poll_interval")
+    if tasks.give_up_after * 3600 < tasks.timeout:
+        raise ConfigError("tasks.give_up_after: must be at least tasks.timeout (it is in hours)")
     tasks.first_poll = min(max(tasks.first_poll, 0.0), tasks.poll_interval)
+    if config.server.upstream_proxy:
+        try:
+            parse_proxy(config.server.upstream_proxy, "server.upstream_proxy")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    if config.server.max_answer_bytes < 1024:
+        raise ConfigError("server.max_answer_bytes: must be >= 1024")
+    images = config.images
+    for name in ("max_download_bytes", "max_request_download_bytes", "download_memory_bytes"):
+        if getattr(images, name) < 1:
+            raise ConfigError(f"images.{name}: must be >= 1")
+    if images.download_timeout <= 0:
+        raise ConfigError("images.download_timeout: must be > 0")
+    if images.max_download_bytes > images.download_memory_bytes:
+        raise ConfigError("images.max_download_bytes: must not exceed images.download_memory_bytes")
     if config.server.public_url is not None:
         if not re.match(r"https?://", config.server.public_url):
             raise ConfigError("server.public_url: expected an http(s) URL")

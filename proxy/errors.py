@@ -53,7 +53,7 @@ SHAPES: dict[Kind, Shape] = {
     Kind.CONTENT_POLICY: Shape(400, "invalid_request_error", "content_policy_violation"),
     Kind.UPSTREAM_UNAVAILABLE: Shape(502, "server_error", "upstream_error"),
     Kind.TASK_FAILED: Shape(502, "server_error", "upstream_task_failed", retry=False),
-    Kind.TASK_TIMEOUT: Shape(504, "server_error", "upstream_timeout"),
+    Kind.TASK_TIMEOUT: Shape(504, "server_error", "upstream_timeout", retry=False),
     Kind.INVALID_API_KEY: Shape(401, "invalid_request_error", "invalid_api_key"),
     Kind.MODEL_NOT_ALLOWED: Shape(403, "invalid_request_error", "model_not_allowed"),
     Kind.NOT_FOUND: Shape(404, "invalid_request_error", "not_found"),
@@ -83,6 +83,8 @@ class ProxyError(Exception):
         retry_after: float | None = None,
         task_ids: tuple[str, ...] = (),
         delivered: bool = True,
+        paid: bool = False,
+        unfinished: bool = False,
     ) -> None:
         super().__init__(message)
         self.kind = kind
@@ -94,10 +96,25 @@ class ProxyError(Exception):
         # False when the request provably never reached the upstream (connection refused):
         # then, like NOT_ACCEPTED kinds, it may go to another key.
         self.delivered = delivered
+        # True when the upstream may have charged for the call that failed: a client's retry
+        # would pay again, so the answer says x-should-retry: false.
+        self.paid = paid
+        # True when the tasks it names still run (a request's timeout): a repeat answers from them later.
+        self.unfinished = unfinished
 
     @property
     def retryable_elsewhere(self) -> bool:
         return self.kind in NOT_ACCEPTED or not self.delivered
+
+    @property
+    def should_retry(self) -> bool | None:
+        """What x-should-retry says (None: the header is not sent)."""
+        return False if self.reflects_upstream_work else self.shape.retry
+
+    @property
+    def reflects_upstream_work(self) -> bool:
+        """The answer tells of upstream work (a paid call, a task): worth keeping for a repeat."""
+        return self.paid or bool(self.task_ids)
 
     @property
     def shape(self) -> Shape:

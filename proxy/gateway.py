@@ -8,25 +8,24 @@ OpenAI's shapes.
 from __future__ import annotations
 
 import asyncio
-import base64
-import calendar
-import os
-import secrets
-import socket
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import httpx
 import structlog
 
+from proxy.billing import Billing, Reservation, price
 from proxy.config import ClientConfig, Config
+from proxy.downloads import Downloaded, Downloads
 from proxy.errors import Kind, ProxyError
 from proxy.pool import KeyPool, UpstreamKey
-from proxy.providers import build_provider
-from proxy.providers.base import ChatAnswer, ChatCall, ImageCall, ModelInfo, Observe, Provider, TaskState
+from proxy.providers import DIALECTS
+from proxy.providers.base import ChatAnswer, ChatCall, ImageCall, ModelInfo
+from proxy.providers.engine import Observe, Provider
 from proxy.router import Catalogue, Route
+from proxy.shared import Shared, StateChange
 from proxy.store import Store, TaskRecord, UsageRecord
 from proxy.tasks import Task, TaskWaiter, new_task_id
 from proxy.upstream_http import UpstreamClient
@@ -34,8 +33,6 @@ from proxy.upstream_http import UpstreamClient
 T = TypeVar("T")
 log = structlog.get_logger("proxy.gateway")
 
-HOUSEKEEPING_EVERY = 10.0  # seconds: heartbeat of owned tasks, adoption of orphaned ones, purge
-ORPHANED_AFTER = 60.0  # seconds without a heartbeat before another process adopts a task
 
 
 @dataclass(slots=True)
@@ -49,6 +46,9 @@ class Caller:
     own_key: UpstreamKey | None = None
     on_task: Callable[[str], Awaitable[None]] | None = None  # told each task id as soon as it is recorded
     submits: list[asyncio.Task[Task]] | None = None  # where to list submits in flight for this request
+    reservation: Reservation | None = None  # what this request holds of the client's budget
+    source: str | None = None  # the caller's address, for passthrough callers (refusals are counted)
+    on_refused_key: Callable[[str | None], None] | None = None  # told when the upstream refuses an own key
 
 
 @dataclass(slots=True)
@@ -57,43 +57,19 @@ class ChatResult:
     key: UpstreamKey
 
 
-def owner_name() -> str:
-    """host:pid:random: who polls a task, in the store; host and pid tell a crashed one."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
-def _dead_here(owner: str) -> bool:
-    """An owner on this host whose process is gone: its tasks need not wait for the timeout."""
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def period_start(period: str, now: float) -> float:
-    if period == "total":
-        return 0.0
-    t = time.gmtime(now)
-    day = 1 if period == "monthly" else t.tm_mday
-    return float(calendar.timegm((t.tm_year, t.tm_mon, day, 0, 0, 0)))
-
-
 class Gateway:
     def __init__(self, config: Config, http: UpstreamClient, store: Store, owner: str,
-                 observe: Observe | None = None) -> None:
+                 observe: Observe | None = None, share: int = 1, shared: Shared | None = None, *,
+                 downloads: Downloads) -> None:
         self.http = http
+        self.downloads = downloads
+        self.share = share  # processes keeping a part each of every key's limits
+        self.shared = shared  # state every replica shares (Redis), when configured
         self.observe = observe
         self.store = store
+        self.billing = Billing(store, shared)
         self.owner = owner
         self.tasks = TaskWaiter(config.tasks, store, owner, self._task_final)
-        self._loops: list[asyncio.Task[None]] = []
         self._submits: set[asyncio.Task[Task]] = set()
         self.configure(config)
 
@@ -102,17 +78,46 @@ class Gateway:
         old_pools = getattr(self, "pools", {})
         self.config = config
         self.providers: dict[str, Provider] = {
-            name: build_provider(name, table, self.http, self.observe) for name, table in config.providers.items()}
+            name: Provider(name, DIALECTS[table.type or name].dialect(name), table.base_url, self.http,
+                           connect_timeout=table.connect_timeout, read_timeout=table.read_timeout, observe=self.observe)
+            for name, table in config.providers.items()}
         self.pools: dict[str, KeyPool] = {}
         for name, table in config.providers.items():
             provider = self.providers[name]
-            pool = KeyPool(name, table, lambda key, p=provider: p.key_limit(key.vip_level))  # type: ignore[misc]
+            pool = KeyPool(name, table, lambda key, p=provider: p.key_limit(key.vip_level),  # type: ignore[misc]
+                           share=self.share, shared=self.shared)
             if name in old_pools:
                 pool.adopt(old_pools[name])
+            pool.poll_reserve = functools.partial(self.tasks.poll_reserve, name)
             self.pools[name] = pool
         self.catalogue = Catalogue(self.providers, {name: self._fetcher(name) for name in self.providers},
                                    config.aliases, {n: t.catalogue_ttl for n, t in config.providers.items()})
         self.tasks.config = config.tasks
+        self.billing.configure(config)
+
+    def set_share(self, share: int) -> None:
+        """How many processes now keep a part each of every key's limits."""
+        self.share = share
+        for pool in self.pools.values():
+            pool.share = share
+
+    def save_calls(self) -> None:
+        """Each key's calls in its window, to the store (queued): a restart keeps counting them."""
+        for name, pool in self.pools.items():
+            for key in pool.keys:
+                calls = pool.recent_calls(key)
+                if calls:
+                    self.store.save_calls(name, key.fingerprint, calls)
+
+    async def restore_calls(self) -> None:
+        saved = await self.store.load_calls()
+        for name, pool in self.pools.items():
+            for key in pool.keys:
+                pool.restore_calls(key, saved.get((name, key.fingerprint), []))
+
+    def apply_shared(self, states: dict[str, StateChange]) -> None:
+        for pool in self.pools.values():
+            pool.apply_shared(states, self.owner)
 
     def _fetcher(self, name: str) -> Callable[[], Awaitable[list[ModelInfo]]]:
         async def fetch() -> list[ModelInfo]:
@@ -123,37 +128,19 @@ class Gateway:
 
     # ---- money ----------------------------------------------------------------------
 
-    @staticmethod
-    def price(model: ModelInfo | None, key: UpstreamKey | None) -> float:
-        """What one call costs with this key: the catalogue price, discounted on VIP keys."""
-        if model is None or model.price is None:
-            return 0.0
-        if key is not None and model.vip_discount and (key.vip_level or 0) >= 1:
-            return model.price * model.vip_discount
-        return model.price
-
-    async def check_budget(self, caller: Caller, route: Route, calls: int) -> None:
-        client = caller.client
-        if client is None or client.budget is None:
-            return
-        spent = await self.store.spent(client.name, period_start(client.budget_period, time.time()))
-        expected = self._cheapest_price(route, caller) * calls
-        if spent + expected > client.budget or (expected == 0 and spent >= client.budget):
-            period = {"daily": "daily ", "monthly": "monthly ", "total": ""}[client.budget_period]
-            raise ProxyError(Kind.BALANCE, f"The {period}budget of {client.budget:g} for client '{client.name}' "
-                             f"is spent ({spent:g} used; this request would cost {expected:g}).",
-                             code="insufficient_quota")
-
-    def _cheapest_price(self, route: Route, caller: Caller) -> float:
-        """The lowest price a usable key would pay: the key is chosen only when the call is made."""
+    async def reserve(self, caller: Caller, route: Route, calls: int) -> Reservation | None:
+        """Hold the expected cost of `calls` upstream calls on the caller's budget (429 if it
+        cannot pay); each call settles its share, the request releases the rest at its end."""
         if caller.own_key is not None:
-            return self.price(route.model, caller.own_key)
-        keys = [k for k in self.pools[route.provider.name].keys if k.state != "disabled"]
-        return min((self.price(route.model, k) for k in keys), default=self.price(route.model, None))
+            return None  # someone's own key: no budget of ours
+        keys = self.billing.usable_keys(self.pools[route.provider.name])
+        caller.reservation = await self.billing.reserve(caller.client, route.model, keys, calls)
+        return caller.reservation
 
     def _record(self, caller: Caller, route: Route, key: UpstreamKey, cost: float, outcome: str, kind: str,
                 task_id: str | None = None) -> None:
-        self.store.add_usage(UsageRecord(
+        self.billing.call_ended(caller.reservation, caller.name, cost)
+        self.billing.record(UsageRecord(
             at=time.time(), client=caller.name, model=route.public_id, upstream=route.provider.name,
             key=key.fingerprint, cost=cost, outcome=outcome, kind=kind, task_id=task_id,
             request_id=caller.request_id))
@@ -168,20 +155,29 @@ class Gateway:
                     return await call(caller.own_key.secret), caller.own_key
                 except ProxyError as error:
                     if error.kind is Kind.AUTH:
+                        if caller.on_refused_key is not None:
+                            caller.on_refused_key(caller.source)
                         raise ProxyError(Kind.INVALID_API_KEY, f"{provider.name} refused the key you sent.") from None
                     raise
-            return await self.pools[provider.name].run(call, lambda key: self.price(route.model, key))
+            return await self.pools[provider.name].run(call, lambda key: price(route.model, key))
         except ProxyError as error:
             if error.kind is Kind.MODEL_NOT_FOUND:
                 error.param = "model"
                 self.catalogue.forget(provider.name)  # the list we routed by is out of date
+            elif error.kind is Kind.UPSTREAM_UNAVAILABLE and error.delivered:
+                error.paid = True  # a timeout, a 5xx or garbage after the call arrived: it may be charged
             raise
 
     async def chat(self, route: Route, call: ChatCall, caller: Caller) -> ChatResult:
         provider = route.provider
-        answer, key = await self._run(route, caller, lambda secret: provider.chat(secret, call))
-        cost = self.price(route.model, key)
-        self._spend(key, cost)
+        try:
+            answer, key = await self._run(route, caller, lambda secret: provider.chat(secret, call))
+        except BaseException:
+            self.billing.call_ended(caller.reservation, caller.name, None)
+            raise
+        cost = price(route.model, key)
+        if caller.own_key is None:
+            self.pools[provider.name].spent(key, cost)
         self._record(caller, route, key, cost, "ok", "chat")
         return ChatResult(answer, key)
 
@@ -202,12 +198,14 @@ class Gateway:
         provider = route.provider
         try:
             state, key = await self._run(route, caller, lambda secret: provider.submit_image(secret, call))
-        except ProxyError as error:
-            if error.kind is Kind.TASK_FAILED:  # finished and failed at submit: a task all the same
+        except BaseException as error:
+            self.billing.call_ended(caller.reservation, caller.name, None)
+            if isinstance(error, ProxyError) and error.kind is Kind.TASK_FAILED:  # failed at submit: a task still
                 await self._record_failed_at_submit(route, caller, error)
             raise
-        cost = state.cost if state.cost is not None else self.price(route.model, key)
-        self._spend(key, cost, state.balance)
+        cost = state.cost if state.cost is not None else price(route.model, key)
+        if caller.own_key is None:
+            self.pools[provider.name].spent(key, cost, state.balance)
         now = time.time()
         record = TaskRecord(
             id=new_task_id(), client=caller.name, request_id=caller.request_id,
@@ -216,7 +214,8 @@ class Gateway:
             deadline=now + self.config.tasks.timeout)
         self._record(caller, route, key, cost, "submitted", "image", record.id)
         pool = None if caller.own_key is not None else self.pools[provider.name]
-        task = await self.tasks.start(Task(record=record, provider=provider, key=key, pool=pool, state=state))
+        task = await self.tasks.start(Task(record=record, provider=provider, key=key, pool=pool, state=state,
+                                           cost=cost, model=(provider.name, call.model)))
         if caller.on_task is not None:
             await caller.on_task(task.id)
         return task
@@ -233,102 +232,11 @@ class Gateway:
         if caller.on_task is not None:
             await caller.on_task(record.id)
 
-    def _spend(self, key: UpstreamKey, cost: float, balance: float | None = None) -> None:
-        if balance is not None:
-            key.credits = balance
-        elif key.credits is not None:
-            key.credits -= cost
-
     def _task_final(self, task: Task) -> None:
         outcome = {"succeeded": "ok", "failed": "failed", "timeout": "timeout"}.get(task.record.state, "failed")
         self.store.settle_usage(task.id, outcome, task.state.cost)
-
-    # ---- background work ------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Resume unfinished tasks left by a previous process; start the background loops."""
-        await self._adopt(stale_before=time.time() - ORPHANED_AFTER)
-        self._loops = [asyncio.create_task(self._housekeeping(), name="housekeeping"),
-                       asyncio.create_task(self._balances(), name="balances")]
-
-    async def _adopt(self, stale_before: float) -> None:
-        dead = [o for o in await self.store.unfinished_owners() if o != self.owner and _dead_here(o)]
-        for record in await self.store.claim_unfinished(self.owner, stale_before, dead):
-            await self._resume(record)
-
-    async def _resume(self, record: TaskRecord) -> None:
-        provider = self.providers.get(record.upstream)
-        pool = self.pools.get(record.upstream)
-        key = pool.find(record.key) if pool else None
-        if provider is None or pool is None or key is None:
-            record.state, record.reason = "failed", "the upstream key that started it is no longer configured"
-            await self.store.save_task(record)
-            return
-        log.info("task_resumed", task_id=record.id, upstream=record.upstream)
-        state = TaskState(status="running", task_id=record.upstream_task_id)
-        await self.tasks.start(Task(record=record, provider=provider, key=key, pool=pool, state=state))
-
-    async def _housekeeping(self) -> None:
-        while True:
-            await asyncio.sleep(HOUSEKEEPING_EVERY)
-            try:
-                await self.store.heartbeat(self.owner)
-                await self._adopt(stale_before=time.time() - ORPHANED_AFTER)
-                now = time.time()
-                await self.store.purge(now - self.config.tasks.keep_results * 3600,
-                                       now - self.config.storage.idempotency_hours * 3600)
-            except Exception as exc:
-                log.error("housekeeping_failed", error=repr(exc))
-
-    async def _balances(self) -> None:
-        """Read each key's credits and VIP level at start and every balance_interval; bring
-        exhausted keys back as soon as their credits can pay again."""
-        while True:
-            for name, pool in list(self.pools.items()):
-                if not self.providers[name].has_balance:
-                    continue
-                for key in list(pool.keys):
-                    if self._balance_due(pool, key):
-                        await self._read_balance(name, pool, key)
-            await asyncio.sleep(self._balance_tick())
-
-    def _balance_tick(self) -> float:
-        periods = [min(t.balance_interval, t.recheck_after) for t in self.config.providers.values()] or [30.0]
-        return min(30.0, max(0.1, min(periods) / 4))
-
-    def _balance_due(self, pool: KeyPool, key: UpstreamKey) -> bool:
-        if key.state == "disabled":
-            return False
-        if key.checked_at is None:
-            return True
-        age = time.time() - key.checked_at
-        if key.state == "exhausted":
-            return age >= pool.config.recheck_after
-        return age >= pool.config.balance_interval
-
-    async def _read_balance(self, name: str, pool: KeyPool, key: UpstreamKey) -> None:
-        try:
-            await pool.slot(key, time.monotonic() + 5.0)
-        except ProxyError:
-            return  # the key is busy up to its limit: read it next round, it refused nothing
-        try:
-            info = await self.providers[name].balance(key.secret)
-        except ProxyError as error:
-            key.checked_at = time.time()
-            pool.failed(key, error)
-            log.warning("balance_read_failed", upstream=name, key=key.fingerprint, error=error.message)
-            return
-        key.checked_at = time.time()
-        if info is None:  # an answer without user data: nothing learnt this time
-            return
-        key.credits, key.vip_level = info.credits, info.vip_level
-        if key.state == "exhausted" and (info.credits or 0) >= await self._cheapest(name):
-            pool.set_state(key, "active")
-            log.info("key_recovered", upstream=name, key=key.fingerprint, credits=info.credits)
-
-    async def _cheapest(self, name: str) -> float:
-        models = [m for m in await self.catalogue.models_of(name) if m.price]
-        return min((m.price or 0.0 for m in models), default=0.0) or 1e-9
+        if task.state.cost is not None:  # the upstream's final word on what it charged
+            self.billing.adjust(task.record.client, task.state.cost - task.cost, task.record.created)
 
     # ---- administration -------------------------------------------------------------
 
@@ -339,48 +247,15 @@ class Gateway:
                 return pool, key
         return None
 
-    async def download(self, url: str) -> str:
-        """Fetch a result as base64: http(s) only, capped in size and time, no redirects, media
-        only; a GET is safe to repeat, so a failed one is tried twice more."""
-        for attempt in range(3):
-            try:
-                return await self._download(url)
-            except ProxyError:
-                if attempt == 2:
-                    raise
-                await asyncio.sleep(0.2 * (attempt + 1))
-        raise AssertionError("unreachable")
-
-    async def _download(self, url: str) -> str:
-        limit = self.config.images.max_download_bytes
-        if not url.startswith(("http://", "https://")):
-            raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, "the result is not at an http(s) URL")
-        try:
-            async with asyncio.timeout(self.config.images.download_timeout):
-                async with self.http.stream("GET", url) as reply:
-                    if reply.status_code != 200:
-                        raise ProxyError(Kind.UPSTREAM_UNAVAILABLE,
-                                         f"downloading the result answered HTTP {reply.status_code}")
-                    kind = reply.headers.get("content-type", "").lower()
-                    if kind.startswith("text/") or "json" in kind or "xml" in kind:
-                        raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, "the result URL answered a page, not a file")
-                    chunks, size = [], 0
-                    async for chunk in reply.aiter_bytes():
-                        size += len(chunk)
-                        if size > limit:
-                            raise ProxyError(Kind.UPSTREAM_UNAVAILABLE,
-                                             f"the result is larger than {limit} bytes; ask for url instead")
-                        chunks.append(chunk)
-        except (httpx.HTTPError, OSError, TimeoutError):
-            raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, "downloading the result failed") from None
-        return base64.b64encode(b"".join(chunks)).decode("ascii")
+    def download(self, results: list[tuple[str, str]]) -> Awaitable[Downloaded]:
+        """Results (URL, the upstream that produced it) downloaded whole: proxy/downloads.py."""
+        return self.downloads.fetch(results, self.config)
 
     async def close(self) -> None:
-        for loop in self._loops:
-            loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
-        if self._submits:  # submits in flight end recorded, to be resumed by the next process
+        """Submits in flight end recorded, then every unfinished task is let go (the next
+        process resumes it)."""
+        if self._submits:
             longest = max(t.connect_timeout + t.read_timeout for t in self.config.providers.values())
             await asyncio.wait(list(self._submits), timeout=longest)
         await self.tasks.close()
-        await self.store.release(self.owner)
+        self.save_calls()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import msgspec
 import structlog
@@ -61,7 +61,7 @@ def setup_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None 
             structlog.processors.format_exc_info,
             _clip_values,
             renderer,
-            _scrub_rendered,
+            cast(Any, _scrub_rendered),  # after the renderer: a processor of the rendered line
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.WriteLoggerFactory(file=stream),  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from proxy.gateway import Gateway
+    from proxy.shared import Shared
 
 KEY_STATES = ("active", "cooling", "exhausted", "disabled")
 disable_created_metrics()  # the *_created series only double the output
@@ -31,6 +32,10 @@ class _PoolCollector(Collector):
         in_flight = GaugeMetricFamily("proxy_upstream_key_in_flight", "Calls in flight per upstream key",
                                       labels=["upstream", "key"])
         waiting = GaugeMetricFamily("proxy_tasks_waiting", "Upstream tasks the proxy is waiting on")
+        shared = self.metrics.shared
+        if shared is not None:
+            yield GaugeMetricFamily("proxy_shared_state_up", "1 while Redis (shared state) answers; 0 while this "
+                                    "process serves from its own state, its limits split", value=int(shared.active))
         if gateway is not None:
             for name, pool in gateway.pools.items():
                 for state in KEY_STATES:
@@ -47,6 +52,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.gateway: Gateway | None = None
+        self.shared: Shared | None = None
         self.requests = Counter("proxy_requests", "Requests answered", ["client", "model", "status"],
                                 registry=self.registry)
         self.upstream_latency = Histogram(

@@ -6,6 +6,10 @@ upstream refused the key; back on reload or by an admin). Every upstream call ma
 key, polls included, counts against the key's own rate limit, so the proxy never causes an
 upstream 429 by itself: when every key is at its limit a request waits up to
 `queue_timeout`, then gets 429 with Retry-After.
+
+A call counts from the moment it is sent until its answer lands, and then stays in the
+window counted from the answer's arrival: the upstream saw it somewhere between the two, so
+its own sliding window lets go of it before ours does, never after.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import structlog
 
 from proxy.config import ProviderConfig, UpstreamKeyConfig
 from proxy.errors import Kind, ProxyError
+from proxy.providers.base import KeyInfo
+from proxy.shared import Shared, SharedDown, StateChange
 
 T = TypeVar("T")
 log = structlog.get_logger("proxy.pool")
@@ -33,15 +39,14 @@ DEFAULT_COOLDOWN = 10.0  # seconds a rate-limited key rests when the upstream na
 # call a little later than we send it: count over a slightly longer window.
 WINDOW_MARGIN = 0.5
 CALL_BUCKET = 0.01  # seconds: calls this close together are counted as one entry of the window
+ANSWER_WAIT = 0.05  # seconds to wait for room when only calls under way fill a key's window
 
 
 class CallWindow:
-    """A key's recent calls as (end, count) buckets, oldest first.
-
-    At 5,000 polls a second, a 60-second window is 6,000 buckets rather than 300,000
-    timestamps (about 10 MB; bench/README.md). A call counts as made at its bucket's end, at
-    most CALL_BUCKET after it really was: it leaves the window late, never early.
-    """
+    """A key's recent calls as (end, count) buckets, oldest first: a bucket per CALL_BUCKET,
+    not a timestamp per call, keeps a busy key's window small (bench/README.md, "Memory per
+    waiting request"). A call counts as made at its bucket's end: it leaves the window late,
+    never early."""
 
     __slots__ = ("_buckets", "count")
 
@@ -57,6 +62,14 @@ class CallWindow:
             buckets.append([now + CALL_BUCKET, 1])
         self.count += 1
 
+    def add_old(self, at: float, count: int) -> None:
+        """Calls made before any this process made (a previous process's, restored)."""
+        self._buckets.append([at, count])
+        self.count += count
+
+    def entries(self) -> list[tuple[float, int]]:
+        return [(end, int(count)) for end, count in self._buckets]
+
     def drop_until(self, horizon: float) -> None:
         buckets = self._buckets
         while buckets and buckets[0][0] <= horizon:
@@ -70,6 +83,11 @@ class CallWindow:
             if leave <= 0:
                 return end - horizon
         return 0.0
+
+
+def part(limit: int | None, share: int) -> int | None:
+    """One process's part of a limit shared by `share` processes (at least 1, so it can serve)."""
+    return None if limit is None else max(1, limit // share)
 
 
 def fingerprint(secret: str) -> str:
@@ -88,13 +106,15 @@ class UpstreamKey:
     state: KeyState = "active"
     until: float = 0.0  # monotonic time the current state ends (cooling, exhausted)
     reason: str | None = None
-    in_flight: int = 0
+    in_flight: int = 0  # requests (chat, submits) under way: max_concurrent
+    unanswered: int = 0  # calls of any kind sent whose answer has not landed: in the window already
     requests: int = 0
     failures: int = 0
     credits: float | None = None
     vip_level: int | None = None
     checked_at: float | None = None  # unix time of the last balance read
     calls: CallWindow = field(default_factory=CallWindow)  # monotonic send times inside the window
+    shared_calls: deque[str] = field(default_factory=deque)  # its calls under way counted in Redis
     current: int = 0  # smooth weighted round robin
 
     def usable(self, now: float) -> bool:
@@ -112,13 +132,24 @@ def passthrough_key(provider: str, secret: str) -> UpstreamKey:
 
 class KeyPool:
     def __init__(self, provider: str, config: ProviderConfig,
-                 limit_of: Callable[[UpstreamKey], int | None] = lambda key: None) -> None:
+                 limit_of: Callable[[UpstreamKey], int | None] = lambda key: None, share: int = 1,
+                 shared: Shared | None = None) -> None:
         self.provider = provider
         self.config = config
         self.limit_of = limit_of  # the upstream's own limit for a key (Fengyuan: by VIP level)
+        # How many processes share each key's limits, each keeping its part (workers with no
+        # shared state): a key's limit is never exceeded by their sum.
+        self.share = share
+        # With shared state, every key's calls are counted in Redis, across every replica, and its
+        # state changes are published there (a replica reads them every second).
+        self.shared = shared
         self.keys = [self._key(k, config) for k in config.all_keys()]
         self._rr = 0
         self._changed = asyncio.Event()
+        self.waiting = 0  # requests waiting in `acquire` for a key with room
+        # Calls of a key's window that requests leave to the polls of its tasks (the task waiter
+        # says how many): a burst of submits never leaves its own tasks no room to be polled.
+        self.poll_reserve: Callable[[UpstreamKey, float], int] = lambda key, window: 0
 
     def _key(self, table: UpstreamKeyConfig, config: ProviderConfig) -> UpstreamKey:
         return UpstreamKey(self.provider, table.value, fingerprint(table.value), weight=table.weight,
@@ -136,7 +167,7 @@ class KeyPool:
                 continue
             key.weight, key.rpm, key.max_concurrent = fresh.weight, fresh.rpm, fresh.max_concurrent
             if key.state == "disabled":
-                key.state, key.until, key.reason = "active", 0.0, None
+                self.set_state(key, "active")
             self.keys[i] = key
 
     def find(self, fp: str) -> UpstreamKey | None:
@@ -145,49 +176,124 @@ class KeyPool:
     # ---- limits ---------------------------------------------------------------------
 
     def limit(self, key: UpstreamKey) -> int | None:
-        return key.rpm if key.rpm is not None else self.limit_of(key)
+        """Calls per rate window this process may make with the key: its part of the key's limit."""
+        return part(key.rpm if key.rpm is not None else self.limit_of(key), self.share)
+
+    def concurrency(self, key: UpstreamKey) -> int | None:
+        return part(key.max_concurrent, self.share)
 
     def _window(self) -> float:
         return self.config.rate_window + WINDOW_MARGIN
 
-    def _rate_wait(self, key: UpstreamKey, now: float) -> float:
-        """Seconds until the key may make one more call (0 when it may now)."""
+    def _rate_wait(self, key: UpstreamKey, now: float, reserve: int = 0) -> float:
+        """Seconds until the key may make one more call (0 when it may now), leaving `reserve`
+        calls of its window unused."""
         limit = self.limit(key)
         calls = key.calls
         horizon = now - self._window()
         calls.drop_until(horizon)
-        if limit is None or calls.count < limit:
+        if limit is None or calls.count + key.unanswered < limit - reserve:
             return 0.0
-        return calls.wait_below(limit, horizon)
+        limit -= reserve
+        if key.unanswered >= limit:
+            return ANSWER_WAIT  # calls under way fill the window: the next answer to land frees room
+        return calls.wait_below(limit - key.unanswered, horizon)
 
-    def _wait(self, key: UpstreamKey, now: float) -> float:
+    def _wait(self, key: UpstreamKey, now: float, reserve: int = 0) -> float:
         """Seconds until the key may be called: its rate window, and a cooling period if any."""
-        wait = self._rate_wait(key, now)
+        wait = self._rate_wait(key, now, reserve)
         if key.state == "cooling" and key.until > now:
             wait = max(wait, key.until - now)
         return wait
 
+    def _reserve(self, key: UpstreamKey) -> int:
+        limit = self.limit(key)
+        if limit is None:
+            return 0
+        return min(limit // 2, self.poll_reserve(key, self.config.rate_window))
+
+    def recent_calls(self, key: UpstreamKey) -> list[float]:
+        """The key's calls in its window, as [unix time, count, ...]: what a restart keeps counting."""
+        self._rate_wait(key, time.monotonic())
+        offset = time.time() - time.monotonic()
+        return [value for end, count in key.calls.entries() for value in (end + offset, float(count))]
+
+    def restore_calls(self, key: UpstreamKey, calls: list[float]) -> None:
+        """A previous process's calls with `key` (from `recent_calls`), still in the window."""
+        now = time.monotonic()
+        offset, horizon = now - time.time(), now - self._window()
+        for i in range(0, len(calls) - 1, 2):
+            at = calls[i] + offset
+            if horizon < at <= now:
+                key.calls.add_old(at, int(calls[i + 1]))
+
     def calls_in_window(self, key: UpstreamKey) -> int:
         self._rate_wait(key, time.monotonic())  # drops calls that left the window
-        return key.calls.count
+        return key.calls.count + key.unanswered
 
-    def note_call(self, key: UpstreamKey) -> None:
-        key.calls.add(time.monotonic())
+    def wait(self, key: UpstreamKey) -> float:
+        """Seconds until `key` may make one more call (0: now)."""
+        return self._wait(key, time.monotonic())
+
+    def requests_may_call(self, key: UpstreamKey) -> bool:
+        """Whether a request (not a poll) may call with `key` now: room beyond the poll reserve."""
+        return self._wait(key, time.monotonic(), self._reserve(key)) <= 0
+
+    def counted_shared(self, key: UpstreamKey) -> bool:
+        """Whether the key's calls are counted in Redis now (it has limits, and Redis answers)."""
+        return self.shared is not None and self.shared.active and (
+            self.limit(key) is not None or self.concurrency(key) is not None)
 
     def take_now(self, key: UpstreamKey) -> bool:
-        """Count one call of `key` if it may make it now; False (nothing counted) if it must wait."""
-        if self._wait(key, time.monotonic()) > 0:
+        """Count one call of `key` if it may make it now; False (nothing counted) if it must wait,
+        or ask Redis (`take`). Its answer must be reported with `landed`."""
+        if self.counted_shared(key) or self._wait(key, time.monotonic()) > 0:
             return False
-        self.note_call(key)
+        key.unanswered += 1
         return True
 
+    async def take(self, key: UpstreamKey, reserve: int = 0, requests: bool = False) -> float:
+        """Count one call of `key` if it may make it now (0), else the seconds to wait; across
+        every replica when shared. `requests`: a request's call (max_concurrent counts it)."""
+        wait = self._wait(key, time.monotonic(), reserve)
+        if wait > 0:
+            return wait
+        if self.counted_shared(key):
+            assert self.shared is not None
+            try:
+                member, wait = await self.shared.take(
+                    self._name(key), self.limit(key), self._window(), reserve=reserve, hold=self._hold(),
+                    most=self.concurrency(key) if requests else None)
+            except SharedDown:
+                return await self.take(key, reserve, requests)  # counted here, split across the replicas
+            if member is None:
+                return wait
+            key.shared_calls.append(member)
+        key.unanswered += 1
+        return 0.0
+
+    def landed(self, key: UpstreamKey, at: float | None = None) -> None:
+        """The answer to a counted call arrived (or it failed) at `at` (time.monotonic())."""
+        key.unanswered -= 1
+        key.calls.add(time.monotonic() if at is None else at)
+        if key.shared_calls and self.shared is not None:
+            self.shared.soon(self.shared.landed(self._name(key), key.shared_calls.popleft()))
+        self._changed.set()
+
+    def _name(self, key: UpstreamKey) -> str:
+        return f"{self.provider}:{key.fingerprint}"
+
+    def _hold(self) -> float:
+        """How long a call counted in Redis may stay unanswered: then its process is gone."""
+        return self.config.connect_timeout + self.config.read_timeout + 5.0
+
     async def slot(self, key: UpstreamKey, deadline: float | None = None) -> None:
-        """Wait until `key` may make one more call (polls, balance reads), then count it."""
+        """Wait until `key` may make one more call (polls, balance reads), then count it; its
+        answer must be reported with `landed`."""
         while True:
             now = time.monotonic()
-            wait = self._wait(key, now)
+            wait = await self.take(key)
             if wait <= 0:
-                self.note_call(key)
                 return
             if deadline is not None and now + wait > deadline:
                 raise ProxyError(Kind.RATE_LIMITED, f"the {self.provider} key is at its rate limit",
@@ -213,8 +319,9 @@ class KeyPool:
                 if cost is not None and key.credits < cost:
                     short = True
                     continue  # cannot pay: skip it before a request is wasted on it
-            wait = self._wait(key, now)
-            busy = key.max_concurrent is not None and key.in_flight >= key.max_concurrent
+            wait = self._wait(key, now, self._reserve(key))
+            most = self.concurrency(key)
+            busy = most is not None and key.in_flight >= most
             if wait <= 0 and not busy:
                 ready.append(key)
             else:
@@ -246,9 +353,16 @@ class KeyPool:
         while True:
             now = time.monotonic()
             ready, soonest, short = self._candidates(exclude, cost_of, now)
-            if ready:
+            while ready:
                 key = self._pick(ready)
-                self.note_call(key)
+                if self.counted_shared(key):  # room here; Redis says whether there is room everywhere
+                    wait = await self.take(key, self._reserve(key), requests=True)
+                    if wait > 0:
+                        ready.remove(key)
+                        soonest = min(soonest, wait)
+                        continue
+                else:
+                    key.unanswered += 1
                 key.requests += 1
                 key.in_flight += 1
                 return key
@@ -259,35 +373,79 @@ class KeyPool:
                                  f"every {self.provider} key is at its rate or concurrency limit; retry later",
                                  retry_after=max(1.0, soonest))
             self._changed.clear()
+            self.waiting += 1  # polls that can be late by an interval leave the next room to this
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout=min(soonest, deadline - now))
             except TimeoutError:
                 pass
+            finally:
+                self.waiting -= 1
 
     def release(self, key: UpstreamKey) -> None:
+        """A call from `acquire` is over: its answer landed now."""
         key.in_flight -= 1
-        self._changed.set()
+        self.landed(key)
 
     # ---- outcomes -------------------------------------------------------------------
 
     def succeeded(self, key: UpstreamKey) -> None:
-        if key.state != "disabled":
-            key.state, key.until, key.reason = "active", 0.0, None
+        if key.state not in ("active", "disabled"):
+            self.set_state(key, "active")
 
     def failed(self, key: UpstreamKey, error: ProxyError) -> None:
         key.failures += 1
         now = time.monotonic()
         if error.kind is Kind.AUTH:
-            key.state, key.until, key.reason = "disabled", 0.0, error.message
+            self.set_state(key, "disabled", error.message)
         elif error.kind is Kind.BALANCE:
-            key.state, key.until, key.reason = "exhausted", now + self.config.recheck_after, error.message
+            self.set_state(key, "exhausted", error.message, now + self.config.recheck_after)
         elif error.kind is Kind.RATE_LIMITED:
             pause = error.retry_after if error.retry_after is not None else DEFAULT_COOLDOWN
-            key.state, key.until, key.reason = "cooling", now + pause, error.message
+            self.set_state(key, "cooling", error.message, now + pause)
 
-    def set_state(self, key: UpstreamKey, state: KeyState, reason: str | None = None) -> None:
-        key.state, key.until, key.reason = state, 0.0, reason
+    def balance_read(self, key: UpstreamKey, info: KeyInfo | None, cheapest: float) -> bool:
+        """The upstream told the key's credits: True when that brings an exhausted key back."""
+        key.checked_at = time.time()
+        if info is None:  # an answer without user data: nothing learnt this time
+            return False
+        key.credits, key.vip_level = info.credits, info.vip_level
+        if key.state == "exhausted" and (info.credits or 0) >= cheapest:
+            self.set_state(key, "active")
+            return True
+        return False
+
+    def balance_unread(self, key: UpstreamKey, error: ProxyError) -> None:
+        key.checked_at = time.time()
+        self.failed(key, error)
+
+    def spent(self, key: UpstreamKey, cost: float, balance: float | None = None) -> None:
+        """A paid call: the key's known credits go down (or are what the upstream says)."""
+        if balance is not None:
+            key.credits = balance
+        elif key.credits is not None:
+            key.credits -= cost
+
+    def set_state(self, key: UpstreamKey, state: KeyState, reason: str | None = None, until: float = 0.0,
+                  publish: bool = True) -> None:
+        """A key's state (until: time.monotonic() it ends; 0: none), told to every replica when
+        shared (`publish`: not when it came from one)."""
+        changed = (state, reason, until) != (key.state, key.reason, key.until)
+        key.state, key.until, key.reason = state, until, reason
         self._changed.set()
+        if changed and publish and self.shared is not None:
+            wall = time.time() + (until - time.monotonic()) if until else 0.0
+            self.shared.soon(self.shared.set_state(self._name(key), state, wall, reason))
+
+    def apply_shared(self, states: dict[str, StateChange], me: str) -> None:
+        """Key states other replicas published (every second): each key takes the latest."""
+        for key in self.keys:
+            change = states.get(self._name(key))
+            if change is None or change[3] == me:
+                continue
+            state, wall, reason, _ = change
+            until = time.monotonic() + (wall - time.time()) if wall else 0.0
+            if (state, reason) != (key.state, key.reason) or abs(until - key.until) > 0.5:
+                self.set_state(key, state, reason or None, until, publish=False)  # type: ignore[arg-type]  # a KeyState
 
     def nobody_left(self, last: ProxyError | None, short: bool = False) -> ProxyError:
         """The error to answer when no key can take the call: the most hopeful state wins."""

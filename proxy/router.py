@@ -19,7 +19,8 @@ import structlog
 
 from proxy.clip import clip
 from proxy.errors import Kind, ProxyError
-from proxy.providers.base import ModelInfo, Provider
+from proxy.providers.base import ModelInfo
+from proxy.providers.engine import Provider
 
 log = structlog.get_logger("proxy.router")
 

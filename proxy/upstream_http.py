@@ -1,17 +1,17 @@
-"""The one place that decides how the proxy talks HTTP to upstreams.
+"""The proxy's HTTP/1.1 client for upstream API calls: the submit and poll path.
 
-One `httpx.AsyncClient` per process, with a transport of our own underneath: HTTP/1.1
-keep-alive connections as asyncio protocols, responses parsed by httptools (the llhttp
-parser uvicorn uses). Streams and downloads use httpx's API (`httpx.Request` in,
-`httpx.Response` out); the providers' calls use `Http1Transport.fetch` (a request head
-written once per call shape in, a `Reply` out). GETs asked for in the same turn of the event
-loop, such as the polls of many tasks, go out pipelined: several in one write on one
+Keep-alive connections as asyncio protocols, answers parsed by httptools (the llhttp parser
+uvicorn uses) and read whole. The providers hand `Http1Transport.fetch` a request head
+written once per call shape and get a plain `Reply`; GETs asked for in the same turn of the
+event loop, such as the polls of many tasks, go out pipelined: several in one write on one
 connection. Measured on this machine (bench/clients.py, 64 calls at once): httpx's default
-pool costs 1,801 µs of CPU a call, httpx over aiohttp 375 µs, `fetch` 23 µs.
-Change the transport here and nowhere else.
+pool costs 1,801 µs of CPU a call, httpx over aiohttp 375 µs, `fetch` 23 µs. Result
+downloads (any host, redirects, large bodies) go through a stock client instead
+(proxy/downloads.py).
 
-Deliberately small: HTTP/1.1 only, no proxies (the client never reads the environment), no
-cookies, no redirects. Upstream APIs need none of them.
+Deliberately small: HTTP/1.1 only, answers read whole and capped, no cookies, no redirects;
+an egress HTTP proxy (proxy/egress.py) is reached with CONNECT, for http and https upstreams
+alike.
 """
 
 from __future__ import annotations
@@ -20,18 +20,19 @@ import asyncio
 import collections
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import httptools
 import httpx
 
+from proxy.egress import Egress, EgressProxy
+
 Origin = tuple[str, str, int]  # scheme, host, port: what a kept-alive connection is good for
 
 PIPELINE_DEPTH = 16  # GETs at most in one write on one connection
-
-# Reading stops while this much of a streamed body waits for its reader (a large download).
-_HIGH_WATER = 256 * 1024
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # an upstream API answer larger than this is an error
+_SPLIT_WRITE = 65536  # a body at least this long is written after its head, not copied onto it
 
 
 class Reply(NamedTuple):
@@ -58,257 +59,232 @@ def _broken(exc: BaseException) -> httpx.ReadError:
 
 
 class NotAnswered(Exception):
-    """A pipelined GET the upstream never began to answer: safe to send again on its own."""
+    """A request the upstream never began to answer: safe to send again if it is a GET."""
+
+
+class AnswerTooLarge(httpx.RemoteProtocolError):
+    """An answer longer than the transport reads; its connection is closed."""
+
+
+class _Exchange:
+    """One request's answer as it arrives, and the future waiting for it whole (uvicorn's
+    RequestResponseCycle)."""
+
+    __slots__ = ("begun", "encoded", "future", "headers", "parts", "size", "status", "until_eof")
+
+    def __init__(self, future: asyncio.Future[Reply]) -> None:
+        self.future = future
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.begun = False  # a byte of its answer arrived
+        self.until_eof = False  # a body delimited by the connection's end
+        self.encoded = False
+
+    def answer(self) -> None:
+        content = b"".join(self.parts)
+        if self.encoded:
+            content = _decoded(self.status, self.headers, content)
+        if not self.future.done():  # its caller may have given up
+            self.future.set_result(Reply(self.status, self.headers, content, time.monotonic()))
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
 
 
 class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection carrying one request at a time, or a pipeline of GETs whose
-    answers are read whole (`start_pipeline`)."""
+    """One HTTP/1.1 connection to one origin: requests written together (one call, or a
+    pipeline of GETs), their answers parsed and handed to each exchange in order. `ended` is
+    told once they are all over, answered or failed."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, origin: Origin, ended: Callable[[_Connection], None],
+                 max_bytes: int) -> None:
         self.loop = loop
+        self.origin = origin
+        self.ended = ended
+        self.max_bytes = max_bytes
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
-        self.requests = 0
-        self._head: asyncio.Future[None] | None = None
-        self._more: asyncio.Future[None] | None = None  # a reader waiting for body bytes
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.buffered = 0
-        self.complete = False
-        self.until_eof = False
-        self.encoded = False
-        self.head_only = False
-        self.received = False  # any byte of this request's answer
-        self.error: BaseException | None = None
-        # a pipeline: the answers still awaited, in order, and what to do once it is over
-        self.waiting: collections.deque[asyncio.Future[Reply]] | None = None
-        self.answered = 0
+        self.written = 0  # requests written on this connection, ever
+        self.exchanges: collections.deque[_Exchange] = collections.deque()  # unanswered, in order
+        self.batch = 0  # requests written together last
+        self.answered = 0  # of those, answered whole
         self.told_close = False  # an answer said Connection: close
-        self.on_end: Callable[[], None] | None = None  # called once the pipeline is over, either way
+        self.timer: asyncio.TimerHandle | None = None  # the deadline of the whole batch
+
+    def send(self, exchanges: list[_Exchange], head: bytes, body: bytes, read_timeout: float | None) -> None:
+        """Write requests; their answers are due whole within `read_timeout` seconds."""
+        self.exchanges.extend(exchanges)
+        self.batch, self.answered, self.told_close = len(exchanges), 0, False
+        self.written += len(exchanges)
+        # A timer that fails the batch, not asyncio.timeout: a tenth of the cost on every call.
+        self.timer = self.loop.call_later(read_timeout, self.time_out) if read_timeout is not None else None
+        assert self.transport is not None
+        if len(body) < _SPLIT_WRITE:
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
+            self.transport.write(body)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.received = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(httpx.RemoteProtocolError(f"malformed upstream response: {exc}"))
             self.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if not self.complete:
-            self._fail(exc or ConnectionResetError("the upstream closed the connection"))
+            self._fail(httpx.RemoteProtocolError(f"malformed upstream response: {exc}"))
 
     def eof_received(self) -> bool:
         self.closed = True  # never reused, even before connection_lost runs
-        if self.status >= 200 and self.until_eof:  # a body delimited by the connection's end
-            if self.waiting is not None:
-                self._answer()
-                return False
-            self.complete = True
-            self._wake_head()
-            self._wake_more()
+        if self.exchanges and self.exchanges[0].status >= 200 and self.exchanges[0].until_eof:
+            self._answered()
         return False
 
-    def on_message_begin(self) -> None:
-        self.received = True
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(exc or ConnectionResetError("the upstream closed the connection"))
 
-    # httptools callbacks
+    # httptools callbacks: the answer under way belongs to the first exchange
+    def on_message_begin(self) -> None:
+        if not self.exchanges:  # an answer nobody asked for: the connection is out of step
+            self.close()
+            return
+        self.exchanges[0].begun = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if self.exchanges:
+            self.exchanges[0].headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        if self.status < 200:  # 1xx: an interim answer; the real one follows
-            self.headers = []
+        if not self.exchanges:
             return
-        if self.head_only:  # the parser cannot know a HEAD answer has no body: end here, never reuse
-            self.complete = True
-            self.close()
-            self._wake_head()
+        exchange = self.exchanges[0]
+        status = self.parser.get_status_code()
+        if status < 200:  # 1xx: an interim answer; the real one follows
+            exchange.headers = []
             return
-        names = {name.lower() for name, _ in self.headers}
-        self.encoded = b"content-encoding" in names
-        self.until_eof = b"content-length" not in names and b"transfer-encoding" not in names \
-            and self.status not in (204, 304)
-        if self.waiting is None:
-            self._wake_head()
+        exchange.status = status
+        length: bytes | None = None
+        framed = False
+        for name, value in exchange.headers:
+            name = name.lower()
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                framed = True
+            elif name == b"content-encoding":
+                exchange.encoded = True
+        exchange.until_eof = length is None and not framed and status not in (204, 304)
+        if length is not None and length.strip().isdigit() and int(length) > self.max_bytes:
+            self._too_large()
 
     def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)
-        self.buffered += len(body)
-        if self.waiting is not None:
-            return  # read whole: nobody reads piece by piece, so reading never pauses
-        if self.buffered > _HIGH_WATER and self.transport is not None:
-            self.transport.pause_reading()
-        self._wake_more()
+        if not self.exchanges:
+            return
+        exchange = self.exchanges[0]
+        exchange.parts.append(body)
+        exchange.size += len(body)
+        if exchange.size > self.max_bytes:
+            self._too_large()
 
     def on_message_complete(self) -> None:
-        if self.status < 200:
-            return
-        if self.waiting is not None:
-            self._answer()
-            return
-        self.complete = True
-        if not self.parser.should_keep_alive():
-            self.close()
-        self._wake_head()
-        self._wake_more()
+        if self.exchanges and self.exchanges[0].status >= 200:
+            self._answered()
 
-    def _answer(self) -> None:
-        """A pipelined answer is complete: to its caller, and the parser state to the next."""
-        assert self.waiting is not None
-        content = self.body_so_far()
-        reply = Reply(self.status, self.headers, _decoded(self.status, self.headers, content) if self.encoded
-                      else content, time.monotonic())
-        future = self.waiting.popleft()
-        if not future.done():  # its caller may have given up
-            future.set_result(reply)
+    def _answered(self) -> None:
+        """The first exchange's answer is whole: to its caller, and the parser to the next."""
+        self.exchanges.popleft().answer()
         self.answered += 1
-        self.status, self.headers, self.received, self.until_eof = 0, [], False, False
         if not self.parser.should_keep_alive():
             self.told_close = True
             self.close()
-        if not self.waiting:
-            self.complete = True
-            self._end_pipeline()
+        if not self.exchanges:
+            self._end()
 
-    def _end_pipeline(self) -> None:
-        end, self.on_end = self.on_end, None
-        if end is not None:
-            end()  # at once: the connection is back in the pool before any caller runs on
-
-    # for the transport
-    def _reset(self, requests: int, head_only: bool = False) -> None:
-        """Fresh answer state for the next request (or pipeline) on this connection."""
-        self.status, self.headers, self.complete, self.received, self.error = 0, [], False, False, None
-        self.head_only = head_only
-        self.chunks.clear()
-        self.buffered = 0
-        self.requests += requests
-
-    def start_pipeline(self, futures: list[asyncio.Future[Reply]], heads: bytes, on_end: Callable[[], None]) -> None:
-        self._reset(len(futures))
-        self.waiting = collections.deque(futures)
-        self.answered = 0
-        self.told_close = False
-        self.on_end = on_end
-        assert self.transport is not None
-        self.transport.write(heads)
-
-    def start(self, head: bytes, body: bytes, head_only: bool = False) -> None:
-        self._reset(1, head_only)
-        self.waiting = None
-        self._head = self.loop.create_future()
-        assert self.transport is not None
-        self.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
-            self.transport.write(body)
-
-    async def head(self) -> None:
-        assert self._head is not None
-        await self._head
-        if self.error is not None and not self.status:
-            raise self.error
-
-    async def next_chunk(self, read_timeout: float | None) -> bytes | None:
-        """The next piece of the body; None at its end."""
-        while True:
-            if self.chunks:
-                chunk = self.chunks.popleft()
-                self.buffered -= len(chunk)
-                if self.buffered <= _HIGH_WATER // 2 and self.transport is not None and not self.closed:
-                    self.transport.resume_reading()
-                return chunk
-            if self.complete:
-                return None
-            if self.error is not None:
-                raise self.error
-            self._more = self.loop.create_future()
-            try:
-                async with asyncio.timeout(read_timeout):
-                    await self._more
-            except TimeoutError:
-                raise httpx.ReadTimeout("the upstream stopped sending") from None
-
-    def body_so_far(self) -> bytes:
-        body = b"".join(self.chunks)
-        self.chunks.clear()
-        self.buffered = 0
-        return body
+    def _too_large(self) -> None:
+        self.close()
+        self._fail(AnswerTooLarge(f"the upstream answer is larger than {self.max_bytes} bytes"))
 
     def time_out(self) -> None:
-        if self.waiting is not None:
-            self._fail(httpx.ReadTimeout("the upstream did not answer in time"))
-            self.close()
+        self.timer = None
+        self.close()
+        self._fail(httpx.ReadTimeout("the upstream did not answer in time"))
+
+    def _fail(self, exc: BaseException) -> None:
+        """The answer under way (or the one timed out) fails; those never begun may be sent
+        again on their own."""
+        if not self.exchanges:
             return
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(TimeoutError())
+        first = self.exchanges.popleft()
+        if first.begun or isinstance(exc, httpx.TimeoutException):
+            first.fail(exc if isinstance(exc, httpx.TransportError) else _broken(exc))
+        else:
+            first.fail(NotAnswered())
+        while self.exchanges:
+            self.exchanges.popleft().fail(NotAnswered())
+        self._end()
+
+    def _end(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.ended(self)  # at once: the connection is back in the pool before any caller runs on
 
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
             self.transport.close()
 
-    def _fail(self, exc: BaseException) -> None:
-        self.error = exc
-        if self.waiting is not None:
-            # the answer under way (or the one timed out) fails; those never begun may be sent
-            # again on their own
-            first = True
-            while self.waiting:
-                future = self.waiting.popleft()
-                if not future.done():
-                    if first and (self.received or isinstance(exc, httpx.ReadTimeout)):
-                        future.set_exception(exc if isinstance(exc, httpx.TransportError) else _broken(exc))
-                    else:
-                        future.set_exception(NotAnswered())
-                first = False
-            self._end_pipeline()
-            return
-        self._wake_head()
-        self._wake_more()
 
-    def _wake_head(self) -> None:
-        if self._head is not None and not self._head.done():
-            self._head.set_result(None)
+class _Tunnel(asyncio.Protocol):
+    """An egress proxy's answer to CONNECT, read up to its blank line."""
 
-    def _wake_more(self) -> None:
-        if self._more is not None and not self._more.done():
-            self._more.set_result(None)
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.answer: asyncio.Future[bytes] = loop.create_future()
+        self.data = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if not self.answer.done() and (b"\r\n\r\n" in self.data or len(self.data) > 65536):
+            self.answer.set_result(self.data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(exc or ConnectionResetError("the egress proxy closed the connection"))
 
 
-class _BodyStream(httpx.AsyncByteStream):
-    """A body still arriving: read on demand, the connection given back once it is read."""
-
-    def __init__(self, transport: Http1Transport, origin: Origin, conn: _Connection,
-                 read_timeout: float | None) -> None:
-        self._transport, self._origin, self._conn = transport, origin, conn
-        self._read_timeout = read_timeout
-        self._done = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            while (chunk := await self._conn.next_chunk(self._read_timeout)) is not None:
-                yield chunk
-        except (OSError, httpx.RemoteProtocolError) as exc:
-            raise _broken(exc) from exc
-
-    async def aclose(self) -> None:
-        if not self._done:
-            self._done = True
-            self._transport.done(self._origin, self._conn)
+class ProxyRefused(OSError):
+    """The egress proxy would not open a tunnel to the upstream."""
 
 
-class Http1Transport(httpx.AsyncBaseTransport):
+async def _tunnel(loop: asyncio.AbstractEventLoop, proxy: EgressProxy, host: str, port: int) -> asyncio.Transport:
+    """A connection to `host`:`port` through `proxy` (CONNECT), ready for the upstream's bytes."""
+    raw, tunnel = await loop.create_connection(lambda: _Tunnel(loop), proxy.host, proxy.port)
+    try:
+        target = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode("ascii")
+        request = b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (target, target)
+        if proxy.authorization is not None:
+            request += b"Proxy-Authorization: " + proxy.authorization + b"\r\n"
+        raw.write(request + b"\r\n")
+        answer = await tunnel.answer
+        head, end, rest = answer.partition(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1] if head.startswith(b"HTTP/1.") and b" " in head else b""
+        if not (status.isdigit() and 200 <= int(status) < 300) or not end or rest:
+            raise ProxyRefused(f"the egress proxy answered CONNECT with {head[:64]!r}")
+    except BaseException:
+        raw.close()
+        raise
+    return raw
+
+
+class Http1Transport:
     """HTTP/1.1 keep-alive pool: at most `max_connections` open and as many in use (a call,
     or a pipeline of up to PIPELINE_DEPTH GETs); idle connections are kept `keepalive_expiry`
     seconds, and the oldest idle one makes way when a call to any upstream needs a new
@@ -321,78 +297,63 @@ class Http1Transport(httpx.AsyncBaseTransport):
     from then on."""
 
     def __init__(self, *, max_connections: int = 1000, keepalive_expiry: float = 4.0,
-                 verify: ssl.SSLContext | bool = True) -> None:
+                 verify: ssl.SSLContext | bool = True, egress: Egress | None = None,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
         self.keepalive_expiry = keepalive_expiry
         self.max_connections = max_connections
-        self._calls = asyncio.Semaphore(max_connections)  # one permit per call in flight
+        self.max_answer_bytes = max_answer_bytes
+        self._egress = egress
+        # Permits, one per call or pipeline in flight, counted here: a waiter is a future in line.
+        self._busy = 0
+        self._line: collections.deque[asyncio.Future[None]] = collections.deque()
         self._open = 0  # connections open or opening
         self._idle: dict[Origin, list[_Connection]] = {}
-        if isinstance(verify, ssl.SSLContext):
-            self._ssl = verify
-        else:
-            self._ssl = httpx.create_ssl_context(verify=verify)
+        self._ssl = verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context(verify=verify)
         self._closed = False
         self._swept = 0.0
         self._queued: dict[Origin, list[tuple[bytes, asyncio.Future[Reply]]]] = {}
         self._pipelines: set[asyncio.Task[None]] = set()
         self._unpipelined: set[Origin] = set()  # origins that broke a pipeline
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        if url.scheme not in ("http", "https"):
-            raise httpx.UnsupportedProtocol(f"unsupported scheme {url.scheme!r}", request=request)
-        origin = origin_of(url)
-        head = head_of(request.method, url, request.headers.raw) + b"\r\n"
-        stream = request.stream
-        body = b"".join(stream) if isinstance(stream, httpx.ByteStream) else await request.aread()
-        if b"transfer-encoding" in head.lower():  # a streamed body, now read whole: send it as one chunk
-            body = (b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)) if body else b"0\r\n\r\n"
-        try:
-            conn = await self._send(origin, request.method, head, body, request.extensions.get("timeout") or {})
-        except httpx.RequestError as exc:
-            exc.request = request
-            raise
-        if conn.complete:  # the common case: the whole answer arrived with its head
-            response = httpx.Response(conn.status, headers=conn.headers, stream=httpx.ByteStream(b""))
-            self._finish(origin, conn, response, conn.body_so_far())
-            return response
-        rest = _BodyStream(self, origin, conn, (request.extensions.get("timeout") or {}).get("read"))
-        return httpx.Response(conn.status, headers=conn.headers, stream=rest)
-
     async def fetch(self, origin: Origin, method: str, head: bytes, body: bytes,
                     timeouts: dict[str, float | None]) -> Reply:
-        """One call, answered whole, with no httpx object built: the providers' path.
+        """One call, answered whole: the providers' path.
 
         `head` is the request line and header lines, up to and including the blank line
-        (`head_of`); `origin` is `origin_of` the same URL. Raises httpx's transport errors.
+        (`head_of`); `origin` is `origin_of` the same URL. `timeouts["read"]` is a deadline for
+        the whole answer. Raises httpx's transport errors (`AnswerTooLarge` past
+        `max_answer_bytes`).
         """
-        if method == "GET" and not body:
-            queued = self.queue_get(origin, head, timeouts)
-            if queued is not None:
-                try:
-                    return await queued
-                except NotAnswered:  # its pipeline broke before the upstream began this one
-                    pass
-        conn = await self._send(origin, method, head, body, timeouts)
-        status, headers, encoded = conn.status, conn.headers, conn.encoded
-        if conn.complete:
-            content = conn.body_so_far()
-        else:
-            parts = []  # a body longer than its first packets: read the rest here
+        if method == "HEAD":
+            raise ValueError("fetch reads an answer's body, and a HEAD answer has none")
+        if method != "GET" or body:
+            return await self._call(origin, head, body, timeouts, again=False)
+        queued = self.queue_get(origin, head, timeouts)
+        if queued is not None:
             try:
-                while (chunk := await conn.next_chunk(timeouts.get("read"))) is not None:
-                    parts.append(chunk)
-            except BaseException as exc:
-                self._forget(conn)
-                self._calls.release()
-                if isinstance(exc, OSError | httpx.RemoteProtocolError):
-                    raise _broken(exc) from exc
-                raise
-            content = b"".join(parts)
-        self.done(origin, conn)
-        if encoded:  # httpx's decoders undo the content-encoding
-            content = _decoded(status, headers, content)
-        return Reply(status, headers, content, time.monotonic())
+                return await queued
+            except NotAnswered:  # its pipeline broke before the upstream began this one
+                pass
+        return await self._call(origin, head, body, timeouts, again=True)
+
+    async def _call(self, origin: Origin, head: bytes, body: bytes, timeouts: dict[str, float | None],
+                    again: bool, fresh: bool = False) -> Reply:
+        await self._take(timeouts.get("pool"))
+        try:
+            conn, reused = await self._connect(origin, timeouts, fresh)
+        except BaseException:
+            self._give()
+            raise
+        future: asyncio.Future[Reply] = conn.loop.create_future()
+        conn.send([_Exchange(future)], head, body, timeouts.get("read"))
+        try:
+            return await future
+        except NotAnswered:
+            # A kept-alive connection the upstream had just closed: a GET is safe to send once
+            # more, on a new connection; anything else may have been acted on.
+            if again and reused:
+                return await self._call(origin, head, body, timeouts, False, fresh=True)
+            raise _broken(ConnectionResetError("the upstream closed the connection without answering")) from None
 
     def queue_get(self, origin: Origin, head: bytes,
                   timeouts: dict[str, float | None]) -> asyncio.Future[Reply] | None:
@@ -420,30 +381,30 @@ class Http1Transport(httpx.AsyncBaseTransport):
             batch = queued[at:at + PIPELINE_DEPTH]
             conn = self._free_now(origin)
             if conn is not None:  # the common case: written in this turn of the loop, with no task
-                self._start_pipeline(origin, conn, batch, timeouts)
+                self._pipeline_on(conn, batch, timeouts)
                 continue
             runner = asyncio.ensure_future(self._pipeline(origin, batch, timeouts))
             self._pipelines.add(runner)
             runner.add_done_callback(self._pipelines.discard)
 
     def _free_now(self, origin: Origin) -> _Connection | None:
-        """A call permit and a kept-alive connection to `origin`, if both are free right now."""
-        if self._closed or not self._idle.get(origin) or not _acquired_now(self._calls):
+        """A permit and a kept-alive connection to `origin`, if both are free right now."""
+        if self._closed or not self._idle.get(origin) or not self._take_now():
             return None
         conn = self._kept_alive(origin)
         if conn is None:
-            self._calls.release()
+            self._give()
         return conn
 
     async def _pipeline(self, origin: Origin, batch: list[tuple[bytes, asyncio.Future[Reply]]],
                         timeouts: dict[str, float | None]) -> None:
         """A pipeline that waits for a permit or a new connection first."""
         try:
-            await self._permit(timeouts)
+            await self._take(timeouts.get("pool"))
             try:
                 conn, _ = await self._connect(origin, timeouts)
             except BaseException:
-                self._calls.release()
+                self._give()
                 raise
         except (httpx.TransportError, OSError) as exc:
             for _, future in batch:
@@ -455,108 +416,83 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 if not future.done():
                     future.set_exception(NotAnswered())
             raise
-        self._start_pipeline(origin, conn, batch, timeouts)
+        self._pipeline_on(conn, batch, timeouts)
 
-    def _start_pipeline(self, origin: Origin, conn: _Connection, batch: list[tuple[bytes, asyncio.Future[Reply]]],
-                        timeouts: dict[str, float | None]) -> None:
+    @staticmethod
+    def _pipeline_on(conn: _Connection, batch: list[tuple[bytes, asyncio.Future[Reply]]],
+                     timeouts: dict[str, float | None]) -> None:
         """Write the batch; the caller holds a permit and the connection, given back at its end."""
-        read = timeouts.get("read")
-        timer = conn.loop.call_later(read, conn.time_out) if read is not None else None
+        conn.send([_Exchange(future) for _, future in batch], b"".join(head for head, _ in batch), b"",
+                  timeouts.get("read"))
 
-        def ended() -> None:
-            if timer is not None:
-                timer.cancel()
-            fresh_and_closed = conn.told_close and conn.answered == 1 and conn.requests == len(batch)
-            if not conn.complete and conn.answered and (not conn.told_close or fresh_and_closed):
+    def _ended(self, conn: _Connection) -> None:
+        """What was written on `conn` is over: its permit freed, the connection kept (or closed)."""
+        if conn.answered and conn.answered < conn.batch:
+            fresh = conn.written == conn.batch
+            if not conn.told_close or (fresh and conn.answered == 1):
                 # The upstream answered part of a pipeline, then stopped without saying why, or
                 # closed a fresh connection after its first answer (it keeps none alive): its
                 # GETs go one at a time from now on. A close it announces on a connection that
                 # served before is a keep-alive limit, not a reason.
-                self._unpipelined.add(origin)
-            self.done(origin, conn)
+                self._unpipelined.add(conn.origin)
+        self._give()
+        if conn.closed or self._closed:
+            self._forget(conn)
+            return
+        now = conn.idle_since = time.monotonic()
+        self._idle.setdefault(conn.origin, []).append(conn)
+        if now - self._swept > self.keepalive_expiry:
+            self._sweep(now)
 
-        conn.start_pipeline([future for _, future in batch], b"".join(head for head, _ in batch), ended)
+    # ---- permits ------------------------------------------------------------------------
 
-    def _finish(self, origin: Origin, conn: _Connection, response: httpx.Response, content: bytes) -> None:
-        """The whole body has arrived: into the response, the connection back to the pool."""
-        encoded = conn.encoded
-        self.done(origin, conn)
-        if encoded:
-            response.stream = httpx.ByteStream(content)
-            response.read()  # httpx's decoders undo the content-encoding
-        else:
-            response._content = content  # read already: skips httpx's decoder pipeline, 13 µs a call
+    def _take_now(self) -> bool:
+        if self._busy < self.max_connections and not self._line:
+            self._busy += 1
+            return True
+        return False
 
-    async def _send(self, origin: Origin, method: str, head: bytes, body: bytes,
-                    timeouts: dict[str, float | None]) -> _Connection:
-        """Send one request and wait for its answer's head; the caller then holds the call's
-        permit and the connection, and gives both back through `done` once the body is read."""
-        await self._permit(timeouts)
-        conn: _Connection | None = None
-        try:
-            conn, reused = await self._connect(origin, timeouts)
-            try:
-                await self._exchange(conn, head, body, timeouts.get("read"), method)
-            except (httpx.RemoteProtocolError, httpx.ReadError):
-                # A kept-alive connection the upstream had just closed: a GET is safe to try once
-                # more on a fresh one when the upstream never answered a byte.
-                if not (reused and not conn.received and method == "GET"):
-                    raise
-                self._forget(conn)
-                conn, _ = await self._connect(origin, timeouts)
-                await self._exchange(conn, head, body, timeouts.get("read"), method)
-        except BaseException:
-            if conn is not None:
-                self._forget(conn)
-            self._calls.release()
-            raise
-        return conn
-
-    async def _permit(self, timeouts: dict[str, float | None]) -> None:
+    async def _take(self, pool_timeout: float | None) -> None:
         if self._closed:
             raise httpx.ConnectError("the upstream client is closed")
-        if self._calls.locked():
-            try:
-                async with asyncio.timeout(timeouts.get("pool")):
-                    await self._calls.acquire()
-            except TimeoutError:
-                raise httpx.PoolTimeout("no upstream connection free in time") from None
-        else:
-            await self._calls.acquire()  # free: returns at once
-
-    async def _exchange(self, conn: _Connection, head: bytes, body: bytes, read_timeout: float | None,
-                        method: str) -> None:
-        conn.start(head, body, method == "HEAD")
-        # A timer that fails the wait, not asyncio.timeout: a tenth of the cost on every call.
-        timer = conn.loop.call_later(read_timeout, conn.time_out) if read_timeout is not None else None
+        if self._take_now():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._line.append(waiter)
         try:
-            await conn.head()
-        except TimeoutError:
-            raise httpx.ReadTimeout("the upstream did not answer in time") from None
-        except httpx.RemoteProtocolError as exc:
-            raise httpx.RemoteProtocolError(str(exc)) from None
-        except OSError as exc:
-            raise _broken(exc) from None
-        finally:
-            if timer is not None:
-                timer.cancel()
+            async with asyncio.timeout(pool_timeout):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._give()  # handed a permit just as the wait ended: pass it on
+            elif waiter in self._line:
+                self._line.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise httpx.PoolTimeout("no upstream connection free in time") from None
+            raise
 
-    async def _connect(self, origin: Origin, timeouts: dict[str, float | None]) -> tuple[_Connection, bool]:
-        """A kept-alive connection to `origin`, or a new one; the caller holds a call permit."""
-        kept = self._kept_alive(origin)
+    def _give(self) -> None:
+        while self._line:
+            waiter = self._line.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the permit goes straight to the first in line
+                return
+        self._busy -= 1
+
+    # ---- connections --------------------------------------------------------------------
+
+    async def _connect(self, origin: Origin, timeouts: dict[str, float | None],
+                       fresh: bool = False) -> tuple[_Connection, bool]:
+        """A kept-alive connection to `origin` (unless `fresh`), or a new one; the caller holds a permit."""
+        kept = None if fresh else self._kept_alive(origin)
         if kept is not None:
             return kept, True
         if self._open >= self.max_connections:
             self._evict_one()  # calls in flight < permits, so some connection is idle
         self._open += 1
-        scheme, host, port = origin
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeouts.get("connect")):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(loop), host, port,
-                    ssl=self._ssl if scheme == "https" else None,
-                    server_hostname=host if scheme == "https" else None)
+                conn = await self._open_connection(origin)
         except TimeoutError:
             self._open -= 1
             raise httpx.ConnectTimeout("connecting to the upstream timed out") from None
@@ -568,6 +504,29 @@ class Http1Transport(httpx.AsyncBaseTransport):
             raise
         return conn, False
 
+    async def _open_connection(self, origin: Origin) -> _Connection:
+        scheme, host, port = origin
+        loop = asyncio.get_running_loop()
+        conn = _Connection(loop, origin, self._ended, self.max_answer_bytes)
+        tls = self._ssl if scheme == "https" else None
+        proxy = self._egress.for_origin(scheme, host) if self._egress is not None else None
+        if proxy is None:
+            await loop.create_connection(lambda: conn, host, port, ssl=tls, server_hostname=host if tls else None)
+            return conn
+        raw = await _tunnel(loop, proxy, host, port)
+        try:
+            if tls is None:
+                raw.set_protocol(conn)
+                conn.connection_made(raw)
+            else:  # TLS with the upstream inside the tunnel: the certificate names the upstream
+                secure = await loop.start_tls(raw, conn, tls, server_hostname=host)
+                assert secure is not None
+                conn.connection_made(secure)
+        except BaseException:
+            raw.close()
+            raise
+        return conn
+
     def _kept_alive(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)
         now = time.monotonic()
@@ -577,17 +536,6 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 return conn
             self._forget(conn)
         return None
-
-    def done(self, origin: Origin, conn: _Connection) -> None:
-        """A call is over: its connection is kept for the next one (or closed), its permit freed."""
-        self._calls.release()
-        if conn.closed or not conn.complete or self._closed:
-            self._forget(conn)
-            return
-        now = conn.idle_since = time.monotonic()
-        self._idle.setdefault(origin, []).append(conn)
-        if now - self._swept > self.keepalive_expiry:
-            self._sweep(now)
 
     def _sweep(self, now: float) -> None:
         """Close idle connections that expired or that the upstream closed."""
@@ -633,58 +581,21 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._idle.clear()
 
 
-class UpstreamClient(httpx.AsyncClient):
-    """The process's one httpx client, plus `call`: a request straight to the transport.
+class UpstreamClient:
+    """The process's one upstream client, as the providers hold it: `transport.fetch` and
+    `transport.queue_get`."""
 
-    `call` skips what `send` wraps around the transport (auth flows, redirects, cookies,
-    event hooks), none of which the proxy sets; that is ~85 µs of CPU per call measured
-    (bench/README.md). `stream`, `get` and the rest work as in any httpx client.
-    """
-
-    def __init__(self, transport: Http1Transport, **kwargs: Any) -> None:
-        super().__init__(transport=transport, **kwargs)
+    def __init__(self, transport: Http1Transport) -> None:
         self.transport = transport
 
-    async def call(self, request: httpx.Request) -> httpx.Response:
-        response = await self.transport.handle_async_request(request)
-        response.request = request
-        if not isinstance(response.stream, httpx.ByteStream):
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-        return response
+    async def aclose(self) -> None:
+        await self.transport.aclose()
 
 
-class _NoCookies(httpx.Cookies):
-    """The one client serves every key and every client of the proxy: a cookie one upstream
-    answer sets must not ride along on another's calls."""
-
-    def extract_cookies(self, response: httpx.Response) -> None:
-        return None
-
-
-def build_client(max_connections: int = 1000, verify: ssl.SSLContext | bool = True) -> UpstreamClient:
-    client = UpstreamClient(
-        Http1Transport(max_connections=max_connections, verify=verify),
-        timeout=httpx.Timeout(60.0, connect=5.0),
-        follow_redirects=False,
-        trust_env=False,
-    )
-    client._cookies = _NoCookies()  # the property setter would copy into a plain Cookies jar
-    return client
-
-
-def _acquired_now(semaphore: asyncio.Semaphore) -> bool:
-    """`Semaphore.acquire` in this turn of the event loop, where it would not wait."""
-    if semaphore.locked():
-        return False
-    step = semaphore.acquire()
-    try:
-        step.send(None)  # an unlocked semaphore's acquire returns without suspending
-    except StopIteration:
-        return True
-    raise RuntimeError("an unlocked semaphore's acquire suspended")
+def build_client(max_connections: int = 1000, verify: ssl.SSLContext | bool = True, *,
+                 egress: Egress | None = None, max_answer_bytes: int = MAX_ANSWER_BYTES) -> UpstreamClient:
+    return UpstreamClient(Http1Transport(max_connections=max_connections, verify=verify, egress=egress,
+                                         max_answer_bytes=max_answer_bytes))
 
 
 def origin_of(url: httpx.URL) -> Origin:

@@ -1,12 +1,14 @@
 """Fixtures: the simulated upstreams and the proxy, each a real uvicorn server on loopback.
 
-The simulators start once per session and are reset before every test that uses them;
+The simulators (xffuw, Fengyuan, and an OpenAI-compatible server for `type = "openai"`) start
+once per session and are reset before every test that uses them;
 each test gets its own proxy (fresh pool and catalogue) built from `proxy_config`.
 """
 
 from __future__ import annotations
 
 import copy
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +19,20 @@ from openai import AsyncOpenAI, OpenAI
 from proxy.app import create_app
 from proxy.config import parse_config
 from proxy.server import BackgroundServer
-from proxy.sim import FengyuanSim, XffuwSim, create_fengyuan_app, create_xffuw_app
+from proxy.sim import (
+    FengyuanSim,
+    OpenAICompatSim,
+    XffuwSim,
+    create_fengyuan_app,
+    create_openai_compat_app,
+    create_xffuw_app,
+)
 
 CLIENT_KEY = "sk-test-alice-0123456789"
 OTHER_CLIENT_KEY = "sk-test-bob-9876543210"
 XFFUW_KEYS = ["xf_test_key_alpha_1111", "xf_test_key_beta_2222"]
 FENGYUAN_KEYS = ["sk-fy-test-key-normal-3333"]
+OPENAI_COMPAT_KEYS = ["sk-compat-test-alpha-5555", "sk-compat-test-beta-6666"]
 
 
 @dataclass
@@ -54,6 +64,33 @@ def sims(_sim_servers: Sims) -> Sims:
     return _sim_servers
 
 
+@dataclass
+class CompatSim:
+    """The simulated OpenAI-compatible upstream; `base_url` is what a `type = "openai"` table names."""
+
+    sim: OpenAICompatSim
+    url: str
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+
+@pytest.fixture(scope="session")
+def _openai_sim_server() -> Iterator[CompatSim]:
+    sim = OpenAICompatSim({k: 100.0 for k in OPENAI_COMPAT_KEYS})
+    server = BackgroundServer(create_openai_compat_app(sim)).start()
+    sim.public_base = server.url
+    yield CompatSim(sim, server.url)
+    server.stop()
+
+
+@pytest.fixture
+def openai_sim(_openai_sim_server: CompatSim) -> CompatSim:
+    _openai_sim_server.sim.reset()
+    return _openai_sim_server
+
+
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(base)
     for key, value in extra.items():
@@ -75,6 +112,8 @@ def proxy_config(sims: Sims, tmp_path: Any) -> dict[str, Any]:
         },
         "tasks": {"poll_interval": 0.2, "first_poll": 0.05, "timeout": 10},
         "aliases": {"dall-e-3": "xffuw/gpt-image-2", "my-chat": "gpt-4o-mini"},
+        # The suite's image tests read URLs; the gpt-image-* default (b64_json) is tested in test_images.py.
+        "images": {"response_format": {"gpt-image-*": "url"}},
         "log": {"format": "json"},
         "storage": {"path": str(tmp_path / "proxy.sqlite3")},
     }
@@ -90,10 +129,10 @@ class RunningProxy:
         return self.url + "/v1"
 
     def client(self, api_key: str = CLIENT_KEY, **options: Any) -> OpenAI:
-        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30, **options)
+        return OpenAI(base_url=self.base_url, api_key=api_key, **{"max_retries": 0, "timeout": 30, **options})
 
     def async_client(self, api_key: str = CLIENT_KEY, **options: Any) -> AsyncOpenAI:
-        return AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30, **options)
+        return AsyncOpenAI(base_url=self.base_url, api_key=api_key, **{"max_retries": 0, "timeout": 30, **options})
 
 
 @pytest.fixture
@@ -118,3 +157,14 @@ def proxy(start_proxy: Callable[[dict[str, Any]], RunningProxy], proxy_config: d
 @pytest.fixture
 def client(proxy: RunningProxy) -> OpenAI:
     return proxy.client()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Child processes a test starts (tests/helpers.py `spawn`), killed when it ends."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)

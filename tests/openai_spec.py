@@ -1,17 +1,17 @@
 """Validate what the proxy returns against OpenAI's official OpenAPI spec.
 
-The spec is ``<repo>/../shared/openai-openapi.yaml`` (override with the
-``PROXY_OPENAI_SPEC`` environment variable).  It is parsed once per process;
-the parsed and normalised form is cached as a pickle in
-``<repo>/.pytest_cache/openai-spec-<sha256 of yaml>-<sha of this module>.pickle``
-so that later runs skip YAML parsing.  Validators are built lazily, once per
-schema, with jsonschema's Draft 2020-12 validator and a ``referencing``
-registry holding the whole (normalised) document, so internal ``$ref``\\ s
-resolve.
+The spec is the part of OpenAI's OpenAPI document (https://github.com/openai/openai-openapi,
+MIT) that the tests use, vendored in ``tests/openai_spec/openai-openapi.subset.json``: the
+component schemas named below and the operations of the routes the proxy serves, with their
+``$ref`` closure, already normalised to JSON Schema 2020-12 (``tests/openai_spec/README.md``
+says which spec version, ``regenerate.py`` there makes it from the full spec and explains the
+normalisation). Nothing outside the repository is read. The file is loaded once per process;
+validators are built lazily, once per schema, with jsonschema's Draft 2020-12 validator and a
+``referencing`` registry holding the whole document, so internal ``$ref``\\ s resolve.
 
 Every ``validate*`` function returns ``None`` or raises ``AssertionError``
-whose message names the schema, the JSON path of each failure and the
-validator's message (first few errors).
+whose message names the schema, the spec version, the JSON path of each failure
+and the validator's message (first few errors).
 
 Schema names to use, per endpoint (all under ``#/components/schemas/``)
 -----------------------------------------------------------------------
@@ -57,27 +57,8 @@ Schema names to use, per endpoint (all under ``#/components/schemas/``)
 any error (HTTP >= 400)                       ``ErrorResponse`` (``{"error": Error}``)
 ============================================  =========================================
 
-How the OpenAPI 3.1 document is made a valid JSON Schema 2020-12 (checked by
-grepping this spec):
-
-* ``nullable: true`` (OpenAPI 3.0 leftover, ~110 places, e.g. the stream
-  chunk's ``finish_reason`` and ``usage``) becomes ``type: [T, "null"]`` (and
-  ``null`` is added to an ``enum``) or ``anyOf: [schema, {type: null}]``; an
-  ``allOf`` member that is only ``{nullable: true}`` makes its parent nullable.
-* ``exclusiveMinimum: true`` + ``minimum: m`` (3.0 boolean form) becomes
-  ``exclusiveMinimum: m``.
-* ``discriminator`` + ``oneOf``/``anyOf`` of ``$ref``\\ s is compiled into a
-  dispatch on the property value (``if``/``then``), which is what the
-  discriminator means and gives precise errors; unions it cannot resolve fall
-  back to ``anyOf`` (overlapping ``oneOf`` branches would otherwise reject
-  valid objects).
-* ``$recursiveAnchor``/``$recursiveRef: "#"`` (2019-09, in ``CompoundFilter``)
-  become a ``$ref`` to the enclosing component; repeated ``required`` names
-  (``ContainerResource``) are de-duplicated.  Every normalised schema passes
-  the 2020-12 metaschema.
-* ``x-*`` keys, ``description``, ``title``, ``example(s)`` are dropped.
-* ``format`` (``unixtime``, ``uri``, ``double``, ``int64``, ``date``, ...) stays
-  an annotation: not asserted.
+A schema or route the subset lacks: add it to ``ROOTS`` or ``PATHS`` in
+``tests/openai_spec/regenerate.py`` and regenerate.
 
 Where the spec is stricter than OpenAI's own examples (so send it this way):
 a chat ``message`` requires ``refusal`` (null) and a choice ``logprobs``
@@ -88,10 +69,7 @@ not nullable (omit them rather than send null); ``output_text`` content needs
 ``sequence_number``.
 """
 
-import copy
-import hashlib
-import os
-import pickle
+import json
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -100,14 +78,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match, relevance
-from referencing import Registry, Resource
+from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 __all__ = [
     "COMPLETION_STREAM_CHUNK",
+    "SPEC_FILE",
     "find_operation",
     "load_info",
     "response_schema",
@@ -130,9 +108,9 @@ __all__ = [
     "validate_response_stream_event",
 ]
 
-SPEC_ENV = "PROXY_OPENAI_SPEC"
-_HERE = Path(__file__).resolve().parent
-_REPO = _HERE.parent
+#: The vendored, normalised subset of OpenAI's spec (see tests/openai_spec/README.md).
+SPEC_FILE = Path(__file__).resolve().parent / "openai_spec" / "openai-openapi.subset.json"
+_REGENERATE = "tests/openai_spec/regenerate.py"
 _BASE_URI = "urn:openai-openapi"
 _SCHEMAS_PTR = "/components/schemas/"
 _MAX_ERRORS = 5
@@ -141,299 +119,45 @@ _MAX_MESSAGE = 400
 #: Derived schema (not in the spec) for one legacy ``/completions`` stream chunk.
 COMPLETION_STREAM_CHUNK = "x-proxy-CreateCompletionStreamChunk"
 
-_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
-_ONE_SCHEMA = frozenset(
-    {
-        "items",
-        "additionalProperties",
-        "not",
-        "contains",
-        "propertyNames",
-        "if",
-        "then",
-        "else",
-        "unevaluatedItems",
-        "unevaluatedProperties",
-        "contentSchema",
-    }
-)
-_SCHEMA_LIST = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
-_SCHEMA_MAP = frozenset({"properties", "patternProperties", "$defs", "dependentSchemas"})
-_DROP = frozenset({"description", "title", "example", "examples", "$comment", "externalDocs", "xml"})
-_COMPOSITE = frozenset({"$ref", "allOf", "anyOf", "oneOf", "not", "const", "if"})
-
 Schema = dict[str, Any]
 
 
 # --------------------------------------------------------------------------
-# Locating and loading the spec
+# Loading the spec
 # --------------------------------------------------------------------------
 
 
 def spec_path() -> Path:
-    """``$PROXY_OPENAI_SPEC`` or ``<repo>/../shared/openai-openapi.yaml``."""
-    override = os.environ.get(SPEC_ENV)
-    if override:
-        return Path(override).expanduser().resolve()
-    return _REPO.parent / "shared" / "openai-openapi.yaml"
-
-
-def _cache_dir() -> Path:
-    return _REPO / ".pytest_cache"
+    """The vendored spec subset, inside the repository."""
+    return SPEC_FILE
 
 
 _LOAD_INFO: dict[str, Any] = {}
 
 
 def load_info() -> dict[str, Any]:
-    """How the spec was loaded in this process: source (yaml/cache), seconds, paths."""
+    """What was loaded in this process: the file, the spec's title and version, seconds taken."""
     _spec()
     return dict(_LOAD_INFO)
 
 
 @cache
 def _spec() -> dict[str, Any]:
-    """The normalised spec: ``{"components": {"schemas": ...}, "operations": ...}``."""
+    """The normalised spec: ``info``, ``components.schemas``, ``operations``, ``unions``."""
     started = time.perf_counter()
-    path = spec_path()
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"OpenAI OpenAPI spec not found at {path}; put it at <repo>/../shared/"
-            f"openai-openapi.yaml or set {SPEC_ENV}=/path/to/openai-openapi.yaml"
-        ) from None
-    own = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
-    digest = hashlib.sha256(raw).hexdigest()
-    cache_file = _cache_dir() / f"openai-spec-{digest}-{own}.pickle"
-    doc: dict[str, Any] | None = None
-    source = "cache"
-    try:
-        with cache_file.open("rb") as fh:
-            doc = pickle.load(fh)
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError):
-        doc = None
-    if not isinstance(doc, dict) or doc.get("sha256") != digest:
-        source = "yaml"
-        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        parsed = yaml.load(raw, Loader=loader)
-        doc = _normalise(parsed)
-        doc["sha256"] = digest
-        _write_cache(cache_file, doc)
+    doc: dict[str, Any] = json.loads(SPEC_FILE.read_bytes())
     _LOAD_INFO.update(
-        source=source,
+        spec=str(SPEC_FILE),
+        title=doc["info"]["title"],
+        version=doc["info"]["version"],
         seconds=time.perf_counter() - started,
-        spec=str(path),
-        cache=str(cache_file),
     )
     return doc
 
 
-def _write_cache(cache_file: Path, doc: dict[str, Any]) -> None:
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as fh:
-            pickle.dump(doc, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, cache_file)  # atomic: safe under pytest-xdist
-        for stale in cache_file.parent.glob("openai-spec-*.pickle"):
-            if stale != cache_file:
-                stale.unlink(missing_ok=True)
-    except OSError:
-        pass  # a read-only checkout only costs the parse next time
-
-
-# --------------------------------------------------------------------------
-# OpenAPI 3.1 (with 3.0 leftovers) -> JSON Schema 2020-12
-# --------------------------------------------------------------------------
-
-
-def _is_nullable_marker(schema: object) -> bool:
-    """``{nullable: true}`` alone (plus annotations): an OpenAPI 3.0 idiom in allOf."""
-    if not isinstance(schema, dict) or schema.get("nullable") is not True:
-        return False
-    return all(k == "nullable" or k in _DROP or k.startswith("x-") for k in schema)
-
-
-def _norm(schema: Any, root: str) -> Any:
-    """Normalise one schema; ``root`` is the JSON pointer of the enclosing component."""
-    if not isinstance(schema, dict):
-        return schema  # boolean schema
-    nullable = schema.get("nullable") is True
-    out: Schema = {}
-    for key, value in schema.items():
-        if key in _DROP or key.startswith("x-") or key in ("nullable", "$recursiveAnchor"):
-            continue
-        if key == "$recursiveRef":  # 2019-09 self-reference (CompoundFilter)
-            out["$ref"] = f"#{root}" if value == "#" else value
-        elif key in _ONE_SCHEMA:
-            out[key] = _norm(value, root)
-        elif key in _SCHEMA_LIST:
-            members = value
-            if key == "allOf" and any(_is_nullable_marker(m) for m in members):
-                nullable = True
-                members = [m for m in members if not _is_nullable_marker(m)]
-                if not members:
-                    continue
-            out[key] = [_norm(m, root) for m in members]
-        elif key in _SCHEMA_MAP:
-            out[key] = {name: _norm(sub, root) for name, sub in value.items()}
-        elif key == "required" and isinstance(value, list):
-            out[key] = list(dict.fromkeys(value))  # the spec repeats some names
-        else:
-            out[key] = value
-    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
-        if isinstance(out.get(exclusive), bool):
-            if out.pop(exclusive) and bound in out:
-                out[exclusive] = out.pop(bound)
-    if nullable:
-        out = _make_nullable(out)
-    return out
-
-
-def _make_nullable(schema: Schema) -> Schema:
-    kind = schema.get("type")
-    if kind is not None and not _COMPOSITE.intersection(schema):
-        kinds = [kind] if isinstance(kind, str) else list(kind)
-        if "null" not in kinds:
-            schema["type"] = [*kinds, "null"]
-        if "enum" in schema and None not in schema["enum"]:
-            schema["enum"] = [*schema["enum"], None]
-        return schema
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-def _discriminator_values(
-    schemas: Mapping[str, Any], branch: Any, prop: str, depth: int = 0
-) -> list[Any] | None:
-    """The values of ``prop`` a (normalised) union branch accepts, if stated."""
-    if not isinstance(branch, dict) or depth > 8:
-        return None
-    ref = branch.get("$ref")
-    if isinstance(ref, str):
-        if not ref.startswith("#" + _SCHEMAS_PTR):
-            return None
-        return _discriminator_values(schemas, schemas.get(ref[len(_SCHEMAS_PTR) + 1 :]), prop, depth + 1)
-    sub = branch.get("properties", {}).get(prop)
-    if isinstance(sub, dict):
-        if "const" in sub:
-            return [sub["const"]]
-        if isinstance(sub.get("enum"), list):
-            return [v for v in sub["enum"] if v is not None]
-    for member in branch.get("allOf", []):
-        found = _discriminator_values(schemas, member, prop, depth + 1)
-        if found:
-            return found
-    return None
-
-
-def _compile_discriminators(node: Any, schemas: Mapping[str, Any]) -> Any:
-    """Replace ``discriminator`` unions by a dispatch on the property value."""
-    if isinstance(node, list):
-        return [_compile_discriminators(n, schemas) for n in node]
-    if not isinstance(node, dict):
-        return node
-    node = {k: _compile_discriminators(v, schemas) for k, v in node.items()}
-    disc = node.pop("discriminator", None)
-    if not isinstance(disc, dict):
-        return node
-    union_key = "oneOf" if "oneOf" in node else "anyOf" if "anyOf" in node else None
-    if union_key is None:
-        return node
-    prop = disc.get("propertyName")
-    branches = node[union_key]
-    by_value: dict[Any, list[Any]] = {}
-    for branch in branches:
-        values = _discriminator_values(schemas, branch, prop) if isinstance(prop, str) else None
-        if not values:
-            node.pop(union_key)
-            node["anyOf"] = branches  # unresolvable: at least one branch must match
-            return node
-        for value in values:
-            by_value.setdefault(value, []).append(branch)
-    node.pop(union_key)
-    node.setdefault("type", "object")
-    node["required"] = sorted({*node.get("required", []), prop})
-    props = dict(node.get("properties", {}))
-    props[prop] = (
-        {"allOf": [props[prop], {"enum": list(by_value)}]} if prop in props else {"enum": list(by_value)}
-    )
-    node["properties"] = props
-    dispatch = [
-        {
-            "if": {"properties": {prop: {"const": value}}, "required": [prop]},
-            "then": group[0] if len(group) == 1 else {"anyOf": group},
-        }
-        for value, group in by_value.items()
-    ]
-    node["allOf"] = [*node.get("allOf", []), *dispatch]
-    return node
-
-
-def _union_tables(schemas: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-    """For unions of ``$ref``\\ s told apart by ``type``: type value -> schema name."""
-    tables: dict[str, dict[str, str]] = {}
-    for name, schema in schemas.items():
-        branches = (schema.get("anyOf") or schema.get("oneOf")) if isinstance(schema, dict) else None
-        if not branches or not all(isinstance(b, dict) and "$ref" in b for b in branches):
-            continue
-        table: dict[str, str] = {}
-        for branch in branches:
-            target = branch["$ref"].removeprefix("#" + _SCHEMAS_PTR)
-            values = _discriminator_values(schemas, branch, "type")
-            if not values or target not in schemas:
-                table = {}
-                break
-            for value in values:
-                table.setdefault(value, target)
-        if table:
-            tables[name] = table
-    return tables
-
-
-def _resolve_local(doc: Mapping[str, Any], obj: Any) -> Any:
-    seen = 0
-    while isinstance(obj, dict) and isinstance(obj.get("$ref"), str) and seen < 16:
-        target: Any = doc
-        for part in obj["$ref"].lstrip("#/").split("/"):
-            target = target[part.replace("~1", "/").replace("~0", "~")]
-        obj, seen = target, seen + 1
-    return obj
-
-
-def _normalise(parsed: Mapping[str, Any]) -> dict[str, Any]:
-    raw_schemas = parsed.get("components", {}).get("schemas", {})
-    schemas = {name: _norm(s, _SCHEMAS_PTR + _escape(name)) for name, s in raw_schemas.items()}
-    unions = _union_tables(schemas)
-    schemas = {name: _compile_discriminators(s, schemas) for name, s in schemas.items()}
-    operations: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
-    for template, item in parsed.get("paths", {}).items():
-        item = _resolve_local(parsed, item)
-        for method, op in item.items():
-            if method not in _HTTP_METHODS or not isinstance(op, dict):
-                continue
-            statuses: dict[str, dict[str, Any]] = {}
-            for status, resp in op.get("responses", {}).items():
-                resp = _resolve_local(parsed, resp)
-                content = resp.get("content") or {}
-                statuses[str(status)] = {
-                    ctype: _compile_discriminators(_norm(media["schema"], ""), schemas)
-                    for ctype, media in content.items()
-                    if isinstance(media, dict) and "schema" in media
-                }
-            operations.setdefault(template, {})[method] = statuses
-    schemas[COMPLETION_STREAM_CHUNK] = _completion_stream_chunk(schemas)
-    return {"components": {"schemas": schemas}, "operations": operations, "unions": unions}
-
-
-def _completion_stream_chunk(schemas: Mapping[str, Any]) -> Schema:
-    """CreateCompletionResponse with the stream's ``finish_reason: null``/``usage: null``."""
-    chunk = copy.deepcopy(schemas["CreateCompletionResponse"])
-    choice = chunk["properties"]["choices"]["items"]
-    choice["properties"]["finish_reason"] = _make_nullable(choice["properties"]["finish_reason"])
-    if "usage" in chunk["properties"]:
-        chunk["properties"]["usage"] = _make_nullable(chunk["properties"]["usage"])
-    return chunk
+def _spec_name() -> str:
+    info = _spec()["info"]
+    return f"{info['title']} {info['version']}"
 
 
 # --------------------------------------------------------------------------
@@ -443,8 +167,7 @@ def _completion_stream_chunk(schemas: Mapping[str, Any]) -> Schema:
 
 @cache
 def _registry() -> Registry:
-    resource = Resource(contents=_spec(), specification=DRAFT202012)
-    return Registry().with_resource(_BASE_URI, resource)
+    return Registry().with_resource(_BASE_URI, DRAFT202012.create_resource(_spec()))
 
 
 def _escape(segment: str) -> str:
@@ -486,7 +209,7 @@ def _check(pointer: str, label: str, instance: object, context: str = "") -> Non
     errors = list(_validator(pointer).iter_errors(instance))
     if errors:
         where = f"{context}: " if context else ""
-        raise AssertionError(f"{where}not a valid {label}:\n" + "\n".join(_describe(errors)))
+        raise AssertionError(f"{where}not a valid {label} ({_spec_name()}):\n" + "\n".join(_describe(errors)))
 
 
 def validate(schema_name: str, instance: object, *, context: str = "") -> None:
@@ -497,7 +220,7 @@ def validate(schema_name: str, instance: object, *, context: str = "") -> None:
     """
     schemas = _spec()["components"]["schemas"]
     if schema_name not in schemas:
-        raise KeyError(f"no schema {schema_name!r} in {spec_path()}")
+        raise KeyError(f"no schema {schema_name!r} in {SPEC_FILE}; add it to ROOTS in {_REGENERATE}")
     table = _spec()["unions"].get(schema_name)
     if table is not None and isinstance(instance, dict) and instance.get("type") in table:
         member = table[instance["type"]]
@@ -551,7 +274,10 @@ def find_operation(path: str, method: str) -> tuple[str, dict[str, dict[str, Any
             continue
         if regex.fullmatch(concrete) and verb in operations[key]:
             return key, operations[key][verb]
-    raise AssertionError(f"the OpenAI spec has no operation {method.upper()} {path}")
+    raise AssertionError(
+        f"the vendored OpenAI spec ({_spec_name()}) has no operation {method.upper()} {path};"
+        f" if OpenAI has it, add its path to PATHS in {_REGENERATE}"
+    )
 
 
 def response_schema(
@@ -585,7 +311,7 @@ def validate_response(
         return
     key = next((k for k in (str(status), f"{str(status)[0]}XX", "default") if k in responses), None)
     schema = responses[key].get(content_type) if key is not None else None
-    if schema is None:
+    if key is None or schema is None:
         raise AssertionError(
             f"the OpenAI spec declares no {content_type} schema for {method.upper()} {template} -> {status}"
             f" (declared: { {k: sorted(v) for k, v in responses.items()} })"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import httpx
 import openai
 import pytest
 from conftest import CLIENT_KEY, FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
+from helpers import calls_by_key, free_port, to_toml, wait_until
 from openai_spec import validate_error
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,34 +37,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # ---- helpers -----------------------------------------------------------------------
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
-
-
-def to_toml(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
-    """Enough TOML for a proxy config dict: scalars, tables, arrays of tables."""
-    scalars = [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in data.items()
-               if not isinstance(v, dict) and not (isinstance(v, list) and v and isinstance(v[0], dict))]
-    out = "".join(line + "\n" for line in scalars)
-    for key, value in data.items():
-        path = (*prefix, key)
-        name = ".".join(json.dumps(p) for p in path)
-        if isinstance(value, dict):
-            out += f"\n[{name}]\n" + to_toml(value, path)
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
-            for item in value:
-                out += f"\n[[{name}]]\n" + to_toml(item, path)
-    return out
 
 
 def with_admin(config: dict[str, Any]) -> dict[str, Any]:
@@ -89,23 +61,6 @@ def chat(client: openai.OpenAI, content: str = "你好", model: str = "gpt-4o-mi
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}])
     assert reply.choices[0].message.content.endswith(content)
     return reply.choices[0].message.content
-
-
-def calls_by_key(sim: Any, endpoint: str, since: int = 0) -> dict[str | None, int]:
-    counts: dict[str | None, int] = {}
-    for call in list(sim.calls)[since:]:
-        if call.endpoint == endpoint:
-            counts[call.key] = counts.get(call.key, 0) + 1
-    return counts
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def in_background(work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
@@ -421,16 +376,10 @@ def test_reload_while_a_chat_is_in_flight_leaves_the_key_free_afterwards(file_pr
     assert keys_of(proxy)[fingerprint(K0)]["in_flight"] == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_sighup_rereads_the_config(proxy_config: dict[str, Any], sims: Sims, tmp_path: Path) -> None:
     path, log_path = tmp_path / "proxy.toml", tmp_path / "proxy.log"
     path.write_text(to_toml(with_admin(proxy_config)), encoding="utf-8")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", str(port)],

@@ -19,8 +19,8 @@ import pytest
 from conftest import FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
 from openai_spec import validate_error, validate_model_list
 
+from proxy.billing import period_start
 from proxy.config import sha256_hex
-from proxy.gateway import period_start
 from proxy.pool import fingerprint
 from proxy.sim.fengyuan import FengyuanKey
 from proxy.store import UsageRecord

@@ -8,12 +8,10 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import httpx
 import openai
 import pytest
 from conftest import CLIENT_KEY, FENGYUAN_KEYS, XFFUW_KEYS, RunningProxy, Sims
+from helpers import free_port, spawn, stop, to_toml, wait_healthy, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"
@@ -51,48 +50,6 @@ def cli_here(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.Compl
         code = exit_.code if isinstance(exit_.code, int) else 1
     out = capsys.readouterr()
     return subprocess.CompletedProcess(list(args), code, out.out, out.err)
-
-
-# ---- a small TOML writer (the standard library reads TOML but does not write it) ----
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    raise TypeError(value)
-
-
-def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    lines: list[str] = []
-    tables: list[tuple[str, Any]] = []
-    for key, value in data.items():
-        name = json.dumps(key) if not re.fullmatch(r"[A-Za-z0-9_-]+", key) else key
-        if isinstance(value, dict) or (isinstance(value, list) and value and all(isinstance(v, dict) for v in value)):
-            tables.append((name, value))
-        else:
-            lines.append(f"{name} = {_value(value)}")
-    for name, value in tables:
-        path = f"{prefix}{name}"
-        if isinstance(value, dict):
-            lines.append(f"\n[{path}]")
-            lines.append(to_toml(value, path + "."))
-        else:
-            for item in value:
-                lines.append(f"\n[[{path}]]")
-                lines.append(to_toml(item, path + "."))
-    return "\n".join(lines)
-
-
-def write_config(tmp_path: Path, raw: dict[str, Any], name: str = "config.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(to_toml(raw) + "\n", encoding="utf-8")
-    return path
 
 
 def minimal() -> dict[str, Any]:
@@ -196,6 +153,15 @@ def test_serve_refuses_a_bad_config_with_the_same_line(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1 and "server.colour" in result.stderr
 
 
+def test_serve_refuses_an_environment_proxy_it_cannot_use_with_one_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, minimal())
+    result = cli("serve", "--config", str(path), "--port", str(free_port()),
+                 env=base_env(HTTPS_PROXY="socks5://proxy.corp:1080"))
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "HTTPS_PROXY" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("args", [[], ["serve"], ["demo"], ["check-config"]])
 def test_help_exits_zero(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     result = cli_here(capsys, *args, "--help")
@@ -235,71 +201,6 @@ def test_a_client_given_by_key_sha256_can_call(start_proxy: Callable[..., Runnin
 # ---- serve and demo as processes ---------------------------------------------------
 
 
-def free_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
-def wait_healthy(url: str, process: subprocess.Popen[str], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"the process exited with {process.returncode}"
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url}/healthz did not answer 200 in {timeout} s")
-
-
-class Output:
-    """Reads a process's stream on a thread, so neither side blocks."""
-
-    def __init__(self, stream: Any) -> None:
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream: Any) -> None:
-        for line in stream:
-            self.lines.append(line)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def spawn(processes: list[subprocess.Popen[str]], *args: str) -> subprocess.Popen[str]:
-    process = subprocess.Popen([sys.executable, "-m", "proxy", *args], cwd=ROOT, env=base_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    processes.append(process)
-    return process
-
-
-def stop(process: subprocess.Popen[str], sig: signal.Signals, within: float) -> float:
-    began = time.monotonic()
-    process.send_signal(sig)
-    try:
-        process.wait(timeout=within)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"the process did not exit within {within} s of {sig.name}") from None
-    return time.monotonic() - began
-
-
 def test_serve_answers_the_sdk_and_stops_on_sigterm(processes: list[subprocess.Popen[str]], sims: Sims,
                                                     tmp_path: Path) -> None:
     raw = {
@@ -314,7 +215,7 @@ def test_serve_answers_the_sdk_and_stops_on_sigterm(processes: list[subprocess.P
     }
     port = free_port()
     process = spawn(processes, "serve", "--config", str(write_config(tmp_path, raw)), "--port", str(port))
-    stderr = Output(process.stderr)
+    stderr = process.err
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, process)
     with openai.OpenAI(base_url=url + "/v1", api_key=CLIENT_KEY, max_retries=0) as client:
@@ -336,8 +237,7 @@ def test_serve_answers_the_sdk_and_stops_on_sigterm(processes: list[subprocess.P
 def test_demo_prints_a_working_snippet(processes: list[subprocess.Popen[str]], sig: signal.Signals) -> None:
     port = free_port()
     process = spawn(processes, "demo", "--port", str(port))
-    stdout = Output(process.stdout)
-    Output(process.stderr)
+    stdout = process.out
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, process)
     deadline = time.monotonic() + 5
@@ -364,8 +264,6 @@ def test_demo_answers_kept_alive_requests_without_a_delayed_ack_stall(
     response head and body go out as two segments and the second waits for a delayed ACK."""
     port = free_port()
     process = spawn(processes, "demo", "--port", str(port))
-    Output(process.stdout)
-    Output(process.stderr)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, process)
     took: dict[str, list[float]] = {"/healthz": [], "/v1/models": []}

@@ -108,7 +108,7 @@ def test_a_transient_poll_failure_does_not_fail_the_task(proxy: RunningProxy, si
     for reply, sim in zip(replies, (sims.xffuw, sims.fengyuan), strict=True):
         assert reply.status_code == 200, reply.text
         validate_images_response(reply.json())
-        polls = [c for c in sim.calls if c.endpoint == "task"]
+        polls = [c for c in sim.calls if c.endpoint in ("task", "task_list")]  # alone, or all of a key's
         assert any(c.status == 503 for c in polls), "no poll failed: the test proves nothing"
         assert polls[-1].status == 200 and polls[-1].at >= until
     assert sims.xffuw.count("image") == sims.fengyuan.count("invoke") == 1

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import CLIENT_KEY, RunningProxy, Sims
+from conftest import CLIENT_KEY, OTHER_CLIENT_KEY, RunningProxy, Sims
 from openai_spec import validate_error, validate_images_response
 
 from proxy.errors import Kind, ProxyError
@@ -131,9 +131,10 @@ def test_generate_takes_reference_urls_through_extra_body(client: openai.OpenAI,
     assert sims.fengyuan.last_invoke_body["params"]["image_input"] == [PICTURE]
 
 
-def _multipart(proxy: RunningProxy, data: dict[str, str], files: list[tuple[str, tuple[str, bytes, str]]]
-               ) -> httpx.Response:
-    return httpx.post(f"{proxy.base_url}/images/edits", headers=AUTH, data=data, files=files, timeout=30)
+def _multipart(proxy: RunningProxy, data: dict[str, str], files: list[tuple[str, tuple[str, bytes, str]]],
+               key: str = CLIENT_KEY) -> httpx.Response:
+    return httpx.post(f"{proxy.base_url}/images/edits", headers={"authorization": f"Bearer {key}"}, data=data,
+                      files=files, timeout=30)
 
 
 # (text fields, files, the param the 400 must name)
@@ -180,18 +181,30 @@ def test_other_content_types_and_chat_models_are_refused(public_proxy: RunningPr
 
 def test_upload_store_bounds_size_and_expires() -> None:
     store = Uploads(max_bytes=100, ttl=0.2)
-    first = store.put(b"x" * 60, "image/png", ".png")
+    first = store.put(b"x" * 60, "image/png", ".png", owner="a", share=100)
     assert store.get(first) is not None and store.size == 60
     with pytest.raises(ProxyError) as full:
-        store.put(b"y" * 60, "image/png", ".png")
+        store.put(b"y" * 60, "image/png", ".png", owner="b", share=100)
     assert full.value.kind is Kind.RATE_LIMITED and full.value.retry_after is not None
     with pytest.raises(ProxyError) as huge:
-        store.put(b"z" * 101, "image/png", ".png")
+        store.put(b"z" * 101, "image/png", ".png", owner="b", share=1000)
     assert huge.value.kind is Kind.PAYLOAD_TOO_LARGE
     time.sleep(0.25)
     assert store.get(first) is None
-    second = store.put(b"y" * 60, "image/png", ".png")  # the expired one made room
+    second = store.put(b"y" * 60, "image/png", ".png", owner="b", share=100)  # the expired one made room
     assert store.size == 60 and second != first
+
+
+def test_each_client_holds_at_most_its_share_of_the_upload_space() -> None:
+    store = Uploads(max_bytes=100, ttl=60)
+    store.put(b"a" * 40, "image/png", ".png", owner="greedy", share=50)
+    with pytest.raises(ProxyError) as over:
+        store.put(b"a" * 20, "image/png", ".png", owner="greedy", share=50)
+    assert over.value.kind is Kind.RATE_LIMITED and "share" in over.value.message
+    modest = store.put(b"b" * 50, "image/png", ".png", owner="modest", share=50)  # unaffected
+    assert store.held_by("greedy") == 40 and store.held_by("modest") == 50
+    store.drop([modest])
+    assert store.held_by("modest") == 0 and store.size == 40 and store.get(modest) is None
 
 
 def test_image_type_sniffing() -> None:
@@ -238,3 +251,29 @@ def test_upload_names_can_be_kept_out_of_logs() -> None:
 
     assert loggable_path(PATH + "s3cr3t-name.png") == PATH + "<name>"
     assert loggable_path("/v1/images/edits") == "/v1/images/edits"
+
+
+def test_refused_uploads_are_not_kept_and_leave_room_for_others(
+        start_proxy: Callable[[dict[str, Any]], RunningProxy], proxy_config: dict[str, Any], sims: Sims) -> None:
+    """A client with a spent budget once filled the shared upload space with refused requests."""
+    proxy_config["server"] = {"public_url": PUBLIC_URL}
+    proxy_config["images"] = {"uploads_max_bytes": 8 * 1024 * 1024}
+    proxy_config["clients"][0]["budget"] = 0
+    proxy = start_proxy(proxy_config)
+    big = PNG_BYTES + bytes(2 * 1024 * 1024)
+    for _ in range(10):
+        refused = _multipart(proxy, {"prompt": "p", "model": "gpt-image-2"}, [("image", ("a.png", big, "image/png"))])
+        assert _error(refused, 429)["code"] == "insufficient_quota"
+    not_allowed = _multipart(proxy, {"prompt": "p", "model": "no-such-model"}, [("image", ("a.png", big, "image/png"))])
+    assert _error(not_allowed, 404)["code"] == "model_not_found"
+    failed = _multipart(proxy, {"prompt": "fails [fail]", "model": "gpt-image-2"},
+                        [("image", ("a.png", PNG_BYTES, "image/png"))], key=OTHER_CLIENT_KEY)
+    assert _error(failed, 502)["code"] == "upstream_task_failed"
+    assert sims.xffuw.last_image_body is not None
+    (failed_url,) = sims.xffuw.last_image_body["images"]
+    assert _fetch_upload(proxy, failed_url).status_code == 404  # a failed request's upload is dropped
+    ok = _multipart(proxy, {"prompt": "p", "model": "gpt-image-2"}, [("image", ("b.png", PNG_BYTES, "image/png"))],
+                    key=OTHER_CLIENT_KEY)
+    assert ok.status_code == 200, ok.text
+    (kept_url,) = sims.xffuw.last_image_body["images"]
+    assert _fetch_upload(proxy, kept_url).status_code == 200

@@ -79,7 +79,7 @@ def test_responses_api_with_a_tool_is_a_clear_400(proxy: RunningProxy, sims: Sim
     llm = _llm(proxy, use_responses_api=True).bind_tools([{"type": "web_search"}])
     with pytest.raises(openai.BadRequestError) as caught:
         llm.invoke("search the web")
-    assert caught.value.body["param"] == "tools"  # type: ignore[index]
+    assert caught.value.body["param"] == "tools[0].type"  # type: ignore[index]
     assert sims.xffuw.count("chat") == 0
 
 

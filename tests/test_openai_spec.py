@@ -1,8 +1,11 @@
 """The spec helper accepts what OpenAI sends and, above all, can fail."""
 
 import copy
+import json
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import openai_spec
 import pytest
@@ -347,8 +350,31 @@ def test_documented_schema_names_exist() -> None:
     assert events["response.completed"] == "ResponseCompletedEvent"
 
 
-def test_spec_is_cached_and_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_spec_is_the_vendored_subset_inside_the_repository() -> None:
     info = openai_spec.load_info()
-    assert info["source"] in {"yaml", "cache"}
-    monkeypatch.setenv(openai_spec.SPEC_ENV, str(tmp_path / "spec.yaml"))
-    assert openai_spec.spec_path() == (tmp_path / "spec.yaml").resolve()
+    assert Path(info["spec"]) == openai_spec.spec_path() == openai_spec.SPEC_FILE
+    assert openai_spec.SPEC_FILE.is_relative_to(Path(__file__).resolve().parent)
+    assert info["title"] == "OpenAI API"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", info["version"]), info["version"]
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [node["$ref"]] if isinstance(node.get("$ref"), str) else [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for item in node for r in _refs(item)]
+    return []
+
+
+def test_vendored_subset_is_closed_under_ref() -> None:
+    """Every ``$ref`` in the vendored file, and every union member, is a schema the file holds."""
+    doc = json.loads(openai_spec.SPEC_FILE.read_bytes())
+    schemas = doc["components"]["schemas"]
+    prefix = "#/components/schemas/"
+    refs = _refs(doc)
+    assert len(refs) > 1000
+    names = {unquote(r[len(prefix) :].split("/")[0]) if r.startswith(prefix) else r for r in refs}
+    dangling = sorted(names - schemas.keys())
+    assert dangling == []
+    members = {name for table in doc["unions"].values() for name in table.values()}
+    assert members <= schemas.keys(), members - schemas.keys()

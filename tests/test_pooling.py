@@ -206,9 +206,9 @@ def test_seventy_fengyuan_images_on_one_non_vip_key_cause_no_upstream_429(
     assert all(r.data[0].url for r in results)
     assert sims.fengyuan.rate_limited_count == 0
     assert all(c.status == 200 for c in sims.fengyuan.calls if c.endpoint != "file")
-    invokes, polls = sims.fengyuan.count("invoke"), sims.fengyuan.count("task")
+    invokes, polls = sims.fengyuan.count("invoke"), sims.fengyuan.count("task") + sims.fengyuan.count("task_list")
     reads = sims.fengyuan.count("user_info")
-    assert invokes == 70 and polls >= 70 and reads >= 2, (invokes, polls, reads)
+    assert invokes == 70 and polls >= 1 and reads >= 2, (invokes, polls, reads)
     # More than 60 keyed calls were made, so the proxy must have spread them over windows.
     keyed = invokes + polls + reads
     assert elapsed >= (keyed // 60 - 1) * window, (elapsed, keyed)

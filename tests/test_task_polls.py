@@ -16,9 +16,10 @@ from urllib.parse import parse_qs, urlsplit
 
 from test_upstream_http import Handler, Req, Upstream, answer, once, run
 
-from proxy.config import ProviderConfig, TasksConfig
+from proxy.config import TasksConfig
 from proxy.pool import UpstreamKey
 from proxy.providers.base import TaskState
+from proxy.providers.engine import Provider
 from proxy.providers.xffuw import Xffuw
 from proxy.store import TaskRecord
 from proxy.store.sqlite import SQLiteStore
@@ -62,7 +63,7 @@ def poll_all(handler: Handler, store_path: Path) -> tuple[list[Task], Counter[st
         async with Upstream(handler) as up:
             http = build_client()
             store = SQLiteStore(str(store_path))
-            xffuw = Xffuw("xffuw", ProviderConfig(base_url=up.url("/")), http)
+            xffuw = Provider("xffuw", Xffuw("xffuw"), up.url("/"), http, connect_timeout=5, read_timeout=120)
             ended: list[str] = []
             waiter = TaskWaiter(TasksConfig(poll_interval=0.05, first_poll=0.01, timeout=5), store, "test",
                                 lambda task: ended.append(task.id))

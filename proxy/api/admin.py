@@ -14,11 +14,11 @@ from litestar import Request, Response, get, post
 from litestar.params import FromPath
 
 from proxy.api.common import json_response, runtime
+from proxy.billing import period_start
 from proxy.clients import bearer_token, match_digest
 from proxy.clip import clip
 from proxy.config import ConfigError
 from proxy.errors import Kind, ProxyError, bad_request
-from proxy.gateway import period_start
 from proxy.openai.openapi import documented
 from proxy.redact import redact
 from proxy.store import UsageRow
@@ -66,11 +66,12 @@ class UsageTotal(msgspec.Struct, kw_only=True):
     failed: int
 
 
-class UsageReport(msgspec.Struct, kw_only=True):
+class UsageReport(msgspec.Struct, kw_only=True, omit_defaults=True):
     object: str
     group_by: str
     data: list[UsageRow]
     total: UsageTotal
+    split_by: str | None = None  # each row's `split` is this dimension
 
 
 def require_admin(request: Request[Any, Any, Any]) -> None:
@@ -155,22 +156,31 @@ async def admin_usage(request: Request[Any, Any, Any]) -> Response[bytes]:
     group_by = query.get("group_by") or "client"
     if group_by not in ("client", "model", "day", "upstream"):
         raise bad_request("'group_by' must be one of client, model, day, upstream.", param="group_by")
+    split_by = query.get("split_by") or None
+    if split_by is not None and (split_by not in ("client", "model", "upstream") or split_by == group_by):
+        raise bad_request("'split_by' must be one of client, model, upstream, other than group_by.",
+                          param="split_by")
     fmt = query.get("format") or "json"
     if fmt not in ("json", "csv"):
         raise bad_request("'format' must be json or csv.", param="format")
     rows = await runtime(request).store.usage(
         client=query.get("client") or None, model=query.get("model") or None,
-        since=_time(query.get("since"), "since"), until=_time(query.get("until"), "until"), group_by=group_by)
+        since=_time(query.get("since"), "since"), until=_time(query.get("until"), "until"), group_by=group_by,
+        split_by=split_by)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow([group_by, "requests", "cost", "failed"])
-        writer.writerows([r.group, r.requests, r.cost, r.failed] for r in rows)
+        writer.writerow([group_by, *([split_by] if split_by else []), "requests", "cost", "failed"])
+        writer.writerows([r.group, *([r.split] if split_by else []), r.requests, r.cost, r.failed] for r in rows)
+        name = f"usage-by-{group_by}{f'-and-{split_by}' if split_by else ''}.csv"
         return Response(out.getvalue().encode(), media_type="text/csv; charset=utf-8",
-                        headers={"content-disposition": f'attachment; filename="usage-by-{group_by}.csv"'})
+                        headers={"content-disposition": f'attachment; filename="{name}"'})
     total = {"requests": sum(r.requests for r in rows), "cost": round(sum(r.cost for r in rows), 6),
              "failed": sum(r.failed for r in rows)}
-    return json_response({"object": "list", "group_by": group_by, "data": rows, "total": total})
+    report: dict[str, Any] = {"object": "list", "group_by": group_by, "data": rows, "total": total}
+    if split_by:
+        report["split_by"] = split_by
+    return json_response(report)
 
 
 @get("/metrics", **documented(str, media_type="text/plain", errors=(401,),

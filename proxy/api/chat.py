@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import msgspec
+import structlog
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from proxy.api.common import authenticate, first_answer, json_body, json_response, note, runtime
+from proxy.api.common import authenticate, first_answer, hold_budget, json_body, json_response, note, runtime
 from proxy.clients import check_model
-from proxy.errors import ProxyError, bad_request
+from proxy.errors import Kind, ProxyError, bad_request
 from proxy.gateway import ChatResult
 from proxy.openai import sse
 from proxy.openai.decode import convert
@@ -29,15 +31,22 @@ from proxy.openai.types import (
     ChunkChoice,
     Delta,
     ToolCall,
+    ToolCallChunk,
+    ToolCallChunkFunction,
+    ToolCallFunction,
     Usage,
 )
 from proxy.openai.usage import prompt_tokens, text_tokens
 from proxy.providers.base import ChatCall
 from proxy.router import Route
 
+log = structlog.get_logger("proxy")
+_encode = msgspec.json.Encoder().encode
+
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_N = 8
 STREAM_PIECE = 24  # characters per streamed content chunk
+PARAM_LOGGED = 300  # characters of an error's param kept in the access log: a client may send anything
 
 
 def check_messages(messages: list[dict[str, Any]]) -> None:
@@ -70,29 +79,67 @@ def _usage(request: ChatCompletionRequest, results: list[ChatResult]) -> Usage:
     completion = 0
     for result in results:
         answer = result.answer
+        calls = "".join(c.function.name + c.function.arguments for c in tool_calls_of(result) or ())
         completion += (answer.completion_tokens if answer.completion_tokens is not None
-                       else text_tokens(answer.content or "") + 3)
+                       else text_tokens((answer.content or "") + calls) + 3)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _finish(result: ChatResult) -> str:
     answer = result.answer
+    if answer.tool_calls and answer.finish_reason in (None, "stop"):
+        return "tool_calls"  # some upstreams say stop; OpenAI's clients look for tool_calls
     if answer.finish_reason in ("stop", "length", "tool_calls", "content_filter", "function_call"):
         return answer.finish_reason
     return "tool_calls" if answer.tool_calls else "stop"
 
 
-def _tool_calls(result: ChatResult) -> list[ToolCall] | None:
+def tool_calls_of(result: ChatResult) -> list[ToolCall] | None:
+    """The upstream's tool calls in OpenAI's shape: arguments as a JSON string, an id for each."""
     calls = result.answer.tool_calls
     if not calls:
         return None
     out = []
-    for i, call in enumerate(calls):
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
-        out.append(ToolCall(id=str(call.get("id") or f"call_{i}_{secrets.token_hex(6)}"), type="function",
-                            function={"name": str(function.get("name", "")),  # type: ignore[arg-type]
-                                      "arguments": str(function.get("arguments", "{}"))}))
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(function, dict) or not isinstance(name, str) or not name:
+            raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{result.key.provider} answered a tool call without a "
+                             "function name")
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str):  # some upstreams send the object itself
+            arguments = "{}" if arguments is None else _encode(arguments).decode()
+        ident = call.get("id")
+        out.append(ToolCall(id=ident if isinstance(ident, str) and ident else "call_" + secrets.token_hex(12),
+                            type="function", function=ToolCallFunction(name=name, arguments=arguments)))
     return out
+
+
+def _tool_call_deltas(calls: list[ToolCall]) -> list[list[ToolCallChunk]]:
+    """As OpenAI streams tool calls: per call, one delta with its id, type, name and empty
+    arguments, then the arguments in pieces carrying only the index."""
+    deltas = []
+    for index, call in enumerate(calls):
+        deltas.append([ToolCallChunk(index=index, id=call.id, type="function",
+                                     function=ToolCallChunkFunction(name=call.function.name, arguments=""))])
+        arguments = call.function.arguments
+        for at in range(0, len(arguments), STREAM_PIECE):
+            piece = ToolCallChunkFunction(arguments=arguments[at:at + STREAM_PIECE])
+            deltas.append([ToolCallChunk(index=index, function=piece)])
+    return deltas
+
+
+def stream_failure(request: Request[Any, Any, Any], error: BaseException) -> ProxyError:
+    """An error raised after a stream's headers went out, as the ProxyError to send inside the
+    stream; noted for the access log, whose status (200) cannot say it."""
+    if not isinstance(error, ProxyError):
+        request_id = request.scope["state"].get("request_id", "")
+        log.error("stream_failed", request_id=request_id, exc_info=error)
+        error = ProxyError(Kind.INTERNAL, f"The proxy had an internal error (request {request_id}).")
+    note(request, stream_error=error.code or error.shape.code)
+    if error.param is not None:
+        note(request, error_param=error.param[:PARAM_LOGGED])
+    return error
 
 
 STREAM_NOTE = ("With stream=true: `data: <ChatCompletionChunk>` events, a last chunk with choices [] and usage "
@@ -102,7 +149,7 @@ STREAM_NOTE = ("With stream=true: `data: <ChatCompletionChunk>` events, a last c
 @post("/v1/chat/completions", status_code=200,
       **documented(ChatCompletion, body=ChatCompletionRequest, stream=STREAM_NOTE))
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
-    caller = authenticate(request)
+    caller = await authenticate(request)
     raw = await json_body(request)
     body = convert(raw, ChatCompletionRequest)
     check_messages(body.messages)
@@ -114,17 +161,24 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
     note(request, upstream=route.provider.name)
     check_route(route, "chat")
     check_model(caller, route)
-    await gateway.check_budget(caller, route, body.n)
+    await hold_budget(request, caller, route, body.n)
     call = ChatCall(model=route.upstream_model, messages=body.messages,
                     params={k: v for k, v in raw.items() if k not in CHAT_OWN_FIELDS})
     completion_id = "chatcmpl-" + secrets.token_urlsafe(18)
     created = int(time.time())
     if body.stream:
-        calls = [asyncio.ensure_future(gateway.chat(route, call, caller)) for _ in range(body.n)]
+        calls: list[asyncio.Future[ChatResult]] = [asyncio.ensure_future(gateway.chat(route, call, caller))
+                                                    for _ in range(body.n)]
         first = await first_answer(calls)  # answers for n > 1 are awaited inside the stream
         note(request, key=first.key.fingerprint)
+        try:
+            tool_calls_of(first)  # an answer that cannot be streamed is an HTTP error while that is possible
+        except ProxyError:
+            for pending in calls:
+                pending.cancel()
+            raise
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return Stream(_stream(completion_id, created, body, calls, include_usage),
+        return Stream(_stream(request, completion_id, created, body, calls, include_usage),
                       media_type="text/event-stream", headers=sse.HEADERS)
     if body.n == 1:  # the common case: no task to create
         results = [await gateway.chat(route, call, caller)]
@@ -132,14 +186,14 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
         results = list(await asyncio.gather(*(gateway.chat(route, call, caller) for _ in range(body.n))))
     note(request, key=results[0].key.fingerprint)
     choices = [Choice(index=i, message=AssistantMessage(role="assistant", content=r.answer.content, refusal=None,
-                                                        tool_calls=_tool_calls(r)),
+                                                        tool_calls=tool_calls_of(r)),
                       finish_reason=_finish(r), logprobs=None) for i, r in enumerate(results)]
     return json_response(ChatCompletion(id=completion_id, object="chat.completion", created=created,
                                         model=body.model, choices=choices, usage=_usage(body, results)))
 
 
-async def _stream(completion_id: str, created: int, body: ChatCompletionRequest,
-                  calls: list[asyncio.Future[ChatResult]], include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(request: Request[Any, Any, Any], completion_id: str, created: int, body: ChatCompletionRequest,
+                  calls: Sequence[asyncio.Future[ChatResult]], include_usage: bool) -> AsyncIterator[bytes]:
     def chunk(choices: list[ChunkChoice], chunk_usage: Usage | None = None) -> bytes:
         return sse.event(ChatCompletionChunk(id=completion_id, object="chat.completion.chunk", created=created,
                                              model=body.model, choices=choices, usage=chunk_usage))
@@ -149,22 +203,21 @@ async def _stream(completion_id: str, created: int, body: ChatCompletionRequest,
         for i, pending in enumerate(calls):
             result = await pending
             results.append(result)
-            yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""), finish_reason=None)])
             content = result.answer.content or ""
+            tool_calls = tool_calls_of(result)
+            # OpenAI opens a tool-call answer with the role alone (its content is null)
+            opening = Delta(role="assistant") if tool_calls and not content else Delta(role="assistant", content="")
+            yield chunk([ChunkChoice(index=i, delta=opening, finish_reason=None)])
             for start in range(0, len(content), STREAM_PIECE):
                 piece = content[start:start + STREAM_PIECE]
                 yield chunk([ChunkChoice(index=i, delta=Delta(content=piece), finish_reason=None)])
-            tool_calls = _tool_calls(result)
-            if tool_calls:
-                deltas = [{"index": n, "id": c.id, "type": "function",
-                           "function": {"name": c.function.name, "arguments": c.function.arguments}}
-                          for n, c in enumerate(tool_calls)]
-                yield chunk([ChunkChoice(index=i, delta=Delta(tool_calls=deltas), finish_reason=None)])
+            for delta in _tool_call_deltas(tool_calls or []):
+                yield chunk([ChunkChoice(index=i, delta=Delta(tool_calls=delta), finish_reason=None)])
             yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=_finish(result))])
         if include_usage:
             yield chunk([], _usage(body, results))
-    except ProxyError as error:  # once the stream began, an error can only travel inside it
-        yield sse.event(error_payload(error))
+    except Exception as error:  # once the stream began, an error can only travel inside it
+        yield sse.event(error_payload(stream_failure(request, error)))
     finally:
         for pending in calls:
             pending.cancel()

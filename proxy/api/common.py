@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -10,6 +11,7 @@ from litestar import Request, Response
 
 from proxy.gateway import Caller
 from proxy.openai.decode import parse_object
+from proxy.router import Route
 from proxy.runtime import Runtime
 
 _encode = msgspec.json.Encoder().encode
@@ -25,20 +27,33 @@ def note(request: Request[Any, Any, Any], **fields: Any) -> None:
     request.scope["state"].setdefault("access", {}).update(fields)
 
 
-def authenticate(request: Request[Any, Any, Any]) -> Caller:
+async def authenticate(request: Request[Any, Any, Any]) -> Caller:
     """The caller, within its request rate; 401 or 429 otherwise."""
-    caller = runtime(request).clients.authenticate(request.headers.get("authorization"),
-                                                   request.scope["state"].get("request_id"))
+    clients = runtime(request).clients
+    source = request.scope.get("client")
+    caller = clients.authenticate(request.headers.get("authorization"), request.scope["state"].get("request_id"),
+                                  source[0] if source else None)
+    if caller.own_key is not None:
+        caller.on_refused_key = clients.passthrough_refused
     caller.idempotency_key = request.headers.get("idempotency-key")
+    await clients.admit(caller)
     note(request, client=caller.name)
     return caller
+
+
+async def hold_budget(request: Request[Any, Any, Any], caller: Caller, route: Route, calls: int) -> None:
+    """Reserve the expected cost of `calls` upstream calls on the caller's budget (429 when it
+    cannot pay); whatever the calls do not use is released when the request ends (app.py)."""
+    reservation = await runtime(request).gateway.reserve(caller, route, calls)
+    if reservation is not None:
+        request.scope["state"]["reservation"] = reservation
 
 
 async def json_body(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return parse_object(await request.body())
 
 
-async def first_answer(calls: list[asyncio.Future[T]]) -> T:
+async def first_answer(calls: Sequence[asyncio.Future[T]]) -> T:
     """For streams: the first answer comes before the headers go out, so upstream errors keep
     their HTTP status; if it fails, the other calls are cancelled."""
     try:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from proxy.api.common import authenticate, first_answer, json_body, json_response, note, runtime
+from proxy.api.common import authenticate, first_answer, hold_budget, json_body, json_response, note, runtime
 from proxy.clients import check_model
 from proxy.errors import ProxyError, bad_request
 from proxy.gateway import ChatResult
@@ -104,7 +104,7 @@ STREAM_NOTE = ("With stream=true: `data: <Completion chunk>` events (finish_reas
 @post("/v1/completions", status_code=200, **documented(Completion, body=CompletionRequest, stream=STREAM_NOTE))
 async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     """Legacy completions: each prompt becomes one user message to a chat model."""
-    caller = authenticate(request)
+    caller = await authenticate(request)
     raw = await json_body(request)
     body = convert(raw, CompletionRequest)
     prompts = _prompts(body.prompt)
@@ -118,7 +118,7 @@ async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stre
     route = await gateway.catalogue.resolve(body.model)
     check_text_route(route, "completions")
     check_model(caller, route)
-    await gateway.check_budget(caller, route, len(prompts) * body.n)
+    await hold_budget(request, caller, route, len(prompts) * body.n)
     note(request, upstream=route.provider.name)
     params = {k: v for k, v in raw.items() if k not in COMPLETION_OWN_FIELDS}
     calls = [asyncio.ensure_future(gateway.chat(route, ChatCall(model=route.upstream_model,
@@ -142,7 +142,7 @@ async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stre
                                     choices=choices, usage=_usage(prompts, body.n, results)))
 
 
-async def _stream(head: Completion, prompts: list[str], n: int, calls: list[asyncio.Future[ChatResult]],
+async def _stream(head: Completion, prompts: list[str], n: int, calls: Sequence[asyncio.Future[ChatResult]],
                   include_usage: bool) -> AsyncIterator[bytes]:
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
         return sse.event(Completion(id=head.id, object="text_completion", created=head.created, model=head.model,

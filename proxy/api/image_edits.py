@@ -16,7 +16,7 @@ from litestar.datastructures import UploadFile
 from litestar.params import FromPath
 
 from proxy.api.common import authenticate, json_body, note, runtime
-from proxy.api.images import DEFAULT_MODEL, MAX_N, check_image_route, generate
+from proxy.api.images import DEFAULT_MODEL, MAX_N, admit, check_image_route, generate
 from proxy.clip import clip
 from proxy.errors import Kind, ProxyError, bad_request
 from proxy.openai.decode import convert
@@ -46,7 +46,8 @@ def uploads(request: Request[Any, Any, Any]) -> Uploads:
     state = request.app.state
     found = state.get("uploads")
     if found is None:
-        found = state["uploads"] = Uploads()
+        rt = runtime(request)
+        found = state["uploads"] = Uploads(rt.config.images.uploads_max_bytes, shared=rt.shared)
     return found  # type: ignore[no-any-return]
 
 
@@ -58,6 +59,7 @@ class _References:
         self.request = request
         self.public_url = runtime(request).config.server.public_url
         self.items: list[str | tuple[bytes, str, str]] = []
+        self.kept: list[str] = []  # names of the uploads kept for this request
 
     def url(self, value: str, where: str) -> None:
         if value.startswith(("http://", "https://")):
@@ -85,10 +87,29 @@ class _References:
             raise bad_request(f"Invalid file for '{where}': expected a PNG, JPEG, WebP or GIF image.", param=where)
         self.items.append((data, *kind))
 
-    def urls(self) -> list[str]:
+    async def urls(self, owner: str) -> list[str]:
+        """The references as URLs; uploaded images are kept from now on (`kept` names them)."""
         store = uploads(self.request)
-        return [item if isinstance(item, str) else f"{self.public_url}{PATH}{store.put(*item)}"
-                for item in self.items]
+        config = runtime(self.request).config
+        # A client's share: the space over the clients, never less than one request's worth.
+        share = max(store.max_bytes // max(1, len(config.clients)), config.server.max_body_bytes)
+        out = []
+        try:
+            for item in self.items:
+                if isinstance(item, str):
+                    out.append(item)
+                else:
+                    name = await store.keep(*item, owner=owner, share=share)
+                    self.kept.append(name)
+                    out.append(f"{self.public_url}{PATH}{name}")
+        except ProxyError:
+            await self.drop()
+            raise
+        return out
+
+    async def drop(self) -> None:
+        await uploads(self.request).forget(self.kept)
+        self.kept.clear()
 
 
 async def _from_form(request: Request[Any, Any, Any], refs: _References) -> dict[str, Any]:
@@ -135,7 +156,7 @@ def _int_field(fields: dict[str, Any], name: str, default: int) -> int:
       **documented(ImagesResponse, body=ImageEditRequest, multipart=EDIT_FORM))
 async def images_edits(request: Request[Any, Any, Any]) -> Response[bytes]:
     """New images from a prompt and reference images (uploaded files or URLs)."""
-    caller = authenticate(request)
+    caller = await authenticate(request)
     refs = _References(request)
     content_type, _ = request.content_type
     if content_type == "multipart/form-data":
@@ -177,17 +198,24 @@ async def images_edits(request: Request[Any, Any, Any]) -> Response[bytes]:
     route = await runtime(request).gateway.catalogue.resolve(model)
     check_image_route(route)
     note(request, upstream=route.provider.name)
+    await admit(request, caller, route, n)
     # Only now are uploads kept: a refused request leaves nothing behind.
     call = ImageCall(model=route.upstream_model, prompt=prompt, kind=route.model.kind if route.model else "image",
-                     size=size, references=refs.urls(), extra=extra)
-    return await generate(request, caller, route, call, n, response_format)
+                     size=size, references=await refs.urls(caller.name), extra=extra)
+    try:
+        return await generate(request, caller, route, call, n, response_format)
+    except BaseException:
+        live = runtime(request).gateway.tasks.live
+        if not any(task_id in live for task_id in request.scope["state"].get("access", {}).get("task_ids", ())):
+            await refs.drop()  # a failed request whose tasks are over (or never began): nobody fetches them now
+        raise
 
 
 @get(PATH + "{name:str}", **documented(bytes, media_type="application/octet-stream", errors=(404,),
                                        description="The uploaded image, with its own content type."))
 async def uploaded_file(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[bytes]:
     """An uploaded reference image. No API key: the unguessable, expiring name is the secret."""
-    found = uploads(request).get(name)
+    found = await uploads(request).fetch(name)
     if found is None:
         raise ProxyError(Kind.NOT_FOUND, "No such upload; uploads expire after an hour.")
     return Response(found.data, status_code=200, media_type=found.content_type,

@@ -31,14 +31,14 @@ def _allowed(caller: Caller, entry: Listed) -> bool:
 
 @get("/v1/models", **documented(ModelList, errors=(401, 429)))
 async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
-    caller = authenticate(request)
+    caller = await authenticate(request)
     listing = await runtime(request).gateway.catalogue.listing()
     return json_response(ModelList(object="list", data=[_model(e) for e in listing if _allowed(caller, e)]))
 
 
 @get("/v1/models/{model_id:path}", **documented(Model, errors=(401, 403, 404, 429)))
 async def retrieve_model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> Response[bytes]:
-    caller = authenticate(request)
+    caller = await authenticate(request)
     model_id = model_id.lstrip("/")
     catalogue = runtime(request).gateway.catalogue
     route = await catalogue.resolve(model_id)

@@ -35,8 +35,10 @@ class TaskView(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 @get("/v1/tasks/{task_id:str}", **documented(TaskView, errors=(401, 404)))
 async def retrieve_task(request: Request[Any, Any, Any], task_id: FromPath[str]) -> Response[bytes]:
-    caller = authenticate(request)
-    found = await runtime(request).gateway.tasks.find(task_id)
+    caller = await authenticate(request)
+    rt = runtime(request)
+    await rt.recovery.unpark(task_id, caller.own_key)
+    found = await rt.gateway.tasks.find(task_id)
     record = found.record if isinstance(found, Task) else found
     if not isinstance(record, TaskRecord) or record.client != caller.name:
         raise ProxyError(Kind.NOT_FOUND, f"No task '{clip(task_id)}' for this client.", param="task_id")

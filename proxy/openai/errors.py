@@ -27,8 +27,9 @@ def error_payload(error: ProxyError) -> ErrorResponse:
 
 def error_headers(error: ProxyError) -> dict[str, str]:
     headers: dict[str, str] = {}
-    if error.shape.retry is not None:
-        headers["x-should-retry"] = "true" if error.shape.retry else "false"
+    retry = error.should_retry
+    if retry is not None:
+        headers["x-should-retry"] = "true" if retry else "false"
     if error.retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))
     if error.task_ids:

@@ -1,5 +1,6 @@
 """The Responses API on the wire: the request, the response object, the stream events, and
-the input items translated to chat messages (the only thing the upstreams run).
+the input items translated to chat messages (the only thing the upstreams run): messages,
+and function calls with their outputs, which become chat tool calls and `tool` messages.
 
 Response Structs mirror `Response` and the `Response*Event` schemas of the OpenAI spec:
 fields it requires have no default, so they are always sent (null included).
@@ -44,12 +45,36 @@ class OutputText(msgspec.Struct, kw_only=True):
     logprobs: list[Any]
 
 
-class OutputMessage(msgspec.Struct, kw_only=True):
+class _Item(msgspec.Struct, kw_only=True, tag_field="type"):
+    """An output item; its `type` is the tag."""
+
+
+class OutputMessage(_Item, kw_only=True, tag="message"):
     id: str
-    type: Literal["message"] = "message"
     status: Literal["in_progress", "completed", "incomplete"]
     role: Literal["assistant"] = "assistant"
     content: list[OutputText]
+
+
+class FunctionCall(_Item, kw_only=True, tag="function_call"):
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
+OutputItem = OutputMessage | FunctionCall
+
+
+class FunctionTool(msgspec.Struct, kw_only=True):
+    """A function tool as the response echoes it (the spec requires strict and parameters, nullable)."""
+
+    type: Literal["function"] = "function"
+    name: str
+    description: str | None
+    parameters: dict[str, Any] | None
+    strict: bool | None
 
 
 class InputTokensDetails(msgspec.Struct, kw_only=True):
@@ -80,7 +105,7 @@ class ResponseObject(msgspec.Struct, kw_only=True):
     instructions: str | None
     max_output_tokens: int | None
     model: str
-    output: list[OutputMessage]
+    output: list[OutputItem]
     parallel_tool_calls: bool
     previous_response_id: str | None
     store: bool
@@ -88,7 +113,7 @@ class ResponseObject(msgspec.Struct, kw_only=True):
     top_p: float | None
     text: dict[str, Any]
     tool_choice: str | dict[str, Any]
-    tools: list[Any]
+    tools: list[FunctionTool]
     truncation: str = "disabled"
     metadata: dict[str, str]
     # Left out (UNSET) rather than null where the spec does not allow null.
@@ -115,12 +140,31 @@ class ResponseCompleted(_Event, tag="response.completed"):
 
 class OutputItemAdded(_Event, tag="response.output_item.added"):
     output_index: int
-    item: OutputMessage
+    item: OutputItem
 
 
 class OutputItemDone(_Event, tag="response.output_item.done"):
     output_index: int
-    item: OutputMessage
+    item: OutputItem
+
+
+class FunctionCallArgumentsDelta(_Event, tag="response.function_call_arguments.delta"):
+    item_id: str
+    output_index: int
+    delta: str
+
+
+class FunctionCallArgumentsDone(_Event, tag="response.function_call_arguments.done"):
+    item_id: str
+    output_index: int
+    name: str
+    arguments: str
+
+
+class ErrorEvent(_Event, tag="error"):
+    code: str | None
+    message: str
+    param: str | None
 
 
 class ContentPartAdded(_Event, tag="response.content_part.added"):
@@ -214,23 +258,83 @@ def _content(content: Any, role: str, where: str) -> str | list[dict[str, Any]]:
     return parts
 
 
-def input_messages(value: str | list[Any]) -> list[dict[str, Any]]:
-    """`input` as chat messages: a string is one user message; items must be messages
-    (tool calls and item references have no upstream to run them)."""
+def _output_text(output: Any, where: str) -> str:
+    """A function_call_output's output: a string, or text parts (chat tool messages carry text only)."""
+    if isinstance(output, str):
+        return output
+    if not isinstance(output, list):
+        raise bad_request(f"Invalid type for '{where}': expected a string or an array of content parts.",
+                          param=where)
+    texts = []
+    for i, part in enumerate(output):
+        here = f"{where}[{i}]"
+        if not isinstance(part, dict) or part.get("type") not in ("input_text", "text", "output_text"):
+            raise bad_request(f"Invalid value for '{here}': only text output (input_text) can go back to this "
+                              "proxy's upstreams.", param=f"{here}.type")
+        texts.append(_text_of(part, here))
+    return "".join(texts)
+
+
+def _string(item: dict[str, Any], field: str, where: str) -> str:
+    value = item.get(field)
+    if not isinstance(value, str) or not value:
+        if value is None:
+            raise bad_request(f"Missing required parameter: '{where}.{field}'.", param=f"{where}.{field}")
+        raise bad_request(f"Invalid value for '{where}.{field}': expected a non-empty string.",
+                          param=f"{where}.{field}")
+    return value
+
+
+def called_ids(messages: list[dict[str, Any]]) -> set[str]:
+    """The ids of every tool call the assistant made in these chat messages."""
+    return {str(call.get("id")) for m in messages if m.get("role") == "assistant"
+            for call in m.get("tool_calls") or () if isinstance(call, dict)}
+
+
+def input_messages(value: str | list[Any], earlier_calls: set[str] | None = None) -> list[dict[str, Any]]:
+    """`input` as chat messages: a string is one user message; message items keep their role;
+    function_call items become the assistant's tool_calls and function_call_output items
+    `tool` messages, each answering a call made before (in `earlier_calls` or this input)."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not value:
         raise bad_request("'input' must contain at least one item.", param="input")
     messages: list[dict[str, Any]] = []
+    calls = set(earlier_calls or ())
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise bad_request(f"Invalid value for '{where}': expected an input item object.", param=where)
         kind = item.get("type", "message")
+        if kind == "function_call":
+            call_id = _string(item, "call_id", where)
+            arguments = item.get("arguments", "")
+            if not isinstance(arguments, str):
+                raise bad_request(f"Invalid type for '{where}.arguments': expected a JSON string.",
+                                  param=f"{where}.arguments")
+            call = {"id": call_id, "type": "function",
+                    "function": {"name": _string(item, "name", where), "arguments": arguments}}
+            previous = messages[-1] if messages else None
+            if previous is not None and previous["role"] == "assistant":  # one turn: text and calls together
+                previous.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            calls.add(call_id)
+            continue
+        if kind == "function_call_output":
+            call_id = _string(item, "call_id", where)
+            if call_id not in calls:
+                raise bad_request(f"No tool call found for function call output with call_id {clip(call_id)}.",
+                                  param=f"{where}.call_id")
+            if "output" not in item:
+                raise bad_request(f"Missing required parameter: '{where}.output'.", param=f"{where}.output")
+            messages.append({"role": "tool", "tool_call_id": call_id,
+                             "content": _output_text(item["output"], f"{where}.output")})
+            continue
         if kind != "message":
             raise bad_request(f"Invalid value for '{where}.type': '{clip(kind)}' items are not supported by this "
-                              "proxy's upstreams, which run no tools; send messages, and continue a "
-                              "conversation with previous_response_id.", param=f"{where}.type")
+                              "proxy's upstreams; send messages, function_call and function_call_output items, "
+                              "and continue a conversation with previous_response_id.", param=f"{where}.type")
         role = item.get("role")
         if role not in INPUT_ROLES:
             raise bad_request(f"Invalid value for '{where}.role': expected one of {sorted(INPUT_ROLES)}.",

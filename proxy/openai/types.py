@@ -1,9 +1,10 @@
 """OpenAI wire types: what clients send and what the proxy answers.
 
 Request Structs validate the fields the proxy reads; fields it does not read are kept by
-the handlers as raw JSON and passed through. Response Structs mirror the OpenAI spec
-(`../shared/openai-openapi.yaml`): fields the spec requires have no default, so they are
-always sent (null included); optional ones default to None and are omitted.
+the handlers as raw JSON and passed through. Response Structs mirror the OpenAI spec (the
+tests validate against its vendored part, `tests/openai_spec/openai-openapi.subset.json`):
+fields the spec requires have no default, so they are always sent (null included); optional
+ones default to None and are omitted.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class ToolCallFunction(_Out):
 
 class ToolCall(_Out):
     id: str
-    type: str
+    type: Literal["function"]
     function: ToolCallFunction
 
 
@@ -91,10 +92,25 @@ class ChatCompletion(_Out):
     system_fingerprint: str | None = None
 
 
+class ToolCallChunkFunction(_Out):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallChunk(_Out):
+    """One tool call's piece in a stream: the first piece has id, type and name; later ones
+    only index and more arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallChunkFunction | None = None
+
+
 class Delta(_Out):
     role: str | None = None
     content: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallChunk] | None = None
 
 
 class ChunkChoice(_Out):

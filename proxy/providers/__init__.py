@@ -1,16 +1,27 @@
-"""One module per upstream; this table is the only place that knows them all."""
+"""The registry of upstream dialects: the only place that knows them all (README.md here says how
+to add one). A `[providers.<name>]` table picks its dialect with `type` (default: its name)."""
 
 from __future__ import annotations
 
-from proxy.config import ProviderConfig
-from proxy.providers.base import Observe, Provider
+from typing import NamedTuple
+
+from proxy.providers.base import Dialect
 from proxy.providers.fengyuan import Fengyuan
+from proxy.providers.openai import OpenAICompatible
 from proxy.providers.xffuw import Xffuw
-from proxy.upstream_http import UpstreamClient
-
-DIALECTS: dict[str, type[Xffuw] | type[Fengyuan]] = {"xffuw": Xffuw, "fengyuan": Fengyuan}
 
 
-def build_provider(name: str, config: ProviderConfig, http: UpstreamClient,
-                   observe: Observe | None = None) -> Provider:
-    return DIALECTS[config.type or name](name, config, http, observe)
+class Registered(NamedTuple):
+    dialect: type[Dialect]
+    base_url: str | None  # used when the config names none; None: the config must
+    # bearer tokens with this prefix are this upstream's keys ([auth] passthrough); None: set one
+    # on purpose (Fengyuan keys start "sk-" like most client keys, so a mistyped client key would
+    # be sent there)
+    passthrough_prefix: str | None
+
+
+DIALECTS: dict[str, Registered] = {
+    "xffuw": Registered(Xffuw, "https://ai.xffuw.com/api/v1/", "xf_"),
+    "fengyuan": Registered(Fengyuan, "https://aivip.link", None),
+    "openai": Registered(OpenAICompatible, None, None),
+}

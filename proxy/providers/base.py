@@ -1,27 +1,20 @@
-"""The narrow interface every upstream implements, and the normalised values it trades in.
+"""What every upstream dialect declares, and the normalised values the rest of the proxy trades in.
 
-A provider knows one upstream's URLs, bodies and error dialect. It never sees the HTTP
-edge, the pool or OpenAI's shapes: it gets a key and a normalised call, and answers a
-normalised result or raises `ProxyError` with an upstream kind.
+A dialect knows one upstream's URLs, bodies and error dialect, and nothing else: it builds
+each request (`*_request`) and parses each answer (`check`, then `parse_*`), as pure
+functions of their inputs. Sending, pipelining, timing and waiting are the shared engine's
+(proxy/providers/engine.py); choosing keys is the pool's; OpenAI's shapes are the edge's.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, Protocol
-from urllib.parse import urlencode
+from typing import Any, ClassVar, Literal, NamedTuple
 
-import httpx
 import msgspec
 
 from proxy.errors import Kind, ProxyError
-from proxy.upstream_http import NotAnswered as NotAnswered  # what read_poll may raise, besides ProxyError
-from proxy.upstream_http import Origin, Reply, UpstreamClient, head_of, never_sent, origin_of, timed_out
 
 ModelKind = Literal["chat", "image", "video", "audio", "other"]
-Observe = Callable[[str, str, float], None]  # (upstream, operation, seconds): latency metrics
 TaskStatus = Literal["pending", "running", "succeeded", "failed"]
 
 
@@ -76,42 +69,93 @@ class KeyInfo(msgspec.Struct, kw_only=True):
     vip_level: int | None = None
 
 
-class Provider(Protocol):
-    name: str  # the config table's name: also the model prefix and owned_by
-    has_balance: bool  # whether balance() asks the upstream
+class UpstreamCall(NamedTuple):
+    """One request a dialect asks for; the key's headers are added by `Dialect.auth`."""
 
-    async def list_models(self, key: str) -> list[ModelInfo]: ...
-
-    async def chat(self, key: str, call: ChatCall) -> ChatAnswer: ...
-
-    async def submit_image(self, key: str, call: ImageCall) -> TaskState: ...
-
-    async def poll(self, key: str, task_id: str) -> TaskState: ...
-
-    # The same poll in two halves, so that thousands of them need no coroutine each: queued
-    # with no wait (None where it cannot be: use `poll`), then read once `sent.reply` is done
-    # (raises ProxyError, or NotAnswered: the upstream never began it, use `poll`).
-    def send_poll(self, key: str, task_id: str) -> Sent | None: ...
-
-    def read_poll(self, task_id: str, sent: Sent) -> TaskState: ...
-
-    async def balance(self, key: str) -> KeyInfo | None: ...
-
-    def key_limit(self, vip_level: int | None) -> int | None:
-        """Calls per rate window the upstream allows one key; None: no known limit."""
-        ...
+    method: str
+    path: str  # relative to the provider's base URL
+    params: dict[str, str] | None = None  # the query string
+    json: Any = None  # the body, sent as JSON
 
 
-class Response(msgspec.Struct):
+class TaskList(NamedTuple):
+    """One page of a key's tasks (an upstream that lists them): what each says, by its id."""
+
+    tasks: list[TaskState]  # a finished one may have no URLs: its result is read with a poll
+    full: bool  # the page was full: older tasks may be on the next
+
+
+class Answer(NamedTuple):
+    """An upstream's answer, as the dialect's `check` reads it."""
+
     status: int
     body: Any  # decoded JSON, or None when the body was not JSON
     retry_after: float | None
 
 
-_decode = msgspec.json.Decoder().decode
-_encode = msgspec.json.Encoder().encode
-# What every upstream call carries besides its key: some API front ends refuse a bare client.
-_HEADERS = ((b"user-agent", b"xf-openai-proxy"), (b"accept", b"application/json"))
+class Dialect:
+    """One upstream's API. Subclasses override what their upstream has; the defaults are
+    "no chat", "no balance", "no known rate limit", "images answered at once"."""
+
+    has_balance: ClassVar[bool] = False  # whether balance_request asks the upstream anything
+    models_need_key: ClassVar[bool] = True  # the model list is read with a key
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # the config table's name: in messages, and the model prefix
+
+    # ---- the key and the error dialect ----------------------------------------------
+
+    def auth(self, key: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {key}"}
+
+    def check(self, answer: Answer) -> Any:
+        """The answer's payload, or the ProxyError its error dialect says."""
+        raise NotImplementedError
+
+    # ---- what a dialect declares ----------------------------------------------------
+
+    def models_request(self) -> UpstreamCall:
+        raise NotImplementedError
+
+    def parse_models(self, payload: Any) -> list[ModelInfo]:
+        raise NotImplementedError
+
+    def chat_request(self, call: ChatCall) -> UpstreamCall:
+        raise ProxyError(Kind.BAD_REQUEST, f"{self.name} offers no chat models", param="model")
+
+    def parse_chat(self, payload: Any) -> ChatAnswer:
+        raise NotImplementedError
+
+    def submit_request(self, call: ImageCall) -> UpstreamCall:
+        raise ProxyError(Kind.BAD_REQUEST, f"{self.name} offers no image models", param="model")
+
+    def parse_submit(self, payload: Any) -> TaskState:
+        raise NotImplementedError
+
+    def poll_request(self, task_id: str) -> UpstreamCall:
+        raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name} has no tasks to poll")
+
+    def parse_poll(self, task_id: str, payload: Any) -> TaskState:
+        raise NotImplementedError
+
+    def list_request(self, page: int) -> UpstreamCall | None:
+        """A page (from 1) of the key's tasks, newest first, for one call to poll many; None:
+        the upstream has no such list, every task is polled on its own."""
+        return None
+
+    def parse_list(self, payload: Any) -> TaskList | None:
+        """None when the answer is not a list this dialect can read."""
+        return None
+
+    def balance_request(self) -> UpstreamCall | None:
+        return None
+
+    def parse_balance(self, payload: Any) -> KeyInfo | None:
+        return None
+
+    def key_limit(self, vip_level: int | None) -> int | None:
+        """Calls per rate window the upstream allows one key; None: no known limit."""
+        return None
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -121,121 +165,6 @@ def parse_retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None  # an HTTP date: rare upstream, treat as unknown
-
-
-PREPARED_MAX = 32768  # request heads kept per upstream: one per waiting task and a few
-
-
-class Sent(NamedTuple):
-    """A GET under way (`HTTPUpstream.start_get`); `HTTPUpstream.answer` reads it once done."""
-    reply: asyncio.Future[Reply]
-    operation: str
-    started: float
-
-    def arrived(self) -> float | None:
-        """time.monotonic() when its answer had arrived whole (None if none did), once done."""
-        reply = self.reply
-        return None if reply.cancelled() or reply.exception() else reply.result().at
-
-
-class _Prepared(NamedTuple):
-    origin: Origin
-    head: bytes  # request line and headers, no content-length, no blank line
-    operation: str  # the metrics label
-
-
-class HTTPUpstream:
-    """What both providers share: sending one call with timeouts, mapping transport failures."""
-
-    def __init__(self, name: str, base_url: str, http: UpstreamClient, *,
-                 connect_timeout: float, read_timeout: float, observe: Observe | None = None) -> None:
-        self.name = name
-        self.observe = observe
-        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
-        self.http = http
-        self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout).as_dict()
-        # A call's request head is written once and kept: a task's poll is the same request
-        # every few seconds while it runs, and writing it (URL, headers) cost more than the rest
-        # of the call (bench/README.md, profile of 10,000 waiting tasks). A plain dict, oldest
-        # entry out first when full: a lookup costs a twentieth of cachetools' LRU, and an
-        # entry evicted while in use is only written again.
-        self._prepared: dict[tuple[Any, ...], _Prepared] = {}
-
-    def prepare(self, method: str, path: str, headers: dict[str, str] | None, params: dict[str, str] | None,
-                has_body: bool) -> _Prepared:
-        key = (method, path, has_body, *(params.items() if params else ()), None, *(headers or {}).items())
-        prepared = self._prepared.get(key)
-        if prepared is None:
-            text = self.base_url + path.lstrip("/")
-            url = httpx.URL(text + "?" + urlencode(params) if params else text)
-            raw = [(b"host", url.netloc), *_HEADERS]
-            if headers:
-                raw += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
-            if has_body:
-                raw.append((b"content-type", b"application/json"))
-            # ids in paths would make one metric label per task: "api/service/task/{id}"
-            operation = "/".join("{id}" if any(c.isdigit() for c in part) else part for part in path.split("/"))
-            if len(self._prepared) >= PREPARED_MAX:
-                del self._prepared[next(iter(self._prepared))]
-            prepared = self._prepared[key] = _Prepared(origin_of(url), head_of(method, url, raw), operation)
-        return prepared
-
-    async def send(self, method: str, path: str, *, headers: dict[str, str] | None = None,
-                   json: Any = None, params: dict[str, str] | None = None) -> Response:
-        prepared = self.prepare(method, path, headers, params, json is not None)
-        content = b"" if json is None else _encode(json)
-        if json is not None or method in ("POST", "PUT", "PATCH"):
-            head = prepared.head + b"content-length: %d\r\n\r\n" % len(content)
-        else:
-            head = prepared.head + b"\r\n"
-        started = time.perf_counter()
-        try:
-            # the transport times out connect, pool and read
-            reply = await self.http.transport.fetch(prepared.origin, method, head, content, self.timeout)
-        except (httpx.HTTPError, OSError, TimeoutError) as exc:
-            raise self._failed(prepared.operation, started, exc) from None
-        return self._response(prepared.operation, started, reply)
-
-    def start_get(self, path: str, *, headers: dict[str, str] | None = None,
-                  params: dict[str, str] | None = None) -> Sent | None:
-        """A GET queued with no wait, written with the other GETs of this turn of the event
-        loop (pipelined); None where the transport cannot take it so (then `send`)."""
-        prepared = self.prepare("GET", path, headers, params, False)
-        reply = self.http.transport.queue_get(prepared.origin, prepared.head + b"\r\n", self.timeout)
-        return None if reply is None else Sent(reply, prepared.operation, time.perf_counter())
-
-    def answer(self, sent: Sent) -> Response:
-        """The answer to a started GET whose future is done, as `send` would give it; raises
-        ProxyError, or NotAnswered (the upstream never began it: `send` it again)."""
-        try:
-            reply = sent.reply.result()
-        except (httpx.HTTPError, OSError, TimeoutError) as exc:
-            raise self._failed(sent.operation, sent.started, exc) from None
-        return self._response(sent.operation, sent.started, reply)
-
-    def _failed(self, operation: str, started: float, exc: BaseException) -> ProxyError:
-        self._observe(operation, started)
-        # The message names no URL or header: upstream addresses stay private.
-        what = "timed out" if timed_out(exc) else "failed"
-        return ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name} upstream request {what}",
-                          delivered=not never_sent(exc))
-
-    def _response(self, operation: str, started: float, reply: Reply) -> Response:
-        self._observe(operation, started)
-        try:
-            body = _decode(reply.content) if reply.content else None
-        except msgspec.DecodeError:
-            body = None
-        retry_after = reply.header(b"retry-after")
-        return Response(reply.status, body, parse_retry_after(retry_after.decode("latin-1") if retry_after else None))
-
-    def _observe(self, operation: str, started: float) -> None:
-        if self.observe is not None:
-            self.observe(self.name, operation, time.perf_counter() - started)
-
-    def garbage(self, response: Response) -> ProxyError:
-        return ProxyError(Kind.UPSTREAM_UNAVAILABLE,
-                          f"{self.name} upstream answered HTTP {response.status} with an unreadable body")
 
 
 def as_float(value: Any) -> float | None:
@@ -253,6 +182,28 @@ def as_float(value: Any) -> float | None:
     return None
 
 
+def as_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def as_text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def normalise_phrase(text: str) -> str:
     """Lower case, any run of spaces, dashes or underscores as one space: for loose matching."""
     return " ".join(text.lower().replace("_", " ").replace("-", " ").split())
+
+
+def first_match(phrase: str, table: list[tuple[tuple[str, ...], Kind]]) -> Kind | None:
+    """The kind of the first row one of whose needles is in `phrase` (normalised)."""
+    for needles, kind in table:
+        if any(needle in phrase for needle in needles):
+            return kind
+    return None
+
+
+def unreadable(name: str, answer: Answer) -> ProxyError:
+    return ProxyError(Kind.UPSTREAM_UNAVAILABLE,
+                      f"{name} upstream answered HTTP {answer.status} with an unreadable body",
+                      retry_after=answer.retry_after)

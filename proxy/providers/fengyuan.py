@@ -1,4 +1,4 @@
-"""Fengyuan (AI逢源): services, invoke, task polling, user info; both envelopes in use.
+"""Fengyuan (AI逢源): services, invoke, task polling, the task list, user info; both envelopes in use.
 
 Documented: `{"success": true|false, "data"|"message"+"code": "ERROR_CODE"}` with HTTP
 status codes. Seen from the running service: `{"code": 0|N, "message", "data"}`, errors
@@ -11,29 +11,31 @@ import math
 import re
 from typing import Any
 
-from proxy.config import ProviderConfig
+import msgspec
+
 from proxy.errors import Kind, ProxyError
 from proxy.providers.base import (
-    ChatAnswer,
-    ChatCall,
-    HTTPUpstream,
+    Answer,
+    Dialect,
     ImageCall,
     KeyInfo,
     ModelInfo,
     ModelKind,
-    Observe,
-    Response,
-    Sent,
+    TaskList,
     TaskState,
     TaskStatus,
+    UpstreamCall,
     as_float,
+    as_int,
+    as_text,
+    first_match,
     normalise_phrase,
+    unreadable,
 )
-from proxy.upstream_http import UpstreamClient
 
-_KINDS: dict[str, ModelKind] = {"image": "image", "video": "video", "audio": "audio", "music": "audio"}
+KINDS: dict[str, ModelKind] = {"image": "image", "video": "video", "audio": "audio", "music": "audio"}
 
-_STATES: dict[str, TaskStatus] = {
+STATES: dict[str, TaskStatus] = {
     "pending": "pending", "queued": "pending", "waiting": "pending", "created": "pending",
     "processing": "running", "running": "running", "in_progress": "running",
     "completed": "succeeded", "success": "succeeded", "succeeded": "succeeded", "done": "succeeded",
@@ -41,13 +43,12 @@ _STATES: dict[str, TaskStatus] = {
     "canceled": "failed", "timeout": "failed",
 }
 
-_BUSINESS_CODES = {40001: Kind.BALANCE, 300202: Kind.BALANCE, 40002: Kind.UPSTREAM_UNAVAILABLE,
-                   40003: Kind.CONTENT_POLICY, 401: Kind.AUTH, 403: Kind.BALANCE, 429: Kind.RATE_LIMITED,
-                   404: Kind.MODEL_NOT_FOUND}
-_STATUS_KINDS = {401: Kind.AUTH, 403: Kind.BALANCE, 404: Kind.MODEL_NOT_FOUND, 429: Kind.RATE_LIMITED,
-                 400: Kind.BAD_REQUEST}
+BUSINESS_CODES = {400: Kind.BAD_REQUEST, 40001: Kind.BALANCE, 300202: Kind.BALANCE, 40002: Kind.UPSTREAM_UNAVAILABLE,
+                  40003: Kind.CONTENT_POLICY, 401: Kind.AUTH, 403: Kind.BALANCE, 429: Kind.RATE_LIMITED,
+                  404: Kind.MODEL_NOT_FOUND}
+STATUS_KINDS = {401: Kind.AUTH, 403: Kind.BALANCE, 404: Kind.MODEL_NOT_FOUND, 429: Kind.RATE_LIMITED}
 # Words in an error code or message, matched loosely when the number says nothing.
-_WORDS: list[tuple[tuple[str, ...], Kind]] = [
+WORDS: list[tuple[tuple[str, ...], Kind]] = [
     (("credit", "balance", "quota", "积分", "余额"), Kind.BALANCE),
     (("rate limit", "too many", "too frequent", "频繁"), Kind.RATE_LIMITED),
     (("api key", "apikey", "unauthorized", "unauthorised", "invalid key", "auth", "密钥"), Kind.AUTH),
@@ -56,16 +57,26 @@ _WORDS: list[tuple[tuple[str, ...], Kind]] = [
 ]
 
 # Where a finished task may keep its result (undocumented): URLs under these keys, at any depth.
-_URL_KEYS = frozenset({
+URL_KEYS = frozenset({
     "result_url", "result_urls", "url", "urls", "image", "images", "image_url", "image_urls",
     "video_url", "video_urls", "audio_url", "audio_urls", "file_url", "file_urls", "output", "outputs",
     "result", "results", "data",
 })
 # Echoed request parameters hold reference images, not results.
-_SKIP_KEYS = frozenset({"params", "input", "inputs", "request", "image_input", "product_image"})
-_REASON_KEYS = ("error_msg", "error_message", "fail_reason", "reason", "error", "message", "msg")
+SKIP_KEYS = frozenset({"params", "input", "inputs", "request", "image_input", "product_image"})
+REASON_KEYS = ("error_msg", "error_message", "fail_reason", "reason", "error", "message", "msg")
+# Where a task list keeps its tasks (undocumented): the first of these that is a list.
+LIST_KEYS = ("tasks", "list", "items", "records", "rows", "data")
 
-_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9", "5:4", "4:5")
+# OpenAI's size -> Fengyuan's aspect_ratio (the nearest of these) and size class (by the longer side).
+ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9", "5:4", "4:5")
+SIZE_CLASSES = ((1600, "1K"), (3000, "2K"), (math.inf, "4K"))
+# Reference images by model kind: (the parameter with the whole list, the one with the first URL).
+REFERENCE_PARAMS: dict[str, tuple[str, str]] = {"video": ("image_urls", "image_url")}
+DEFAULT_REFERENCE_PARAMS = ("image_input", "product_image")
+
+NORMAL_LIMIT, VIP_LIMIT = 60, 300  # calls a minute per key (the docs)
+LIST_LIMIT = 100  # tasks per page of /api/task/list at most (the docs)
 
 
 def collect_urls(value: Any, under_url_key: bool = False, found: list[str] | None = None) -> list[str]:
@@ -73,8 +84,8 @@ def collect_urls(value: Any, under_url_key: bool = False, found: list[str] | Non
     if isinstance(value, dict):
         for key, item in value.items():
             lowered = str(key).lower()
-            if lowered not in _SKIP_KEYS:
-                collect_urls(item, lowered in _URL_KEYS, found)
+            if lowered not in SKIP_KEYS:
+                collect_urls(item, lowered in URL_KEYS, found)
     elif isinstance(value, list):
         for item in value:
             collect_urls(item, under_url_key, found)
@@ -101,133 +112,136 @@ def size_params(size: str | None) -> dict[str, str]:
         return abs(math.log(width / height) - math.log(int(w) / int(h)))
 
     longest = max(width, height)
-    return {"aspect_ratio": min(_RATIOS, key=distance),
-            "size": "1K" if longest <= 1600 else "2K" if longest <= 3000 else "4K"}
+    return {"aspect_ratio": min(ASPECT_RATIOS, key=distance),
+            "size": next(name for bound, name in SIZE_CLASSES if longest <= bound)}
 
 
-def _classify(code: Any, message: str, status: int) -> Kind:
-    if isinstance(code, int | str) and str(code).isdigit() and int(code) in _BUSINESS_CODES:
-        return _BUSINESS_CODES[int(code)]
-    if status in _STATUS_KINDS and status != 400:
-        return _STATUS_KINDS[status]
-    phrase = normalise_phrase(f"{code if isinstance(code, str) else ''} {message}")
-    for needles, kind in _WORDS:
-        if any(needle in phrase for needle in needles):
-            return kind
-    if status == 400:
-        return Kind.BAD_REQUEST
-    return Kind.UPSTREAM_UNAVAILABLE
+def reference_params(kind: str, references: list[str]) -> dict[str, Any]:
+    if not references:
+        return {}
+    many, first = REFERENCE_PARAMS.get(kind, DEFAULT_REFERENCE_PARAMS)
+    return {many: references, first: references[0]}
 
 
-def _auth(key: str) -> dict[str, str]:
-    return {"x-api-key": key, "authorization": f"Bearer {key}"}
+def classify(code: Any, message: str, status: int) -> Kind:
+    if isinstance(code, int | str) and str(code).isdigit() and int(code) in BUSINESS_CODES:
+        return BUSINESS_CODES[int(code)]
+    if status in STATUS_KINDS:
+        return STATUS_KINDS[status]
+    found = first_match(normalise_phrase(f"{code if isinstance(code, str) else ''} {message}"), WORDS)
+    if found is not None:
+        return found
+    return Kind.BAD_REQUEST if status == 400 else Kind.UPSTREAM_UNAVAILABLE
 
 
-class Fengyuan:
+def text(value: Any) -> str:
+    """A reason as text: as given, or as JSON when the upstream sent a structure."""
+    return value if isinstance(value, str) else msgspec.json.encode(value).decode()
+
+
+def task_state(data: dict[str, Any], task_id: str | None, whole: bool = True) -> TaskState:
+    """A task as the invoke, detail and list endpoints describe it. `whole`: the answer is the
+    task's full record, so a finished task without a result URL has failed (a list entry may
+    leave its result out: it stays "succeeded" with no URLs, to be read in full)."""
+    raw_id = data.get("task_id") or data.get("id") or task_id
+    status = STATES.get(str(data.get("status", "")).lower().strip(), "running")
+    urls = collect_urls(data) if status == "succeeded" else []
+    reason = None
+    if status == "succeeded" and not urls and whole:
+        status, reason = "failed", "the task finished without a result URL"
+    elif status == "failed":
+        reason = next((text(data[k]) for k in REASON_KEYS if data.get(k)), None)
+    return TaskState(status=status, task_id=None if raw_id is None else str(raw_id), urls=urls,
+                     progress=as_float(data.get("progress")), reason=reason,
+                     cost=as_float(data.get("cost")), balance=as_float(data.get("balance")))
+
+
+class Fengyuan(Dialect):
     has_balance = True
-    def __init__(self, name: str, config: ProviderConfig, http: UpstreamClient,
-                 observe: Observe | None = None) -> None:
-        self.name = name
-        self.upstream = HTTPUpstream(name, config.base_url, http, connect_timeout=config.connect_timeout,
-                                     read_timeout=config.read_timeout, observe=observe)
+    models_need_key = False  # the service list is the one endpoint without auth
 
-    async def _call(self, method: str, path: str, key: str | None, *, json: Any = None,
-                    params: dict[str, str] | None = None) -> Any:
-        response = await self.upstream.send(method, path, headers=_auth(key) if key else None, json=json,
-                                            params=params)
-        return self._unwrap(response)
+    def auth(self, key: str) -> dict[str, str]:
+        return {"x-api-key": key, "authorization": f"Bearer {key}"}
 
-    def _unwrap(self, response: Response) -> Any:
-        body = response.body
+    def check(self, answer: Answer) -> Any:
+        body = answer.body
         if not isinstance(body, dict):
-            kind = _STATUS_KINDS.get(response.status)
-            if kind is not None and kind is not Kind.BAD_REQUEST:
-                raise ProxyError(kind, f"{self.name} upstream answered HTTP {response.status}",
-                                 retry_after=response.retry_after)
-            raise self.upstream.garbage(response)
+            kind = STATUS_KINDS.get(answer.status)
+            if kind is not None:
+                raise ProxyError(kind, f"{self.name} upstream answered HTTP {answer.status}",
+                                 retry_after=answer.retry_after)
+            raise unreadable(self.name, answer)
         code = body.get("code")
-        ok = body.get("success") is True or (
-            body.get("success") is None and code in (0, "0", 200, "200", None) and "data" in body)
-        if ok and response.status < 400:
+        ok = body.get("success") is True or (body.get("success") is None and (
+            code in (0, "0", 200, "200") or (code is None and "data" in body)))
+        if ok and answer.status < 400:
             return body.get("data")
-        message = body.get("message") or body.get("msg") or body.get("error") or "unknown error"
-        message = str(message)
-        kind = _classify(code, message, response.status)
-        raise ProxyError(kind, f"{self.name}: {message}", retry_after=response.retry_after)
+        message = str(body.get("message") or body.get("msg") or body.get("error") or "unknown error")
+        raise ProxyError(classify(code, message, answer.status), f"{self.name}: {message}",
+                         retry_after=answer.retry_after)
 
-    async def list_models(self, key: str) -> list[ModelInfo]:
-        data = await self._call("GET", "api/service/list", None)  # the one endpoint without auth
-        services = data.get("services") if isinstance(data, dict) else data
+    def models_request(self) -> UpstreamCall:
+        return UpstreamCall("GET", "api/service/list")
+
+    def parse_models(self, payload: Any) -> list[ModelInfo]:
+        services = payload.get("services") if isinstance(payload, dict) else payload
         if not isinstance(services, list):
             raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name}: service list answered no services")
-        models = []
-        for service in services:
-            if not isinstance(service, dict) or not service.get("service_code"):
-                continue
-            category = str(service.get("category") or "").lower()
-            name = service.get("name")
-            models.append(ModelInfo(
-                id=str(service["service_code"]), kind=_KINDS.get(category, "other"),
-                price=as_float(service.get("cost_per_request")), name=name if isinstance(name, str) else None,
-                vip_discount=as_float(service.get("vip_discount")),
-            ))
-        return models
+        return [ModelInfo(id=str(service["service_code"]),
+                          kind=KINDS.get(str(service.get("category") or "").lower(), "other"),
+                          price=as_float(service.get("cost_per_request")), name=as_text(service.get("name")),
+                          vip_discount=as_float(service.get("vip_discount")))
+                for service in services if isinstance(service, dict) and service.get("service_code")]
 
-    async def chat(self, key: str, call: ChatCall) -> ChatAnswer:
-        raise ProxyError(Kind.BAD_REQUEST, f"{self.name} offers no chat models", param="model")
-
-    async def submit_image(self, key: str, call: ImageCall) -> TaskState:
+    def submit_request(self, call: ImageCall) -> UpstreamCall:
         params: dict[str, Any] = {**size_params(call.size), **call.extra, "prompt": call.prompt}
-        if call.references:
-            if call.kind == "video":
-                params.setdefault("image_url", call.references[0])
-                params.setdefault("image_urls", call.references)
-            else:
-                params.setdefault("image_input", call.references)
-                params.setdefault("product_image", call.references[0])
-        data = await self._call("POST", "api/service/invoke", key,
-                                json={"service_code": call.model, "params": params})
-        if not isinstance(data, dict):
+        for name, value in reference_params(call.kind, call.references).items():
+            params.setdefault(name, value)
+        return UpstreamCall("POST", "api/service/invoke", json={"service_code": call.model, "params": params})
+
+    def parse_submit(self, payload: Any) -> TaskState:
+        if not isinstance(payload, dict):
             raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name}: invoke answered no task")
-        state = self._state(data, None)
+        state = task_state(payload, None)
         if state.task_id is None and not state.final:
             raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name}: invoke answered no task id")
         return state
 
-    async def poll(self, key: str, task_id: str) -> TaskState:
-        return self._poll_state(task_id, await self._call("GET", f"api/service/task/{task_id}", key))
+    def poll_request(self, task_id: str) -> UpstreamCall:
+        return UpstreamCall("GET", f"api/service/task/{task_id}")
 
-    def send_poll(self, key: str, task_id: str) -> Sent | None:
-        return self.upstream.start_get(f"api/service/task/{task_id}", headers=_auth(key))
-
-    def read_poll(self, task_id: str, sent: Sent) -> TaskState:
-        return self._poll_state(task_id, self._unwrap(self.upstream.answer(sent)))
-
-    def _poll_state(self, task_id: str, data: Any) -> TaskState:
-        if not isinstance(data, dict):
+    def parse_poll(self, task_id: str, payload: Any) -> TaskState:
+        if not isinstance(payload, dict):
             raise ProxyError(Kind.UPSTREAM_UNAVAILABLE, f"{self.name}: task {task_id} answered no data")
-        return self._state(data, task_id)
+        return task_state(payload, task_id)
 
-    def _state(self, data: dict[str, Any], task_id: str | None) -> TaskState:
-        raw_id = data.get("task_id") or data.get("id") or task_id
-        status = _STATES.get(str(data.get("status", "")).lower().strip(), "running")
-        urls = collect_urls(data) if status == "succeeded" else []
-        reason = None
-        if status == "succeeded" and not urls:
-            status, reason = "failed", "the task finished without a result URL"
-        elif status == "failed":
-            reason = next((str(data[k]) for k in _REASON_KEYS if data.get(k)), None)
-        return TaskState(status=status, task_id=None if raw_id is None else str(raw_id), urls=urls,
-                         progress=as_float(data.get("progress")), reason=reason,
-                         cost=as_float(data.get("cost")), balance=as_float(data.get("balance")))
+    def list_request(self, page: int) -> UpstreamCall:
+        """One page of the key's tasks, newest first."""
+        return UpstreamCall("GET", "api/task/list", params={"page": str(page), "limit": str(LIST_LIMIT)})
+
+    def parse_list(self, payload: Any) -> TaskList | None:
+        """The tasks of a list page (each with its id), or None when the shape is not one we know."""
+        tasks = payload
+        if isinstance(payload, dict):
+            tasks = next((v for k in LIST_KEYS if isinstance(v := payload.get(k), list)), None)
+        if not isinstance(tasks, list):
+            return None
+        states = [task_state(t, None, whole=False) for t in tasks if isinstance(t, dict)]
+        meta = payload if isinstance(payload, dict) else {}
+        # A full page means more may follow: full by the page size the answer names (an upstream
+        # may give fewer than asked), and short of the total when it names one.
+        limit = as_int(meta.get("limit")) or LIST_LIMIT
+        total, page = as_int(meta.get("total")), as_int(meta.get("page"))
+        more = bool(tasks) and len(tasks) >= limit and (total is None or page is None or page * limit < total)
+        return TaskList([s for s in states if s.task_id is not None], full=more)
+
+    def balance_request(self) -> UpstreamCall:
+        return UpstreamCall("GET", "api/user/info")
+
+    def parse_balance(self, payload: Any) -> KeyInfo | None:
+        if not isinstance(payload, dict):
+            return None
+        return KeyInfo(credits=as_float(payload.get("credits")), vip_level=as_int(payload.get("vip_level")))
 
     def key_limit(self, vip_level: int | None) -> int | None:
-        return 300 if (vip_level or 0) >= 1 else 60  # the docs: 60/min, 300/min for VIP users
-
-    async def balance(self, key: str) -> KeyInfo | None:
-        data = await self._call("GET", "api/user/info", key)
-        if not isinstance(data, dict):
-            return None
-        vip = data.get("vip_level")
-        return KeyInfo(credits=as_float(data.get("credits")),
-                       vip_level=vip if isinstance(vip, int) and not isinstance(vip, bool) else None)
+        return VIP_LIMIT if (vip_level or 0) >= 1 else NORMAL_LIMIT

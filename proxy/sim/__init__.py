@@ -1,4 +1,4 @@
-"""Simulated xffuw and Fengyuan servers: `proxy demo` and the tests run against them."""
+"""Simulated xffuw, Fengyuan and OpenAI-compatible servers: `proxy demo` and the tests run against them."""
 
 from proxy.sim.faults import Call, FaultMiddleware, Faults, Markers, parse_markers
 from proxy.sim.fengyuan import (
@@ -8,21 +8,31 @@ from proxy.sim.fengyuan import (
     FengyuanSim,
     create_fengyuan_app,
 )
+from proxy.sim.openai_compat import (
+    OPENAI_COMPAT_DEMO_KEYS,
+    CompatModel,
+    OpenAICompatSim,
+    create_openai_compat_app,
+)
 from proxy.sim.xffuw import XFFUW_DEMO_KEYS, XffuwModel, XffuwSim, create_xffuw_app
 
 __all__ = [
     "FENGYUAN_DEMO_KEYS",
+    "OPENAI_COMPAT_DEMO_KEYS",
     "XFFUW_DEMO_KEYS",
     "Call",
+    "CompatModel",
     "FaultMiddleware",
     "Faults",
     "FengyuanKey",
     "FengyuanService",
     "FengyuanSim",
     "Markers",
+    "OpenAICompatSim",
     "XffuwModel",
     "XffuwSim",
     "create_fengyuan_app",
+    "create_openai_compat_app",
     "create_xffuw_app",
     "parse_markers",
 ]

@@ -279,6 +279,8 @@ class Markers:
     instant: bool = False  # finished at submit time
     blocked: bool = False  # refused by moderation at submit
     error: bool = False  # refused at submit with an upstream/AI-service error
+    tool_calls: int | Literal["all"] | None = None  # [tools:2], [tools:all]: how many tools a chat answer calls
+    no_tools: bool = False  # [no-tools]: a chat answer ignores the tools sent
 
     @property
     def outcome(self) -> Outcome:
@@ -286,11 +288,14 @@ class Markers:
 
 
 _DELAY = re.compile(r"\[\s*delay\s*=\s*(\d+(?:\.\d*)?|\.\d+)\s*\]", re.IGNORECASE)
+_NO_TOOLS = re.compile(r"\[\s*no-tools\s*\]", re.IGNORECASE)
+_TOOLS = re.compile(r"\[\s*tools\s*:\s*(all|\d+)\s*\]", re.IGNORECASE)
 
 
 def parse_markers(prompt: str) -> Markers:
     low = prompt.lower()
     match = _DELAY.search(prompt)
+    tools = _TOOLS.search(prompt)
     return Markers(
         fail="[fail]" in low,
         never="[never]" in low,
@@ -298,6 +303,8 @@ def parse_markers(prompt: str) -> Markers:
         instant="[instant]" in low,
         blocked="[blocked]" in low,
         error="[error]" in low,
+        tool_calls=None if tools is None else "all" if tools[1].lower() == "all" else max(1, int(tools[1])),
+        no_tools=_NO_TOOLS.search(prompt) is not None,
     )
 
 

@@ -194,6 +194,12 @@ class FengyuanSim(CallLog):
         self.observed_rate_limit_http = 200  # ... and of observed rate-limit errors
         self.retry_after_header = False  # the docs promise no Retry-After
         self.result_variant: int | None = None  # force where results live (0..3); None rotates
+        # /api/task/list: how many tasks a page holds at most (the docs: 100), whether it exists
+        # (False: 404), an answer of a shape no client knows, and tasks it leaves out
+        self.list_page_max = 100
+        self.list_enabled = True
+        self.list_garbled = False
+        self.list_hidden: set[str] = set()
         self.last_invoke_body: dict[str, Any] | None = None
         self.tasks: dict[str, FengyuanTask] = {}
         self.faults = Faults()
@@ -231,7 +237,7 @@ class FengyuanSim(CallLog):
         return self.rng.random()
 
     def is_poll_path(self, path: str) -> bool:
-        return path.startswith("/api/service/task/")
+        return path.startswith("/api/service/task/") or path.rstrip("/") == "/api/task/list"
 
     def record_fault(self, scope: Scope, status: int) -> None:
         self._log(classify(str(scope.get("path", ""))), key_of(scope_headers(scope)), status)
@@ -485,15 +491,20 @@ def create_fengyuan_app(state: FengyuanSim) -> Litestar:
         key, _account, refused = gate("task_list", request)
         if refused is not None:
             return refused
+        if not state.list_enabled:
+            return fail("task_list", key, "not_found", "接口不存在 (not found)", http=404)
         query = request.query_params
         try:
             page = int(query.get("page") or 1)
             limit = int(query.get("limit") or 20)
         except ValueError:
             return fail("task_list", key, "bad_request", "page and limit must be integers")
-        page, limit = max(page, 1), min(max(limit, 1), 100)
+        page, limit = max(page, 1), min(max(limit, 1), state.list_page_max)
         wanted = query.get("status") or None
-        rows = [render_task(state, request, t) for t in reversed(list(state.tasks.values())) if t.key == key]
+        if state.list_garbled:
+            return envelope_ok("task_list", key, {"result": "ok", "count": len(state.tasks)})
+        rows = [render_task(state, request, t) for t in reversed(list(state.tasks.values()))
+                if t.key == key and t.id not in state.list_hidden]
         if wanted:
             # "completed" and "success" both name a finished task.
             finished = {"completed", "success"}

@@ -4,6 +4,10 @@ Faithful to the published page plus the field notes: errors are ``{"error": text
 an HTTP status the docs never give (``error_status``, 200 by default), chat answers only
 ``choices[0].message.content``, ``task.php`` progress comes as a number, a ``"40%"``
 string or ``""`` depending on the task.
+
+Chat echoes the last user message after ``CHAT_PREFIX``, unless the request sends ``tools``,
+``response_format`` or tool results: then it answers as an OpenAI-compatible model does,
+tool calls and JSON included, by the rules in ``chat_model.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 
+from proxy.sim import chat_model
 from proxy.sim.assets import EXTENSION, files_route
 from proxy.sim.faults import (
     CallLog,
@@ -106,6 +111,7 @@ class XffuwSim(CallLog):
         self.rate_window = 60.0
         self.rate_limited_count = 0
         self.chat_extra: dict[str, Any] = {}  # merged into every chat answer
+        self.chat_error_keys: set[str] = set()  # chat with these keys answers an upstream error
         self.last_chat_body: dict[str, Any] | None = None
         self.last_image_body: dict[str, Any] | None = None
         self.tasks: dict[str, XffuwTask] = {}
@@ -114,6 +120,7 @@ class XffuwSim(CallLog):
         self.calls = []
         self._window = SlidingWindow()
         self._seq = 0
+        self._call_seq = 0
 
     def reset(self) -> None:
         """Back to construction defaults, keeping ``public_base`` (the server stays bound)."""
@@ -135,6 +142,10 @@ class XffuwSim(CallLog):
     def new_task_id(self) -> str:
         self._seq += 1
         return str(123456788 + self._seq)
+
+    def new_call_id(self) -> str:
+        self._call_seq += 1
+        return f"call_xf{self._call_seq:019d}"
 
     def file_url(self, request: Request[Any, Any, Any], name: str) -> str:
         base = self.public_base or str(request.base_url)
@@ -158,20 +169,10 @@ def classify(path: str) -> str:
     return {"models.php": "models", "chat.php": "chat", "image.php": "image", "task.php": "task"}.get(name, "other")
 
 
-def message_text(content: object) -> str:
-    """Text of an OpenAI message content: a string or a list of parts (text parts joined)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = [str(part.get("text", "")) for part in content if isinstance(part, dict) and part.get("type") == "text"]
-        return "\n".join(texts)
-    return ""
-
-
 def last_user_text(messages: list[Any]) -> str:
     for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user":
-            return message_text(message.get("content"))
+            return chat_model.text_of(message.get("content"))
     return ""
 
 
@@ -246,14 +247,16 @@ def create_xffuw_app(state: XffuwSim, base_path: str = "/api/v1") -> Litestar:
         markers = parse_markers(text)
         if markers.blocked:
             return error("chat", key, "prompt blocked by content moderation")
-        if markers.error:
+        if markers.error or key in state.chat_error_keys:
             return error("chat", key, "upstream service error, please retry later")
         assert key is not None
         if not state.charge(key, model.price):
             return error("chat", key, "insufficient balance")
         if markers.delay:
             await asyncio.sleep(markers.delay)  # a slow model, for proxy timeout tests
-        answer: dict[str, Any] = {"choices": [{"message": {"content": CHAT_PREFIX + text}}]}
+        choice = chat_model.answer(body, markers, state.new_call_id)
+        answer: dict[str, Any] = {"choices": [{"message": {"content": CHAT_PREFIX + text}}] if choice is None
+                                  else [{"index": 0, **choice}]}
         answer.update(state.chat_extra)
         return reply("chat", key, answer)
 

@@ -1,7 +1,7 @@
 """Cheap HTTP/1.1 clients for the benchmark: raw sockets, no HTTP library in the timed path.
 
 - SyncConn: one blocking keep-alive connection (sequential latency, streamed time to first byte);
-- http_get / http_post: one-shot helpers for control calls;
+- http_request / http_json: one-shot requests (control calls, readiness);
 - image_storm: N concurrent connections, each one POST and a long wait (asyncio Protocols);
 - pyload: a fallback closed-loop load generator for when wrk is not available.
 """
@@ -14,6 +14,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from lib.numbers import nearest_rank
 
 HOST = "127.0.0.1"
 
@@ -312,15 +314,11 @@ async def pyload(port: int, request: bytes, connections: int, seconds: float) ->
     except TimeoutError:
         stats["errors"] += 1
     elapsed = time.monotonic() - started
-    lat = sorted(stats["latencies"])
-
-    def pct(p: float) -> float:
-        return lat[min(len(lat) - 1, int(len(lat) * p / 100))] if lat else 0.0
-
+    lat = stats["latencies"] or [0.0]
     return {"requests": stats["requests"], "duration_us": elapsed * 1e6, "non2xx": stats["non2xx"],
             "connect": 0, "read": 0, "write": 0, "timeout": stats["errors"],
-            "percentiles": {str(p): pct(p) for p in (50, 75, 90, 99, 99.9)},
-            "curve": [[p, pct(p)] for p in _CURVE]}
+            "percentiles": {str(p): nearest_rank(lat, p) for p in (50, 75, 90, 99, 99.9)},
+            "curve": [[p, nearest_rank(lat, p)] for p in CURVE]}
 
 
-_CURVE = [1, 5, 10, 20, 30, 40, 50, 60, 70, 75, 80, 85, 90, 95, 97.5, 99, 99.5, 99.9, 99.99]
+CURVE = [1, 5, 10, 20, 30, 40, 50, 60, 70, 75, 80, 85, 90, 95, 97.5, 99, 99.5, 99.9, 99.99]  # as wrk_post.lua

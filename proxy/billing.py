@@ -1,0 +1,177 @@
+"""Money: what a call costs, client budgets held by reservation, the usage ledger.
+
+A budget is held, not just checked: a request reserves its expected cost before it calls
+an upstream, and each call settles its share to the real cost once recorded (or to nothing,
+if it failed before costing anything); what is left is released when the request ends. So
+concurrent requests never overspend a budget together: each one sees what the others hold.
+With shared state the holds and the spend of the period are kept in Redis, for every replica
+(a hold lapses if its process dies); without, in this process.
+"""
+
+from __future__ import annotations
+
+import calendar
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from proxy.config import ClientConfig, Config
+from proxy.errors import Kind, ProxyError
+from proxy.pool import KeyPool, UpstreamKey
+from proxy.providers.base import ModelInfo
+from proxy.shared import Shared, SharedDown
+from proxy.store import Store, UsageRecord
+
+_PERIOD_NAMES = {"daily": "daily ", "monthly": "monthly ", "total": ""}
+
+
+def period_start(period: str, now: float) -> float:
+    if period == "total":
+        return 0.0
+    t = time.gmtime(now)
+    day = 1 if period == "monthly" else t.tm_mday
+    return float(calendar.timegm((t.tm_year, t.tm_mon, day, 0, 0, 0)))
+
+
+def period_end(period: str, start: float) -> float:
+    """When the period that began at `start` ends (math.inf: never)."""
+    if period == "total":
+        return float("inf")
+    if period == "daily":
+        return start + 86_400
+    t = time.gmtime(start)
+    return float(calendar.timegm((t.tm_year + t.tm_mon // 12, t.tm_mon % 12 + 1, 1, 0, 0, 0)))
+
+
+def price(model: ModelInfo | None, key: UpstreamKey | None) -> float:
+    """What one call costs with this key: the catalogue price, discounted on VIP keys."""
+    if model is None or model.price is None:
+        return 0.0
+    if key is not None and model.vip_discount and (key.vip_level or 0) >= 1:
+        return model.price * model.vip_discount
+    return model.price
+
+
+@dataclass(eq=False)
+class Reservation:
+    """A request's hold on its client's budget: `per_call` for each of `calls` upstream calls."""
+
+    client: str
+    per_call: float
+    calls: int
+    released: bool = field(default=False)
+    hold: str | None = None  # its id in Redis, when held there
+    period: float = 0.0  # the start of the budget period it holds in
+
+    @property
+    def held(self) -> float:
+        return 0.0 if self.released else self.per_call * self.calls
+
+
+class Billing:
+    """Budgets and the usage ledger of one process."""
+
+    def __init__(self, store: Store, shared: Shared | None = None) -> None:
+        self.store = store
+        self.shared = shared
+        self._periods: dict[str, str] = {}  # client -> its budget period
+        self._hold_life = 3600.0  # seconds a hold in Redis outlives a process that died holding it
+        self._held: dict[str, float] = {}  # client -> reserved by requests under way
+        # client -> cost this process recorded (a running total): what a spend read that was
+        # under way meanwhile may not include yet
+        self._recorded: dict[str, float] = {}
+
+    def configure(self, config: Config) -> None:
+        self._periods = {c.name: c.budget_period for c in config.clients if c.budget is not None}
+        # a request holds at most as long as it waits for a key and for its tasks
+        self._hold_life = config.tasks.timeout + max((p.queue_timeout for p in config.providers.values()),
+                                                     default=0.0) + 120.0
+
+    def held(self, client: str) -> float:
+        return self._held.get(client, 0.0)
+
+    async def reserve(self, client: ClientConfig | None, model: ModelInfo | None, keys: list[UpstreamKey],
+                      calls: int) -> Reservation | None:
+        """Hold the expected cost of `calls` calls on the client's budget, or refuse (429).
+
+        The expected cost is the dearest price a usable key would pay: the key is chosen only
+        when the call is made, and a hold must never be smaller than the spend it stands for."""
+        if client is None or client.budget is None:
+            return None
+        per_call = max((price(model, k) for k in keys), default=price(model, None))
+        recorded_before = self._recorded.get(client.name, 0.0)
+        start = period_start(client.budget_period, time.time())
+        spent = await self.store.spent(client.name, start)
+        expected = per_call * calls
+        if self.shared is not None and self.shared.active:
+            hold = secrets.token_hex(8)
+            try:
+                ok, spent, held = await self.shared.reserve(
+                    client.name, start, known_spent=spent, budget=client.budget, expected=expected, hold=hold,
+                    lives=self._hold_life, period_ends=period_end(client.budget_period, start))
+            except SharedDown:
+                pass  # held in this process from now on
+            else:
+                if not ok:
+                    raise _spent(client, spent, held, expected)
+                return Reservation(client.name, per_call, calls, hold=hold, period=start)
+        # Counted twice at worst (written meanwhile and in `spent`): a hold errs on the safe side.
+        spent += self._recorded.get(client.name, 0.0) - recorded_before
+        held = self._held.get(client.name, 0.0)
+        if spent + held + expected > client.budget + 1e-9 or (expected == 0 and spent >= client.budget):
+            raise _spent(client, spent, held, expected)
+        self._held[client.name] = held + expected
+        return Reservation(client.name, per_call, calls)
+
+    def call_ended(self, reservation: Reservation | None, client: str, cost: float | None) -> None:
+        """One call of a request is over: its share of the hold becomes its recorded cost (None:
+        the call cost nothing)."""
+        if cost:
+            self._recorded[client] = self._recorded.get(client, 0.0) + cost
+        if reservation is not None and reservation.hold is not None and self.shared is not None:
+            share = reservation.per_call if not reservation.released and reservation.calls > 0 else 0.0
+            reservation.calls -= share > 0
+            self.shared.soon(self.shared.settle(client, reservation.period, reservation.hold, share, cost or 0.0))
+        elif reservation is not None and not reservation.released and reservation.calls > 0:
+            reservation.calls -= 1
+            self._unhold(client, reservation.per_call)
+
+    def release(self, reservation: Reservation) -> None:
+        """The request is over: whatever it still holds goes back."""
+        if reservation.released:
+            return
+        if reservation.hold is not None and self.shared is not None:
+            self.shared.soon(self.shared.release(reservation.client, reservation.period, reservation.hold))
+        else:
+            self._unhold(reservation.client, reservation.held)
+        reservation.released = True
+
+    def adjust(self, client: str, delta: float, at: float) -> None:
+        """A cost recorded at `at` (unix time) changed after the fact (a task's final cost)."""
+        if not delta:
+            return
+        self._recorded[client] = self._recorded.get(client, 0.0) + delta
+        period = self._periods.get(client)
+        if period is not None and self.shared is not None and self.shared.active:
+            self.shared.soon(self.shared.adjust(client, period_start(period, at), delta))
+
+    def _unhold(self, client: str, amount: float) -> None:
+        left = self._held.get(client, 0.0) - amount
+        if left > 1e-9:
+            self._held[client] = left
+        else:
+            self._held.pop(client, None)
+
+    def record(self, record: UsageRecord) -> None:
+        self.store.add_usage(record)
+
+    @staticmethod
+    def usable_keys(pool: KeyPool) -> list[UpstreamKey]:
+        return [k for k in pool.keys if k.state != "disabled"]
+
+
+def _spent(client: ClientConfig, spent: float, held: float, expected: float) -> ProxyError:
+    period = _PERIOD_NAMES[client.budget_period]
+    in_flight = f", {held:g} held by requests under way" if held else ""
+    return ProxyError(Kind.BALANCE, f"The {period}budget of {client.budget:g} for client '{client.name}' is spent "
+                      f"({spent:g} used{in_flight}; this request would cost {expected:g}).", code="insufficient_quota")

@@ -1,0 +1,255 @@
+"""State every worker and replica of one proxy shares, in Redis (`[shared] redis_url`).
+
+What lives here: every upstream key's call window and calls in flight, every client's rpm
+window, key states, budget holds, Idempotency-Key marks, who is alive (owner leases, replica
+heartbeats), uploaded images and Responses conversations. Each check-and-change is one Lua
+script (proxy/shared/scripts.py), atomic across all of them.
+
+Without Redis configured nothing here runs and each process keeps its own state. With Redis
+configured but unreachable, `active` is False: the callers serve from their local state with
+every limit split across the replicas last seen, and sharing resumes when Redis answers again
+(checked every BEAT). Nothing here ever raises into a request: a failed call marks Redis down
+and answers as if it were not configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar, cast
+
+import redis.asyncio as redis
+import structlog
+from redis.exceptions import RedisError
+
+from proxy.shared import scripts
+
+log = structlog.get_logger("proxy.shared")
+T = TypeVar("T")
+
+BEAT = 1.0  # seconds between health checks, replica heartbeats and key-state refreshes
+SEEN_FOR = 5 * BEAT  # a replica not heard from for this long is gone
+TIMEOUT = 0.5  # seconds any Redis call may take before Redis counts as down
+
+StateChange = tuple[str, float, str, str]  # (state, until as unix time (0: no end), reason, who wrote it)
+
+
+class SharedDown(Exception):
+    """Redis is configured but did not answer: serve from local state."""
+
+
+class Shared:
+    def __init__(self, url: str, prefix: str, owner: str) -> None:
+        self.prefix = prefix.rstrip(":") + ":"
+        self.owner = owner  # this process, as the store knows it
+        self.client = redis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
+                                           retry_on_timeout=False, health_check_interval=0)
+        self.active = False  # Redis answered the last time it was asked
+        self.replicas = 1  # processes heard from within SEEN_FOR (this one included), last known
+        self.on_states: Callable[[dict[str, StateChange]], None] | None = None  # key states, every BEAT
+        self.on_reload: Callable[[], None] | None = None  # another replica re-read its config
+        self.on_change: Callable[[bool], None] | None = None  # Redis came back (True) or went away
+        self._reloads = -1
+        self._loop: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._scripts = {name: self.client.register_script(getattr(scripts, name))
+                         for name in ("TAKE", "LANDED", "RESERVE", "SETTLE", "RELEASE", "OWNED", "KEEP", "FORGET")}
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    # ---- health --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._beat()
+        self._loop = asyncio.create_task(self._beats(), name="shared-state")
+
+    async def close(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+        if self._background:  # writes under way (a call's answer, a state) reach Redis first
+            await asyncio.wait(list(self._background), timeout=2 * TIMEOUT)
+        with contextlib.suppress(RedisError, OSError):
+            await self.client.zrem(self.key("replicas"), self.owner)
+        await self.client.aclose()
+
+    async def _beats(self) -> None:
+        while True:
+            await asyncio.sleep(BEAT)
+            await self._beat()
+
+    async def _beat(self) -> None:
+        """Heartbeat, replica count, key states and reloads, in one round trip."""
+        now = time.time()
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.zadd(self.key("replicas"), {self.owner: now})
+                pipe.zremrangebyscore(self.key("replicas"), "-inf", now - SEEN_FOR)
+                pipe.zcard(self.key("replicas"))
+                pipe.hgetall(self.key("states"))
+                pipe.get(self.key("reloads"))
+                _, _, replicas, states, reloads = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._down(exc)
+            return
+        self.replicas = max(1, int(replicas))
+        if not self.active:
+            self.active = True
+            log.info("shared_state_up", replicas=self.replicas)
+            if self.on_change is not None:
+                self.on_change(True)
+        if self.on_states is not None:
+            self.on_states({k.decode(): _state(v) for k, v in states.items()})
+        count = int(reloads or 0)
+        if self._reloads >= 0 and count != self._reloads and self.on_reload is not None:
+            self.on_reload()
+        self._reloads = count
+
+    def _down(self, exc: BaseException) -> None:
+        if self.active or self._reloads == -1:
+            log.warning("shared_state_down", error=repr(exc), serving="each process's own state, limits split "
+                        f"across {self.replicas} replicas")
+            self._reloads = max(self._reloads, 0)
+        if self.active:
+            self.active = False
+            if self.on_change is not None:
+                self.on_change(False)
+
+    async def _run(self, call: Awaitable[T]) -> T:
+        if not self.active:
+            if asyncio.iscoroutine(call):
+                call.close()
+            raise SharedDown
+        try:
+            return await call
+        except (RedisError, OSError) as exc:
+            self._down(exc)
+            raise SharedDown from None
+
+    def soon(self, work: Coroutine[Any, Any, Any]) -> None:
+        """A write nobody waits for, done in the background; failing only marks Redis down."""
+        runner = asyncio.ensure_future(_quietly(work))
+        self._background.add(runner)
+        runner.add_done_callback(self._background.discard)
+
+    def _script(self, name: str, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+        return self._scripts[name](keys=keys, args=args)
+
+    # ---- call windows and calls in flight (upstream keys, client rpm) -----------------
+
+    async def take(self, name: str, limit: int | None, window: float, *, reserve: int = 0, hold: float = 0.0,
+                   most: int | None = None) -> tuple[str | None, float]:
+        """Count one call of `name` if it has room: (its member, 0); or (None, seconds to wait)."""
+        member = secrets.token_hex(8)
+        taken, wait = await self._run(self._script(
+            "TAKE", [self.key("calls", name), self.key("busy", name)],
+            [window, -1 if limit is None else limit, reserve, member, hold, -1 if most is None else most]))
+        return (member, 0.0) if int(taken) else (None, float(wait))
+
+    async def landed(self, name: str, member: str) -> None:
+        await self._run(self._script("LANDED", [self.key("calls", name), self.key("busy", name)], [member]))
+
+    # ---- key states --------------------------------------------------------------------
+
+    async def set_state(self, key: str, state: str, until: float, reason: str | None) -> None:
+        """A key's state for every replica (`until`: unix time it ends; 0: no end)."""
+        value = f"{state}\t{until}\t{self.owner}\t{reason or ''}"
+        await self._run(self.client.hset(self.key("states"), key, value))
+
+    async def reloaded(self) -> None:
+        await self._run(self.client.incr(self.key("reloads")))
+
+    # ---- budget holds --------------------------------------------------------------------
+
+    def _budget_keys(self, client: str, period: float) -> list[str]:
+        base = self.key("budget", client, f"{period:.0f}")
+        return [base, base + ":holds", base + ":amounts"]
+
+    async def reserve(self, client: str, period: float, *, known_spent: float, budget: float, expected: float,
+                      hold: str, lives: float, period_ends: float) -> tuple[bool, float, float]:
+        ok, spent, held = await self._run(self._script(
+            "RESERVE", self._budget_keys(client, period),
+            # the period's keys outlive it by a day (a budget for all time: a year, then read anew from the store)
+            [known_spent, budget, expected, hold, lives, min(max(lives, period_ends - time.time()), 366 * 86_400)
+             + 86_400]))
+        return bool(int(ok)), float(spent), float(held)
+
+    async def settle(self, client: str, period: float, hold: str, share: float, cost: float) -> None:
+        await self._run(self._script("SETTLE", self._budget_keys(client, period), [hold, share, cost]))
+
+    async def release(self, client: str, period: float, hold: str) -> None:
+        await self._run(self._script("RELEASE", self._budget_keys(client, period), [hold]))
+
+    async def adjust(self, client: str, period: float, cost: float) -> None:
+        """A recorded cost changed after the fact (a task's final cost): the spend follows."""
+        await self._run(self._script("SETTLE", self._budget_keys(client, period), ["", 0, cost]))
+
+    # ---- marks and leases ----------------------------------------------------------------
+
+    async def mark(self, name: str, lives: float) -> bool:
+        """Claim `name` for this process for `lives` seconds; False if another holds it."""
+        return bool(await self._run(self.client.set(self.key("mark", name), self.owner, nx=True,
+                                                    px=int(lives * 1000))))
+
+    async def renew(self, name: str, lives: float) -> bool:
+        return bool(await self._run(self._script("OWNED", [self.key("mark", name)], [self.owner, int(lives * 1000)])))
+
+    async def unmark(self, name: str) -> None:
+        await self._run(self._script("OWNED", [self.key("mark", name)], [self.owner, 0]))
+
+    async def holder(self, name: str) -> str | None:
+        found = cast(bytes | None, await self._run(self.client.get(self.key("mark", name))))
+        return found.decode() if found is not None else None
+
+    async def alive(self, owners: list[str]) -> set[str]:
+        """Those of `owners` whose process renewed its lease (marked "owner:<name>")."""
+        if not owners:
+            return set()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for owner in owners:
+                pipe.exists(self.key("mark", "owner", owner))
+            found = await self._run(pipe.execute())
+        return {owner for owner, exists in zip(owners, found, strict=True) if exists}
+
+    async def lease(self, lives: float) -> None:
+        """This process's own lease: its tasks are adopted by another once it lapses."""
+        await self._run(self.client.set(self.key("mark", "owner", self.owner), self.owner, px=int(lives * 1000)))
+
+    # ---- blobs: uploads, conversations -------------------------------------------------------
+
+    def _blob_keys(self, kind: str) -> tuple[list[str], str]:
+        base = self.key(kind)
+        return [base + ":expiries", base + ":meta", base + ":bytes"], base + ":"
+
+    async def keep(self, kind: str, name: str, data: bytes, *, owner: str, share: int, total: int, lives: float,
+                   evict: bool) -> tuple[bool, str, float]:
+        """Keep a blob within its owner's share; (False, 'owner'|'total', seconds until room) if refused."""
+        keys, prefix = self._blob_keys(kind)
+        answer = await self._run(self._script("KEEP", [*keys, prefix + name],
+                                              [data, name, owner, share, total, lives, int(evict), prefix]))
+        if int(answer[0]):
+            return True, "", 0.0
+        return False, answer[1].decode(), float(answer[2])
+
+    async def blob(self, kind: str, name: str) -> bytes | None:
+        _, prefix = self._blob_keys(kind)
+        return cast(bytes | None, await self._run(self.client.get(prefix + name)))
+
+    async def forget(self, kind: str, names: list[str]) -> None:
+        if names:
+            keys, prefix = self._blob_keys(kind)
+            await self._run(self._script("FORGET", keys, [prefix, *names]))
+
+
+async def _quietly(work: Coroutine[Any, Any, Any]) -> None:
+    with contextlib.suppress(SharedDown):
+        await work
+
+
+def _state(value: bytes) -> StateChange:
+    state, until, who, reason = value.decode().split("\t", 3)
+    return state, float(until), reason, who
