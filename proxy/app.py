@@ -22,7 +22,10 @@ import structlog
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.types import HTTPScope, LifeSpanReceive, LifeSpanScope, LifeSpanSend, Message, Receive, Scope, Send
+from multipart import ParserLimitReached  # type: ignore[import-untyped]  # Litestar's form parser
 
 from proxy.api import ROUTES
 from proxy.api.admin import ADMIN_ROUTES
@@ -33,6 +36,7 @@ from proxy.api.images import answer_from_tasks
 from proxy.api.tasks import retrieve_task
 from proxy.balances import Balances
 from proxy.clients import Clients
+from proxy.clip import clip
 from proxy.config import Config, ConfigError
 from proxy.downloads import Downloads
 from proxy.errors import Kind, ProxyError
@@ -84,8 +88,8 @@ SERVED = ("chat completions, completions, responses, images (generations and edi
 def _not_found_message(method: str, path: str) -> str:
     service = next((service for pattern, service in _UNSERVED if pattern.match(path)), None)
     if service is None:
-        return f"Unknown request URL: {method} {path}. Please check the URL."
-    return (f"The upstreams behind this proxy offer no {service} service: {method} {path} is an OpenAI API "
+        return f"Unknown request URL: {method} {clip(path)}. Please check the URL."
+    return (f"The upstreams behind this proxy offer no {service} service: {method} {clip(path)} is an OpenAI API "
             f"route this proxy does not serve. It serves {SERVED}.")
 
 
@@ -123,14 +127,17 @@ def _proxy_error(request: Request[Any, Any, Any], error: ProxyError) -> Response
 
 def _http_error(request: Request[Any, Any, Any], error: HTTPException) -> Response[bytes]:
     kind = _HTTP_KINDS.get(error.status_code, Kind.BAD_REQUEST if error.status_code < 500 else Kind.INTERNAL)
+    if isinstance(error.__context__, ParserLimitReached):  # Litestar 2 answers its multipart limits with 400
+        return error_response(ProxyError(Kind.PAYLOAD_TOO_LARGE, "The multipart form exceeds this proxy's limits "
+                                         f"({error.__context__})."))
     if kind is Kind.NOT_FOUND:
         message = _not_found_message(request.method, request.url.path)
     elif kind is Kind.METHOD_NOT_ALLOWED:
-        message = f"Method {request.method} is not allowed for {request.url.path}."
+        message = f"Method {request.method} is not allowed for {clip(request.url.path)}."
     elif kind is Kind.PAYLOAD_TOO_LARGE:
         message = "The request body is larger than this proxy accepts."
     else:
-        message = str(error.detail) if error.detail else "Bad request."
+        message = clip(error.detail) if error.detail else "Bad request."
     return error_response(ProxyError(kind, message))
 
 
@@ -247,7 +254,7 @@ def _on_reload(runtime: Runtime) -> None:
 def create_app(config: Config, config_path: str | Path | None = None, workers: int = 1) -> Litestar:
     """The proxy as a Litestar app; `config_path` enables /admin/reload and SIGHUP. `workers`
     processes serve it together, each keeping its part of every per-key and per-client limit."""
-    redact.add(config.secrets())
+    redact.add_config(config)
     setup_logging(config.log.level, config.log.format)
     metrics = Metrics()
     egress = config.server.egress()
@@ -302,6 +309,10 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
                                expose_headers=["x-request-id", "x-proxy-task-ids", "retry-after"])
         if config.server.cors_origins else None,
         logging_config=None,
+        # The document only: Litestar's viewer pages load their scripts from CDNs, which the
+        # closed networks teams run the proxy in cannot reach.
+        openapi_config=OpenAPIConfig(title="xf-openai-proxy", version="1.0.0", path="/schema",
+                                     render_plugins=[JsonRenderPlugin()]),
         debug=False,
     )
     app.state.metrics = metrics

@@ -10,8 +10,6 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
-import uvicorn
-
 from proxy.config import ConfigError, load_config, parse_config
 
 DEMO_CLIENT_KEY = "sk-demo-alice"
@@ -24,21 +22,25 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    from proxy.http_server import connection_limits, raise_open_file_limit
+    from proxy.server import run, uvicorn_config
+
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    raise_open_file_limit()  # before the connection cap is derived from it
+    limits = connection_limits(config.server.max_connections, config.server.header_timeout)
     # proxy_headers off: nothing reads the client address, and it is one more layer per request
-    options: dict[str, Any] = dict(host=host, port=port, access_log=False, log_level="warning", proxy_headers=False,
+    options: dict[str, Any] = dict(host=host, port=port, proxy_headers=False, limits=limits,
                                    timeout_graceful_shutdown=config.server.shutdown_grace)
     if args.workers > 1:
         # Each worker process builds its own app from the same file.
         os.environ["PROXY_CONFIG"] = os.path.abspath(args.config)
         os.environ["PROXY_WORKERS"] = str(args.workers)  # each keeps its part of every limit
-        uvicorn.run("proxy.asgi:app_from_env", factory=True, workers=args.workers, **options)
-    else:
-        from proxy.app import create_app
+        return 0 if run(uvicorn_config("proxy.asgi:app_from_env", factory=True, workers=args.workers,
+                                       **options)) else 3
+    from proxy.app import create_app
 
-        uvicorn.run(create_app(config, args.config), **options)
-    return 0
+    return 0 if run(uvicorn_config(create_app(config, args.config), **options)) else 3
 
 
 def _check_config(args: argparse.Namespace) -> int:

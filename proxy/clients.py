@@ -9,6 +9,7 @@ import hmac
 import time
 from collections import deque
 
+from proxy.clip import clip
 from proxy.config import ClientConfig, Config
 from proxy.errors import Kind, ProxyError
 from proxy.gateway import Caller
@@ -161,11 +162,11 @@ class Clients:
 def check_model(caller: Caller, route: Route) -> None:
     if caller.own_key is not None and caller.own_key.provider != route.provider.name:
         raise ProxyError(Kind.BAD_REQUEST, f"The key you sent is a {caller.own_key.provider} key, but the model "
-                         f"'{route.public_id}' is served by {route.provider.name}.", param="model")
+                         f"'{clip(route.public_id)}' is served by {route.provider.name}.", param="model")
     patterns = caller.client.models if caller.client is not None else None
     if patterns is None:
         return
     names = {route.public_id, f"{route.provider.name}/{route.upstream_model}", route.upstream_model}
     if not any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in patterns):
         raise ProxyError(Kind.MODEL_NOT_ALLOWED, f"The client '{caller.name}' may not use the model "
-                         f"'{route.public_id}'.", param="model")
+                         f"'{clip(route.public_id)}'.", param="model")

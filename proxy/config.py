@@ -36,6 +36,11 @@ class ServerConfig(_Table):
     shutdown_grace: float = 30.0
     # Browser clients: origins allowed by CORS (["*"] for any); empty turns CORS off.
     cors_origins: list[str] = []
+    # Seconds a connection has to send a complete request head; then it is closed.
+    header_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    # Open client connections per process; past it the one idle longest is closed for the new
+    # one. Unset: the open-file limit less what upstream connections and the store need.
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] | None = None
     # The egress HTTP proxy for upstream calls and downloads ("http://[user:pass@]host:port");
     # unset: HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment; "": none (proxy/egress.py).
     upstream_proxy: str | None = None

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO, cast
 
 import msgspec
 import structlog
 
+from proxy.clip import clip
 from proxy.redact import redact
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -27,10 +29,19 @@ class _CurrentStderr:
 # msgspec, not json.dumps: a fifth of the cost of every access-log line. Whatever it cannot
 # encode is written as its repr, as structlog's own fallback does.
 _encode = msgspec.json.Encoder(enc_hook=repr).encode
+_CLIP = 512  # characters of one log field; tracebacks are kept whole
 
 
 def _serialize(event: Any, **_: Any) -> str:
     return _encode(event).decode()
+
+
+def _clip_values(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Long texts cut: a path, a model id or an upstream's message may be a client's 20 MB."""
+    for name, value in event.items():
+        if type(value) is str and len(value) > _CLIP and name != "exception":
+            event[name] = clip(value, _CLIP)
+    return event
 
 
 def _scrub_rendered(_: Any, __: str, line: str) -> str:
@@ -48,6 +59,7 @@ def setup_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None 
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _clip_values,
             renderer,
             cast(Any, _scrub_rendered),  # after the renderer: a processor of the rendered line
         ],

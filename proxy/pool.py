@@ -22,12 +22,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
+import structlog
+
 from proxy.config import ProviderConfig, UpstreamKeyConfig
 from proxy.errors import Kind, ProxyError
 from proxy.providers.base import KeyInfo
 from proxy.shared import Shared, SharedDown, StateChange
 
 T = TypeVar("T")
+log = structlog.get_logger("proxy.pool")
 KeyState = Literal["active", "cooling", "exhausted", "disabled"]
 CostOf = Callable[["UpstreamKey"], float | None]
 
@@ -469,10 +472,16 @@ class KeyPool:
         while True:
             key = await self.acquire(tried, cost_of, last)
             tried.add(key.fingerprint)
+            pending: Awaitable[T] | None = None
             try:
-                result = await call(key.secret)
+                pending = call(key.secret)
+                result = await pending
             except ProxyError as error:
                 self.failed(key, error)
+                # the upstream's own words (scrubbed and cut by the log setup), once per failed call
+                log.warning("upstream_call_failed", upstream=self.provider, key=key.fingerprint,
+                            operation=getattr(pending, "__name__", "call"),  # the provider method: "chat"
+                            kind=error.kind.value, error=error.message)
                 if not error.retryable_elsewhere:
                     raise
                 last = error

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import cachetools
 import structlog
 
+from proxy.clip import clip
 from proxy.errors import Kind, ProxyError
 from proxy.providers.base import ModelInfo
 from proxy.providers.engine import Provider
@@ -141,7 +142,7 @@ class Catalogue:
                 error = self._parts[name].last_error
                 if models is None and error is not None:
                     raise ProxyError(error.kind, error.message, retry_after=error.retry_after)
-        raise ProxyError(Kind.MODEL_NOT_FOUND, f"The model '{model_id}' does not exist or you do not have "
+        raise ProxyError(Kind.MODEL_NOT_FOUND, f"The model '{clip(model_id)}' does not exist or you do not have "
                          "access to it.", param="model")
 
     def created(self, route: Route) -> int:

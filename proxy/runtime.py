@@ -39,7 +39,7 @@ class Runtime:
         if self.config_path is None:
             raise ValueError("this proxy was not started from a config file")
         config = load_config(self.config_path)
-        redact.add(config.secrets())
+        redact.add_config(config)
         clients = Clients(config, self.share, self.shared)
         clients.adopt(self.clients)
         self.gateway.configure(config)

@@ -1,4 +1,5 @@
-"""Running ASGI apps with uvicorn: on a pre-bound socket, in this loop or a background thread."""
+"""Running ASGI apps with uvicorn: on a pre-bound socket, in this loop or a background thread, or
+as `proxy serve` does; every server speaks through the protocol with connection limits."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import threading
 from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
+
+from proxy.http_server import ConnectionLimits, LimitedConfig
 
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -25,20 +29,39 @@ def port_of(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
 
 
-def uvicorn_server(app: Any, *, log_level: str = "warning", **options: Any) -> uvicorn.Server:
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=options.pop("timeout_graceful_shutdown", 5), **options)
-    return uvicorn.Server(config)
+def uvicorn_config(app: Any, *, limits: ConnectionLimits | None = None, log_level: str = "warning",
+                   **options: Any) -> LimitedConfig:
+    options.setdefault("timeout_graceful_shutdown", 5)
+    return LimitedConfig(app, limits=limits, log_level=log_level, access_log=False, lifespan="on", **options)
+
+
+def uvicorn_server(app: Any, *, limits: ConnectionLimits | None = None, **options: Any) -> uvicorn.Server:
+    return uvicorn.Server(uvicorn_config(app, limits=limits, **options))
+
+
+def run(config: LimitedConfig) -> bool:
+    """Serve until stopped, in this process or in `config.workers` ones sharing one socket (what
+    uvicorn.run does with a config it builds itself); False if it could not start."""
+    if config.workers > 1:
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return True
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return server.started
 
 
 class BackgroundServer:
     """One app served on loopback from a thread with its own event loop (tests, tools)."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0,
+                 limits: ConnectionLimits | None = None) -> None:
         self.sock = bind(host, port)
         self.port = port_of(self.sock)
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn_server(app)
+        self.server = uvicorn_server(app, limits=limits)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"server:{self.port}")
 

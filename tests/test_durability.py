@@ -533,14 +533,12 @@ def test_sigterm_lets_requests_in_flight_finish_and_leaves_the_rest_resumable(
 
 def test_fractional_shutdown_grace_is_not_truncated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`[server] shutdown_grace = 0.8` must give requests 0.8 s, not int(0.8) == 0 s."""
-    import uvicorn
-
-    from proxy import cli
+    from proxy import cli, server
 
     config = tmp_path / "proxy.toml"
     config.write_text(f'[server]\nshutdown_grace = 0.8\n[[clients]]\nname = "a"\nkey = "{CLIENT_KEY}"\n'
                       f'[storage]\npath = "{tmp_path / "s.sqlite3"}"\n', encoding="utf-8")
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: seen.update(options))
+    monkeypatch.setattr(server, "run", lambda config: seen.update(vars(config)) or True)
     assert cli.main(["serve", "--config", str(config), "--port", "0"]) == 0
     assert seen["timeout_graceful_shutdown"] == pytest.approx(0.8)

@@ -16,6 +16,7 @@ from litestar.params import FromPath
 from proxy.api.common import json_response, runtime
 from proxy.billing import period_start
 from proxy.clients import bearer_token, match_digest
+from proxy.clip import clip
 from proxy.config import ConfigError
 from proxy.errors import Kind, ProxyError, bad_request
 from proxy.openai.openapi import documented
@@ -103,7 +104,8 @@ async def _set_key(request: Request[Any, Any, Any], fingerprint: str, enable: bo
     require_admin(request)
     found = runtime(request).gateway.find_key(fingerprint)
     if found is None:
-        raise ProxyError(Kind.NOT_FOUND, f"No upstream key with fingerprint '{fingerprint}'.", param="fingerprint")
+        raise ProxyError(Kind.NOT_FOUND, f"No upstream key with fingerprint '{clip(fingerprint)}'.",
+                         param="fingerprint")
     pool, key = found
     pool.set_state(key, "active" if enable else "disabled", None if enable else "disabled by an admin")
     return json_response({"fingerprint": key.fingerprint, "provider": pool.provider, "state": key.state})

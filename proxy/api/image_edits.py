@@ -18,6 +18,7 @@ from litestar.params import FromPath
 from proxy.api.common import json_body, note, runtime
 from proxy.api.dependencies import CallerDep, GatewayDep
 from proxy.api.images import DEFAULT_MODEL, MAX_N, admit, check_image_route, generate
+from proxy.clip import clip
 from proxy.errors import Kind, ProxyError, bad_request
 from proxy.openai.decode import convert
 from proxy.openai.openapi import documented, form_schema
@@ -135,7 +136,7 @@ async def _from_form(request: Request[Any, Any, Any], refs: _References) -> dict
             data = await value.read()
             await value.close()
             if not data:
-                raise bad_request(f"The file '{value.filename}' in '{name}' is empty.", param=name)
+                raise bad_request(f"The file '{clip(value.filename)}' in '{name}' is empty.", param=name)
             refs.file(data, name)
         else:
             refs.url(value, name)
@@ -188,7 +189,7 @@ async def images_edits(request: Request[Any, Any, Any], caller: CallerDep,
         model, size = body.model or DEFAULT_MODEL, body.size
         extra = {k: v for k, v in raw.items() if k not in _OPENAI_FIELDS}
     else:
-        raise bad_request(f"Unsupported Content-Type '{content_type}': send multipart/form-data (files) or "
+        raise bad_request(f"Unsupported Content-Type '{clip(content_type)}': send multipart/form-data (files) or "
                           "application/json (image URLs).")
     if not prompt.strip():
         raise bad_request("'prompt' must not be empty.", param="prompt")

@@ -24,6 +24,7 @@ from proxy.api.common import hold_budget, json_body, json_response, note
 from proxy.api.completions import check_text_route
 from proxy.api.dependencies import CallerDep, GatewayDep
 from proxy.clients import check_model
+from proxy.clip import clip
 from proxy.conversations import Conversations, Stored
 from proxy.errors import Kind, ProxyError, bad_request
 from proxy.openai import sse
@@ -200,8 +201,8 @@ async def create_response(request: Request[Any, Any, Any], caller: CallerDep,
     if body.previous_response_id is not None:
         previous = store.get(body.previous_response_id, caller.name)
         if previous is None:
-            raise ProxyError(Kind.NOT_FOUND, f"Previous response with id '{body.previous_response_id}' not found.",
-                             param="previous_response_id")
+            raise ProxyError(Kind.NOT_FOUND, f"Previous response with id '{clip(body.previous_response_id)}' "
+                             "not found.", param="previous_response_id")
         history = _decode_messages(previous.messages)
     new = input_messages(body.input, called_ids(history))
     # Instructions apply to this turn only; they are not kept with the conversation (as OpenAI does).
@@ -308,7 +309,7 @@ async def retrieve_response(request: Request[Any, Any, Any], response_id: FromPa
     """A stored response of this client."""
     found = conversations(request).get(response_id, caller.name)
     if found is None:
-        raise ProxyError(Kind.NOT_FOUND, f"Response with id '{response_id}' not found.")
+        raise ProxyError(Kind.NOT_FOUND, f"Response with id '{clip(response_id)}' not found.")
     return Response(found.response, status_code=200, media_type="application/json")
 
 
@@ -317,5 +318,5 @@ async def delete_response(request: Request[Any, Any, Any], response_id: FromPath
                           caller: CallerDep) -> Response[bytes]:
     """Forget a stored response of this client (a later previous_response_id to it is a 404)."""
     if not conversations(request).delete(response_id, caller.name):
-        raise ProxyError(Kind.NOT_FOUND, f"Response with id '{response_id}' not found.")
+        raise ProxyError(Kind.NOT_FOUND, f"Response with id '{clip(response_id)}' not found.")
     return json_response(Deleted(id=response_id))

@@ -9,6 +9,7 @@ from litestar.params import FromPath
 
 from proxy.api.common import json_response
 from proxy.api.dependencies import CallerDep, GatewayDep, RecoveryDep
+from proxy.clip import clip
 from proxy.errors import Kind, ProxyError
 from proxy.openai.errors import error_payload
 from proxy.openai.openapi import documented
@@ -38,7 +39,7 @@ async def retrieve_task(task_id: FromPath[str], caller: CallerDep, gateway: Gate
     found = await gateway.tasks.find(task_id)
     record = found.record if isinstance(found, Task) else found
     if not isinstance(record, TaskRecord) or record.client != caller.name:
-        raise ProxyError(Kind.NOT_FOUND, f"No task '{task_id}' for this client.", param="task_id")
+        raise ProxyError(Kind.NOT_FOUND, f"No task '{clip(task_id)}' for this client.", param="task_id")
     error = error_of(record)
     return json_response(TaskView(
         id=record.id, object="proxy.task", status=record.state, model=record.model, upstream=record.upstream,

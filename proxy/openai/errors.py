@@ -8,17 +8,21 @@ import msgspec
 from litestar import Response
 from litestar.types import Send
 
+from proxy.clip import clip
 from proxy.errors import ProxyError
 from proxy.openai.types import ErrorBody, ErrorResponse
 from proxy.redact import redact
 
 _encode = msgspec.json.Encoder().encode
+# Messages quote upstream texts, which may echo what a client sent: cut before they go out.
+MESSAGE_LIMIT = 2048
 
 
 def error_payload(error: ProxyError) -> ErrorResponse:
     shape = error.shape
-    return ErrorResponse(error=ErrorBody(message=redact(error.message), type=shape.type,
-                                         param=error.param, code=error.code or shape.code))
+    return ErrorResponse(error=ErrorBody(message=redact(clip(error.message, MESSAGE_LIMIT)), type=shape.type,
+                                         param=clip(error.param) if error.param else error.param,
+                                         code=error.code or shape.code))
 
 
 def error_headers(error: ProxyError) -> dict[str, str]:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from proxy.clip import clip
 from proxy.errors import bad_request
 
 _encode = msgspec.json.Encoder().encode
@@ -250,7 +251,7 @@ def _content(content: Any, role: str, where: str) -> str | list[dict[str, Any]]:
         elif kind == "input_image" and role != "assistant":
             parts.append(_image_part(part, here))
         else:
-            raise bad_request(f"Invalid value for '{here}.type': '{kind}' content is not supported by this "
+            raise bad_request(f"Invalid value for '{here}.type': '{clip(kind)}' content is not supported by this "
                               "proxy's upstreams; use input_text or input_image.", param=f"{here}.type")
     if role == "assistant" or (len(parts) <= 1 and all(p["type"] == "text" for p in parts)):
         return "".join(p["text"] for p in parts if p["type"] == "text")
@@ -323,7 +324,7 @@ def input_messages(value: str | list[Any], earlier_calls: set[str] | None = None
         if kind == "function_call_output":
             call_id = _string(item, "call_id", where)
             if call_id not in calls:
-                raise bad_request(f"No tool call found for function call output with call_id {call_id}.",
+                raise bad_request(f"No tool call found for function call output with call_id {clip(call_id)}.",
                                   param=f"{where}.call_id")
             if "output" not in item:
                 raise bad_request(f"Missing required parameter: '{where}.output'.", param=f"{where}.output")
@@ -331,7 +332,7 @@ def input_messages(value: str | list[Any], earlier_calls: set[str] | None = None
                              "content": _output_text(item["output"], f"{where}.output")})
             continue
         if kind != "message":
-            raise bad_request(f"Invalid value for '{where}.type': '{kind}' items are not supported by this "
+            raise bad_request(f"Invalid value for '{where}.type': '{clip(kind)}' items are not supported by this "
                               "proxy's upstreams; send messages, function_call and function_call_output items, "
                               "and continue a conversation with previous_response_id.", param=f"{where}.type")
         role = item.get("role")

@@ -1,0 +1,228 @@
+"""uvicorn's httptools protocol with the limits a server open to any client needs.
+
+- A request head (request line and headers) larger than `max_head_bytes` gets 431 and the
+  connection is closed: httptools buffers a header whole before it hands it over, so an
+  unbounded one costs memory and event-loop time (a 128 MB header: 6 s, 486 MB). A head
+  pipelined behind another request may pass the cap by less than HEAD_PIECE; if that request
+  is still being answered, the connection is closed without a 431.
+- A head must arrive complete within `header_timeout` of the connection opening, or of its
+  first byte on a kept-alive connection (uvicorn's keep-alive timeout covers the silence
+  between requests). A deadline, not an idle timer: one byte a second does not extend it.
+- At most `max_connections` connections are open, below the process's open-file limit: past
+  it, the connection idle longest (no request in flight: silent, mid-head or kept alive) is
+  closed for the new one, so a flood of idle connections cannot lock everyone out; only
+  when every connection carries a request in flight is the new one closed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import resource
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from proxy.openai.types import ErrorBody, ErrorResponse
+
+MAX_HEAD_BYTES = 64 * 1024
+HEAD_PIECE = 16 * 1024
+HEADER_TIMEOUT = 10.0
+# Seconds a connection refused with an answer is still read (and what comes dropped) before it
+# is closed: closing a socket with unread input resets it, and the client would lose the answer.
+LINGER = 2.0
+# Open files kept for everything but client connections: the upstream pool (build_client's
+# max_connections), the connections one accept burst takes before any is seen (the listen
+# backlog), and the store, logs, Redis, PostgreSQL and DNS.
+UPSTREAM_CONNECTIONS = 1000
+OTHER_FILES = 128
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    max_connections: int
+    header_timeout: float = HEADER_TIMEOUT
+    max_head_bytes: int = MAX_HEAD_BYTES
+
+
+def open_file_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
+def raise_open_file_limit() -> None:
+    """Raise the soft open-file limit to the hard one, as Go's runtime does at start: the usual
+    soft default, 1024, is less than a proxy's upstream pool alone may hold."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # a system cap below the hard limit (macOS): the soft limit stays
+
+
+def default_max_connections(backlog: int) -> int:
+    limit = open_file_limit()
+    return max(limit - (UPSTREAM_CONNECTIONS + backlog + OTHER_FILES), limit // 2)
+
+
+def connection_limits(max_connections: int | None = None, header_timeout: float = HEADER_TIMEOUT,
+                      backlog: int = 2048) -> ConnectionLimits:
+    return ConnectionLimits(max_connections=max_connections or default_max_connections(backlog),
+                            header_timeout=header_timeout)
+
+
+class LimitedConfig(Config):
+    """uvicorn's Config with the limits: picklable, so `--workers` processes get them too."""
+
+    def __init__(self, app: Any, *, limits: ConnectionLimits | None = None, **options: Any) -> None:
+        options.setdefault("http", LimitedHttpToolsProtocol)
+        options.setdefault("ws", "none")  # the proxy serves no WebSocket, and no upgrade escapes the limits
+        super().__init__(app, **options)
+        self.limits = limits or connection_limits(backlog=self.backlog)
+
+
+def answer(status: int, message: str, code: str) -> bytes:
+    """A whole HTTP/1.1 answer in OpenAI's error shape that closes the connection."""
+    body = msgspec.json.encode(ErrorResponse(error=ErrorBody(message=message, type="invalid_request_error",
+                                                             param=None, code=code)))
+    head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    return head.encode() + body
+
+
+class _Connections:
+    """What the protocols of one server share."""
+
+    __slots__ = ("closing", "idle")
+
+    def __init__(self) -> None:
+        # connections without a request in flight, idle longest first (dicts keep insertion order)
+        self.idle: dict[LimitedHttpToolsProtocol, None] = {}
+        self.closing = 0  # closed to make room, not yet gone
+
+
+_SHARED: weakref.WeakKeyDictionary[ServerState, _Connections] = weakref.WeakKeyDictionary()
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits: ConnectionLimits = getattr(config, "limits", None) or connection_limits(backlog=config.backlog)
+        shared = _SHARED.get(server_state)
+        if shared is None:
+            shared = _SHARED[server_state] = _Connections()
+        self.shared = shared
+        self.reading_head = True  # no complete head since the last request (or ever)
+        self.head_bytes = 0
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.refused = False  # answered (or dropped) and closing: input is read and dropped
+        self.evicted = False
+
+    # ---- the connection cap ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        shared = self.shared
+        if len(self.connections) - shared.closing > self.limits.max_connections and not self._make_room():
+            self.refused = True
+            transport.close()  # every connection carries a request: this one cannot be served now
+            return
+        shared.idle[self] = None
+        self.head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
+
+    def _make_room(self) -> bool:
+        """Close the connection idle longest; False when none is idle."""
+        idle = self.shared.idle
+        victim = next(iter(idle), None)
+        if victim is None:
+            return False
+        del idle[victim]
+        victim.evicted = True
+        self.shared.closing += 1
+        victim.transport.close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.shared.idle.pop(self, None)
+        self._stop_head_timer()
+        if self.evicted:
+            self.evicted = False
+            self.shared.closing -= 1
+        super().connection_lost(exc)
+
+    # ---- heads: size and time --------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        # While a head is read, the parser gets it at most HEAD_PIECE bytes at a time, never past
+        # the cap: a request ending inside a piece starts the next head's count there, which is
+        # then short by less than a piece (the next head is pipelined behind it).
+        while not self.refused:
+            if not self.reading_head:
+                super().data_received(data)
+                break
+            room = self.limits.max_head_bytes - self.head_bytes
+            if room <= 0:
+                self._refuse(431, f"The request head (request line and headers) is larger than the "
+                                  f"{self.limits.max_head_bytes} bytes this proxy accepts.",
+                             "request_header_fields_too_large")
+                return
+            cut = min(room, HEAD_PIECE)
+            piece, data = data[:cut], data[cut:]
+            self.head_bytes += len(piece)
+            super().data_received(piece)
+            if not data:
+                break
+        if self.reading_head and self.head_bytes and self.head_timer is None and not self.transport.is_closing():
+            self.head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
+
+    def on_headers_complete(self) -> None:
+        self.reading_head = False
+        self._stop_head_timer()
+        self.shared.idle.pop(self, None)  # a request in flight
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.reading_head, self.head_bytes = True, 0  # what comes next is the next request's head
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline and self.cycle.response_complete:
+            self.shared.idle[self] = None  # kept alive, waiting for the next request
+
+    def _stop_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    # ---- answering and closing ---------------------------------------------------------
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to what httptools cannot parse, in OpenAI's shape."""
+        self._refuse(400, "The proxy could not parse this HTTP request.", "invalid_http_request")
+
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        """Answer (unless another answer is being written on this connection) and close."""
+        self.refused = True
+        self._stop_head_timer()
+        transport = self.transport
+        if self.cycle is not None and not self.cycle.response_complete:
+            transport.close()  # an answer in progress: a second one would garble it
+            return
+        transport.write(answer(status, message, code))
+        if transport.can_write_eof():
+            transport.write_eof()  # the answer, then our end of the stream; the client's end closes it
+        self.loop.call_later(LINGER, transport.close)
