@@ -8,12 +8,21 @@ The bound is shared fairly: when the store is full, entries are evicted (oldest 
 the client holding the most bytes. A client flooding the store evicts only its own entries
 once it holds more than anyone else, and no client loses entries while it holds less than
 an equal share.
+
+With shared state (Redis) entries are kept there instead, so a conversation continues on any
+replica; each client may hold an equal share of the bound (its oldest entries make room for
+its new ones). While Redis does not answer, entries are kept and looked up here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
+
+import msgspec
+
+from proxy.shared import Shared, SharedDown
 
 DEFAULT_TTL = 3600.0
 DEFAULT_MAX_BYTES = 128 * 1024 * 1024
@@ -46,12 +55,49 @@ class _Shelf:
         self.bytes -= _size(entry)
 
 
+_KIND = "conversations"
+
+
 class Conversations:
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, ttl: float = DEFAULT_TTL) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, ttl: float = DEFAULT_TTL,
+                 shared: Shared | None = None) -> None:
         self.max_bytes = max_bytes
         self.ttl = ttl
+        self.shared = shared
         self._shelves: dict[str, _Shelf] = {}
         self._bytes = 0
+
+    # With shared state: in Redis while it answers, else here.
+
+    async def keep(self, response_id: str, entry: Stored, clients: int) -> bool:
+        """`put`, in Redis when shared; there `clients` (how many there are) sets each one's share."""
+        if self.shared is None or not self.shared.active:
+            return self.put(response_id, entry)
+        blob = msgspec.msgpack.encode((entry.client, entry.response, entry.messages))
+        try:
+            kept, _, _ = await self.shared.keep(_KIND, response_id, blob, owner=entry.client,
+                                                share=self.max_bytes // max(1, clients), total=self.max_bytes,
+                                                lives=self.ttl, evict=True)
+        except SharedDown:
+            return self.put(response_id, entry)
+        return kept
+
+    async def find(self, response_id: str, client: str) -> Stored | None:
+        if self.shared is not None and self.shared.active:
+            with contextlib.suppress(SharedDown):
+                blob = await self.shared.blob(_KIND, response_id)
+                if blob is not None:
+                    owner, response, messages = msgspec.msgpack.decode(blob, type=tuple[str, bytes, bytes])
+                    return Stored(owner, response, messages) if owner == client else None
+        return self.get(response_id, client)  # kept here (while Redis was down, or without it)
+
+    async def remove(self, response_id: str, client: str) -> bool:
+        if await self.find(response_id, client) is None:
+            return False
+        if not self.delete(response_id, client) and self.shared is not None:
+            with contextlib.suppress(SharedDown):
+                await self.shared.forget(_KIND, [response_id])
+        return True
 
     def put(self, response_id: str, entry: Stored) -> bool:
         """Keep an entry, making room as the class says; False when it alone is too large."""

@@ -196,6 +196,25 @@ def test_an_upload_through_one_replica_is_served_by_the_other(replicas: Replicas
     assert served.status_code == 200 and served.content == PNG_BYTES
 
 
+def test_a_conversation_started_on_one_replica_continues_on_the_other(replicas: Replicas, sims: Sims) -> None:
+    first, second = replicas.start(2)
+    alice, bob = ({"authorization": f"Bearer {key}"} for key in (CLIENT_KEY, OTHER_CLIENT_KEY))
+    started = httpx.post(f"{first}/v1/responses", headers=alice, timeout=30,
+                         json={"model": "gpt-4o-mini", "input": "remember the word heron"})
+    assert started.status_code == 200, started.text
+    rid = started.json()["id"]
+    went_on = httpx.post(f"{second}/v1/responses", headers=alice, timeout=30,
+                         json={"model": "gpt-4o-mini", "input": "which word?", "previous_response_id": rid})
+    assert went_on.status_code == 200, went_on.text
+    assert sims.xffuw.last_chat_body is not None
+    sent = [m["content"] for m in sims.xffuw.last_chat_body["messages"]]
+    assert sent[0] == "remember the word heron" and sent[-1] == "which word?" and len(sent) == 3
+    assert httpx.get(f"{second}/v1/responses/{rid}", headers=bob, timeout=10).status_code == 404
+    assert httpx.get(f"{second}/v1/responses/{rid}", headers=alice, timeout=10).json()["id"] == rid
+    assert httpx.delete(f"{second}/v1/responses/{rid}", headers=alice, timeout=10).status_code == 200
+    assert httpx.get(f"{first}/v1/responses/{rid}", headers=alice, timeout=10).status_code == 404
+
+
 def test_a_replica_killed_mid_task_has_its_task_finished_by_another(replicas: Replicas, sims: Sims) -> None:
     first, second = replicas.start(2)
     headers = {"authorization": f"Bearer {CLIENT_KEY}"}

@@ -3,7 +3,7 @@
 The input becomes chat messages (instructions first, then the stored conversation of
 `previous_response_id`, then the new input); function tools become chat tools. The answer
 becomes an output message and one function_call item per tool call. The conversation, calls
-and their outputs included, is kept in memory for a while for the client that created it.
+and their outputs included, is kept for a while for the client that created it (conversations.py).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def conversations(request: Request[Any, Any, Any]) -> Conversations:
     state = request.app.state
     found = state.get("conversations")
     if found is None:
-        found = state["conversations"] = Conversations()
+        found = state["conversations"] = Conversations(shared=request.app.state.runtime.shared)
     return found  # type: ignore[no-any-return]
 
 
@@ -199,7 +199,7 @@ async def create_response(request: Request[Any, Any, Any], caller: CallerDep,
     store = conversations(request)
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
-        previous = store.get(body.previous_response_id, caller.name)
+        previous = await store.find(body.previous_response_id, caller.name)
         if previous is None:
             raise ProxyError(Kind.NOT_FOUND, f"Previous response with id '{clip(body.previous_response_id)}' "
                              "not found.", param="previous_response_id")
@@ -249,7 +249,8 @@ async def create_response(request: Request[Any, Any, Any], caller: CallerDep,
         reply: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
         if calls:
             reply["tool_calls"] = calls
-        store.put(response_id, Stored(client=caller.name, response=encoded, messages=encode([*history, *new, reply])))
+        await store.keep(response_id, Stored(client=caller.name, response=encoded,
+                                              messages=encode([*history, *new, reply])), len(gateway.config.clients))
     if body.stream:
         return Stream(_events(request, response), media_type="text/event-stream", headers=sse.HEADERS)
     return Response(encoded, status_code=200, media_type="application/json")
@@ -307,7 +308,7 @@ async def _events(request: Request[Any, Any, Any], done: ResponseObject) -> Asyn
 async def retrieve_response(request: Request[Any, Any, Any], response_id: FromPath[str],
                             caller: CallerDep) -> Response[bytes]:
     """A stored response of this client."""
-    found = conversations(request).get(response_id, caller.name)
+    found = await conversations(request).find(response_id, caller.name)
     if found is None:
         raise ProxyError(Kind.NOT_FOUND, f"Response with id '{clip(response_id)}' not found.")
     return Response(found.response, status_code=200, media_type="application/json")
@@ -317,6 +318,6 @@ async def retrieve_response(request: Request[Any, Any, Any], response_id: FromPa
 async def delete_response(request: Request[Any, Any, Any], response_id: FromPath[str],
                           caller: CallerDep) -> Response[bytes]:
     """Forget a stored response of this client (a later previous_response_id to it is a 404)."""
-    if not conversations(request).delete(response_id, caller.name):
+    if not await conversations(request).remove(response_id, caller.name):
         raise ProxyError(Kind.NOT_FOUND, f"Response with id '{clip(response_id)}' not found.")
     return json_response(Deleted(id=response_id))
