@@ -23,7 +23,7 @@ closed-loop with 64 connections (lib/loadclients.py's pyload). Printed: answers 
 p50 / p99, the usage records committed per second during the load, and how many were still
 queued when the load ended and the proxy got SIGTERM at once; after it exits, the store's usage
 rows (and the requests its daily rollups add up to) are counted against the answers: none may
-be lost. --rounds N runs the stores in turn N times (the machine's load drifts).
+be lost (the program exits 1 if one is). --rounds N runs the stores in turn N times (the machine's load drifts).
 
 PostgreSQL comes from DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test); the
 benchmark creates a database of its own there for each phase and drops it at the end.
@@ -267,8 +267,10 @@ async def load_then_stop(kind: str, where: str, target: Target, seconds: float, 
             "after": after, "rolled": rolled}
 
 
-def chat(kind: str, where: str, storage: dict[str, Any], session: Session, seconds: float, workdir: Path) -> list[str]:
-    """The chat load on a proxy whose store is this one, its usage rows counted after SIGTERM."""
+def chat(kind: str, where: str, storage: dict[str, Any], session: Session, seconds: float,
+         workdir: Path) -> tuple[list[str], bool]:
+    """The chat load on a proxy whose store is this one, its usage rows counted after SIGTERM:
+    the table's row, and whether the store holds one record per answer."""
     target = serve(session.procs, storage, workdir, session.stub.port)
     try:
         check_chat(target)
@@ -284,20 +286,25 @@ def chat(kind: str, where: str, storage: dict[str, Any], session: Session, secon
     answered += data["requests"]
     load_seconds = data["duration_us"] / 1e6
     exit_note = "" if r["code"] in (0, -signal.SIGTERM) else f" (exit {r['code']})"  # uvicorn re-raises SIGTERM
-    return [kind, fmt((data["requests"] - data["non2xx"]) / load_seconds, 0),
-            f"{data['percentiles']['50'] / 1000:.1f} / {data['percentiles']['99'] / 1000:.1f}",
-            fmt(data["non2xx"] + data["timeout"]), fmt((r["at_end"] - r["before"]) / load_seconds, 0),
-            fmt(answered - r["at_end"]), f"{r['stopped']:.2f}{exit_note}", fmt(answered),
-            f"{r['after']:,} ({r['rolled']:,})", fmt(answered - r["after"]), f"{r['other']:.0f}"]
+    row = [kind, fmt((data["requests"] - data["non2xx"]) / load_seconds, 0),
+           f"{data['percentiles']['50'] / 1000:.1f} / {data['percentiles']['99'] / 1000:.1f}",
+           fmt(data["non2xx"] + data["timeout"]), fmt((r["at_end"] - r["before"]) / load_seconds, 0),
+           fmt(answered - r["at_end"]), f"{r['stopped']:.2f}{exit_note}", fmt(answered),
+           f"{r['after']:,} ({r['rolled']:,})", fmt(answered - r["after"]), f"{r['other']:.0f}"]
+    return row, r["after"] == r["rolled"] == answered
 
 
 @contextmanager
 def store_at(kind: str, workdir: Path, tag: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """A fresh store: (where it is, the proxy's [storage] for it). PostgreSQL: a database of its
-    own on DATABASE_URL, dropped at the end."""
+    """A fresh store: (where it is, the proxy's [storage] for it), gone at the end. PostgreSQL: a
+    database of its own on DATABASE_URL."""
     if kind == "sqlite":
-        path = str(workdir / f"{tag}.sqlite3")
-        yield path, {"path": path}
+        path = workdir / f"{tag}.sqlite3"
+        try:
+            yield str(path), {"path": str(path)}
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
         return
     admin_url = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test"
     name = f"xfp_bench_{os.getpid()}_{tag}"
@@ -341,15 +348,20 @@ def main() -> int:
         if args.phase in ("all", "chat"):
             print(f"\nchat: {CONNS} connections, {seconds:g} s per store, one proxy worker; {machine()} at the start",
                   flush=True)
-            found = []
+            found, kept = [], True
             with Session(Settings.quick() if args.quick else Settings()) as session:
                 for _, kind in itertools.product(range(args.rounds), stores):
                     with store_at(kind, workdir, "chat") as (where, storage):
-                        found.append(chat(kind, where, storage, session, seconds, workdir))
+                        row, held = chat(kind, where, storage, session, seconds, workdir)
+                        found.append(row)
+                        kept = kept and held
             print("\n".join(table(["store", "chat req/s", "p50 / p99 ms", "errors", "usage records/s committed",
                                     "queued at SIGTERM", "SIGTERM to exit, s", "answered",
                                     "usage rows after (rollups)", "lost", "other processes, % of a core"], found)))
             print(f"{machine()} at the end")
+            if not kept:
+                print("LOST: a store does not hold one usage record per answer (or its rollups disagree)")
+                return 1
     return 0
 
 
