@@ -20,8 +20,10 @@ Chat, for each store: a fresh store, the bench stub as the proxy's xffuw and one
 (one worker) on that store; one request and a 1 s warm-up, up to 15 s for the machine's other
 work to leave a quiet second (as bench/run.py waits; not with --quick), then the chat route
 closed-loop with 64 connections (lib/loadclients.py's pyload). Printed: answers per second and
-p50 / p99, the usage records committed per second during the load, and how many were still
-queued when the load ended and the proxy got SIGTERM at once; after it exits, the store's usage
+p50 / p99, the usage records committed per second during the load, the CPU of the proxy and of
+the PostgreSQL server processes serving it (per answer too: on a shared machine steadier than
+answers per second), and how many records were still queued when the load ended and the proxy
+got SIGTERM at once; after it exits, the store's usage
 rows (and the requests its daily rollups add up to) are counted against the answers: none may
 be lost (the program exits 1 if one is). --rounds N runs the stores in turn N times (the machine's load drifts).
 
@@ -49,7 +51,7 @@ import asyncpg  # type: ignore[import-untyped]
 import httpx
 from lib.loadclients import build_request, pyload
 from lib.numbers import fmt, pct, table
-from lib.procs import Noise, Procs, free_port, wait_quiet, wait_ready
+from lib.procs import Noise, Procs, cpu_seconds, free_port, wait_quiet, wait_ready
 from lib.targets import CHAT_BODY, CLIENT_KEY, PROXY, Session, Settings, Target, check_chat, headers, to_toml
 
 from proxy.store import Store, UsageRecord
@@ -234,6 +236,14 @@ class UsageRows:
         found = self.db.execute(self.SQL).fetchone() if self.kind == "sqlite" else await self.db.fetchrow(self.SQL)
         return int(found[0]), int(found[1])
 
+    async def backends(self) -> list[int]:
+        """The PostgreSQL server processes serving the proxy's connections (SQLite: none, the
+        proxy writes the file itself)."""
+        if self.kind == "sqlite":
+            return []
+        return [r[0] for r in await self.db.fetch("SELECT pid FROM pg_stat_activity WHERE datname = "
+                                                  "current_database() AND pid <> pg_backend_pid()")]
+
     async def close(self) -> None:
         result = self.db.close()
         if self.kind != "sqlite":
@@ -253,18 +263,23 @@ async def load_then_stop(kind: str, where: str, target: Target, seconds: float, 
             if before >= warm:
                 break
             await asyncio.sleep(FLUSH_AFTER / 4)
-        noise = Noise()
+        noise, started = Noise(), time.monotonic()
+        proxy0, db0 = cpu_seconds(target.pids()), {pid: cpu_seconds([pid]) for pid in await rows.backends()}
         data = await pyload(target.port, raw, CONNS, seconds)
+        elapsed = time.monotonic() - started
+        proxy_cpu = cpu_seconds(target.pids()) - proxy0
+        db_cpu = sum(cpu_seconds([pid]) - db0.get(pid, 0.0) for pid in await rows.backends())
+        other = max(0.0, noise.percent() - db_cpu / elapsed * 100)  # the database's servers are not our children
         at_end = (await rows.count())[0]
         stopping = time.monotonic()
         code = stop()
         stopped = time.monotonic() - stopping
-        other = noise.percent()
         after, rolled = await rows.count()
     finally:
         await rows.close()
     return {"data": data, "before": before, "at_end": at_end, "code": code, "stopped": stopped, "other": other,
-            "after": after, "rolled": rolled}
+            "after": after, "rolled": rolled, "proxy_cpu": proxy_cpu, "db_cpu": db_cpu,
+            "elapsed": elapsed}
 
 
 def chat(kind: str, where: str, storage: dict[str, Any], session: Session, seconds: float,
@@ -290,7 +305,10 @@ def chat(kind: str, where: str, storage: dict[str, Any], session: Session, secon
            f"{data['percentiles']['50'] / 1000:.1f} / {data['percentiles']['99'] / 1000:.1f}",
            fmt(data["non2xx"] + data["timeout"]), fmt((r["at_end"] - r["before"]) / load_seconds, 0),
            fmt(answered - r["at_end"]), f"{r['stopped']:.2f}{exit_note}", fmt(answered),
-           f"{r['after']:,} ({r['rolled']:,})", fmt(answered - r["after"]), f"{r['other']:.0f}"]
+           f"{r['after']:,} ({r['rolled']:,})", fmt(answered - r["after"]),
+           f"{r['proxy_cpu'] / r['elapsed'] * 100:.0f} / {r['db_cpu'] / r['elapsed'] * 100:.0f}",
+           f"{(r['proxy_cpu'] + r['db_cpu']) / max(1, data['requests']) * 1000:.2f}",
+           f"{r['other']:.0f}"]
     return row, r["after"] == r["rolled"] == answered
 
 
@@ -357,7 +375,8 @@ def main() -> int:
                         kept = kept and held
             print("\n".join(table(["store", "chat req/s", "p50 / p99 ms", "errors", "usage records/s committed",
                                     "queued at SIGTERM", "SIGTERM to exit, s", "answered",
-                                    "usage rows after (rollups)", "lost", "other processes, % of a core"], found)))
+                                    "usage rows after (rollups)", "lost", "CPU % proxy / PostgreSQL",
+                                    "CPU ms per answer", "other processes, % of a core"], found)))
             print(f"{machine()} at the end")
             if not kept:
                 print("LOST: a store does not hold one usage record per answer (or its rollups disagree)")
