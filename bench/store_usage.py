@@ -23,9 +23,9 @@ closed-loop with 64 connections (lib/loadclients.py's pyload). Printed: answers 
 p50 / p99, the usage records committed per second during the load, the CPU of the proxy and of
 the PostgreSQL server processes serving it (per answer too: on a shared machine steadier than
 answers per second), and how many records were still queued when the load ended and the proxy
-got SIGTERM at once; after it exits, the store's usage
-rows (and the requests its daily rollups add up to) are counted against the answers: none may
-be lost (the program exits 1 if one is). --rounds N runs the stores in turn N times (the machine's load drifts).
+got SIGTERM at once; after it exits, the store's usage rows (and the requests its daily rollups
+add up to) are counted against the answers: none may be lost (the program exits 1 if one is).
+--rounds N runs the stores in turn N times (the machine's load drifts).
 
 PostgreSQL comes from DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test); the
 benchmark creates a database of its own there for each phase and drops it at the end.
