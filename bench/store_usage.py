@@ -1,11 +1,13 @@
-"""The usage ledger at a million rows, on each store: how fast usage records go through the
-store's write queue, and how fast /admin/usage answers over them.
+"""Each store under the usage ledger: how fast usage records go through the store's write
+queue and how fast /admin/usage answers over a million of them (`--phase ledger`), and what
+the store sustains under the chat load, with nothing lost (`--phase chat`).
 
-    .venv/bin/python bench/store_usage.py                 # 1,000,000 rows into SQLite and PostgreSQL
+    .venv/bin/python bench/store_usage.py                 # both phases, both stores, 1,000,000 rows
     .venv/bin/python bench/store_usage.py --rows 100000   # smaller
-    .venv/bin/python bench/store_usage.py --only sqlite
+    .venv/bin/python bench/store_usage.py --phase chat --only sqlite
+    .venv/bin/python bench/store_usage.py --quick         # 100,000 rows, 50 queries, 3 s of chat load
 
-For each store: the rows go in through `add_usage` (the proxy's own path: queued, written
+Ledger, for each store: the rows go in through `add_usage` (the proxy's own path: queued, written
 every FLUSH_AFTER in one transaction with their daily rollups), 2,000 records per turn of the
 event loop, in time order over 90 days: 20 clients using 3 of 10 models each, each model on
 one of 2 upstreams (about 60 rollup rows a day). Then each query is timed twice, one at a
@@ -14,29 +16,46 @@ through the real route, `GET /admin/usage` over HTTP to a real proxy (`proxy ser
 process) on that store. For comparison, the query the proxy ran before rollups (a GROUP BY
 over every raw row) is timed on the database directly.
 
+Chat, for each store: a fresh store, the bench stub as the proxy's xffuw and one `proxy serve`
+(one worker) on that store; one request and a 1 s warm-up, up to 15 s for the machine's other
+work to leave a quiet second (as bench/run.py waits; not with --quick), then the chat route
+closed-loop with 64 connections (lib/loadclients.py's pyload). Printed: answers per second and
+p50 / p99, the usage records committed per second during the load, the CPU of the proxy and of
+the PostgreSQL server processes serving it (per answer too: on a shared machine steadier than
+answers per second), and how many records were still queued when the load ended and the proxy
+got SIGTERM at once; after it exits, the store's usage rows (and the requests its daily rollups
+add up to) are counted against the answers: none may be lost (the program exits 1 if one is).
+--rounds N runs the stores in turn N times (the machine's load drifts).
+
 PostgreSQL comes from DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test); the
-benchmark creates a database of its own there and drops it at the end.
+benchmark creates a database of its own there for each phase and drops it at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import random
+import signal
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import httpx
-from lib.numbers import pct, table
-from lib.procs import Procs, free_port, wait_ready
-from lib.targets import PROXY, to_toml
+from lib.loadclients import build_request, pyload
+from lib.numbers import fmt, pct, table
+from lib.procs import Noise, Procs, cpu_seconds, free_port, wait_quiet, wait_ready
+from lib.targets import CHAT_BODY, CLIENT_KEY, PROXY, Session, Settings, Target, check_chat, headers, to_toml
 
 from proxy.store import Store, UsageRecord
+from proxy.store.batching import FLUSH_AFTER
 from proxy.store.postgres import PostgresStore
 from proxy.store.sqlite import SQLiteStore
 
@@ -46,6 +65,7 @@ CLIENTS = [f"client-{n:02d}" for n in range(20)]
 MODELS = [f"model-{n}" for n in range(10)]
 UPSTREAMS = ["xffuw", "fengyuan"]
 PER_TURN = 2000
+CONNS = 64  # chat: connections, as bench/throughput.py
 BEFORE = {  # what /admin/usage ran before rollups: every raw row grouped
     "sqlite": "SELECT {g}, COUNT(*), SUM(cost), SUM(outcome = 'failed') FROM usage GROUP BY 1",
     "postgres": "SELECT {g}, COUNT(*), SUM(cost), COUNT(*) FILTER (WHERE outcome = 'failed') FROM usage GROUP BY 1",
@@ -106,15 +126,21 @@ async def before_rollups(kind: str, where: str, group: str, runs: int) -> list[f
     return times
 
 
-def serve(procs: Procs, storage: dict[str, Any], workdir: Path) -> str:
-    """A real proxy on the store, in its own process: its URL."""
+def serve(procs: Procs, storage: dict[str, Any], workdir: Path, stub_port: int | None = None) -> Target:
+    """A real proxy on the store, in its own process (with the bench stub as its xffuw when given)."""
     port = free_port()
+    settings: dict[str, Any] = {"server": {"port": port, "shutdown_grace": 5.0},
+                                "clients": [{"name": "bench", "key": CLIENT_KEY}], "admin": {"keys": [ADMIN]},
+                                "log": {"level": "warning"}, "storage": storage}
+    if stub_port is not None:
+        settings["providers"] = {"xffuw": {"base_url": f"http://127.0.0.1:{stub_port}/api/v1/",
+                                           "keys": ["xf_bench_key"]}}
     config = workdir / f"proxy-{port}.toml"
-    config.write_text(to_toml({"server": {"port": port}, "clients": [{"name": "bench", "key": "sk-bench-0123456789"}],
-                               "admin": {"keys": [ADMIN]}, "log": {"level": "warning"}, "storage": storage}))
+    config.write_text(to_toml(settings))
     log = workdir / f"proxy-{port}.log"
-    wait_ready(procs.spawn([*PROXY, "serve", "--config", str(config)], log), port, "/healthz", 30, log, every=0.1)
-    return f"http://127.0.0.1:{port}"
+    proc = procs.spawn([*PROXY, "serve", "--config", str(config)], log)
+    wait_ready(proc, port, "/healthz", 30, log, every=0.1)
+    return Target("proxy", port, proc=proc, log=log)
 
 
 def time_route(url: str, params: dict[str, str], n: int) -> tuple[list[float], int]:
@@ -175,7 +201,7 @@ def bench(kind: str, where: str, storage: dict[str, Any], rows: list[UsageRecord
     lines = [f"| {kind} | write: `add_usage` until committed, rollups included | {rate:,.0f} records/s | | |"]
     procs = Procs()
     try:
-        url = serve(procs, storage, workdir)
+        url = f"http://127.0.0.1:{serve(procs, storage, workdir).port}"
         for (label, params), store_times in zip(queries_to_time(now), in_process, strict=True):
             times, n = time_route(url, params, queries)
             lines.append(f"| {kind} | `/admin/usage?{label}` ({n} rows) | | {ms(store_times, 50)} / "
@@ -189,31 +215,172 @@ def bench(kind: str, where: str, storage: dict[str, Any], rows: list[UsageRecord
     return lines
 
 
+class UsageRows:
+    """One open connection to a store's database, counting what the proxy wrote there."""
+
+    SQL = "SELECT (SELECT COUNT(*) FROM usage), (SELECT COALESCE(SUM(requests), 0) FROM usage_daily)"
+
+    def __init__(self, kind: str, db: Any) -> None:
+        self.kind, self.db = kind, db
+
+    @classmethod
+    async def open(cls, kind: str, where: str) -> UsageRows:
+        if kind == "sqlite":
+            import sqlite3
+
+            return cls(kind, sqlite3.connect(where))
+        return cls(kind, await asyncpg.connect(where))
+
+    async def count(self) -> tuple[int, int]:
+        """Usage rows, and the requests their daily rollups add up to."""
+        found = self.db.execute(self.SQL).fetchone() if self.kind == "sqlite" else await self.db.fetchrow(self.SQL)
+        return int(found[0]), int(found[1])
+
+    async def backends(self) -> list[int]:
+        """The PostgreSQL server processes serving the proxy's connections (SQLite: none, the
+        proxy writes the file itself)."""
+        if self.kind == "sqlite":
+            return []
+        return [r[0] for r in await self.db.fetch("SELECT pid FROM pg_stat_activity WHERE datname = "
+                                                  "current_database() AND pid <> pg_backend_pid()")]
+
+    async def close(self) -> None:
+        result = self.db.close()
+        if self.kind != "sqlite":
+            await result
+
+
+async def load_then_stop(kind: str, where: str, target: Target, seconds: float, warm: int,
+                         stop: Callable[[], int | None]) -> dict[str, Any]:
+    """The chat load on the proxy, its usage rows counted as it starts and as it ends, and
+    SIGTERM at once after the last count (the queue still holds what came since the last
+    flush); then the rows the store holds."""
+    raw = build_request("POST", target.path, target.port, CHAT_BODY, headers())
+    rows = await UsageRows.open(kind, where)
+    try:
+        for _ in range(200):  # up to 10 s for the warm-up's records, so that the load's are counted alone
+            before = (await rows.count())[0]
+            if before >= warm:
+                break
+            await asyncio.sleep(FLUSH_AFTER / 4)
+        noise, started = Noise(), time.monotonic()
+        proxy0, db0 = cpu_seconds(target.pids()), {pid: cpu_seconds([pid]) for pid in await rows.backends()}
+        data = await pyload(target.port, raw, CONNS, seconds)
+        elapsed = time.monotonic() - started
+        proxy_cpu = cpu_seconds(target.pids()) - proxy0
+        db_cpu = sum(cpu_seconds([pid]) - db0.get(pid, 0.0) for pid in await rows.backends())
+        other = max(0.0, noise.percent() - db_cpu / elapsed * 100)  # the database's servers are not our children
+        at_end = (await rows.count())[0]
+        stopping = time.monotonic()
+        code = stop()
+        stopped = time.monotonic() - stopping
+        after, rolled = await rows.count()
+    finally:
+        await rows.close()
+    return {"data": data, "before": before, "at_end": at_end, "code": code, "stopped": stopped, "other": other,
+            "after": after, "rolled": rolled, "proxy_cpu": proxy_cpu, "db_cpu": db_cpu,
+            "elapsed": elapsed}
+
+
+def chat(kind: str, where: str, storage: dict[str, Any], session: Session, seconds: float,
+         workdir: Path) -> tuple[list[str], bool]:
+    """The chat load on a proxy whose store is this one, its usage rows counted after SIGTERM:
+    the table's row, and whether the store holds one record per answer."""
+    target = serve(session.procs, storage, workdir, session.stub.port)
+    try:
+        check_chat(target)
+        warm = asyncio.run(pyload(target.port, build_request("POST", target.path, target.port, CHAT_BODY, headers()),
+                                  CONNS, 1.0))
+        answered = 1 + warm["requests"]
+        wait_quiet(session.s.quiet_wait, f"the chat load on {kind}")  # as bench/run.py: the neighbours settle
+        r = asyncio.run(load_then_stop(kind, where, target, seconds, answered,
+                                       lambda: session.procs.stop(target.proc, grace=10)))
+    finally:
+        session.procs.stop(target.proc)  # a no-op when it has stopped
+    data = r["data"]
+    answered += data["requests"]
+    load_seconds = data["duration_us"] / 1e6
+    exit_note = "" if r["code"] in (0, -signal.SIGTERM) else f" (exit {r['code']})"  # uvicorn re-raises SIGTERM
+    row = [kind, fmt((data["requests"] - data["non2xx"]) / load_seconds, 0),
+           f"{data['percentiles']['50'] / 1000:.1f} / {data['percentiles']['99'] / 1000:.1f}",
+           fmt(data["non2xx"] + data["timeout"]), fmt((r["at_end"] - r["before"]) / load_seconds, 0),
+           fmt(answered - r["at_end"]), f"{r['stopped']:.2f}{exit_note}", fmt(answered),
+           f"{r['after']:,} ({r['rolled']:,})", fmt(answered - r["after"]),
+           f"{r['proxy_cpu'] / r['elapsed'] * 100:.0f} / {r['db_cpu'] / r['elapsed'] * 100:.0f}",
+           f"{(r['proxy_cpu'] + r['db_cpu']) / max(1, data['requests']) * 1000:.2f}",
+           f"{r['other']:.0f}"]
+    return row, r["after"] == r["rolled"] == answered
+
+
+@contextmanager
+def store_at(kind: str, workdir: Path, tag: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A fresh store: (where it is, the proxy's [storage] for it), gone at the end. PostgreSQL: a
+    database of its own on DATABASE_URL."""
+    if kind == "sqlite":
+        path = workdir / f"{tag}.sqlite3"
+        try:
+            yield str(path), {"path": str(path)}
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return
+    admin_url = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test"
+    name = f"xfp_bench_{os.getpid()}_{tag}"
+    url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
+    asyncio.run(_execute(admin_url, f'CREATE DATABASE "{name}"'))
+    try:
+        yield url, {"url": url}
+    finally:
+        asyncio.run(_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--queries", type=int, default=200, help="timed requests per route")
+    parser.add_argument("--phase", choices=("all", "ledger", "chat"), default="all")
     parser.add_argument("--only", choices=("sqlite", "postgres"))
+    parser.add_argument("--quick", action="store_true", help="100,000 rows, 50 queries, 3 s of chat load")
+    parser.add_argument("--rows", type=int, help="ledger rows (default 1,000,000)")
+    parser.add_argument("--queries", type=int, help="ledger: timed requests per route (default 200)")
+    parser.add_argument("--chat-seconds", type=float, help="chat: seconds of load per store (default 15)")
+    parser.add_argument("--rounds", type=int, default=1, help="chat: the stores in turn, this many times")
     args = parser.parse_args()
-    rows = records(args.rows, time.time())
-    lines = table(["store", "what", "write rate", "store method p50 / p99 ms", "HTTP p50 / p99 ms"], [])
+    n_rows = args.rows or (100_000 if args.quick else 1_000_000)
+    queries = args.queries or (50 if args.quick else 200)
+    seconds = args.chat_seconds or (3.0 if args.quick else 15.0)
+    stores = [kind for kind in ("sqlite", "postgres") if args.only in (None, kind)]
     with tempfile.TemporaryDirectory(prefix="store-bench-") as tmp:
         workdir = Path(tmp)
-        if args.only in (None, "sqlite"):
-            path = str(workdir / "usage.sqlite3")
-            lines += bench("sqlite", path, {"path": path}, rows, args.queries, workdir)
-        if args.only in (None, "postgres"):
-            admin_url = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test"
-            name = f"xfp_bench_{os.getpid()}"
-            url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
-            asyncio.run(_execute(admin_url, f'CREATE DATABASE "{name}"'))
-            try:
-                lines += bench("postgres", url, {"url": url}, rows, args.queries, workdir)
-            finally:
-                asyncio.run(_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    print(f"{args.rows:,} usage rows over 90 days ({len(CLIENTS)} clients, {len(MODELS)} models, "
-          f"{len(UPSTREAMS)} upstreams); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
-    print("\n".join(lines))
+        if args.phase in ("all", "ledger"):
+            rows = records(n_rows, time.time())
+            lines = table(["store", "what", "write rate", "store method p50 / p99 ms", "HTTP p50 / p99 ms"], [])
+            for kind in stores:
+                with store_at(kind, workdir, "ledger") as (where, storage):
+                    lines += bench(kind, where, storage, rows, queries, workdir)
+            print(f"{n_rows:,} usage rows over 90 days ({len(CLIENTS)} clients, {len(MODELS)} models, "
+                  f"{len(UPSTREAMS)} upstreams); {machine()} at the end")
+            print("\n".join(lines), flush=True)
+        if args.phase in ("all", "chat"):
+            print(f"\nchat: {CONNS} connections, {seconds:g} s per store, one proxy worker; {machine()} at the start",
+                  flush=True)
+            found, kept = [], True
+            with Session(Settings.quick() if args.quick else Settings()) as session:
+                for _, kind in itertools.product(range(args.rounds), stores):
+                    with store_at(kind, workdir, "chat") as (where, storage):
+                        row, held = chat(kind, where, storage, session, seconds, workdir)
+                        found.append(row)
+                        kept = kept and held
+            print("\n".join(table(["store", "chat req/s", "p50 / p99 ms", "errors", "usage records/s committed",
+                                    "queued at SIGTERM", "SIGTERM to exit, s", "answered",
+                                    "usage rows after (rollups)", "lost", "CPU % proxy / PostgreSQL",
+                                    "CPU ms per answer", "other processes, % of a core"], found)))
+            print(f"{machine()} at the end")
+            if not kept:
+                print("LOST: a store does not hold one usage record per answer (or its rollups disagree)")
+                return 1
     return 0
 
 
