@@ -39,6 +39,32 @@ def wait_until(check: Callable[[], Any], timeout: float = 5.0, what: str = "cond
     return value
 
 
+def access_lines(text: str) -> list[dict[str, Any]]:
+    """The access-log entries (one JSON line per request) in captured stderr."""
+    lines = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == "request":
+            lines.append(entry)
+    return lines
+
+
+def logged_requests(capsys: Any, count: int, path: str | None = None, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The access-log entries once `count` of them (for `path`) are written: a stream's line is
+    written after its last byte has gone out, so it may trail the client's read."""
+    text = ""
+
+    def enough() -> list[dict[str, Any]] | None:
+        nonlocal text
+        text += capsys.readouterr().err
+        entries = [e for e in access_lines(text) if path is None or e["path"] == path]
+        return entries if len(entries) >= count else None
+    return wait_until(enough, timeout, f"{count} access-log lines")
+
+
 def free_port() -> int:
     with closing(socket.socket()) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 from conftest import CLIENT_KEY, RunningProxy, Sims
+from helpers import logged_requests
 from openai_spec import validate_error
-from test_secrets import access_lines
 
 from proxy.app import _error_fields, _not_found_message
 
@@ -82,7 +82,7 @@ def test_every_refusal_logs_its_code_and_param(proxy: RunningProxy, sims: Sims,
     with httpx.Client(base_url=proxy.url, timeout=30) as http:
         ids = [http.request(method, path, headers=headers, json=body).headers["x-request-id"]
                for method, path, headers, body in requests]
-    by_id = {entry["request_id"]: entry for entry in access_lines(capsys.readouterr().err)}
+    by_id = {entry["request_id"]: entry for entry in logged_requests(capsys, len(ids))}
     empty, unknown, unauthorised, built_in, metadata, unserved, fine = (by_id[i] for i in ids)
     assert (empty["status"], empty["error_param"], "error_code" in empty) == (400, "messages", False)
     assert (unknown["status"], unknown["error_code"], unknown["error_param"]) == (404, "model_not_found", "model")

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 from conftest import CLIENT_KEY, FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
+from helpers import logged_requests
 
 from proxy.server import BackgroundServer
 
@@ -224,18 +225,6 @@ def test_no_secret_in_any_response_or_log_line(start_proxy: Callable[..., Runnin
 # ---- the access log ----------------------------------------------------------------
 
 
-def access_lines(text: str) -> list[dict[str, Any]]:
-    lines = []
-    for line in text.splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("event") == "request":
-            lines.append(entry)
-    return lines
-
-
 def test_access_log_has_one_json_line_per_request(proxy: RunningProxy, sims: Sims,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
@@ -257,7 +246,7 @@ def test_access_log_has_one_json_line_per_request(proxy: RunningProxy, sims: Sim
     alice.models.list()
     raw.get(proxy.url + "/healthz")
     raw.get(proxy.url + "/nope")
-    entries = access_lines(capsys.readouterr().err)
+    entries = logged_requests(capsys, 11)
 
     assert len(entries) == len(recorder.seen) == 11
     by_id = {entry["request_id"]: entry for entry in entries}

@@ -12,10 +12,10 @@ import httpx
 import openai
 import pytest
 from conftest import CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
+from helpers import logged_requests
 from jsonschema import Draft202012Validator
 from openai_spec import validate_chat_completion, validate_chat_stream, validate_error
 from pydantic import BaseModel, Field
-from test_secrets import access_lines
 
 from proxy.sim.chat_model import TOOL_RESULTS, find_schema, instance
 from proxy.sim.faults import parse_markers
@@ -333,7 +333,7 @@ def test_a_failure_mid_stream_ends_it_with_an_error_event_and_is_logged(
     validate_error(failure)
     assert failure["error"]["code"] == "upstream_error" and failure["error"]["type"] == "server_error"
     assert lines[-1] == "[DONE]"
-    [entry] = [e for e in access_lines(capsys.readouterr().err) if e["path"] == "/v1/chat/completions"]
+    [entry] = logged_requests(capsys, 1, "/v1/chat/completions")
     assert entry["status"] == 200 and entry["stream_error"] == "upstream_error"
     with pytest.raises(openai.APIError, match="upstream"):  # the SDK raises on the error event
         list(proxy.client().chat.completions.create(model="gpt-4o-mini", n=2, stream=True,
