@@ -5,7 +5,9 @@ an upstream, and each call settles its share to the real cost once recorded (or 
 if it failed before costing anything); what is left is released when the request ends. So
 concurrent requests never overspend a budget together: each one sees what the others hold.
 With shared state the holds and the spend of the period are kept in Redis, for every replica
-(a hold lapses if its process dies); without, in this process.
+(a hold lapses if its process dies); without, in this process, and when N processes serve
+without sharing (`--workers N`, or Redis down) each may spend only 1/N of what was left of
+the budget when it began counting alone: together they cannot spend more than the budget.
 """
 
 from __future__ import annotations
@@ -71,9 +73,13 @@ class Reservation:
 class Billing:
     """Budgets and the usage ledger of one process."""
 
-    def __init__(self, store: Store, shared: Shared | None = None) -> None:
+    def __init__(self, store: Store, shared: Shared | None = None, share: int = 1) -> None:
         self.store = store
         self.shared = shared
+        self.share = share  # processes spending each budget without seeing each other's holds
+        # client -> (period start, share, spent then, this process's recorded cost then): where
+        # this process's part of what was left began, while it counts alone
+        self._alone: dict[str, tuple[float, int, float, float]] = {}
         self._periods: dict[str, str] = {}  # client -> its budget period
         self._hold_life = 3600.0  # seconds a hold in Redis outlives a process that died holding it
         self._held: dict[str, float] = {}  # client -> reserved by requests under way
@@ -120,8 +126,25 @@ class Billing:
         held = self._held.get(client.name, 0.0)
         if spent + held + expected > client.budget + 1e-9 or (expected == 0 and spent >= client.budget):
             raise _spent(client, spent, held, expected)
+        if self._over_part(client, start, spent, held + expected):
+            raise _spent(client, spent, held, expected, self.share)
         self._held[client.name] = held + expected
         return Reservation(client.name, per_call, calls)
+
+    def _over_part(self, client: ClientConfig, start: float, spent: float, holding: float) -> bool:
+        """Whether this process, one of `share` that cannot see each other's holds, would go
+        past its part: 1/share of what was left when it began counting alone, less what it
+        has recorded since. Each part is taken from a spend that already counts every earlier
+        one, so the parts together never exceed the budget."""
+        if self.share <= 1 or not client.budget:
+            self._alone.pop(client.name, None)
+            return False
+        recorded = self._recorded.get(client.name, 0.0)
+        began = self._alone.get(client.name)
+        if began is None or began[:2] != (start, self.share):
+            began = self._alone[client.name] = (start, self.share, spent, recorded)
+        part = (client.budget - began[2]) / self.share
+        return recorded - began[3] + holding > part + 1e-9
 
     def call_ended(self, reservation: Reservation | None, client: str, cost: float | None) -> None:
         """One call of a request is over: its share of the hold becomes its recorded cost (None:
@@ -170,8 +193,11 @@ class Billing:
         return [k for k in pool.keys if k.state != "disabled"]
 
 
-def _spent(client: ClientConfig, spent: float, held: float, expected: float) -> ProxyError:
+def _spent(client: ClientConfig, spent: float, held: float, expected: float, share: int = 1) -> ProxyError:
     period = _PERIOD_NAMES[client.budget_period]
     in_flight = f", {held:g} held by requests under way" if held else ""
+    alone = (f" This server runs {share} processes that share no state, so each may spend only its "
+             "part of what is left (configure [shared] redis_url to pool it).") if share > 1 else ""
     return ProxyError(Kind.BALANCE, f"The {period}budget of {client.budget:g} for client '{client.name}' is spent "
-                      f"({spent:g} used{in_flight}; this request would cost {expected:g}).", code="insufficient_quota")
+                      f"({spent:g} used{in_flight}; this request would cost {expected:g}).{alone}",
+                      code="insufficient_quota")

@@ -67,7 +67,7 @@ class Gateway:
         self.shared = shared  # state every replica shares (Redis), when configured
         self.observe = observe
         self.store = store
-        self.billing = Billing(store, shared)
+        self.billing = Billing(store, shared, share)
         self.owner = owner
         self.tasks = TaskWaiter(config.tasks, store, owner, self._task_final)
         self._submits: set[asyncio.Task[Task]] = set()
@@ -98,6 +98,7 @@ class Gateway:
     def set_share(self, share: int) -> None:
         """How many processes now keep a part each of every key's limits."""
         self.share = share
+        self.billing.share = share
         for pool in self.pools.values():
             pool.share = share
 

@@ -316,6 +316,13 @@ def test_redis_stopped_mid_load_answers_no_5xx_and_loses_no_paid_task(
     health = httpx.get(f"{first}/healthz", timeout=5).json()
     assert health["shared"] == "down"
     assert sims.xffuw.count("image") == 16
+    # the budget (10: twenty chats) is split across the two replicas while they cannot share holds
+    wait_until(lambda: httpx.get(f"{second}/healthz", timeout=5).json()["shared"] == "down", 5, "both alone")
+    with ThreadPoolExecutor(30) as pool:
+        budgeted = list(pool.map(lambda i: chat((first, second)[i % 2], key=ERIN_KEY, content=f"{i} [delay=0.5]"),
+                                 range(30)))
+    assert {r.status_code for r in budgeted} == {200, 429}
+    assert sum(r.status_code == 200 for r in budgeted) <= 20, "more chats answered than the budget pays for"
     start()
     wait_until(lambda: httpx.get(f"{first}/healthz", timeout=5).json()["shared"] == "up", 5, "sharing again")
 

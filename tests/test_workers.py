@@ -4,6 +4,7 @@ and per-client limit, so together they never exceed one."""
 from __future__ import annotations
 
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,3 +45,38 @@ def test_two_workers_keep_a_key_and_a_client_under_their_limits(
     assert sims.xffuw.rate_limited_count == 0
     assert set(bob) <= {200, 429}, bob  # the key's part in each worker is used up: 429, never more calls
     assert httpx.get(url + "/models", headers=AUTH).status_code in (200, 429)
+
+
+def test_two_workers_never_spend_more_than_a_budget_together(
+        processes: list[subprocess.Popen[str]], sims: Sims, tmp_path: Path) -> None:
+    """Thirty slow chats at once against a budget of ten: each worker holds only its part of
+    what is left, so together they never overspend (once 16 answered, 8.0 spent of 5)."""
+    raw: dict[str, Any] = {
+        "clients": [{"name": "erin", "key": "sk-test-erin-workers-1", "budget": 5}],
+        "providers": {"xffuw": {"base_url": f"{sims.xffuw_url}/api/v1/", "keys": [XFFUW_KEYS[0]]}},
+        "storage": {"path": str(tmp_path / "proxy.sqlite3")},
+        "log": {"format": "json"},
+    }
+    port = free_port()
+    process = spawn(processes, "serve", "--config", str(write_config(tmp_path, raw)), "--port", str(port),
+                    "--workers", "2")
+    wait_healthy(f"http://127.0.0.1:{port}", process)
+    time.sleep(1.5)  # the second worker is up too: the kernel spreads new connections over both
+    before = sims.xffuw.keys[XFFUW_KEYS[0]]
+
+    def chat(i: int) -> httpx.Response:
+        with httpx.Client(timeout=30) as http:
+            return http.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                             headers={"authorization": "Bearer sk-test-erin-workers-1"},
+                             json={"model": "gpt-4o-mini",
+                                   "messages": [{"role": "user", "content": f"{i} [delay=0.5]"}]})
+
+    with ThreadPoolExecutor(30) as pool:
+        replies = list(pool.map(chat, range(30)))
+    statuses = [r.status_code for r in replies]
+    assert set(statuses) == {200, 429}, statuses
+    assert 2 <= statuses.count(200) <= 10, statuses  # 0.5 a chat: ten fit the budget at most
+    spent = before - sims.xffuw.keys[XFFUW_KEYS[0]]
+    assert spent <= 5 + 1e-9, f"{spent} spent upstream of a budget of 5"
+    refusal = next(r.json()["error"] for r in replies if r.status_code == 429)
+    assert refusal["code"] == "insufficient_quota" and "[shared] redis_url" in refusal["message"]
