@@ -4,6 +4,7 @@ and one store keep every limit, budget and idempotency promise together."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -159,6 +160,23 @@ def test_a_key_disabled_through_one_replica_is_refused_by_the_other_within_a_sec
     for i in range(4):
         assert chat(second, content=f"after {i}").status_code == 200
     assert {c.key for c in list(sims.xffuw.calls)[seen:] if c.endpoint == "chat"} == {XFFUW_KEYS[1]}
+    # enabled through the other replica: back in the first one's pool
+    reply = httpx.post(f"{second}/admin/keys/{refused}/enable", headers=ADMIN, timeout=10)
+    assert reply.status_code == 200, reply.text
+    wait_until(lambda: all(k["state"] == "active" for k in
+                           httpx.get(f"{first}/admin/keys", headers=ADMIN, timeout=10).json()["data"]
+                           if k["fingerprint"] == refused), 3, "the first replica to see the key enabled")
+
+
+def test_a_reload_through_one_replica_reloads_every_replica(replicas: Replicas) -> None:
+    first, second = replicas.start(2)
+    newcomer = "sk-test-newcomer-reload-1"
+    assert chat(second, key=newcomer).status_code == 401
+    replicas.config["clients"].append({"name": "newcomer", "key": newcomer})
+    write_config(replicas.folder, replicas.config)  # the file both replicas were started from
+    reply = httpx.post(f"{first}/admin/reload", headers=ADMIN, timeout=10)
+    assert reply.status_code == 200, reply.text
+    wait_until(lambda: chat(second, key=newcomer).status_code == 200, 3, "the other replica to re-read its file")
 
 
 def test_an_idempotency_key_repeated_on_another_replica_pays_once(replicas: Replicas, sims: Sims) -> None:
@@ -298,6 +316,7 @@ def test_redis_stopped_mid_load_answers_no_5xx_and_loses_no_paid_task(
     url, stop, start = own_redis
     group = Replicas(processes, tmp_path, replica_config(sims, tmp_path / "store.sqlite3", "down", url))
     first, second = group.start(2)
+    time.sleep(1.2)  # a heartbeat (1 s): each replica knows of the other, so limits split two ways
     headers = {"authorization": f"Bearer {CLIENT_KEY}"}
 
     def image(i: int) -> httpx.Response:
@@ -315,6 +334,8 @@ def test_redis_stopped_mid_load_answers_no_5xx_and_loses_no_paid_task(
     assert sum(r.status_code == 200 for r in replies) == len(replies)
     health = httpx.get(f"{first}/healthz", timeout=5).json()
     assert health["shared"] == "down"
+    metrics = httpx.get(f"{first}/metrics", headers=ADMIN, timeout=5).text
+    assert re.search(r"^proxy_shared_state_up 0(\.0)?$", metrics, re.M), metrics[:2000]
     assert sims.xffuw.count("image") == 16
     # the budget (10: twenty chats) is split across the two replicas while they cannot share holds
     wait_until(lambda: httpx.get(f"{second}/healthz", timeout=5).json()["shared"] == "down", 5, "both alone")
