@@ -115,6 +115,7 @@ class XffuwSim(CallLog):
         self.last_chat_body: dict[str, Any] | None = None
         self.last_image_body: dict[str, Any] | None = None
         self.tasks: dict[str, XffuwTask] = {}
+        self.polled: dict[str, list[float]] = {}  # task id -> time.monotonic() of each poll it answered
         self.faults = Faults()
         self.rng = random.Random(seed)
         self.calls = []
@@ -320,6 +321,7 @@ def create_xffuw_app(state: XffuwSim, base_path: str = "/api/v1") -> Litestar:
         found = state.tasks.get(task_id)
         if found is None or found.key != key:
             return error("task", key, "task not found")
+        state.polled.setdefault(task_id, []).append(time.monotonic())
         phase, progress = task_phase(found.created, found.duration, found.outcome)
         number = int(found.id)
         # The platform's progress has no fixed form: a number, "40%", or "".
