@@ -102,19 +102,22 @@ class Gateway:
         for pool in self.pools.values():
             pool.share = share
 
-    def save_calls(self) -> None:
-        """Each key's calls in its window, to the store (queued): a restart keeps counting them."""
+    def save_calls(self, final: bool = False) -> None:
+        """Each key's calls in its window, to the store (queued): a restart keeps counting them.
+        A save made while serving ends with a checkpoint, (now, -1): calls after it may be
+        missing if the process dies, and the next one counts them as the whole limit."""
+        checkpoint = [] if final else [time.time(), -1.0]
         for name, pool in self.pools.items():
             for key in pool.keys:
-                calls = pool.recent_calls(key)
-                if calls:
-                    self.store.save_calls(name, key.fingerprint, calls)
+                if pool.limit(key) is not None:
+                    self.store.save_calls(name, key.fingerprint, pool.recent_calls(key) + checkpoint)
 
-    async def restore_calls(self) -> None:
+    async def restore_calls(self, unsaved_for: float) -> None:
+        """The last process's calls; `unsaved_for`: how long after a checkpoint it may have died."""
         saved = await self.store.load_calls()
         for name, pool in self.pools.items():
             for key in pool.keys:
-                pool.restore_calls(key, saved.get((name, key.fingerprint), []))
+                pool.restore_calls(key, saved.get((name, key.fingerprint), []), unsaved_for)
 
     def apply_shared(self, states: dict[str, StateChange]) -> None:
         for pool in self.pools.values():
@@ -259,4 +262,4 @@ class Gateway:
             longest = max(t.connect_timeout + t.read_timeout for t in self.config.providers.values())
             await asyncio.wait(list(self._submits), timeout=longest)
         await self.tasks.close()
-        self.save_calls()
+        self.save_calls(final=True)

@@ -218,14 +218,24 @@ class KeyPool:
         offset = time.time() - time.monotonic()
         return [value for end, count in key.calls.entries() for value in (end + offset, float(count))]
 
-    def restore_calls(self, key: UpstreamKey, calls: list[float]) -> None:
-        """A previous process's calls with `key` (from `recent_calls`), still in the window."""
+    def restore_calls(self, key: UpstreamKey, calls: list[float], unsaved_for: float = 0.0) -> None:
+        """A previous process's calls with `key` (from `recent_calls`), still in the window. A
+        checkpoint (time, -1) says it may have died up to `unsaved_for` later with calls it
+        never saved: the upstream counted them, so they are taken as the rest of the limit."""
         now = time.monotonic()
         offset, horizon = now - time.time(), now - self._window()
+        checkpoint = None
         for i in range(0, len(calls) - 1, 2):
-            at = calls[i] + offset
-            if horizon < at <= now:
-                key.calls.add_old(at, int(calls[i + 1]))
+            at, count = calls[i] + offset, int(calls[i + 1])
+            if count < 0:
+                checkpoint = at
+            elif horizon < at <= now:
+                key.calls.add_old(at, count)
+        limit = self.limit(key)
+        if checkpoint is not None and limit is not None and key.calls.count < limit:
+            died_by = min(checkpoint + unsaved_for, now)
+            if died_by > horizon:
+                key.calls.add_old(died_by, limit - key.calls.count)
 
     def calls_in_window(self, key: UpstreamKey) -> int:
         self._rate_wait(key, time.monotonic())  # drops calls that left the window

@@ -66,7 +66,8 @@ class Recovery:
     async def start(self) -> None:
         """Resume what a previous process left; then adopt and purge on every beat."""
         await self.gateway.tasks.durations.load()
-        await self.gateway.restore_calls()  # the upstream still counts what the last process sent
+        await self.gateway.restore_calls(HOUSEKEEPING_EVERY + 1.0)  # the upstream still counts the last process's calls
+        self.gateway.save_calls()  # a checkpoint at once: dying before the first beat forgets nothing
         if self.shared is not None:
             with contextlib.suppress(SharedDown):
                 await self.shared.lease(self.lease)
