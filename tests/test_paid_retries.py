@@ -243,3 +243,16 @@ def test_a_large_answer_is_not_stored_but_rebuilt_from_its_tasks(
 
 def proxy_config_path(proxy: RunningProxy) -> str:
     return str(proxy.server.server.config.app.state.runtime.config.storage.path)  # type: ignore[union-attr]
+
+
+def test_a_chat_answer_over_a_mebibyte_is_kept_for_its_repeat(proxy: RunningProxy, sims: Sims) -> None:
+    """No tasks stand behind a chat answer: were it not kept, a repeat would pay again."""
+    content = "长" * 400_000  # 1.2 MB of UTF-8, echoed back in the answer
+    headers = {**AUTH, "idempotency-key": "a-long-chat"}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}
+    first = httpx.post(proxy.url + "/v1/chat/completions", headers=headers, json=body, timeout=30)
+    assert first.status_code == 200 and len(first.content) > 1024 * 1024
+    second = httpx.post(proxy.url + "/v1/chat/completions", headers=headers, json=body, timeout=30)
+    assert second.status_code == 200 and second.headers["idempotent-replayed"] == "true"
+    assert second.json()["choices"] == first.json()["choices"]
+    assert sims.xffuw.count("chat") == 1, "the repeat paid for a second chat"

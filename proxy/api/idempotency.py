@@ -43,12 +43,20 @@ MARK_LIFE = 6.0  # seconds a replica's mark on a request it runs lasts unrenewed
 # Answers larger than this (images as base64) are not stored: a repeat builds them again from
 # the tasks (their results are kept), rather than the store holding megabytes per request.
 MAX_KEPT_BODY = 1024 * 1024
+# An answer with no tasks behind it (a chat) cannot be built again without paying again: kept
+# up to this size (a chat's upstream answers are capped by [server] max_answer_bytes, 16 MiB).
+MAX_KEPT_UNREBUILDABLE = 32 * 1024 * 1024
 SUBMITS_SETTLE = 30.0  # seconds a repeat waits for the first request's submits to be recorded
 RETRY_WINDOW = 600.0  # seconds after its end an answer still serves an SDK's retry of its request
 MAX_KEY_LENGTH = 255
 
 # (status, headers, body, final): final is False while the tasks still run
 Rebuild = Callable[["Runtime", list[str], str], Awaitable[tuple[int, dict[str, str], bytes, bool]]]
+
+
+def _cap(record: IdempotencyRecord) -> int:
+    """The largest answer kept: small where its tasks can build it again."""
+    return MAX_KEPT_BODY if record.task_ids else MAX_KEPT_UNREBUILDABLE
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -286,7 +294,7 @@ class Idempotency:
                 headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in message.get("headers", [])}
             elif message["type"] == "http.response.body":
                 size += len(message.get("body", b""))
-                if size <= MAX_KEPT_BODY:  # a larger answer (images as base64) is not kept
+                if size <= _cap(record):  # a larger answer (images as base64) is not kept
                     chunks.append(message.get("body", b""))
             await send(message)
 
@@ -295,7 +303,7 @@ class Idempotency:
         work = state.get("upstream_work")
         if work == "unfinished" and record.task_ids:  # its tasks go on: a repeat answers from them
             return None
-        keep = (200 <= status < 300 or work is not None) and size <= MAX_KEPT_BODY
+        keep = (200 <= status < 300 or work is not None) and size <= _cap(record)
         if not keep:
             if not record.task_ids:  # with tasks started (a download failed, say), a repeat answers from them
                 await runtime.store.idempotency_drop(record.client, record.key)
