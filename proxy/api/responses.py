@@ -142,6 +142,8 @@ def _chat_tool_choice(choice: str | dict[str, Any] | None, tools: list[FunctionT
         raise bad_request(f"Invalid value for 'tool_choice.type': '{choice.get('type')}' is not supported by this "
                           "proxy, whose upstreams run function tools only.", param="tool_choice.type")
     name = choice.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad_request("Missing required parameter: 'tool_choice.name'.", param="tool_choice.name")
     if name not in {tool.name for tool in tools}:
         raise bad_request(f"'tool_choice' names the function '{name}', which is not in 'tools'.",
                           param="tool_choice.name")
@@ -156,6 +158,28 @@ def _chat_tools(tools: list[FunctionTool]) -> list[dict[str, Any]]:
                                            ("strict", tool.strict)) if v is not None})
         chat.append({"type": "function", "function": function})
     return chat
+
+
+def _chat_response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Responses' `text.format` as chat's `response_format` (None: plain text)."""
+    if text is None or "format" not in text:
+        return None
+    form = text["format"]
+    if not isinstance(form, dict):
+        raise bad_request("Invalid type for 'text.format': expected an object.", param="text.format")
+    kind = form.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise bad_request(f"Invalid value for 'text.format.type': '{clip(str(kind), 80)}'; expected one of "
+                          "'text', 'json_object', 'json_schema'.", param="text.format.type")
+    for field, wanted in (("name", str), ("schema", dict)):
+        if not isinstance(form.get(field), wanted):
+            raise bad_request(f"Missing required parameter: 'text.format.{field}'.", param=f"text.format.{field}")
+    return {"type": "json_schema", "json_schema": {k: form[k] for k in ("name", "schema", "strict", "description")
+                                                   if k in form}}
 
 
 def _chat_params(body: ResponseRequest, tools: list[FunctionTool]) -> dict[str, Any]:
@@ -176,12 +200,9 @@ def _chat_params(body: ResponseRequest, tools: list[FunctionTool]) -> dict[str, 
         params["max_tokens"] = body.max_output_tokens
     if body.user is not None:
         params["user"] = body.user
-    form = (body.text or {}).get("format")
-    if isinstance(form, dict) and form.get("type") == "json_object":
-        params["response_format"] = {"type": "json_object"}
-    elif isinstance(form, dict) and form.get("type") == "json_schema":
-        schema = {k: form[k] for k in ("name", "schema", "strict", "description") if k in form}
-        params["response_format"] = {"type": "json_schema", "json_schema": schema}
+    response_format = _chat_response_format(body.text)
+    if response_format is not None:
+        params["response_format"] = response_format
     return params
 
 
