@@ -1,6 +1,7 @@
 """compose.yaml: two proxy replicas on one PostgreSQL and one Redis, health checks, a volume
-for PostgreSQL, the replicas' config mounted from deploy/. Checked by `docker compose config`
-where docker's compose plugin is installed, and by reading the file everywhere."""
+for PostgreSQL, the replicas' config mounted from deploy/. Checked against the Compose
+Specification's schema (tests/compose_spec/) and by reading the file everywhere, and by
+`docker compose config` where docker's compose plugin is installed."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml  # type: ignore[import-untyped]
+from jsonschema import Draft7Validator
 
 from proxy.config import load_config
 
@@ -29,6 +31,16 @@ def compose() -> dict[str, Any]:
 def interpolate(value: str) -> str:
     """Compose's ${VAR:?message} with the test's values."""
     return re.sub(r"\$\{(\w+)(?::\?[^}]*)?\}", lambda m: ENV[m[1]], value)
+
+
+def test_the_file_follows_the_compose_specification() -> None:
+    schema = json.loads((ROOT / "tests" / "compose_spec" / "compose-spec.json").read_text())
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in Draft7Validator(schema).iter_errors(compose())]
+    assert errors == []
+    broken = compose()
+    broken["services"]["proxy-1"]["healthcheck"]["interval"] = 5  # a duration is a string
+    assert not Draft7Validator(schema).is_valid(broken)
 
 
 def test_docker_compose_accepts_the_file() -> None:
