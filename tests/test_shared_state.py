@@ -242,6 +242,7 @@ def test_a_replica_killed_mid_task_has_its_task_finished_by_another(replicas: Re
         wait_until(lambda: sims.xffuw.count("image") == 1, 5, "the submit")
         time.sleep(0.3)  # the task is in the store
         replicas.procs[0].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
         with pytest.raises(httpx.HTTPError):
             pending.result()
     rows = httpx.get(f"{second}/admin/tasks", headers=ADMIN, timeout=10)
@@ -267,6 +268,10 @@ def test_a_replica_killed_mid_task_has_its_task_finished_by_another(replicas: Re
         return view.get("status") == "succeeded"
 
     wait_until(lambda: finished_on(second), 15, "the other replica to adopt and finish the task")
+    # adopted within one lease (2 s) of the death, give or take the heartbeat (1 s) that notices
+    [polls] = sims.xffuw.polled.values()
+    adopted = min(at for at in polls if at > killed)
+    assert adopted - killed <= 2.0 + 1.0 + 0.5, f"first poll after the death {adopted - killed:.2f} s later"
     (third,) = replicas.start(1)
     assert finished_on(third)
     assert sims.xffuw.count("image") == 1

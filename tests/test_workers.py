@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import httpx
 from conftest import CLIENT_KEY, XFFUW_KEYS, Sims
 from helpers import AUTH, free_port, spawn, wait_healthy, write_config
+from test_shared_state import REDIS_URL, forget_prefix, redis_or_skip
 
 
 def test_two_workers_keep_a_key_and_a_client_under_their_limits(
@@ -78,5 +80,33 @@ def test_two_workers_never_spend_more_than_a_budget_together(
     assert 2 <= statuses.count(200) <= 10, statuses  # 0.5 a chat: ten fit the budget at most
     spent = before - sims.xffuw.keys[XFFUW_KEYS[0]]
     assert spent <= 5 + 1e-9, f"{spent} spent upstream of a budget of 5"
-    refusal = next(r.json()["error"] for r in replies if r.status_code == 429)
-    assert refusal["code"] == "insufficient_quota" and "[shared] redis_url" in refusal["message"]
+    refusals = [r.json()["error"] for r in replies if r.status_code == 429]
+    assert {e["code"] for e in refusals} == {"insufficient_quota"}
+    assert any("[shared] redis_url" in e["message"] for e in refusals)  # a worker's part said so
+
+
+def test_two_workers_with_redis_keep_one_whole_limit(processes: list[subprocess.Popen[str]], sims: Sims,
+                                                     tmp_path: Path) -> None:
+    """With [shared] redis_url the workers count in Redis: a client on one keep-alive connection
+    (one worker) gets its whole rpm, not half of it, and still not more."""
+    redis_or_skip(REDIS_URL)
+    prefix = f"xfp-test-{uuid.uuid4().hex[:12]}"
+    raw: dict[str, Any] = {
+        "clients": [{"name": "alice", "key": CLIENT_KEY, "rpm": 8}],
+        "providers": {"xffuw": {"base_url": f"{sims.xffuw_url}/api/v1/", "keys": [XFFUW_KEYS[0]]}},
+        "shared": {"redis_url": REDIS_URL, "prefix": prefix},
+        "storage": {"path": str(tmp_path / "proxy.sqlite3")},
+        "log": {"format": "json"},
+    }
+    port = free_port()
+    process = spawn(processes, "serve", "--config", str(write_config(tmp_path, raw)), "--port", str(port),
+                    "--workers", "2")
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process)
+        with httpx.Client(timeout=10) as http:  # one connection: one worker serves all
+            statuses = [http.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers=AUTH,
+                                  json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"{i}"}]}
+                                  ).status_code for i in range(12)]
+        assert statuses == [200] * 8 + [429] * 4, statuses  # split, one worker would have allowed 4
+    finally:
+        forget_prefix(REDIS_URL, prefix)
