@@ -81,7 +81,6 @@ class Billing:
         # this process's part of what was left began, while it counts alone
         self._alone: dict[str, tuple[float, int, float, float]] = {}
         self._periods: dict[str, str] = {}  # client -> its budget period
-        self._hold_life = 3600.0  # seconds a hold in Redis outlives a process that died holding it
         self._held: dict[str, float] = {}  # client -> reserved by requests under way
         # client -> cost this process recorded (a running total): what a spend read that was
         # under way meanwhile may not include yet
@@ -89,9 +88,6 @@ class Billing:
 
     def configure(self, config: Config) -> None:
         self._periods = {c.name: c.budget_period for c in config.clients if c.budget is not None}
-        # a request holds at most as long as it waits for a key and for its tasks
-        self._hold_life = config.tasks.timeout + max((p.queue_timeout for p in config.providers.values()),
-                                                     default=0.0) + 120.0
 
     def held(self, client: str) -> float:
         return self._held.get(client, 0.0)
@@ -114,7 +110,7 @@ class Billing:
             try:
                 ok, spent, held = await self.shared.reserve(
                     client.name, start, known_spent=spent, budget=client.budget, expected=expected, hold=hold,
-                    lives=self._hold_life, period_ends=period_end(client.budget_period, start))
+                    period_ends=period_end(client.budget_period, start))
             except SharedDown:
                 pass  # held in this process from now on
             else:

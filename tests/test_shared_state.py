@@ -141,6 +141,20 @@ def test_a_budget_holds_across_replicas(replicas: Replicas, sims: Sims) -> None:
     assert report["total"]["cost"] <= 10.0, report
 
 
+def test_a_dead_replicas_budget_holds_lapse_within_seconds(replicas: Replicas) -> None:
+    """Twenty slow chats on the first replica hold erin's whole budget (10, at 0.5 each); once
+    it is killed, its holds lapse (10 s unrenewed) and the second serves her again."""
+    first, second = replicas.start(2)
+    with ThreadPoolExecutor(20) as pool:
+        for i in range(20):
+            pool.submit(chat, first, key=ERIN_KEY, content=f"{i} [delay=60]")
+        wait_until(lambda: chat(second, key=ERIN_KEY).status_code == 429, 10, "the budget to be held")
+        replicas.procs[0].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: chat(second, key=ERIN_KEY).status_code == 200, 20, "the holds to lapse")
+        assert time.monotonic() - killed <= 10 + 3  # HOLD_LIFE and a beat, not the request's longest wait
+
+
 def test_a_key_disabled_through_one_replica_is_refused_by_the_other_within_a_second(
         replicas: Replicas, sims: Sims) -> None:
     first, second = replicas.start(2)

@@ -32,6 +32,7 @@ T = TypeVar("T")
 
 BEAT = 1.0  # seconds between health checks, replica heartbeats and key-state refreshes
 SEEN_FOR = 5 * BEAT  # a replica not heard from for this long is gone
+HOLD_LIFE = 10 * BEAT  # a budget hold lapses this long after its process last renewed it
 TIMEOUT = 0.5  # seconds any Redis call may take before Redis counts as down
 
 StateChange = tuple[str, float, str, str]  # (state, until as unix time (0: no end), reason, who wrote it)
@@ -55,8 +56,9 @@ class Shared:
         self._reloads = -1
         self._loop: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._scripts = {name: self.client.register_script(getattr(scripts, name))
-                         for name in ("TAKE", "LANDED", "RESERVE", "SETTLE", "RELEASE", "OWNED", "KEEP", "FORGET")}
+        self._holds: dict[tuple[str, float], set[str]] = {}  # (client, period) -> this process's holds
+        self._scripts = {name: self.client.register_script(getattr(scripts, name)) for name in
+                         ("TAKE", "LANDED", "RESERVE", "SETTLE", "RELEASE", "RENEW", "OWNED", "KEEP", "FORGET")}
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -81,6 +83,8 @@ class Shared:
         while True:
             await asyncio.sleep(BEAT)
             await self._beat()
+            with contextlib.suppress(SharedDown):
+                await self._renew_holds()
 
     async def _beat(self) -> None:
         """Heartbeat, replica count, key states and reloads, in one round trip."""
@@ -170,19 +174,33 @@ class Shared:
         return [base, base + ":holds", base + ":amounts"]
 
     async def reserve(self, client: str, period: float, *, known_spent: float, budget: float, expected: float,
-                      hold: str, lives: float, period_ends: float) -> tuple[bool, float, float]:
+                      hold: str, period_ends: float) -> tuple[bool, float, float]:
+        """Hold `expected` of the client's budget, if it has room. The hold lives while this
+        process renews it (every beat) and lapses HOLD_LIFE after it stops: a dead process's
+        holds free the budget within seconds."""
         ok, spent, held = await self._run(self._script(
             "RESERVE", self._budget_keys(client, period),
             # the period's keys outlive it by a day (a budget for all time: a year, then read anew from the store)
-            [known_spent, budget, expected, hold, lives, min(max(lives, period_ends - time.time()), 366 * 86_400)
-             + 86_400]))
+            [known_spent, budget, expected, hold, HOLD_LIFE,
+             min(max(HOLD_LIFE, period_ends - time.time()), 366 * 86_400) + 86_400]))
+        if int(ok):
+            self._holds.setdefault((client, period), set()).add(hold)
         return bool(int(ok)), float(spent), float(held)
 
     async def settle(self, client: str, period: float, hold: str, share: float, cost: float) -> None:
         await self._run(self._script("SETTLE", self._budget_keys(client, period), [hold, share, cost]))
 
     async def release(self, client: str, period: float, hold: str) -> None:
+        holds = self._holds.get((client, period))
+        if holds is not None:
+            holds.discard(hold)
+            if not holds:
+                del self._holds[(client, period)]
         await self._run(self._script("RELEASE", self._budget_keys(client, period), [hold]))
+
+    async def _renew_holds(self) -> None:
+        for (client, period), holds in list(self._holds.items()):
+            await self._run(self._script("RENEW", self._budget_keys(client, period)[1:2], [HOLD_LIFE, *holds]))
 
     async def adjust(self, client: str, period: float, cost: float) -> None:
         """A recorded cost changed after the fact (a task's final cost): the spend follows."""

@@ -89,6 +89,13 @@ end
 return 1
 """
 
+# Holds still under way, renewed: they lapse HOLD_LIFE after their process stops renewing
+# them. KEYS: the holds by expiry. ARGV: seconds to live, then the holds' ids.
+RENEW = _NOW + """
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i]) end
+return 1
+"""
+
 # A hold given back whole (its request ended).
 RELEASE = """
 redis.call('HDEL', KEYS[3], ARGV[1])
