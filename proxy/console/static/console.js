@@ -13,6 +13,7 @@
   let timer = null;
   let current = null;
   let usageLoaded = false;
+  let lastUsage = null; // the report drawn last: redrawn at a new width
 
   const $ = (id) => document.getElementById(id);
 
@@ -132,6 +133,7 @@
     timer = null;
     current = null;
     usageLoaded = false;
+    lastUsage = null;
     for (const page of document.querySelectorAll(".page")) page.hidden = true;
     $("tabs").hidden = true;
     $("sign-out").hidden = true;
@@ -213,7 +215,8 @@
     if (!usageLoaded) await fillFilters();
     usageLoaded = true;
     const report = await json(usageQuery());
-    drawUsage(report, radio("split"), radio("metric"));
+    lastUsage = [report, radio("split"), radio("metric")];
+    drawUsage(...lastUsage);
   }
 
   function drawUsage(report, dimension, metric) {
@@ -444,7 +447,7 @@
     const seconds = live.bucket_seconds;
     const rate = buckets.map((b) => b.requests / seconds);
     const errors = buckets.map((b) => (b.requests ? (b.errors / b.requests) * 100 : 0));
-    const lastMinute = buckets.slice(-7, -1); // the six whole buckets before the one under way
+    const lastMinute = buckets.slice(-60 / seconds); // the one under way included
     const requests = lastMinute.reduce((n, b) => n + b.requests, 0);
     const failed = lastMinute.reduce((n, b) => n + b.errors, 0);
     const all = buckets.reduce((n, b) => n + b.requests, 0);
@@ -473,6 +476,14 @@
     });
     $("usage-csv").addEventListener("click", downloadCsv);
     window.addEventListener("hashchange", route);
+    let resizing = null;
+    window.addEventListener("resize", () => { // charts are drawn to their box's width
+      clearTimeout(resizing);
+      resizing = setTimeout(() => {
+        if (current === "usage" && lastUsage) drawUsage(...lastUsage);
+        else if (current === "live") refresh();
+      }, 150);
+    });
     $("admin-key").focus();
   });
 })();
