@@ -7,6 +7,7 @@ they replace the ones in docs/console/ that the README shows."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -16,6 +17,7 @@ import shutil
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from conftest import OTHER_CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
 from helpers import ADMIN, ADMIN_KEY, AUTH, BOB, ROOT, admin_get, calls_by_key, chat, post_image, wait_until, with_admin
 
 from proxy.pool import fingerprint
+from proxy.store import UsageRecord
+from proxy.store.sqlite import SQLiteStore
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
@@ -75,12 +79,39 @@ def page(browser: Any) -> Iterator[Any]:
 
 
 @pytest.fixture
-def console(start_proxy: Callable[[dict[str, Any]], RunningProxy], proxy_config: dict[str, Any],
-            sims: Sims) -> RunningProxy:
+def console_config(proxy_config: dict[str, Any], sims: Sims) -> dict[str, Any]:
     proxy_config["clients"][0].update(budget=4.0, budget_period="monthly")  # traffic() spends 3.5 of it
     sims.xffuw.task_seconds = sims.fengyuan.task_seconds = 0.05
     proxy_config["tasks"] = {"poll_interval": 0.1, "first_poll": 0.05, "timeout": 20}
-    return start_proxy(with_admin(proxy_config))
+    return with_admin(proxy_config)
+
+
+@pytest.fixture
+def console(start_proxy: Callable[[dict[str, Any]], RunningProxy], console_config: dict[str, Any]) -> RunningProxy:
+    return start_proxy(console_config)
+
+
+def earlier_usage(path: str, days: int = 29) -> None:
+    """Usage of the days before today, written through the store itself (as a proxy running then
+    would have): bob and a build bot on several models, none of it in alice's budget."""
+    async def write() -> None:
+        store = SQLiteStore(path)
+        today = time.time() // 86400 * 86400
+        for day in range(1, days + 1):
+            for n in range(3 + (day * 7) % 11):
+                for client, model, upstream, cost in (("bob", "gpt-4o-mini", "xffuw", 0.5),
+                                                      ("ci-bot", "deepseek-chat", "fengyuan", 0.2),
+                                                      ("bob", "gpt-image-2", "xffuw", 2.0)):
+                    if model == "gpt-image-2" and (n + day) % 4:
+                        continue
+                    store.add_usage(UsageRecord(at=today - day * 86400 + 3600 + n * 60, client=client, model=model,
+                                                upstream=upstream, key="0123456789ab", cost=cost,
+                                                outcome="failed" if (n + day) % 13 == 0 else "ok", kind="chat"))
+        await store.close()
+
+    writer = threading.Thread(target=asyncio.run, args=(write(),))  # Playwright holds this thread's event loop
+    writer.start()
+    writer.join(timeout=60)
 
 
 def traffic(proxy: RunningProxy) -> None:
@@ -238,8 +269,11 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
-def test_screenshots_of_every_page_on_a_laptop_and_a_phone(console: RunningProxy, sims: Sims, page: Any,
+def test_screenshots_of_every_page_on_a_laptop_and_a_phone(start_proxy: Callable[[dict[str, Any]], RunningProxy],
+                                                           console_config: dict[str, Any], page: Any,
                                                            tmp_path: Path) -> None:
+    earlier_usage(console_config["storage"]["path"])
+    console = start_proxy(console_config)
     traffic(console)  # alice past 80 % of her budget
     bad = httpx.post(console.url + "/v1/chat/completions", headers=AUTH, json={"model": "no-such-model"}, timeout=10)
     assert bad.status_code >= 400
@@ -257,8 +291,10 @@ def test_screenshots_of_every_page_on_a_laptop_and_a_phone(console: RunningProxy
         ready = {"usage": "#usage-chart svg", "budgets": ".budget.warn", "keys": "#keys-table .badge.disabled",
                  "tasks": "#tasks-waiting tr[data-task]", "live": "#live-rate svg"}[name]
         expect(page.locator(ready).first).to_be_visible()
+        if name == "usage":  # the earlier days are drawn too, each its own bar
+            assert page.locator("#usage-chart g.day:has(rect)").count() == 30
         shots.append(out / f"{name}.png")
-        page.screenshot(path=shots[-1], full_page=True)
+        page.screenshot(path=shots[-1])
         if name == "budgets":
             expect(page.locator(".budget[data-client=alice] .badge")).to_have_text("over 80 %")
             expect(page.locator(".budget[data-client=bob]")).not_to_have_class(re.compile(r"\bwarn\b"))
@@ -271,8 +307,9 @@ def test_screenshots_of_every_page_on_a_laptop_and_a_phone(console: RunningProxy
         # the narrow layout: nothing wider than the phone; wide tables scroll in their own box
         assert page.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"], name
         shots.append(out / f"phone-{name}.png")
-        page.screenshot(path=shots[-1], full_page=True)
+        page.screenshot(path=shots[-1])
     for shot in shots:
         width, height = _png_size(shot)
-        assert shot.stat().st_size > 10_000 and height > 300, shot
+        assert shot.stat().st_size > 10_000, shot
+        assert height == (PHONE if shot.name.startswith("phone") else LAPTOP)["height"], shot
         assert width == (PHONE if shot.name.startswith("phone") else LAPTOP)["width"], shot

@@ -48,6 +48,14 @@
   const isoDay = (ms) => new Date(ms).toISOString().slice(0, 10);
   const when = (unix) => (unix ? new Date(unix * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC" : "");
 
+  // A round top for an axis of `parts` steps (1, 2, 2.5 or 5 times a power of ten each).
+  function niceTop(max, parts) {
+    if (!(max > 0)) return parts;
+    const raw = max / parts;
+    const power = 10 ** Math.floor(Math.log10(raw));
+    return parts * [1, 2, 2.5, 5, 10].map((m) => m * power).find((step) => step >= raw * (1 - 1e-9));
+  }
+
   function ago(seconds) {
     if (seconds === null || seconds === undefined) return "";
     if (seconds < 90) return Math.round(seconds) + " s";
@@ -62,6 +70,9 @@
   }
 
   function table(node, head, rows, foot) {
+    for (const row of rows) { // each cell names its column: a phone shows rows as cards (console.css)
+      [...row.children].forEach((cell, i) => cell.setAttribute("data-label", head[i] || ""));
+    }
     node.replaceChildren(
       el("thead", null, el("tr", null, head.map((h) => el("th", null, h)))),
       el("tbody", null, rows.length ? rows : [el("tr", null, el("td", { colspan: head.length, class: "empty" }, "nothing"))]),
@@ -254,7 +265,7 @@
     const pad = { left: 56, right: 8, top: 10, bottom: 24 };
     const plotW = width - pad.left - pad.right;
     const plotH = height - pad.top - pad.bottom;
-    const top = Math.max(...days.map((d) => byDay.get(d)[metric]), 0) || 1;
+    const top = niceTop(Math.max(...days.map((d) => byDay.get(d)[metric]), 0), 4);
     const step = plotW / Math.max(days.length, 1);
     const barW = Math.max(2, step * 0.75);
     const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, class: "plot" });
@@ -262,7 +273,7 @@
       const y = pad.top + plotH - (plotH * i) / 4;
       chart.append(svg("line", { x1: pad.left, x2: width - pad.right, y1: y, y2: y, class: "grid" }),
         svg("text", { x: pad.left - 6, y: y + 4, class: "axis", "text-anchor": "end" },
-          metric === "cost" ? num(Number(((top * i) / 4).toPrecision(3))) : Math.round((top * i) / 4)));
+          num((top * i) / 4)));
     }
     const labelEvery = Math.ceil(days.length / Math.max(1, Math.floor(plotW / 48)));
     days.forEach((dayName, i) => {
@@ -423,7 +434,7 @@
     const pad = { left: 48, right: 8, top: 8, bottom: 20 };
     const plotW = width - pad.left - pad.right;
     const plotH = height - pad.top - pad.bottom;
-    const top = Math.max(...points, 0) || 1;
+    const top = niceTop(Math.max(...points, 0), 2);
     const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, class: "plot" });
     for (let i = 0; i <= 2; i++) {
       const y = pad.top + plotH - (plotH * i) / 2;
