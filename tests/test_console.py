@@ -313,3 +313,17 @@ def test_screenshots_of_every_page_on_a_laptop_and_a_phone(start_proxy: Callable
         assert shot.stat().st_size > 10_000, shot
         assert height == (PHONE if shot.name.startswith("phone") else LAPTOP)["height"], shot
         assert width == (PHONE if shot.name.startswith("phone") else LAPTOP)["width"], shot
+
+
+def test_the_live_page_refreshes_itself_with_new_traffic(console: RunningProxy, page: Any) -> None:
+    traffic(console)
+    sign_in(page, console)
+    open_tab(page, "live")
+    expect(page.locator("#live-requests b")).to_have_text("6")  # the chats and the image; not the console's calls
+    for i in range(3):
+        chat(console.client(api_key=OTHER_CLIENT_KEY), f"while watching {i}")
+    bad = httpx.post(console.url + "/v1/images/generations", headers=BOB, json={"model": "gpt-image-2"}, timeout=10)
+    assert bad.status_code == 400
+    expect(page.locator("#live-requests b")).to_have_text("10")  # no reload: the page asked again
+    assert page.locator("#live-rate svg path").count() == 2 and page.locator("#live-errors svg path").count() == 2
+    expect(page.locator("#live-error-rate b")).to_have_text("0.0 %")  # a 400 is the client's error, not the proxy's

@@ -223,9 +223,8 @@
       $("usage-since").value = isoDay(today - 29 * DAY_MS);
       $("usage-until").value = isoDay(today);
     }
-    if (!usageLoaded) await fillFilters();
+    const [report] = await Promise.all([json(usageQuery()), usageLoaded ? null : fillFilters()]);
     usageLoaded = true;
-    const report = await json(usageQuery());
     lastUsage = [report, radio("split"), radio("metric")];
     drawUsage(...lastUsage);
   }
