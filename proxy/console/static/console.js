@@ -3,7 +3,8 @@
 (() => {
   "use strict";
 
-  const REFRESH_MS = 2000; // pages other than Usage refresh themselves
+  // how often each page asks again (Usage: when asked); budgets cost a store read per client
+  const REFRESH_MS = { budgets: 10000, keys: 2000, tasks: 2000, live: 2000 };
   const DAY_MS = 86400000;
   const COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
     "#9c755f", "#bab0ac"];
@@ -171,13 +172,14 @@
     if (page !== current) {
       current = page;
       clearInterval(timer);
-      timer = page === "usage" ? null : setInterval(refresh, REFRESH_MS);
+      timer = REFRESH_MS[page] ? setInterval(refresh, REFRESH_MS[page]) : null;
       if (page !== "usage" || !usageLoaded) refresh();
     }
   }
 
   async function refresh() {
     const page = current;
+    if (document.hidden && page !== "usage") return; // a tab in the background asks nothing
     try {
       await PAGES[page]();
       if (page === current) problem("");
