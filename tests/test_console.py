@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import datetime as dt
 import io
 import json
 import os
@@ -212,6 +213,22 @@ def test_the_usage_chart_and_table_show_the_days_cost_of_the_admin_api(console: 
     rows = list(csv.reader(io.StringIO(Path(download.value.path()).read_text())))
     assert rows[0] == ["day", "model", "requests", "cost", "failed"]
     assert rows[1][:3] == [today, "gpt-4o-mini", "2"] and float(rows[1][3]) == pytest.approx(bob["cost"])
+
+    page.select_option("#usage-client", "")  # every client, one model
+    page.fill("#usage-model", "gpt-image-2")
+    page.click("#usage-filters button[type=submit]")
+    image = admin_get(console.url, "/admin/usage", group_by="day", model="gpt-image-2").json()["data"][0]
+    expect(page.locator("#total-requests b")).to_have_text("1")
+    assert float(bar.get_attribute("data-cost")) == pytest.approx(image["cost"])
+
+    yesterday = (dt.date.fromisoformat(today) - dt.timedelta(days=1)).isoformat()
+    page.fill("#usage-model", "")
+    page.fill("#usage-since", yesterday)  # a range of one day, before the traffic
+    page.fill("#usage-until", yesterday)
+    page.click("#usage-filters button[type=submit]")
+    expect(page.locator("#usage-chart g.day")).to_have_count(1)
+    expect(page.locator("#total-requests b")).to_have_text("0")
+    assert page.locator(f"#usage-chart g.day[data-day='{yesterday}']").get_attribute("data-cost") == "0"
 
 
 def test_disabling_a_key_with_its_button_sends_the_next_chats_to_the_other(console: RunningProxy, sims: Sims,
