@@ -290,13 +290,14 @@ def test_screenshots_of_every_page_on_a_laptop_and_a_phone(start_proxy: Callable
                                                            console_config: dict[str, Any], page: Any,
                                                            tmp_path: Path) -> None:
     earlier_usage(console_config["storage"]["path"])
+    console_config["tasks"]["timeout"] = 3  # the slow task's request ends (504) and the task goes on, late
     console = start_proxy(console_config)
     traffic(console)  # alice past 80 % of her budget
     bad = httpx.post(console.url + "/v1/chat/completions", headers=AUTH, json={"model": "no-such-model"}, timeout=10)
     assert bad.status_code >= 400
     assert httpx.post(f"{console.url}/admin/keys/{fingerprint(K1)}/disable", headers=ADMIN, timeout=10).is_success
     post_image(console.url, "a stormy sea [fail]", headers=BOB)
-    in_background(lambda: post_image(console.url, "a patient painting [delay=60]", headers=BOB, timeout=5))
+    in_background(lambda: post_image(console.url, "a patient painting [delay=60]", headers=BOB))
     wait_until(lambda: admin_get(console.url, "/admin/tasks").json()["waiting"], what="a waiting task")
 
     out = SHOTS if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path
