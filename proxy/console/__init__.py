@@ -31,19 +31,19 @@ _HEADERS = {
 
 
 @functools.cache
-def _asset(name: str) -> tuple[bytes, str] | None:
-    """A file of static/ and its ETag; None for any other name (no path ever leaves static/)."""
-    if "/" in name or "\\" in name or name.startswith(".") or not any(name.endswith(t) for t in _TYPES):
-        return None
-    path = resources.files(__package__).joinpath("static", name)
-    if not path.is_file():
-        return None
-    body = path.read_bytes()
-    return body, '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+def _assets() -> dict[str, tuple[bytes, str]]:
+    """Every file of static/ by name, with its ETag: read once; no other name is ever served."""
+    found = {}
+    for path in resources.files(__package__).joinpath("static").iterdir():
+        suffix = "." + path.name.rsplit(".", 1)[-1]
+        if path.is_file() and suffix in _TYPES:
+            body = path.read_bytes()
+            found[path.name] = (body, '"' + hashlib.sha256(body).hexdigest()[:16] + '"')
+    return found
 
 
 def _serve(request: Request[Any, Any, Any], name: str) -> Response[bytes]:
-    found = _asset(name)
+    found = _assets().get(name)
     if found is None:
         raise ProxyError(Kind.NOT_FOUND, f"No console file '{clip(name)}'.")
     body, etag = found
