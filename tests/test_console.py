@@ -58,7 +58,7 @@ def _chromium() -> str | None:
     return found
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # not the session: Playwright's event loop runs in this thread while it lasts
 def browser() -> Iterator[Any]:
     path = _chromium()
     if path is None:
