@@ -29,6 +29,7 @@ from multipart import ParserLimitReached  # type: ignore[import-untyped]  # Lite
 
 from proxy.api import ROUTES
 from proxy.api.admin import ADMIN_ROUTES
+from proxy.api.admin_console import CONSOLE_ADMIN_ROUTES
 from proxy.api.chat import PARAM_LOGGED
 from proxy.api.dependencies import DEPENDENCIES
 from proxy.api.idempotency import Idempotency
@@ -38,9 +39,11 @@ from proxy.balances import Balances
 from proxy.clients import Clients
 from proxy.clip import clip
 from proxy.config import Config, ConfigError
+from proxy.console import CONSOLE_ROUTES
 from proxy.downloads import Downloads
 from proxy.errors import Kind, ProxyError
 from proxy.gateway import Gateway
+from proxy.live import LiveCounts
 from proxy.log import setup_logging
 from proxy.metrics import Metrics
 from proxy.openai.errors import error_response, send_error
@@ -205,6 +208,8 @@ class ProxyApp(Litestar):
             if reservation is not None:  # what the request's calls did not use of its budget hold
                 self.state.runtime.gateway.billing.release(reservation)
             access = state.get("access", {})
+            if scope["path"].startswith("/v1/"):  # the API's traffic, not the console's own polling
+                self.state.live.add(status)
             # only resolved models label the counter: clients cannot invent label values
             self.state.metrics.requests.labels(access.get("client", ""), access.get("model", "") if "upstream" in access
                                                else "", str(status)).inc()
@@ -300,7 +305,7 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
             await http.aclose()
 
     app = ProxyApp(
-        route_handlers=[*ROUTES, retrieve_task, *ADMIN_ROUTES],
+        route_handlers=[*ROUTES, retrieve_task, *ADMIN_ROUTES, *CONSOLE_ADMIN_ROUTES, *CONSOLE_ROUTES],
         dependencies=DEPENDENCIES,
         lifespan=[lifespan],
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected},
@@ -316,5 +321,6 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
         debug=False,
     )
     app.state.metrics = metrics
+    app.state.live = LiveCounts()
     app.idempotency = Idempotency(answer_from_tasks)
     return app
