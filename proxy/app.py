@@ -19,7 +19,7 @@ from typing import Any, cast
 import httpx
 import msgspec
 import structlog
-from litestar import Litestar, Request, Response
+from litestar import Litestar, Request, Response, Router
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
@@ -28,7 +28,7 @@ from litestar.types import HTTPScope, LifeSpanReceive, LifeSpanScope, LifeSpanSe
 from multipart import ParserLimitReached  # type: ignore[import-untyped]  # Litestar's form parser
 
 from proxy.api import ROUTES
-from proxy.api.admin import ADMIN_ROUTES
+from proxy.api.admin import ADMIN_ROUTES, admin_only
 from proxy.api.admin_console import CONSOLE_ADMIN_ROUTES
 from proxy.api.chat import PARAM_LOGGED
 from proxy.api.dependencies import DEPENDENCIES
@@ -305,7 +305,8 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
             await http.aclose()
 
     app = ProxyApp(
-        route_handlers=[*ROUTES, retrieve_task, *ADMIN_ROUTES, *CONSOLE_ADMIN_ROUTES, *CONSOLE_ROUTES],
+        route_handlers=[*ROUTES, retrieve_task, *CONSOLE_ROUTES,
+                        Router("/", route_handlers=[*ADMIN_ROUTES, *CONSOLE_ADMIN_ROUTES], guards=[admin_only])],
         dependencies=DEPENDENCIES,
         lifespan=[lifespan],
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected},

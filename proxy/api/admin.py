@@ -11,14 +11,18 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.handlers import BaseRouteHandler
 from litestar.params import FromPath
 
-from proxy.api.common import json_response, runtime
+from proxy.api.common import json_response
+from proxy.api.dependencies import GatewayDep, RuntimeDep, provide_runtime
 from proxy.billing import period_start
 from proxy.clients import bearer_token, match_digest
 from proxy.clip import clip
 from proxy.config import ConfigError
 from proxy.errors import Kind, ProxyError, bad_request
+from proxy.gateway import Gateway
 from proxy.openai.openapi import documented
 from proxy.redact import redact
 from proxy.store import UsageRow
@@ -74,21 +78,21 @@ class UsageReport(msgspec.Struct, kw_only=True, omit_defaults=True):
     split_by: str | None = None  # each row's `split` is this dimension
 
 
-def require_admin(request: Request[Any, Any, Any]) -> None:
-    admin = runtime(request).config.admin
+def admin_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """The guard of every admin route: the bearer token must be an admin key (401 otherwise)."""
+    admin = provide_runtime(connection.app.state).config.admin
     digests = [hashlib.sha256(k.encode()).digest() for k in admin.keys] + \
               [bytes.fromhex(d) for d in admin.keys_sha256]
-    token = bearer_token(request.headers.get("authorization"))
+    token = bearer_token(connection.headers.get("authorization"))
     if not digests or token is None or match_digest(token, digests) is None:
         raise ProxyError(Kind.INVALID_API_KEY, NO_ADMIN if not digests else "Incorrect admin key provided.")
 
 
 @get("/admin/keys", **documented(KeyList, errors=(401,)))
-async def admin_keys(request: Request[Any, Any, Any]) -> Response[bytes]:
-    require_admin(request)
+async def admin_keys(gateway: GatewayDep) -> Response[bytes]:
     now, wall = time.monotonic(), time.time()
     views = []
-    for name, pool in runtime(request).gateway.pools.items():
+    for name, pool in gateway.pools.items():
         for key in pool.keys:
             views.append(KeyView(
                 provider=name, fingerprint=key.fingerprint, state=key.state,
@@ -100,9 +104,8 @@ async def admin_keys(request: Request[Any, Any, Any]) -> Response[bytes]:
     return json_response({"object": "list", "data": views})
 
 
-async def _set_key(request: Request[Any, Any, Any], fingerprint: str, enable: bool) -> Response[bytes]:
-    require_admin(request)
-    found = runtime(request).gateway.find_key(fingerprint)
+def _set_key(gateway: Gateway, fingerprint: str, enable: bool) -> Response[bytes]:
+    found = gateway.find_key(fingerprint)
     if found is None:
         raise ProxyError(Kind.NOT_FOUND, f"No upstream key with fingerprint '{clip(fingerprint)}'.",
                          param="fingerprint")
@@ -112,20 +115,19 @@ async def _set_key(request: Request[Any, Any, Any], fingerprint: str, enable: bo
 
 
 @post("/admin/keys/{fingerprint:str}/disable", status_code=200, **documented(KeyStateChange, errors=(401, 404)))
-async def admin_disable_key(request: Request[Any, Any, Any], fingerprint: FromPath[str]) -> Response[bytes]:
-    return await _set_key(request, fingerprint, enable=False)
+async def admin_disable_key(gateway: GatewayDep, fingerprint: FromPath[str]) -> Response[bytes]:
+    return _set_key(gateway, fingerprint, enable=False)
 
 
 @post("/admin/keys/{fingerprint:str}/enable", status_code=200, **documented(KeyStateChange, errors=(401, 404)))
-async def admin_enable_key(request: Request[Any, Any, Any], fingerprint: FromPath[str]) -> Response[bytes]:
-    return await _set_key(request, fingerprint, enable=True)
+async def admin_enable_key(gateway: GatewayDep, fingerprint: FromPath[str]) -> Response[bytes]:
+    return _set_key(gateway, fingerprint, enable=True)
 
 
 @post("/admin/reload", status_code=200, **documented(Reloaded, errors=(401,)))
-async def admin_reload(request: Request[Any, Any, Any]) -> Response[bytes]:
-    require_admin(request)
+async def admin_reload(runtime: RuntimeDep) -> Response[bytes]:
     try:
-        config = runtime(request).reload()
+        config = runtime.reload()
     except (ConfigError, ValueError) as error:
         raise bad_request(f"The new config was refused; the running one stays: {error}") from None
     return json_response({"status": "reloaded", "clients": len(config.clients),
@@ -150,8 +152,7 @@ def _time(value: str | None, name: str) -> float | None:
 
 
 @get("/admin/usage", **documented(UsageReport, errors=(401,)))
-async def admin_usage(request: Request[Any, Any, Any]) -> Response[bytes]:
-    require_admin(request)
+async def admin_usage(request: Request[Any, Any, Any], runtime: RuntimeDep) -> Response[bytes]:
     query = request.query_params
     group_by = query.get("group_by") or "client"
     if group_by not in ("client", "model", "day", "upstream"):
@@ -163,7 +164,7 @@ async def admin_usage(request: Request[Any, Any, Any]) -> Response[bytes]:
     fmt = query.get("format") or "json"
     if fmt not in ("json", "csv"):
         raise bad_request("'format' must be json or csv.", param="format")
-    rows = await runtime(request).store.usage(
+    rows = await runtime.store.usage(
         client=query.get("client") or None, model=query.get("model") or None,
         since=_time(query.get("since"), "since"), until=_time(query.get("until"), "until"), group_by=group_by,
         split_by=split_by)
@@ -185,9 +186,8 @@ async def admin_usage(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 @get("/metrics", **documented(str, media_type="text/plain", errors=(401,),
                                     description="Prometheus text format."))
-async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
-    require_admin(request)
-    rt = runtime(request)
+async def metrics(request: Request[Any, Any, Any], runtime: RuntimeDep) -> Response[bytes]:
+    rt = runtime
     registry = request.app.state.metrics
     for client in rt.config.clients:
         if client.budget is not None:

@@ -12,7 +12,6 @@ import msgspec
 from litestar import Request, Response, get
 from litestar.params import FromPath
 
-from proxy.api.admin import require_admin
 from proxy.api.common import json_response
 from proxy.api.dependencies import RuntimeDep
 from proxy.billing import period_start
@@ -119,8 +118,7 @@ def _limit(request: Request[Any, Any, Any]) -> int:
 
 
 @get("/admin/budgets", **documented(BudgetList, errors=(401,)))
-async def admin_budgets(request: Request[Any, Any, Any], runtime: RuntimeDep) -> Response[bytes]:
-    require_admin(request)
+async def admin_budgets(runtime: RuntimeDep) -> Response[bytes]:
     now = time.time()
     last_hour = {row.group: row for row in await runtime.store.usage(
         client=None, model=None, since=now - HOUR, until=None, group_by="client")}
@@ -141,7 +139,6 @@ async def admin_budgets(request: Request[Any, Any, Any], runtime: RuntimeDep) ->
 
 @get("/admin/tasks", **documented(TaskBoard, errors=(400, 401)))
 async def admin_tasks(request: Request[Any, Any, Any], runtime: RuntimeDep) -> Response[bytes]:
-    require_admin(request)
     limit = _limit(request)
     store, live = runtime.store, runtime.gateway.tasks.live
     now = time.time()
@@ -156,8 +153,7 @@ async def admin_tasks(request: Request[Any, Any, Any], runtime: RuntimeDep) -> R
 
 
 @get("/admin/tasks/{task_id:str}", **documented(TaskDetail, errors=(401, 404)))
-async def admin_task(request: Request[Any, Any, Any], runtime: RuntimeDep, task_id: FromPath[str]) -> Response[bytes]:
-    require_admin(request)
+async def admin_task(runtime: RuntimeDep, task_id: FromPath[str]) -> Response[bytes]:
     live = runtime.gateway.tasks.live.get(task_id)
     record = live.record if live is not None else await runtime.store.get_task(task_id)
     if record is None:
@@ -170,7 +166,6 @@ async def admin_task(request: Request[Any, Any, Any], runtime: RuntimeDep, task_
 
 @get("/admin/live", **documented(LiveSeries, errors=(401,)))
 async def admin_live(request: Request[Any, Any, Any]) -> Response[bytes]:
-    require_admin(request)
     series = request.app.state.live.series()
     return json_response({
         "object": "proxy.live", "bucket_seconds": BUCKET, "span_seconds": SPAN, "scope": "process",
