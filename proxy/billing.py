@@ -89,8 +89,15 @@ class Billing:
     def configure(self, config: Config) -> None:
         self._periods = {c.name: c.budget_period for c in config.clients if c.budget is not None}
 
-    def held(self, client: str) -> float:
-        return self._held.get(client, 0.0)
+    async def held(self, client: ClientConfig, now: float) -> float:
+        """What requests under way hold of the client's budget: on every replica with shared
+        state, else in this process."""
+        if self.shared is not None and self.shared.active:
+            try:
+                return await self.shared.held(client.name, period_start(client.budget_period, now))
+            except SharedDown:
+                pass
+        return self._held.get(client.name, 0.0)
 
     async def reserve(self, client: ClientConfig | None, model: ModelInfo | None, keys: list[UpstreamKey],
                       calls: int) -> Reservation | None:

@@ -34,7 +34,7 @@ class BudgetView(msgspec.Struct, kw_only=True):
     period: str  # daily | monthly | total
     period_start: float  # unix time the current period began
     spent: float
-    held: float  # reserved by this process's requests under way
+    held: float  # reserved by requests under way (every replica's, with shared state)
     share: float | None  # spent / budget
     over_80: bool
     requests_last_hour: int  # billable upstream calls recorded in the last hour
@@ -131,7 +131,7 @@ async def admin_budgets(runtime: RuntimeDep) -> Response[bytes]:
         hour = last_hour.get(client.name)
         views.append(BudgetView(
             client=client.name, budget=client.budget, period=client.budget_period, period_start=start,
-            spent=round(spent, 6), held=round(billing.held(client.name), 6),
+            spent=round(spent, 6), held=round(await billing.held(client, now), 6),
             share=round(share, 6) if share is not None else None, over_80=share is not None and share > 0.8,
             requests_last_hour=hour.requests if hour else 0, cost_last_hour=round(hour.cost, 6) if hour else 0.0))
     return json_response({"object": "list", "data": views})

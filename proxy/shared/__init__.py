@@ -58,7 +58,7 @@ class Shared:
         self._background: set[asyncio.Task[None]] = set()
         self._holds: dict[tuple[str, float], set[str]] = {}  # (client, period) -> this process's holds
         self._scripts = {name: self.client.register_script(getattr(scripts, name)) for name in
-                         ("TAKE", "LANDED", "RESERVE", "SETTLE", "RELEASE", "RENEW", "OWNED", "KEEP", "FORGET")}
+                         ("TAKE", "LANDED", "RESERVE", "SETTLE", "RELEASE", "RENEW", "HELD", "OWNED", "KEEP", "FORGET")}
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -197,6 +197,10 @@ class Shared:
             if not holds:
                 del self._holds[(client, period)]
         await self._run(self._script("RELEASE", self._budget_keys(client, period), [hold]))
+
+    async def held(self, client: str, period: float) -> float:
+        """What every replica's requests under way hold of the client's budget for the period."""
+        return float(await self._run(self._script("HELD", self._budget_keys(client, period), [])))
 
     async def _renew_holds(self) -> None:
         for (client, period), holds in list(self._holds.items()):

@@ -96,6 +96,15 @@ for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), A
 return 1
 """
 
+# What the holds under way add up to. KEYS: as RESERVE's. Answers the sum.
+HELD = _NOW + """
+local held = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')) do
+  held = held + tonumber(redis.call('HGET', KEYS[3], id) or '0')
+end
+return tostring(held)
+"""
+
 # A hold given back whole (its request ended).
 RELEASE = """
 redis.call('HDEL', KEYS[3], ARGV[1])
