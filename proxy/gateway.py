@@ -113,11 +113,14 @@ class Gateway:
                     self.store.save_calls(name, key.fingerprint, pool.recent_calls(key) + checkpoint)
 
     async def restore_calls(self, unsaved_for: float) -> None:
-        """The last process's calls; `unsaved_for`: how long after a checkpoint it may have died."""
+        """The last process's calls; `unsaved_for`: how long after a checkpoint it may have died.
+        A checkpoint is a crash only where this process serves alone: with shared state the
+        windows are in Redis, and among workers the checkpoint may be a live sibling's."""
+        alone = self.shared is None and self.share == 1
         saved = await self.store.load_calls()
         for name, pool in self.pools.items():
             for key in pool.keys:
-                pool.restore_calls(key, saved.get((name, key.fingerprint), []), unsaved_for)
+                pool.restore_calls(key, saved.get((name, key.fingerprint), []), unsaved_for if alone else None)
 
     def apply_shared(self, states: dict[str, StateChange]) -> None:
         for pool in self.pools.values():

@@ -218,10 +218,11 @@ class KeyPool:
         offset = time.time() - time.monotonic()
         return [value for end, count in key.calls.entries() for value in (end + offset, float(count))]
 
-    def restore_calls(self, key: UpstreamKey, calls: list[float], unsaved_for: float = 0.0) -> None:
+    def restore_calls(self, key: UpstreamKey, calls: list[float], unsaved_for: float | None = None) -> None:
         """A previous process's calls with `key` (from `recent_calls`), still in the window. A
         checkpoint (time, -1) says it may have died up to `unsaved_for` later with calls it
-        never saved: the upstream counted them, so they are taken as the rest of the limit."""
+        never saved: the upstream counted them, so they are taken as the rest of the limit
+        (None: checkpoints are not read as a crash)."""
         now = time.monotonic()
         offset, horizon = now - time.time(), now - self._window()
         checkpoint = None
@@ -232,7 +233,7 @@ class KeyPool:
             elif horizon < at <= now:
                 key.calls.add_old(at, count)
         limit = self.limit(key)
-        if checkpoint is not None and limit is not None and key.calls.count < limit:
+        if checkpoint is not None and unsaved_for is not None and limit is not None and key.calls.count < limit:
             died_by = min(checkpoint + unsaved_for, now)
             if died_by > horizon:
                 key.calls.add_old(died_by, limit - key.calls.count)
