@@ -166,6 +166,14 @@ def erin_budget(url: str) -> tuple[float, float]:
     return float(row["held"]), float(row["spent"])
 
 
+def test_a_replica_started_beside_a_running_one_serves_its_limited_key(replicas: Replicas) -> None:
+    """The running replica's last save of its key windows is no crash: the new one serves."""
+    (first,) = replicas.start(1)
+    assert chat(first, model="slow/gpt-4o-mini").status_code == 200
+    (second,) = replicas.start(1)
+    assert chat(second, model="slow/gpt-4o-mini").status_code == 200
+
+
 def test_a_key_disabled_through_one_replica_is_refused_by_the_other_within_a_second(
         replicas: Replicas, sims: Sims) -> None:
     first, second = replicas.start(2)
