@@ -8,6 +8,7 @@ machine's Node.js, sh with sh: the doc and the tests cannot drift apart.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -58,10 +59,13 @@ def node_ready() -> Path:
             pytest.fail(f"Node.js is not installed here ({missing} not on PATH): CI must run the Node client tests")
         pytest.skip(f"Node.js is not installed here ({missing} not on PATH): the Node client tests need node and npm")
     wanted = json.loads((NODE_DIR / "package.json").read_text(encoding="utf-8"))["dependencies"]
-    if not all((NODE_DIR / "node_modules" / name / "package.json").exists() for name in wanted):
-        done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
-                              capture_output=True, text=True, timeout=300, check=False)
-        assert done.returncode == 0, f"npm install failed in {NODE_DIR}:\n{done.stdout}\n{done.stderr}"
+    # one npm install at a time: the suite's workers (pytest-xdist) may all want it at once
+    with open(NODE_DIR / "package.json", "rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all((NODE_DIR / "node_modules" / name / "package.json").exists() for name in wanted):
+            done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
+                                  capture_output=True, text=True, timeout=300, check=False)
+            assert done.returncode == 0, f"npm install failed in {NODE_DIR}:\n{done.stdout}\n{done.stderr}"
     return NODE_DIR
 
 
