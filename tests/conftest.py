@@ -7,9 +7,11 @@ each test gets its own proxy (fresh pool and catalogue) built from `proxy_config
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -211,3 +213,5 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # what it started (`--workers`)
+            os.killpg(process.pid, signal.SIGKILL)
