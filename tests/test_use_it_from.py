@@ -233,11 +233,14 @@ def test_instructor_snippet(doc_proxy: RunningProxy, sims: Sims) -> None:
     assert sims.xffuw.last_chat_body["tool_choice"] == {"type": "function", "function": {"name": "City"}}
 
 
-def test_litellm_snippet(doc_proxy: RunningProxy, sims: Sims, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_litellm_snippet(doc_proxy: RunningProxy, sims: Sims, monkeypatch: pytest.MonkeyPatch,
+                         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # else its import fetches a price list from the web
     out = run_python("litellm", doc_proxy).splitlines()
     call = 'temperature {"city": "city"}'
     assert out == [CHAT_PREFIX + "你好", CHAT_PREFIX + "你好", call, WEATHER, call]
+    # also waits for its stream's access line, which would otherwise land in the next test's count
+    assert_served(capsys, {"/v1/chat/completions": 5})
 
 
 def test_ai_sdk_snippet(doc_proxy: RunningProxy, sims: Sims, capsys: pytest.CaptureFixture[str]) -> None:
