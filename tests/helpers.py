@@ -194,7 +194,8 @@ class Child(subprocess.Popen[str]):
 
 def spawn(processes: list[subprocess.Popen[str]], *args: str, env: dict[str, str] | None = None) -> Child:
     """`python -m proxy <args>` as a child process, killed by the `processes` fixture at the end."""
-    process = Child([sys.executable, "-m", "proxy", *args], cwd=ROOT, env=env,
+    # a session of its own: the `processes` fixture ends the whole group (`--workers` children too)
+    process = Child([sys.executable, "-m", "proxy", *args], cwd=ROOT, env=env, start_new_session=True,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     process.out, process.err = Output(process.stdout), Output(process.stderr)
     processes.append(process)

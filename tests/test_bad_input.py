@@ -47,7 +47,7 @@ def edge(_sim_servers: Sims, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "fengyuan": {"base_url": _sim_servers.fengyuan_url, "keys": list(FENGYUAN_KEYS)},
         },
         "tasks": {"poll_interval": 0.1, "first_poll": 0.05, "timeout": 5},
-        "log": {"format": "json", "level": "warning"},
+        "log": {"format": "json"},
         "storage": {"path": str(tmp_path_factory.mktemp("bad-input") / "proxy.sqlite3")},
     }
     server = BackgroundServer(create_app(parse_config(raw))).start()

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 from conftest import FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
+from helpers import fast_tasks, wait_until
 from openai_spec import validate_error, validate_model_list
 
 from proxy.billing import period_start
@@ -66,23 +67,9 @@ def by_group(report: dict[str, Any]) -> dict[str, tuple[int, float, int]]:
     return {row["group"]: (row["requests"], row["cost"], row["failed"]) for row in report["data"]}
 
 
-def fast_tasks(config: dict[str, Any], sims: Sims) -> None:
-    config["tasks"] = {"poll_interval": 0.05, "first_poll": 0.05, "timeout": 10}
-    sims.xffuw.task_seconds = sims.fengyuan.task_seconds = 0.05
-
-
 def with_admin(config: dict[str, Any]) -> dict[str, Any]:
     config["admin"] = {"keys": [ADMIN_KEY]}
     return config
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def expect_budget_refusal(exc: openai.APIStatusError, client: str, period: str = "") -> None:

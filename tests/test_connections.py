@@ -256,7 +256,7 @@ def test_past_max_connections_the_idle_longest_make_room(
 
 def test_a_proxy_at_its_open_file_limit_still_answers(sims: Sims, tmp_path: Path) -> None:
     """`proxy serve` with 300 open files: the default connection cap lies below them."""
-    from test_config_cli import free_port, wait_healthy, write_config
+    from helpers import free_port, wait_healthy, write_config
 
     raw = {"clients": [{"name": "alice", "key": CLIENT_KEY}],
            "providers": {"xffuw": {"base_url": f"{sims.xffuw_url}/api/v1/", "keys": XFFUW_KEYS}},

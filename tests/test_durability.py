@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import msgspec
 import openai
 import pytest
 from conftest import CLIENT_KEY, FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
+from helpers import error_of, free_port, post_image, task_ids, wait_until
 from openai_spec import validate_error, validate_images_response
 
 from proxy.api.idempotency import key_digest
@@ -66,23 +66,6 @@ def stored_idempotency(path: str) -> dict[tuple[str, str], IdempotencyRecord]:
     return {(c, k): msgspec.msgpack.decode(r, type=IdempotencyRecord) for c, k, r in rows}
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.03) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def post_image(url: str, prompt: str, model: str = "gpt-image-2", headers: dict[str, str] | None = None,
-               timeout: float = 30, **extra: Any) -> httpx.Response:
-    return httpx.post(url + "/v1/images/generations", headers={**AUTH, **(headers or {})},
-                      json={"model": model, "prompt": prompt, **extra}, timeout=timeout)
-
-
 def get_task(url: str, task_id: str, headers: dict[str, str] = AUTH) -> httpx.Response:
     return httpx.get(f"{url}/v1/tasks/{task_id}", headers=headers, timeout=10)
 
@@ -94,31 +77,13 @@ def wait_task_final(url: str, task_id: str, timeout: float) -> dict[str, Any]:
         view = reply.json()
         return view if view["status"] not in UNFINISHED else None
 
-    return wait_for(final, timeout, f"task {task_id} to be final")
-
-
-def error_of(reply: httpx.Response, status: int) -> dict[str, Any]:
-    assert reply.status_code == status, (reply.status_code, reply.text)
-    assert reply.headers["content-type"].startswith("application/json")
-    body = reply.json()
-    validate_error(body)
-    return body["error"]
-
-
-def task_ids(reply: httpx.Response) -> list[str]:
-    return [t for t in reply.headers.get("x-proxy-task-ids", "").split(",") if t]
+    return wait_until(final, timeout, f"task {task_id} to be final")
 
 
 def short_grace(running: RunningProxy, seconds: float = 0.2) -> None:
     """Requests still waiting after `seconds` are cut when the server stops (a deploy whose
     grace is shorter than the task), so the task outlives the process."""
     running.server.server.config.timeout_graceful_shutdown = seconds  # type: ignore[assignment]
-
-
-def free_port() -> int:
-    with closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---- the store --------------------------------------------------------------------------
@@ -130,7 +95,7 @@ def test_every_task_is_in_the_store_before_the_proxy_waits_on_it(proxy: RunningP
     with ThreadPoolExecutor(2) as pool:
         xf = pool.submit(post_image, proxy.url, "a slow fox [delay=2]", headers={"idempotency-key": "store-xf"})
         fy = pool.submit(post_image, proxy.url, "a slow kite [delay=2]", model=FY_IMAGE)
-        records = wait_for(lambda: len(stored_tasks(path)) == 2 and stored_tasks(path), 3, "two stored tasks")
+        records = wait_until(lambda: len(stored_tasks(path)) == 2 and stored_tasks(path), 3, "two stored tasks")
         assert not xf.done() and not fy.done(), "the proxy answered before the tasks were final"
         by_upstream = {r.upstream: r for r in records}
         assert set(by_upstream) == {"xffuw", "fengyuan"}
@@ -157,7 +122,7 @@ def test_every_task_is_in_the_store_before_the_proxy_waits_on_it(proxy: RunningP
         assert reply.headers["x-request-id"] == record.request_id
     # The final state is written at once but not waited for (an answer does not wait on the
     # disk): another process reading the file may see it a moment after the answer.
-    final = wait_for(lambda: all(r.state == "succeeded" for r in stored_tasks(path))
+    final = wait_until(lambda: all(r.state == "succeeded" for r in stored_tasks(path))
                      and {r.upstream: r for r in stored_tasks(path)}, 2, "the final states in the store")
     assert final["xffuw"].state == final["fengyuan"].state == "succeeded"
     assert final["xffuw"].urls == [d["url"] for d in xf_reply.json()["data"]]
@@ -200,7 +165,7 @@ def test_restart_resumes_unfinished_tasks_without_a_second_submit(
     first = start_proxy(proxy_config)
     with ThreadPoolExecutor(1) as pool:
         pending: Future[httpx.Response] = pool.submit(post_image, first.url, "a long night [delay=3]")
-        (record,) = wait_for(lambda: stored_tasks(path), 3, "the stored task")
+        (record,) = wait_until(lambda: stored_tasks(path), 3, "the stored task")
         short_grace(first)
         first.server.stop()
         stopped_at = time.monotonic()
@@ -253,7 +218,7 @@ def test_concurrent_repeat_waits_on_the_same_task(proxy: RunningProxy, sims: Sim
     key = {"idempotency-key": "order-concurrent"}
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(post_image, proxy.url, "a slow boat [delay=1]", headers=key)
-        wait_for(lambda: sims.xffuw.count("image") == 1, 3, "the first submit")
+        wait_until(lambda: sims.xffuw.count("image") == 1, 3, "the first submit")
         # the same key with another body while the first is running: a conflict, at once
         other = post_image(proxy.url, "another boat", headers=key, timeout=3)
         error = error_of(other, 409)
@@ -328,7 +293,7 @@ def test_idempotent_repeat_after_a_restart_answers_from_the_resumed_task(
     first = start_proxy(proxy_config)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post_image, first.url, "across a deploy [delay=2.5]", headers=key)
-        (record,) = wait_for(lambda: stored_tasks(path), 3, "the stored task")
+        (record,) = wait_until(lambda: stored_tasks(path), 3, "the stored task")
         time.sleep(0.2)  # the request has noted its task for the key
         short_grace(first)
         first.server.stop()
@@ -465,7 +430,7 @@ level = "warning"
         except httpx.TransportError:
             return False
 
-    wait_for(up, 15, "the proxy process to serve", interval=0.05)
+    wait_until(up, 15, "the proxy process to serve", interval=0.05)
     return process, store, stderr
 
 
@@ -480,7 +445,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_leaves_the_rest_resumable(
         with ThreadPoolExecutor(2) as pool:
             finishing = pool.submit(post_image, url, "almost done [delay=1.2]")
             endless = pool.submit(post_image, url, "endless [never]", model=FY_IMAGE)
-            wait_for(lambda: len(stored_tasks(str(store))) == 2, 3, "both tasks stored")
+            wait_until(lambda: len(stored_tasks(str(store))) == 2, 3, "both tasks stored")
             process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
 
@@ -493,7 +458,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_leaves_the_rest_resumable(
                     return False
                 return False
 
-            wait_for(refused, 1.0, "new connections to be refused")
+            wait_until(refused, 1.0, "new connections to be refused")
             assert not finishing.done(), "the request in flight was cut before its task finished"
             done = finishing.result(timeout=grace + 2)
             assert done.status_code == 200, done.text
@@ -518,7 +483,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_leaves_the_rest_resumable(
     proxy_config["storage"]["path"] = str(store)
     resumed_at = time.monotonic()
     successor = start_proxy(proxy_config)
-    wait_for(lambda: any(c.endpoint in ("task", "task_list") and c.at > resumed_at for c in sims.fengyuan.calls),
+    wait_until(lambda: any(c.endpoint in ("task", "task_list") and c.at > resumed_at for c in sims.fengyuan.calls),
              3, "a poll from the next process")
     view = get_task(successor.url, left.id).json()
     assert view["status"] in UNFINISHED and view["upstream"] == "fengyuan"

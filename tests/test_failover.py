@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 from conftest import FENGYUAN_KEYS, XFFUW_KEYS, RunningProxy, Sims
+from helpers import calls_by_key
 from openai_spec import validate_error
 
 from proxy.sim.fengyuan import FengyuanKey
@@ -26,14 +27,6 @@ def chat(client: openai.OpenAI, content: str = "你好") -> str:
     text = reply.choices[0].message.content
     assert text is not None and text.endswith(content)
     return text
-
-
-def calls_by_key(sim: Any, endpoint: str) -> dict[str | None, int]:
-    counts: dict[str | None, int] = {}
-    for call in list(sim.calls):
-        if call.endpoint == endpoint:
-            counts[call.key] = counts.get(call.key, 0) + 1
-    return counts
 
 
 def started(start_proxy: Callable[..., RunningProxy], config: dict[str, Any]) -> openai.OpenAI:

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
+from helpers import wait_until
 from openai_spec import validate_error, validate_images_response
 
 from proxy.server import BackgroundServer
@@ -59,15 +60,6 @@ def upstream_error(reply: httpx.Response, sims: Sims | None = None, status: int 
         for url in (sims.xffuw_url, sims.fengyuan_url):
             assert url.rsplit(":", 1)[1] not in message, message  # no upstream port either
     return error
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + max(timeout, 0.0)
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.03)
-    return value
 
 
 def closed_port() -> int:
@@ -186,7 +178,7 @@ def test_upstream_latency_beyond_read_timeout_is_502_in_bounded_time(start_proxy
         assert ended - started < read + connect + 0.7, ended - started
     # The slow upstream answers in the end (the sim logs a call when it answers): each call
     # reached it once -- a read timeout after sending is no proof, so no other key was tried.
-    wait_for(lambda: sims.xffuw.count("image") + sims.fengyuan.count("invoke") + sims.xffuw.count("chat") >= 3,
+    wait_until(lambda: sims.xffuw.count("image") + sims.fengyuan.count("invoke") + sims.xffuw.count("chat") >= 3,
              sent + latency + 1.5 - time.monotonic(), "the slow answers")
     time.sleep(0.1)
     assert (sims.xffuw.count("chat"), sims.xffuw.count("image"), sims.fengyuan.count("invoke")) == (1, 1, 1)

@@ -28,11 +28,11 @@ OUTSIDE = re.compile("|".join((r"\.\./" + _SHARED, "/work/" + _SHARED, r"\.paren
 
 # The child runs pytest as `python -m pytest` would (cwd first on sys.path), then says which
 # `proxy` and `openai_spec` that run imported. It leaves out plugins these tests do not use and
-# that take seconds to import (hypothesis, schemathesis, faker).
+# that take seconds to import (hypothesis, schemathesis, faker), and runs in one process (`-n 0`).
 CHILD = """
 import sys, pytest
 plugins = ["no:cacheprovider", "no:hypothesispytest", "no:schemathesis", "no:faker"]
-code = pytest.main([*sys.argv[1:], "-q", *(arg for name in plugins for arg in ("-p", name))])
+code = pytest.main([*sys.argv[1:], "-q", "-n", "0", *(arg for name in plugins for arg in ("-p", name))])
 print("IMPORTED proxy=" + sys.modules["proxy"].__file__)
 print("IMPORTED openai_spec=" + sys.modules["openai_spec"].__file__)
 sys.exit(code)

@@ -40,7 +40,7 @@ def compat_config(sim: CompatSim, storage: str) -> dict[str, Any]:
         "clients": [{"name": "alice", "key": CLIENT_KEY}],
         "providers": {"compat": {"type": "openai", "base_url": sim.base_url, "keys": list(OPENAI_COMPAT_KEYS)}},
         "admin": {"keys": [ADMIN_KEY]},
-        "log": {"format": "json", "level": "warning"},
+        "log": {"format": "json"},
         "storage": {"path": storage},
     }
 

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 from conftest import FENGYUAN_KEYS, XFFUW_KEYS, RunningProxy, Sims
+from helpers import calls_by_key, wait_until
 from openai_spec import validate_error
 
 from proxy.pool import fingerprint
@@ -42,14 +43,6 @@ def chat(client: openai.OpenAI, content: str = "你好", model: str = "gpt-4o-mi
     return text
 
 
-def calls_by_key(sim: Any, endpoint: str, since: int = 0) -> dict[str | None, int]:
-    counts: dict[str | None, int] = {}
-    for call in list(sim.calls)[since:]:
-        if call.endpoint == endpoint:
-            counts[call.key] = counts.get(call.key, 0) + 1
-    return counts
-
-
 def with_admin(config: dict[str, Any]) -> dict[str, Any]:
     config["admin"] = {"keys": [ADMIN_KEY]}
     return config
@@ -65,17 +58,6 @@ def admin_keys(proxy: RunningProxy, provider: str | None = None) -> dict[str, di
 
 def key_view(proxy: RunningProxy, secret: str) -> dict[str, Any]:
     return admin_keys(proxy)[fingerprint(secret)]
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def fast_tasks(config: dict[str, Any], sims: Sims, seconds: float = 0.05) -> None:

@@ -19,8 +19,9 @@ import msgspec
 import openai
 import pytest
 from conftest import RunningProxy, Sims
+from helpers import post_image, wait_until
 from stores import PgServer, pg_server, store_kind
-from test_durability import post_image, short_grace, wait_for, wait_task_final
+from test_durability import short_grace, wait_task_final
 
 from proxy.store import UNFINISHED, TaskRecord
 
@@ -76,7 +77,7 @@ def test_a_proxy_on_postgresql_serves_and_reports_usage(start_proxy: Callable[[d
     assert [(r["group"], r["split"], r["requests"]) for r in by_model["data"]] == [
         (today, "gpt-4o-mini", 1), (today, "gpt-image-2", 1)]
     # the task is in PostgreSQL, final (written a moment after the answer)
-    final = wait_for(lambda: [t for t in stored_tasks(url) if t.state == "succeeded"], 3, "the final state")
+    final = wait_until(lambda: [t for t in stored_tasks(url) if t.state == "succeeded"], 3, "the final state")
     assert [t.id for t in final] == [task_id]
     assert final[0].urls == [image_url]
 
@@ -89,7 +90,7 @@ def test_a_task_left_unfinished_is_resumed_by_the_next_proxy(start_proxy: Callab
     first = start_proxy(proxy_config)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post_image, first.url, "a long night [delay=3]")
-        (record,) = wait_for(lambda: stored_tasks(url), 3, "the stored task")
+        (record,) = wait_until(lambda: stored_tasks(url), 3, "the stored task")
         short_grace(first)
         first.server.stop()
         try:
@@ -106,7 +107,7 @@ def test_a_task_left_unfinished_is_resumed_by_the_next_proxy(start_proxy: Callab
     assert view["status"] == "succeeded", view
     assert view["data"] == [{"url": f"{sims.xffuw_url}/files/xf-{task.id}.png"}]
     assert sims.xffuw.count("image") == 1  # resumed, not submitted again
-    (stored,) = wait_for(lambda: [t for t in stored_tasks(url) if t.state == "succeeded"], 3, "the final state")
+    (stored,) = wait_until(lambda: [t for t in stored_tasks(url) if t.state == "succeeded"], 3, "the final state")
     assert stored.owner not in (None, left.owner)
     report = usage(second).json()
     assert [(r["group"], r["requests"], r["failed"]) for r in report["data"]] == [("alice", 1, 0)]
@@ -155,7 +156,7 @@ def test_two_replicas_on_one_database_share_usage_and_budgets(
         rows = {r["group"]: r["requests"] for r in usage(proxy).json()["data"]}
         return rows if rows == {"alice": 2, "bob": 1} else None
 
-    wait_for(lambda: both(a) and both(b), 3, "each replica's usage in the other's report")
+    wait_until(lambda: both(a) and both(b), 3, "each replica's usage in the other's report")
     with pytest.raises(openai.RateLimitError) as refused:  # alice spent her budget on a: b knows it
         b.client().chat.completions.create(model="gpt-4o-mini", messages=chat)
     assert refused.value.status_code == 429 and refused.value.body["code"] == "insufficient_quota"  # type: ignore[index]

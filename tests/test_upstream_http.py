@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
-import socket
 import ssl
 import time
 from collections import Counter
@@ -21,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import free_port
 
 from proxy.providers.engine import HTTPUpstream
 from proxy.upstream_http import (
@@ -188,13 +188,6 @@ async def until(condition: Callable[[], bool], within: float = 2.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
-
-
-def free_port() -> int:
-    """A port nothing listens on: bound once, then released."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def pieces(writer: asyncio.StreamWriter, data: bytes, size: int, pause: float = 0.002) -> None:

@@ -8,6 +8,7 @@ machine's Node.js, sh with sh: the doc and the tests cannot drift apart.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -58,10 +59,13 @@ def node_ready() -> Path:
             pytest.fail(f"Node.js is not installed here ({missing} not on PATH): CI must run the Node client tests")
         pytest.skip(f"Node.js is not installed here ({missing} not on PATH): the Node client tests need node and npm")
     wanted = json.loads((NODE_DIR / "package.json").read_text(encoding="utf-8"))["dependencies"]
-    if not all((NODE_DIR / "node_modules" / name / "package.json").exists() for name in wanted):
-        done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
-                              capture_output=True, text=True, timeout=300, check=False)
-        assert done.returncode == 0, f"npm install failed in {NODE_DIR}:\n{done.stdout}\n{done.stderr}"
+    # one npm install at a time: the suite's workers (pytest-xdist) may all want it at once
+    with open(NODE_DIR / "package.json", "rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all((NODE_DIR / "node_modules" / name / "package.json").exists() for name in wanted):
+            done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
+                                  capture_output=True, text=True, timeout=300, check=False)
+            assert done.returncode == 0, f"npm install failed in {NODE_DIR}:\n{done.stdout}\n{done.stderr}"
     return NODE_DIR
 
 
@@ -229,11 +233,14 @@ def test_instructor_snippet(doc_proxy: RunningProxy, sims: Sims) -> None:
     assert sims.xffuw.last_chat_body["tool_choice"] == {"type": "function", "function": {"name": "City"}}
 
 
-def test_litellm_snippet(doc_proxy: RunningProxy, sims: Sims, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_litellm_snippet(doc_proxy: RunningProxy, sims: Sims, monkeypatch: pytest.MonkeyPatch,
+                         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # else its import fetches a price list from the web
     out = run_python("litellm", doc_proxy).splitlines()
     call = 'temperature {"city": "city"}'
     assert out == [CHAT_PREFIX + "你好", CHAT_PREFIX + "你好", call, WEATHER, call]
+    # also waits for its stream's access line, which would otherwise land in the next test's count
+    assert_served(capsys, {"/v1/chat/completions": 5})
 
 
 def test_ai_sdk_snippet(doc_proxy: RunningProxy, sims: Sims, capsys: pytest.CaptureFixture[str]) -> None:
