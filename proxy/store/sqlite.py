@@ -32,6 +32,20 @@ _RAW_DAY = "CAST(at / 86400 AS INTEGER)"  # the UTC day number of a raw row (at 
 _idem_decode = msgspec.msgpack.Decoder(IdempotencyRecord).decode
 
 
+def _use_wal(db: sqlite3.Connection, within: float = 120.0) -> None:
+    """WAL mode. Processes opening a new file at once race to switch it, and SQLite answers
+    the losers 'locked' at once rather than through the busy timeout: they try again."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class SQLiteStore(BatchedWrites):
     def __init__(self, path: str, keep_usage_days: float = 90.0) -> None:
         super().__init__()
@@ -47,7 +61,7 @@ class SQLiteStore(BatchedWrites):
             # owner-only from the first byte; SQLite gives the -wal and -shm files the same mode
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=120.0)
-        db.execute("PRAGMA journal_mode=WAL")
+        _use_wal(db)
         db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; WAL keeps it fast
         upgrade(db)  # waits (up to the timeout above) while another process upgrades the same file
         db.execute("PRAGMA busy_timeout = 10000")
