@@ -70,7 +70,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # Modules whose tests wait for seconds each (child processes, replicas, the soak, fuzzing) run
 # first, so that on several workers (pytest-xdist, one module to a worker) none is left for last.
-SLOW_FIRST = ("test_shared_state.py", "test_soak.py", "test_config_cli.py", "test_durability.py", "test_bad_input.py",
+SLOW_FIRST = ("test_shared_state.py", "test_soak.py", "test_bad_input.py", "test_console.py", "test_config_cli.py",
+              "test_durability.py", "test_key_window_after_crash.py", "test_poll_fairness.py",
               "test_pooling.py", "test_task_lists.py", "test_use_it_from.py", "test_admin.py", "test_errors.py",
               "test_failover.py", "test_paid_retries.py", "test_images.py", "test_faults.py", "test_workers.py",
               "test_connections.py", "test_fresh_clone.py", "test_lint.py")
