@@ -150,7 +150,7 @@ def test_a_dead_replicas_budget_holds_lapse_within_seconds(replicas: Replicas) -
             pool.submit(chat, first, key=ERIN_KEY, content=f"{i} [delay=60]")
         wait_until(lambda: chat(second, key=ERIN_KEY).status_code == 429, 10, "the budget to be held")
         held, spent = erin_budget(second)  # the console's budgets show the first replica's holds
-        assert held >= 9 and held + spent == 10
+        assert held > 0 and held + spent == 10  # what the probes above did not spend is held
         replicas.procs[0].send_signal(signal.SIGKILL)
         killed = time.monotonic()
         wait_until(lambda: chat(second, key=ERIN_KEY).status_code == 200, 20, "the holds to lapse")
