@@ -2,7 +2,7 @@
 
 A developer tool, run by hand when OpenAI's spec changes; the tests read only its output::
 
-    .venv/bin/python tests/openai_spec/regenerate.py [path/to/openai-openapi.yaml]
+    .venv/bin/python tests/openai_spec/regenerate.py path/to/openai-openapi.yaml
 
 The full spec is ``openapi.yaml`` of https://github.com/openai/openai-openapi (MIT). The subset
 keeps what ``tests/openai_spec.py`` validates against: the component schemas in ``ROOTS``, the
@@ -57,7 +57,6 @@ from jsonschema import Draft202012Validator
 
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE / "openai-openapi.subset.json"
-DEFAULT_INPUT = HERE.parent.parent.parent / "shared" / "openai-openapi.yaml"
 
 #: Component schemas the tests validate by name (tests/openai_spec.py's table).
 ROOTS = (
@@ -421,7 +420,7 @@ def dumps(doc: Mapping[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("spec", nargs="?", type=Path, default=DEFAULT_INPUT, help="OpenAI's full openapi.yaml")
+    parser.add_argument("spec", type=Path, help="OpenAI's full openapi.yaml")
     args = parser.parse_args(argv)
     if not args.spec.is_file():
         parser.error(f"no spec at {args.spec}: pass the path of OpenAI's openapi.yaml")
