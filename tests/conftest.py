@@ -12,6 +12,7 @@ import copy
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -216,3 +217,16 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
             process.wait(timeout=10)
         with contextlib.suppress(ProcessLookupError, PermissionError):  # what it started (`--workers`)
             os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context for localhost, 127.0.0.1 and upstream.test; client context trusting
+    only a test CA of its own)."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1", "upstream.test").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client

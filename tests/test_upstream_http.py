@@ -842,18 +842,6 @@ def test_100_continue_then_the_real_answer(split: bool) -> None:
 # ---- 9. TLS --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(server context, client context trusting only the test CA)."""
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost", "127.0.0.1").configure_cert(server)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return server, client
-
-
 def test_tls_with_the_test_ca(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
     server_ctx, client_ctx = tls
 
