@@ -187,11 +187,10 @@ async def admin_usage(request: Request[Any, Any, Any], runtime: RuntimeDep) -> R
 @get("/metrics", **documented(str, media_type="text/plain", errors=(401,),
                                     description="Prometheus text format."))
 async def metrics(request: Request[Any, Any, Any], runtime: RuntimeDep) -> Response[bytes]:
-    rt = runtime
     registry = request.app.state.metrics
-    for client in rt.config.clients:
+    for client in runtime.config.clients:
         if client.budget is not None:
-            spent = await rt.store.spent(client.name, period_start(client.budget_period, time.time()))
+            spent = await runtime.store.spent(client.name, period_start(client.budget_period, time.time()))
             registry.budget_spent.labels(client.name).set(spent)
             registry.budget_limit.labels(client.name).set(client.budget)
     return Response(registry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

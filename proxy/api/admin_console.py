@@ -95,6 +95,7 @@ class LiveSeries(msgspec.Struct, kw_only=True):
 
 
 def _summary(record: TaskRecord, live: Task | None, now: float) -> dict[str, Any]:
+    """A task's fields as TaskSummary documents them (a dict: the detail adds its own)."""
     return {
         "id": record.id, "client": record.client, "model": record.model, "upstream": record.upstream,
         "key": record.key, "state": record.state, "created": record.created, "updated": record.updated,
@@ -146,10 +147,10 @@ async def admin_tasks(request: Request[Any, Any, Any], runtime: RuntimeDep) -> R
     waiting.sort(key=lambda r: r.created)
     finished = await store.recent_tasks(limit, FINAL_STATES)
     counts = {state: 0 for state in (*UNFINISHED, *FINAL_STATES)} | await store.task_counts()
-    return json_response({
-        "object": "proxy.task_board", "counts": counts,
-        "waiting": [_summary(r, live.get(r.id), now) for r in waiting],
-        "finished": [_summary(r, None, now) for r in finished]})
+    return json_response(TaskBoard(
+        object="proxy.task_board", counts=counts,
+        waiting=[TaskSummary(**_summary(r, live.get(r.id), now)) for r in waiting],
+        finished=[TaskSummary(**_summary(r, None, now)) for r in finished]))
 
 
 @get("/admin/tasks/{task_id:str}", **documented(TaskDetail, errors=(401, 404)))
@@ -158,19 +159,18 @@ async def admin_task(runtime: RuntimeDep, task_id: FromPath[str]) -> Response[by
     record = live.record if live is not None else await runtime.store.get_task(task_id)
     if record is None:
         raise ProxyError(Kind.NOT_FOUND, f"No task '{clip(task_id)}'.", param="task_id")
-    return json_response({
-        **_summary(record, live, time.time()), "request_id": record.request_id,
-        "upstream_task_id": record.upstream_task_id, "urls": record.urls, "media_type": record.media_type,
-        "deadline": record.deadline, "owner": record.owner})
+    return json_response(TaskDetail(
+        **_summary(record, live, time.time()), request_id=record.request_id,
+        upstream_task_id=record.upstream_task_id, urls=record.urls, media_type=record.media_type,
+        deadline=record.deadline, owner=record.owner))
 
 
 @get("/admin/live", **documented(LiveSeries, errors=(401,)))
 async def admin_live(request: Request[Any, Any, Any]) -> Response[bytes]:
     series = request.app.state.live.series()
-    return json_response({
-        "object": "proxy.live", "bucket_seconds": BUCKET, "span_seconds": SPAN, "scope": "process",
-        "data": [{"at": at, "requests": n, "errors": errors, "refused": refused}
-                 for at, n, errors, refused in series]})
+    return json_response(LiveSeries(
+        object="proxy.live", bucket_seconds=BUCKET, span_seconds=SPAN, scope="process",
+        data=[LiveBucket(at=at, requests=n, errors=errors, refused=refused) for at, n, errors, refused in series]))
 
 
 CONSOLE_ADMIN_ROUTES = [admin_budgets, admin_tasks, admin_task, admin_live]
