@@ -203,8 +203,14 @@ class Shared:
         return float(await self._run(self._script("HELD", self._budget_keys(client, period), [])))
 
     async def _renew_holds(self) -> None:
-        for (client, period), holds in list(self._holds.items()):
-            await self._run(self._script("RENEW", self._budget_keys(client, period)[1:2], [HOLD_LIFE, *holds]))
+        """Every hold this process has under way, renewed in one round trip."""
+        if not self._holds:
+            return
+        renew = self._scripts["RENEW"]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for (client, period), holds in list(self._holds.items()):
+                await renew(keys=self._budget_keys(client, period)[1:2], args=[HOLD_LIFE, *holds], client=pipe)
+            await self._run(pipe.execute())
 
     async def adjust(self, client: str, period: float, cost: float) -> None:
         """A recorded cost changed after the fact (a task's final cost): the spend follows."""
