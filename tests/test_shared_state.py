@@ -22,6 +22,7 @@ from helpers import ADMIN, ADMIN_KEY, free_port, spawn, wait_healthy, wait_until
 from stores import PgServer, pg_server
 
 from proxy.pool import fingerprint
+from proxy.shared import HOLD_LIFE
 from proxy.sim.assets import PNG_BYTES
 
 __all__ = ["pg_server"]  # a fixture, imported for pytest to find
@@ -151,6 +152,8 @@ def test_a_dead_replicas_budget_holds_lapse_within_seconds(replicas: Replicas) -
         wait_until(lambda: chat(second, key=ERIN_KEY).status_code == 429, 10, "the budget to be held")
         held, spent = erin_budget(second)  # the console's budgets show the first replica's holds
         assert held > 0 and held + spent == 10  # what the probes above did not spend is held
+        time.sleep(HOLD_LIFE + 1)  # a live replica renews its holds: they outlast HOLD_LIFE
+        assert chat(second, key=ERIN_KEY).status_code == 429
         replicas.procs[0].send_signal(signal.SIGKILL)
         killed = time.monotonic()
         wait_until(lambda: chat(second, key=ERIN_KEY).status_code == 200, 20, "the holds to lapse")
