@@ -5,7 +5,9 @@ repeat never submits again, and SIGTERM lets requests in flight finish."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -247,14 +249,40 @@ def test_used_key_with_another_body_is_409(proxy: RunningProxy, sims: Sims) -> N
     assert sims.xffuw.count("image") == 1 and sims.xffuw.count("chat") == 0
 
 
+def _pipelined(url: str, requests: list[bytes]) -> list[bytes]:
+    """Send raw HTTP/1.1 requests at once on one connection; their answers' status lines. The
+    server starts the next the moment the last byte of the one before it is sent."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"".join(requests))
+        received = b""
+        while received.count(b"HTTP/1.1 ") < len(requests) or not received.endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    return re.findall(rb"HTTP/1\.1 \d{3} [^\r]*", received)
+
+
 def test_a_refused_request_does_not_use_up_the_key(proxy: RunningProxy, sims: Sims) -> None:
+    def chat(key: str, body: bytes) -> bytes:
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\nauthorization: Bearer " + CLIENT_KEY.encode()
+                + b"\r\ncontent-type: application/json\r\nidempotency-key: " + key.encode()
+                + b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    # The corrected request is already waiting when the refusal's last byte goes out: the key
+    # must be free by then.
+    bad = b'{"model": "gpt-4o-mini"}'
+    good = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+    assert _pipelined(proxy.url, [chat("fix-at-once", bad), chat("fix-at-once", good)]) == [
+        b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 200 OK"]
     key = {"idempotency-key": "order-retry-after-400"}
-    bad = httpx.post(proxy.url + "/v1/images/generations", headers={**AUTH, **key}, json={"model": "gpt-image-2"})
-    assert error_of(bad, 400)["param"] == "prompt"
-    good = post_image(proxy.url, "a corrected prompt", headers=key)
-    assert good.status_code == 200, good.text
-    assert "idempotent-replayed" not in good.headers
-    assert sims.xffuw.count("image") == 1
+    bad_image = httpx.post(proxy.url + "/v1/images/generations", headers={**AUTH, **key}, json={"model": "gpt-image-2"})
+    assert error_of(bad_image, 400)["param"] == "prompt"
+    good_image = post_image(proxy.url, "a corrected prompt", headers=key)
+    assert good_image.status_code == 200, good_image.text
+    assert "idempotent-replayed" not in good_image.headers
+    assert sims.xffuw.count("image") == 1 and sims.xffuw.count("chat") == 1
 
 
 def test_idempotent_chat_is_answered_once(client: openai.OpenAI, sims: Sims) -> None:

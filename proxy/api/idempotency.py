@@ -133,21 +133,24 @@ class Idempotency:
         # Marked in flight before any await: a concurrent repeat in this process waits on it.
         future: asyncio.Future[IdempotencyRecord | None] = asyncio.get_running_loop().create_future()
         self.inflight[slot] = (fingerprint, future)
-        record = IdempotencyRecord(client=client, key=repeat.key, fingerprint=fingerprint, created=time.time())
-        try:
-            kept = await self._first_or_repeat(app, runtime, scope, receive, send, record, fresh_attempt, body)
-        except BaseException:
-            future.set_result(None)
-            raise
-        else:
-            future.set_result(kept)
-        finally:
+
+        def settle(kept: IdempotencyRecord | None) -> None:
+            """The first request is decided: a repeat in this process may go on."""
+            if not future.done():
+                future.set_result(kept)
             if self.inflight.get(slot, (None, None))[1] is future:
                 del self.inflight[slot]
 
+        record = IdempotencyRecord(client=client, key=repeat.key, fingerprint=fingerprint, created=time.time())
+        try:
+            settle(await self._first_or_repeat(app, runtime, scope, receive, send, record, fresh_attempt, body,
+                                               settle))
+        finally:
+            settle(None)
+
     async def _first_or_repeat(self, app: ASGIApp, runtime: Runtime, scope: Scope, receive: Receive, send: Send,
-                               record: IdempotencyRecord, fresh_attempt: bool,
-                               body: bytes) -> IdempotencyRecord | None:
+                               record: IdempotencyRecord, fresh_attempt: bool, body: bytes,
+                               settle: Callable[[IdempotencyRecord | None], None]) -> IdempotencyRecord | None:
         """Answer from what the store knows of this key, or run the request as its first."""
         store = runtime.store
         existing = await store.idempotency_begin(record)
@@ -193,9 +196,9 @@ class Idempotency:
             record.created = existing.created  # abandoned: this request takes it over
         renewing = self._hold_mark(runtime, mark) if runtime.shared is not None else None
         try:
-            return await self._run(app, runtime, scope, receive, body, send, record)
+            return await self._run(app, runtime, scope, receive, body, send, record, settle)
         except BaseException:
-            if not record.task_ids:  # with tasks started, a repeat must answer from them, not pay again
+            if not record.task_ids and not record.done:  # with tasks or a kept answer, a repeat answers from them
                 await store.idempotency_drop(record.client, record.key)
             raise
         finally:
@@ -277,7 +280,8 @@ class Idempotency:
         return record
 
     async def _run(self, app: ASGIApp, runtime: Runtime, scope: Scope, receive: Receive, body: bytes, send: Send,
-                   record: IdempotencyRecord) -> IdempotencyRecord | None:
+                   record: IdempotencyRecord,
+                   settle: Callable[[IdempotencyRecord | None], None]) -> IdempotencyRecord | None:
         async def on_tasks(task_ids: list[str], response_format: str, expected: int, submitted: bool = False) -> None:
             record.task_ids, record.response_format, record.expected = task_ids, response_format, expected
             record.submitted = submitted
@@ -286,6 +290,16 @@ class Idempotency:
         state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
         state["on_tasks"] = on_tasks
         status, headers, chunks, size = 0, {}, [], 0
+        kept: IdempotencyRecord | None = None
+        decided = False
+
+        async def decide() -> None:
+            """Keep the answer or free the key, then let a waiting repeat go on: done before the
+            answer's last byte, so a client that retries at once finds the key as this left it."""
+            nonlocal kept, decided
+            decided = True
+            kept = await self._keep(runtime, record, state.get("upstream_work"), status, headers, chunks, size)
+            settle(kept)
 
         async def capture(message: Message) -> None:
             nonlocal status, headers, size
@@ -296,11 +310,20 @@ class Idempotency:
                 size += len(message.get("body", b""))
                 if size <= _cap(record):  # a larger answer (images as base64) is not kept
                     chunks.append(message.get("body", b""))
+                if not message.get("more_body", False) and not decided:
+                    await decide()
             await send(message)
 
         await app(scope, _replay_body(body, receive), capture)
-        # Kept: successes, and failures that tell of upstream work (set by the error handler).
-        work = state.get("upstream_work")
+        if not decided:  # the app ended without a last body message
+            await decide()
+        return kept
+
+    @staticmethod
+    async def _keep(runtime: Runtime, record: IdempotencyRecord, work: str | None, status: int,
+                    headers: dict[str, str], chunks: list[bytes], size: int) -> IdempotencyRecord | None:
+        """Store the answer if it tells of upstream work (a success, or a failure after a paid
+        call or a started task, as the error handler marks it); else free the key for a retry."""
         if work == "unfinished" and record.task_ids:  # its tasks go on: a repeat answers from them
             return None
         keep = (200 <= status < 300 or work is not None) and size <= _cap(record)
@@ -311,7 +334,7 @@ class Idempotency:
         record.done, record.status, record.body, record.finished = True, status, b"".join(chunks), time.time()
         record.content_type = headers.get("content-type", "application/json")
         record.headers = {k: v for k, v in headers.items() if k in _REPLAYED_HEADERS}
-        # Written even if a shutdown cuts this request now: its answer was sent, a repeat must find it.
+        # Written even if a shutdown cuts this request now: its answer is being sent, a repeat must find it.
         await asyncio.shield(runtime.store.idempotency_finish(record))
         return record
 
