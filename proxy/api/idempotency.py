@@ -289,7 +289,9 @@ class Idempotency:
 
         state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
         state["on_tasks"] = on_tasks
-        status, headers, chunks, size = 0, {}, [], 0
+        status, size = 0, 0
+        headers: dict[str, str] = {}
+        chunks: list[bytes] = []
         kept: IdempotencyRecord | None = None
         decided = False
 
