@@ -4,6 +4,7 @@ requests per minute, allowed models; and, with [auth] passthrough, people's own 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import hmac
 import time
@@ -13,9 +14,9 @@ from proxy.clip import clip
 from proxy.config import ClientConfig, Config
 from proxy.errors import Kind, ProxyError
 from proxy.gateway import Caller
-from proxy.pool import UpstreamKey, fingerprint, part, passthrough_key
+from proxy.pool import Admission, UpstreamKey, fingerprint, part, passthrough_key
 from proxy.router import Route
-from proxy.shared import Shared, SharedDown
+from proxy.shared import Shared, SharedDown, Window
 
 NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
           "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
@@ -118,24 +119,33 @@ class Clients:
             return found.name
         return f"own-key:{fingerprint(token)}" if found is not None and token is not None else None
 
-    async def admit(self, caller: Caller) -> None:
+    async def admit(self, caller: Caller, defer: bool = False) -> None:
         """Requests per minute, per client, over a sliding minute: across every replica when
-        shared, else this process's part."""
+        shared, else this process's part. `defer`: with shared state, counted with the
+        request's first upstream call (`caller.admission`), one round trip for both."""
         client = caller.client
         if client is None or client.rpm is None:
             return
+        if defer and self.shared is not None and self.shared.active:
+            caller.admission = Admission(rpm_window(client), functools.partial(self.over, client),
+                                         functools.partial(self.count, client))
+            return
+        await self.count(client)
+
+    async def count(self, client: ClientConfig) -> None:
+        """Count one request of the client: 429 if its window is full."""
         if self.shared is not None and self.shared.active:
             try:
-                member, wait = await self.shared.take(f"client:{client.name}", client.rpm, WINDOW)
+                member, _, wait = await self.shared.take(rpm_window(client))
             except SharedDown:
                 pass  # counted here from now on, split across the replicas last seen
             else:
                 if member is None:
-                    raise self._over(client, wait)
+                    raise self.over(client, wait)
                 return
         self._admit(client)
 
-    def _over(self, client: ClientConfig, wait: float) -> ProxyError:
+    def over(self, client: ClientConfig, wait: float) -> ProxyError:
         return ProxyError(Kind.RATE_LIMITED, f"Rate limit reached for client '{client.name}': "
                           f"{client.rpm} requests per minute.", retry_after=wait)
 
@@ -148,7 +158,7 @@ class Clients:
         while calls and calls[0] <= now - WINDOW:
             calls.popleft()
         if len(calls) >= rpm:
-            raise self._over(client, calls[0] + WINDOW - now)
+            raise self.over(client, calls[0] + WINDOW - now)
         calls.append(now)
 
     def adopt(self, old: Clients) -> None:
@@ -157,6 +167,10 @@ class Clients:
         for name, calls in old._calls.items():
             if any(c.name == name for c in self.clients):
                 self._calls[name] = calls
+
+
+def rpm_window(client: ClientConfig) -> Window:
+    return Window(f"client:{client.name}", client.rpm, WINDOW)
 
 
 def check_model(caller: Caller, route: Route) -> None:

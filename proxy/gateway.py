@@ -20,7 +20,7 @@ from proxy.billing import Billing, Reservation, price
 from proxy.config import ClientConfig, Config
 from proxy.downloads import Downloaded, Downloads
 from proxy.errors import Kind, ProxyError
-from proxy.pool import KeyPool, UpstreamKey
+from proxy.pool import Admission, KeyPool, UpstreamKey
 from proxy.providers import DIALECTS
 from proxy.providers.base import ChatAnswer, ChatCall, ImageCall, ModelInfo
 from proxy.providers.engine import Observe, Provider
@@ -48,6 +48,7 @@ class Caller:
     submits: list[asyncio.Task[Task]] | None = None  # where to list submits in flight for this request
     reservation: Reservation | None = None  # what this request holds of the client's budget
     source: str | None = None  # the caller's address, for passthrough callers (refusals are counted)
+    admission: Admission | None = None  # its client rpm, to be counted with its first upstream call
     on_refused_key: Callable[[str | None], None] | None = None  # told when the upstream refuses an own key
 
 
@@ -158,6 +159,8 @@ class Gateway:
         provider = route.provider
         try:
             if caller.own_key is not None:
+                if caller.admission is not None:
+                    await caller.admission.count()
                 try:
                     return await call(caller.own_key.secret), caller.own_key
                 except ProxyError as error:
@@ -166,7 +169,7 @@ class Gateway:
                             caller.on_refused_key(caller.source)
                         raise ProxyError(Kind.INVALID_API_KEY, f"{provider.name} refused the key you sent.") from None
                     raise
-            return await self.pools[provider.name].run(call, lambda key: price(route.model, key))
+            return await self.pools[provider.name].run(call, lambda key: price(route.model, key), caller.admission)
         except ProxyError as error:
             if error.kind is Kind.MODEL_NOT_FOUND:
                 error.param = "model"

@@ -15,6 +15,7 @@ its own sliding window lets go of it before ours does, never after.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections import deque
@@ -27,7 +28,7 @@ import structlog
 from proxy.config import ProviderConfig, UpstreamKeyConfig
 from proxy.errors import Kind, ProxyError
 from proxy.providers.base import KeyInfo
-from proxy.shared import Shared, SharedDown, StateChange
+from proxy.shared import Shared, SharedDown, StateChange, Window
 
 T = TypeVar("T")
 log = structlog.get_logger("proxy.pool")
@@ -40,6 +41,29 @@ DEFAULT_COOLDOWN = 10.0  # seconds a rate-limited key rests when the upstream na
 WINDOW_MARGIN = 0.5
 CALL_BUCKET = 0.01  # seconds: calls this close together are counted as one entry of the window
 ANSWER_WAIT = 0.05  # seconds to wait for room when only calls under way fill a key's window
+
+
+@dataclass(slots=True)
+class Admission:
+    """A request of a client with an rpm, not yet counted in its shared window: counted with
+    its first upstream call's key window (one Redis round trip for both), alone where that key
+    keeps no window in Redis, and at the request's end if it made no upstream call."""
+
+    window: Window
+    refused: Callable[[float], ProxyError]  # the 429 for a full window, given the seconds to wait
+    counted_alone: Callable[[], Awaitable[None]]  # counts it by itself: 429 if the window is full
+    counted: bool = False  # or being counted by one of the request's calls
+
+    async def count(self) -> None:
+        """Counted alone, unless it is already: 429 if the window is full."""
+        if not self.counted:
+            self.counted = True
+            await self.counted_alone()
+
+    async def count_late(self) -> None:
+        """The request ended without an upstream call: it counts all the same."""
+        with contextlib.suppress(ProxyError):  # a full window: too late to refuse, and it is full anyway
+            await self.count()
 
 
 class CallWindow:
@@ -263,23 +287,37 @@ class KeyPool:
         key.unanswered += 1
         return True
 
-    async def take(self, key: UpstreamKey, reserve: int = 0, requests: bool = False) -> float:
+    async def take(self, key: UpstreamKey, reserve: int = 0, requests: bool = False,
+                   admission: Admission | None = None) -> float:
         """Count one call of `key` if it may make it now (0), else the seconds to wait; across
-        every replica when shared. `requests`: a request's call (max_concurrent counts it)."""
+        every replica when shared. `requests`: a request's call (max_concurrent counts it).
+        `admission`: the request's client rpm not yet counted, counted with it (429 if full)."""
         wait = self._wait(key, time.monotonic(), reserve)
         if wait > 0:
             return wait
         if self.counted_shared(key):
             assert self.shared is not None
+            window = Window(self._name(key), self.limit(key), self._window(), reserve, self._hold(),
+                            self.concurrency(key) if requests else None)
+            # the request's client rpm, if no other call of it counts it; they go on without it
+            pending = admission if admission is not None and not admission.counted else None
+            if pending is not None:
+                pending.counted = True
             try:
-                member, wait = await self.shared.take(
-                    self._name(key), self.limit(key), self._window(), reserve=reserve, hold=self._hold(),
-                    most=self.concurrency(key) if requests else None)
+                member, full, wait = await self.shared.take(window, *([pending.window] if pending else []))
             except SharedDown:
-                return await self.take(key, reserve, requests)  # counted here, split across the replicas
+                if pending is not None:
+                    pending.counted = False
+                return await self.take(key, reserve, requests, admission)  # counted here, split across the replicas
             if member is None:
+                if pending is not None and full == 1:
+                    raise pending.refused(wait)
+                if pending is not None:
+                    pending.counted = False  # counted with the next key tried, or at the request's end
                 return wait
             key.shared_calls.append(member)
+        elif admission is not None:
+            await admission.count()  # Redis just went away: counted here
         key.unanswered += 1
         return 0.0
 
@@ -288,7 +326,7 @@ class KeyPool:
         key.unanswered -= 1
         key.calls.add(time.monotonic() if at is None else at)
         if key.shared_calls and self.shared is not None:
-            self.shared.soon(self.shared.landed(self._name(key), key.shared_calls.popleft()))
+            self.shared.landed(self._name(key), key.shared_calls.popleft(), at)
         self._changed.set()
 
     def _name(self, key: UpstreamKey) -> str:
@@ -357,9 +395,10 @@ class KeyPool:
     def _order(self, key: UpstreamKey) -> int:
         return (self.keys.index(key) - self._rr) % len(self.keys)
 
-    async def acquire(self, exclude: set[str], cost_of: CostOf | None = None,
-                      last: ProxyError | None = None) -> UpstreamKey:
-        """A key that may take one more call now, waiting up to queue_timeout for one."""
+    async def acquire(self, exclude: set[str], cost_of: CostOf | None = None, last: ProxyError | None = None,
+                      admission: Admission | None = None) -> UpstreamKey:
+        """A key that may take one more call now, waiting up to queue_timeout for one.
+        `admission`: the request's client rpm, counted with the key's window (429 if full)."""
         deadline = time.monotonic() + self.config.queue_timeout
         while True:
             now = time.monotonic()
@@ -367,11 +406,15 @@ class KeyPool:
             while ready:
                 key = self._pick(ready)
                 if self.counted_shared(key):  # room here; Redis says whether there is room everywhere
-                    wait = await self.take(key, self._reserve(key), requests=True)
+                    wait = await self.take(key, self._reserve(key), requests=True, admission=admission)
                     if wait > 0:
                         ready.remove(key)
                         soonest = min(soonest, wait)
                         continue
+                elif admission is not None and not admission.counted:
+                    await admission.count()  # the key keeps no window in Redis to count it with
+                    ready, soonest, short = self._candidates(exclude, cost_of, time.monotonic())  # read anew
+                    continue
                 else:
                     key.unanswered += 1
                 key.requests += 1
@@ -472,7 +515,8 @@ class KeyPool:
             return last
         return ProxyError(Kind.NO_UPSTREAM_KEY, f"no usable {self.provider} key: every key is disabled")
 
-    async def run(self, call: Callable[[str], Awaitable[T]], cost_of: CostOf | None = None) -> tuple[T, UpstreamKey]:
+    async def run(self, call: Callable[[str], Awaitable[T]], cost_of: CostOf | None = None,
+                  admission: Admission | None = None) -> tuple[T, UpstreamKey]:
         """Run `call(secret)` on one key after another until one answers or none is left.
 
         Moves on only when the failure proves the upstream did not take the call: a paid
@@ -481,7 +525,7 @@ class KeyPool:
         tried: set[str] = set()
         last: ProxyError | None = None
         while True:
-            key = await self.acquire(tried, cost_of, last)
+            key = await self.acquire(tried, cost_of, last, admission)
             tried.add(key.fingerprint)
             pending: Awaitable[T] | None = None
             try:

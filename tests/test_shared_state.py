@@ -3,6 +3,8 @@ and one store keep every limit, budget and idempotency promise together."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -19,6 +21,7 @@ import httpx
 import pytest
 from conftest import CLIENT_KEY, FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, Sims
 from helpers import ADMIN, ADMIN_KEY, free_port, spawn, wait_healthy, wait_until, write_config
+from redis.exceptions import RedisError
 from stores import PgServer, pg_server
 
 from proxy.pool import fingerprint
@@ -131,6 +134,77 @@ def test_three_replicas_keep_a_key_and_a_client_under_their_limits(replicas: Rep
     keyed = [c.at for c in sims.xffuw.calls if c.key == SLOW_KEY]
     assert most_in_any_window(keyed, WINDOW) <= LIMIT, f"{len(keyed)} calls; at most {LIMIT} a {WINDOW:g} s"
     assert dora.count(200) == DORA_RPM, dora
+
+
+def redis_commands(prefix: str, action: Callable[[], Any], settle: float = 0.3) -> list[str]:
+    """The commands Redis ran on `prefix`'s keys while `action` ran, and `settle` seconds
+    after (Redis's MONITOR: other tests' commands are told apart by their prefix)."""
+    import redis.asyncio as aredis
+
+    async def watch() -> list[str]:
+        client = aredis.Redis.from_url(REDIS_URL)
+        seen: list[str] = []
+
+        async def read(monitor: Any) -> None:
+            while True:
+                command = (await monitor.next_command())["command"]
+                if prefix in command:
+                    seen.append(command)
+
+        with contextlib.suppress(RedisError):  # the monitor's connection, cut when reading stops
+            async with client.monitor() as monitor:
+                reader = asyncio.ensure_future(read(monitor))
+                await asyncio.sleep(0.1)  # MONITOR is in force
+                await asyncio.to_thread(action)
+                await asyncio.sleep(settle)
+                reader.cancel()
+        await client.aclose()
+        return seen
+
+    return asyncio.run(watch())
+
+
+def test_a_request_counts_its_client_and_its_key_in_one_round_trip(replicas: Replicas, sims: Sims) -> None:
+    """A client with an rpm calling a key with a limit: one atomic script a request, which also
+    tells Redis when the request before it landed."""
+    (url,) = replicas.start(1)
+    prefix = replicas.config["shared"]["prefix"]
+    statuses: list[int] = []
+
+    def chats() -> None:
+        statuses.extend(chat(url, key=DORA_KEY, model="slow/gpt-4o-mini").status_code for _ in range(5))
+
+    commands = redis_commands(prefix, chats)
+    assert statuses == [200] * 5
+    key = f"slow:{fingerprint(SLOW_KEY)}"
+    scripts = [c for c in commands if c.startswith("EVALSHA") and (key in c or "client:dora" in c)]
+    both = [c for c in scripts if "client:dora" in c and key in c]
+    assert len(both) == 5, scripts  # each request: its client's window and its key's, together
+    # and nothing more, but the model list's call (read with the first request) and the last
+    # landing, told a moment later: each earlier one went with the next request's script
+    assert len(scripts) <= 7, "\n".join(c[:60] + " ... " + c[-90:] for c in scripts)
+
+
+def test_a_client_rpm_counts_requests_refused_before_any_upstream_call(replicas: Replicas, sims: Sims) -> None:
+    urls = replicas.start(2)
+    for i in range(DORA_RPM):
+        refused = httpx.post(f"{urls[i % 2]}/v1/chat/completions", headers={"authorization": f"Bearer {DORA_KEY}"},
+                             json={"model": "gpt-4o-mini"}, timeout=30)
+        assert refused.status_code == 400, refused.text
+    over = chat(urls[0], key=DORA_KEY)
+    assert over.status_code == 429, over.text
+    assert "dora" in over.json()["error"]["message"]
+    assert sims.xffuw.count("chat") == 0
+
+
+def test_a_request_for_several_images_counts_once_in_its_client_rpm(replicas: Replicas, sims: Sims) -> None:
+    sims.xffuw.task_seconds = 0.05
+    urls = replicas.start(2)
+    images = httpx.post(f"{urls[0]}/v1/images/generations", headers={"authorization": f"Bearer {DORA_KEY}"},
+                        json={"model": "gpt-image-2", "prompt": "three cats", "n": 3}, timeout=30)
+    assert images.status_code == 200, images.text
+    assert len(images.json()["data"]) == 3
+    assert [chat(urls[i % 2], key=DORA_KEY).status_code for i in range(DORA_RPM)] == [200] * (DORA_RPM - 1) + [429]
 
 
 def test_a_budget_holds_across_replicas(replicas: Replicas, sims: Sims) -> None:

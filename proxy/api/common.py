@@ -36,7 +36,10 @@ async def authenticate(request: Request[Any, Any, Any]) -> Caller:
     if caller.own_key is not None:
         caller.on_refused_key = clients.passthrough_refused
     caller.idempotency_key = request.headers.get("idempotency-key")
-    await clients.admit(caller)
+    # A POST calls the upstream: its rpm is counted with that call's key window, in one step
+    await clients.admit(caller, defer=request.method == "POST")
+    if caller.admission is not None:
+        request.scope["state"]["admission"] = caller.admission  # counted at the end if it made no call
     note(request, client=caller.name)
     return caller
 

@@ -19,6 +19,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as redis
@@ -34,12 +35,28 @@ BEAT = 1.0  # seconds between health checks, replica heartbeats and key-state re
 SEEN_FOR = 5 * BEAT  # a replica not heard from for this long is gone
 HOLD_LIFE = 10 * BEAT  # a budget hold lapses this long after its process last renewed it
 TIMEOUT = 0.5  # seconds any Redis call may take before Redis counts as down
+# Seconds a landed call may wait to be told to Redis, unless the next take carries it sooner:
+# meanwhile it counts from its hold's end, later than it should, so never too few.
+LANDING_DELAY = 0.05
+MOST_LANDINGS = 256  # told in one call at the most
 
 StateChange = tuple[str, float, str, str]  # (state, until as unix time (0: no end), reason, who wrote it)
 
 
 class SharedDown(Exception):
     """Redis is configured but did not answer: serve from local state."""
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A sliding window of calls to count one more in: a client's rpm, an upstream key's calls."""
+
+    name: str
+    limit: int | None  # calls in the window at the most (None: none)
+    seconds: float
+    reserve: int = 0  # room kept for others (a key's polls)
+    hold: float = 0.0  # a call under way counts from this far ahead until it lands
+    most: int | None = None  # calls in flight at the most (None: no limit)
 
 
 class Shared:
@@ -57,8 +74,10 @@ class Shared:
         self._loop: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._holds: dict[tuple[str, float], set[str]] = {}  # (client, period) -> this process's holds
+        self._landings: list[tuple[str, str, float]] = []  # (window, member, time.monotonic() it landed)
+        self._landings_due: asyncio.TimerHandle | None = None
         self._scripts = {name: self.client.register_script(getattr(scripts, name)) for name in
-                         ("TAKE", "LANDED", "RESERVE", "SETTLE", "RELEASE", "RENEW", "HELD", "OWNED", "KEEP", "FORGET")}
+                         ("TAKE", "RESERVE", "SETTLE", "RELEASE", "RENEW", "HELD", "OWNED", "KEEP", "FORGET")}
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -70,6 +89,7 @@ class Shared:
         self._loop = asyncio.create_task(self._beats(), name="shared-state")
 
     async def close(self) -> None:
+        await _quietly(self._tell_landings())
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
@@ -145,17 +165,54 @@ class Shared:
 
     # ---- call windows and calls in flight (upstream keys, client rpm) -----------------
 
-    async def take(self, name: str, limit: int | None, window: float, *, reserve: int = 0, hold: float = 0.0,
-                   most: int | None = None) -> tuple[str | None, float]:
-        """Count one call of `name` if it has room: (its member, 0); or (None, seconds to wait)."""
+    async def take(self, *windows: Window) -> tuple[str | None, int, float]:
+        """Count one call in every window if each has room: (its member, -1, 0). Else nothing is
+        counted: (None, the index of a window without room, seconds to wait). The landings
+        not yet told go along: one round trip for all."""
         member = secrets.token_hex(8)
-        taken, wait = await self._run(self._script(
-            "TAKE", [self.key("calls", name), self.key("busy", name)],
-            [window, -1 if limit is None else limit, reserve, member, hold, -1 if most is None else most]))
-        return (member, 0.0) if int(taken) else (None, float(wait))
+        keys: list[str] = []
+        args: list[Any] = [len(windows), 0]
+        for w in windows:
+            keys += [self.key("calls", w.name), self.key("busy", w.name)]
+            args += [w.seconds, -1 if w.limit is None else w.limit, w.reserve, member, w.hold,
+                     -1 if w.most is None else w.most]
+        args[1] = self._carry_landings(keys, args)
+        taken, which, wait = await self._run(self._script("TAKE", keys, args))
+        return (member, -1, 0.0) if int(taken) else (None, int(which) - 1, float(wait))
 
-    async def landed(self, name: str, member: str) -> None:
-        await self._run(self._script("LANDED", [self.key("calls", name), self.key("busy", name)], [member]))
+    def landed(self, name: str, member: str, at: float | None = None) -> None:
+        """The answer to a call counted in `name` landed at `at` (time.monotonic()): told with the
+        next take, or within LANDING_DELAY."""
+        if not self.active:
+            return  # Redis lets it lapse at its hold's end
+        self._landings.append((name, member, time.monotonic() if at is None else at))
+        if self._landings_due is None:
+            self._landings_due = asyncio.get_running_loop().call_later(
+                LANDING_DELAY, lambda: self.soon(self._tell_landings()))
+
+    def _carry_landings(self, keys: list[str], args: list[Any]) -> int:
+        """Add the landings not yet told (up to MOST_LANDINGS) to a TAKE's keys and args."""
+        carried, self._landings = self._landings[:MOST_LANDINGS], self._landings[MOST_LANDINGS:]
+        if not self._landings and self._landings_due is not None:
+            self._landings_due.cancel()
+            self._landings_due = None
+        now = time.monotonic()
+        for name, member, at in carried:
+            keys += [self.key("calls", name), self.key("busy", name)]
+            args += [member, max(0.0, now - at)]
+        return len(carried)
+
+    async def _tell_landings(self) -> None:
+        self._landings_due = None
+        try:
+            while self._landings:
+                keys: list[str] = []
+                args: list[Any] = [0, 0]
+                args[1] = self._carry_landings(keys, args)
+                await self._run(self._script("TAKE", keys, args))
+        except SharedDown:
+            self._landings.clear()  # Redis lets them lapse at their hold's end
+            raise
 
     # ---- key states --------------------------------------------------------------------
 

@@ -7,45 +7,57 @@ from __future__ import annotations
 
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
 
-# A call in a sliding window (KEYS[1], a sorted set of calls by the time they count from), and
-# in flight (KEYS[2], by the time they lapse). A call under way counts from `hold` seconds
-# ahead (it lapses if its process dies); its answer moves it to the time it landed (LANDED).
-# ARGV: window, limit (-1: none), reserve, member, hold, most in flight (-1: none).
-# Answers {1, 0} when counted, {0, seconds to wait} when not.
+# Calls in sliding windows, counted together or not at all: a request's call is counted in its
+# client's rpm window and its upstream key's window in one step. Each window is a sorted set
+# of calls by the time they count from, beside a sorted set of calls in flight by the time
+# they lapse. A call under way counts from `hold` seconds ahead (it lapses if its process
+# dies); once its answer lands it counts from then (a landing, below).
+# KEYS: per window its calls and in-flight sets, then per landing the same two.
+# ARGV: the number of windows and of landings; per window: seconds, limit (-1: none),
+# reserve, member, hold, most in flight (-1: none); per landing: member, seconds since it landed.
+# Answers {1, 0, 0} when every window counted the call, else {0, which (1-based), seconds to wait}.
 TAKE = _NOW + """
-local window, limit, reserve = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local member, hold, most = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if most >= 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  if redis.call('ZCARD', KEYS[2]) >= most then return {0, '0.05'} end
+local windows, landings = tonumber(ARGV[1]), tonumber(ARGV[2])
+local at = 3 + 6 * windows
+for j = 0, landings - 1 do
+  local calls, busy = KEYS[2 * windows + 2 * j + 1], KEYS[2 * windows + 2 * j + 2]
+  local member = ARGV[at + 2 * j]
+  redis.call('ZADD', calls, 'XX', now - tonumber(ARGV[at + 2 * j + 1]), member)
+  redis.call('ZREM', busy, member)
 end
-if limit >= 0 then
-  local room = limit - reserve
-  local count = redis.call('ZCARD', KEYS[1])
-  if count >= room then
-    local wait = 0.05
-    if room > 0 then
-      local entry = redis.call('ZRANGE', KEYS[1], count - room, count - room, 'WITHSCORES')
-      if entry[2] then wait = math.max(0.005, tonumber(entry[2]) + window - now) end
+for i = 0, windows - 1 do
+  local calls, busy, a = KEYS[2 * i + 1], KEYS[2 * i + 2], 3 + 6 * i
+  local window, limit, reserve = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local most = tonumber(ARGV[a + 5])
+  redis.call('ZREMRANGEBYSCORE', calls, '-inf', now - window)
+  if most >= 0 then
+    redis.call('ZREMRANGEBYSCORE', busy, '-inf', now)
+    if redis.call('ZCARD', busy) >= most then return {0, i + 1, '0.05'} end
+  end
+  if limit >= 0 then
+    local room = limit - reserve
+    local count = redis.call('ZCARD', calls)
+    if count >= room then
+      local wait = 0.05
+      if room > 0 then
+        local entry = redis.call('ZRANGE', calls, count - room, count - room, 'WITHSCORES')
+        if entry[2] then wait = math.max(0.005, tonumber(entry[2]) + window - now) end
+      end
+      return {0, i + 1, tostring(wait)}
     end
-    return {0, tostring(wait)}
   end
 end
-redis.call('ZADD', KEYS[1], now + hold, member)
-redis.call('PEXPIRE', KEYS[1], math.ceil((window + hold) * 1000) + 1000)
-if most >= 0 then
-  redis.call('ZADD', KEYS[2], now + hold, member)
-  redis.call('PEXPIRE', KEYS[2], math.ceil(hold * 1000) + 1000)
+for i = 0, windows - 1 do
+  local calls, busy, a = KEYS[2 * i + 1], KEYS[2 * i + 2], 3 + 6 * i
+  local window, member, hold, most = tonumber(ARGV[a]), ARGV[a + 3], tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+  redis.call('ZADD', calls, now + hold, member)
+  redis.call('PEXPIRE', calls, math.ceil((window + hold) * 1000) + 1000)
+  if most >= 0 then
+    redis.call('ZADD', busy, now + hold, member)
+    redis.call('PEXPIRE', busy, math.ceil(hold * 1000) + 1000)
+  end
 end
-return {1, '0'}
-"""
-
-# The answer to a counted call landed: it counts from now; it is no longer in flight.
-LANDED = _NOW + """
-redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return 1
+return {1, 0, '0'}
 """
 
 # A budget hold. KEYS: the period's spend (a hash with `spent`), its holds by expiry (a sorted
