@@ -204,9 +204,9 @@ class ProxyApp(Litestar):
                     await asyncio.wait(submits, timeout=5.0)
                 await send_error(send_with_id, _restarting(state))
         finally:
-            admission = state.get("admission")
-            if admission is not None:  # a request that made no upstream call still counts in its rpm
-                await admission.count_late()
+            admission, shared = state.get("admission"), self.state.runtime.shared
+            if admission is not None and not admission.counted and shared is not None:
+                shared.soon(admission.count_late())  # a request that made no upstream call still counts
             reservation = state.get("reservation")
             if reservation is not None:  # what the request's calls did not use of its budget hold
                 self.state.runtime.gateway.billing.release(reservation)
