@@ -47,18 +47,33 @@ ANSWER_WAIT = 0.05  # seconds to wait for room when only calls under way fill a 
 class Admission:
     """A request of a client with an rpm, not yet counted in its shared window: counted with
     its first upstream call's key window (one Redis round trip for both), alone where that key
-    keeps no window in Redis, and at the request's end if it made no upstream call."""
+    keeps no window in Redis, and at the request's end if it made no upstream call. The
+    request's other calls wait for that count, and answer its 429 if it was refused."""
 
     window: Window
     refused: Callable[[float], ProxyError]  # the 429 for a full window, given the seconds to wait
     counted_alone: Callable[[], Awaitable[None]]  # counts it by itself: 429 if the window is full
-    counted: bool = False  # or being counted by one of the request's calls
+    counted: bool = False
+    refusal: ProxyError | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one call of the request counts it
+
+    def settled(self) -> bool:
+        """Whether it is counted; its 429 if it was refused."""
+        if self.refusal is not None:
+            raise self.refusal
+        return self.counted
 
     async def count(self) -> None:
         """Counted alone, unless it is already: 429 if the window is full."""
-        if not self.counted:
+        async with self.lock:
+            if self.settled():
+                return
+            try:
+                await self.counted_alone()
+            except ProxyError as error:
+                self.refusal = error
+                raise
             self.counted = True
-            await self.counted_alone()
 
     async def count_late(self) -> None:
         """The request ended without an upstream call: it counts all the same."""
@@ -138,7 +153,9 @@ class UpstreamKey:
     vip_level: int | None = None
     checked_at: float | None = None  # unix time of the last balance read
     calls: CallWindow = field(default_factory=CallWindow)  # monotonic send times inside the window
-    shared_calls: deque[str] = field(default_factory=deque)  # its calls under way counted in Redis
+    # its calls under way counted in Redis: requests' (counted in flight too), and the others
+    shared_requests: deque[str] = field(default_factory=deque)
+    shared_calls: deque[str] = field(default_factory=deque)
     current: int = 0  # smooth weighted round robin
 
     def usable(self, now: float) -> bool:
@@ -291,42 +308,54 @@ class KeyPool:
                    admission: Admission | None = None) -> float:
         """Count one call of `key` if it may make it now (0), else the seconds to wait; across
         every replica when shared. `requests`: a request's call (max_concurrent counts it).
-        `admission`: the request's client rpm not yet counted, counted with it (429 if full)."""
+        `admission`: the request's client rpm if not counted yet, counted with it (429 if full)."""
         wait = self._wait(key, time.monotonic(), reserve)
         if wait > 0:
             return wait
         if self.counted_shared(key):
-            assert self.shared is not None
-            window = Window(self._name(key), self.limit(key), self._window(), reserve, self._hold(),
-                            self.concurrency(key) if requests else None)
-            # the request's client rpm, if no other call of it counts it; they go on without it
-            pending = admission if admission is not None and not admission.counted else None
-            if pending is not None:
-                pending.counted = True
             try:
-                member, full, wait = await self.shared.take(window, *([pending.window] if pending else []))
+                wait = await self._take_shared(key, reserve, requests, admission)
             except SharedDown:
-                if pending is not None:
-                    pending.counted = False
                 return await self.take(key, reserve, requests, admission)  # counted here, split across the replicas
-            if member is None:
-                if pending is not None and full == 1:
-                    raise pending.refused(wait)
-                if pending is not None:
-                    pending.counted = False  # counted with the next key tried, or at the request's end
+            if wait > 0:
                 return wait
-            key.shared_calls.append(member)
         elif admission is not None:
             await admission.count()  # Redis just went away: counted here
         key.unanswered += 1
         return 0.0
 
-    def landed(self, key: UpstreamKey, at: float | None = None) -> None:
-        """The answer to a counted call arrived (or it failed) at `at` (time.monotonic())."""
+    async def _take_shared(self, key: UpstreamKey, reserve: int, requests: bool,
+                           admission: Admission | None) -> float:
+        """`take` in Redis: the client's window first, so a client over its rpm hears so at once."""
+        assert self.shared is not None
+        window = Window(self._name(key), self.limit(key), self._window(), reserve, self._hold(),
+                        self.concurrency(key) if requests else None)
+        member: str | None = None
+        if admission is not None and not admission.settled():
+            async with admission.lock:  # the request's other calls wait for its count
+                if not admission.settled():
+                    member, full, wait = await self.shared.take(admission.window, window)
+                    if member is None and full == 0:
+                        admission.refusal = admission.refused(wait)
+                        raise admission.refusal
+                    admission.counted = member is not None  # else with the next key tried, or at the end
+                    if member is None:
+                        return wait
+        if member is None:
+            member, _, wait = await self.shared.take(window)
+            if member is None:
+                return wait
+        (key.shared_requests if requests else key.shared_calls).append(member)
+        return 0.0
+
+    def landed(self, key: UpstreamKey, at: float | None = None, request: bool = False) -> None:
+        """The answer to a counted call arrived (or it failed) at `at` (time.monotonic());
+        `request`: a call from `acquire`."""
         key.unanswered -= 1
         key.calls.add(time.monotonic() if at is None else at)
-        if key.shared_calls and self.shared is not None:
-            self.shared.landed(self._name(key), key.shared_calls.popleft(), at)
+        members = key.shared_requests if request else key.shared_calls
+        if members and self.shared is not None:
+            self.shared.landed(self._name(key), members.popleft(), at)
         self._changed.set()
 
     def _name(self, key: UpstreamKey) -> str:
@@ -411,7 +440,7 @@ class KeyPool:
                         ready.remove(key)
                         soonest = min(soonest, wait)
                         continue
-                elif admission is not None and not admission.counted:
+                elif admission is not None and not admission.settled():
                     await admission.count()  # the key keeps no window in Redis to count it with
                     ready, soonest, short = self._candidates(exclude, cost_of, time.monotonic())  # read anew
                     continue
@@ -438,7 +467,7 @@ class KeyPool:
     def release(self, key: UpstreamKey) -> None:
         """A call from `acquire` is over: its answer landed now."""
         key.in_flight -= 1
-        self.landed(key)
+        self.landed(key, request=True)
 
     # ---- outcomes -------------------------------------------------------------------
 

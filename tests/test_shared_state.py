@@ -206,6 +206,12 @@ def test_a_request_for_several_images_counts_once_in_its_client_rpm(replicas: Re
     assert images.status_code == 200, images.text
     assert len(images.json()["data"]) == 3
     assert [chat(urls[i % 2], key=DORA_KEY).status_code for i in range(DORA_RPM)] == [200] * (DORA_RPM - 1) + [429]
+    submitted = sims.xffuw.count("image")
+    # over its rpm, a request for several images is refused whole: none of its calls goes out
+    over = httpx.post(f"{urls[1]}/v1/images/generations", headers={"authorization": f"Bearer {DORA_KEY}"},
+                      json={"model": "gpt-image-2", "prompt": "three more cats", "n": 3}, timeout=30)
+    assert over.status_code == 429, over.text
+    assert sims.xffuw.count("image") == submitted
 
 
 def test_a_budget_holds_across_replicas(replicas: Replicas, sims: Sims) -> None:
