@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import structlog
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.errors import Kind, ProxyError, bad_request
@@ -36,6 +37,8 @@ from proxy.store import IdempotencyRecord
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
+
+log = structlog.get_logger("proxy.idempotency")
 
 _REPLAYED_HEADERS = ("retry-after", "x-should-retry", "x-proxy-task-ids")
 ABANDONED_AFTER = 900.0  # seconds: a record still "running" without tasks is taken as lost after this
@@ -194,18 +197,8 @@ class Idempotency:
                     code="idempotency_key_in_progress", retry_after=1.0))
                 return None
             record.created = existing.created  # abandoned: this request takes it over
-        renewing = self._hold_mark(runtime, mark) if runtime.shared is not None else None
-        try:
-            return await self._run(app, runtime, scope, receive, body, send, record, settle)
-        except BaseException:
-            if not record.task_ids and not record.done:  # with tasks or a kept answer, a repeat answers from them
-                await store.idempotency_drop(record.client, record.key)
-            raise
-        finally:
-            if renewing is not None:
-                renewing.cancel()
-                assert runtime.shared is not None
-                runtime.shared.soon(runtime.shared.unmark(mark))
+        return await self._run(app, runtime, scope, receive, body, send, record, settle,
+                               mark if runtime.shared is not None else None)
 
     @staticmethod
     def _hold_mark(runtime: Runtime, mark: str) -> asyncio.Task[None]:
@@ -239,7 +232,11 @@ class Idempotency:
                 checked = time.monotonic()
                 try:
                     if await runtime.shared.holder(mark) is None:
-                        return fresh, True
+                        # read again: its answer may have been kept just before its mark went
+                        again = await runtime.store.idempotency_get(record.client, record.key)
+                        if again is None or again.done or again.task_ids:
+                            return again, False
+                        return again, True
                 except SharedDown:
                     mark = None  # no one can tell now: wait as without shared state
         return record, False
@@ -280,8 +277,9 @@ class Idempotency:
         return record
 
     async def _run(self, app: ASGIApp, runtime: Runtime, scope: Scope, receive: Receive, body: bytes, send: Send,
-                   record: IdempotencyRecord,
-                   settle: Callable[[IdempotencyRecord | None], None]) -> IdempotencyRecord | None:
+                   record: IdempotencyRecord, settle: Callable[[IdempotencyRecord | None], None],
+                   mark: str | None) -> IdempotencyRecord | None:
+        """Run the request as the first of its key, marked as running for every replica (`mark`)."""
         async def on_tasks(task_ids: list[str], response_format: str, expected: int, submitted: bool = False) -> None:
             record.task_ids, record.response_format, record.expected = task_ids, response_format, expected
             record.submitted = submitted
@@ -294,13 +292,27 @@ class Idempotency:
         chunks: list[bytes] = []
         kept: IdempotencyRecord | None = None
         decided = False
+        shared = runtime.shared
+        renewing = self._hold_mark(runtime, mark) if shared is not None and mark is not None else None
+
+        async def unmark() -> None:
+            nonlocal renewing
+            if renewing is not None and shared is not None and mark is not None:
+                renewing.cancel()
+                renewing = None
+                with contextlib.suppress(SharedDown):
+                    await shared.unmark(mark)
 
         async def decide() -> None:
-            """Keep the answer or free the key, then let a waiting repeat go on: done before the
-            answer's last byte, so a client that retries at once finds the key as this left it."""
+            """Keep the answer or free the key, then let a repeat go on: done before the answer's
+            last byte, so a client that retries at once finds the key as this left it."""
             nonlocal kept, decided
             decided = True
-            kept = await self._keep(runtime, record, state.get("upstream_work"), status, headers, chunks, size)
+            try:
+                kept = await self._keep(runtime, record, state.get("upstream_work"), status, headers, chunks, size)
+                await unmark()  # before a repeat in this process may mark it as its own
+            except Exception as exc:  # the store failed: the answer still goes out whole
+                log.warning("idempotency_record_failed", key=record.key[:16], error=repr(exc))
             settle(kept)
 
         async def capture(message: Message) -> None:
@@ -316,9 +328,20 @@ class Idempotency:
                     await decide()
             await send(message)
 
-        await app(scope, _replay_body(body, receive), capture)
-        if not decided:  # the app ended without a last body message
-            await decide()
+        try:
+            await app(scope, _replay_body(body, receive), capture)
+            if not decided:  # the app ended without a last body message
+                await decide()
+        except BaseException:
+            # Cut before it was decided (once decided, the key may be another request's now).
+            # With tasks started or an answer kept, a repeat answers from them.
+            if not decided and not record.task_ids and not record.done:
+                await runtime.store.idempotency_drop(record.client, record.key)
+            raise
+        finally:
+            if renewing is not None and shared is not None and mark is not None:
+                renewing.cancel()
+                shared.soon(shared.unmark(mark))
         return kept
 
     @staticmethod

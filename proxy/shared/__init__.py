@@ -89,12 +89,13 @@ class Shared:
         self._loop = asyncio.create_task(self._beats(), name="shared-state")
 
     async def close(self) -> None:
-        await _quietly(self._tell_landings())
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
+        await _quietly(self._tell_landings())
         if self._background:  # writes under way (a call's answer, a state) reach Redis first
             await asyncio.wait(list(self._background), timeout=2 * TIMEOUT)
+        self.active = False  # what comes late (a landing, an unmark) is dropped, not sent on a closed client
         with contextlib.suppress(RedisError, OSError):
             await self.client.zrem(self.key("replicas"), self.owner)
         await self.client.aclose()
@@ -203,7 +204,9 @@ class Shared:
         return len(carried)
 
     async def _tell_landings(self) -> None:
-        self._landings_due = None
+        if self._landings_due is not None:
+            self._landings_due.cancel()
+            self._landings_due = None
         try:
             while self._landings:
                 keys: list[str] = []
