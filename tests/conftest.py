@@ -111,6 +111,12 @@ def sims(_sim_servers: Sims) -> Sims:
     return _sim_servers
 
 
+@pytest.fixture
+def fast_sim_tasks(sims: Sims) -> None:
+    """Simulated tasks end within 0.04 s: finished at the proxy's first poll (0.05 s after submit)."""
+    sims.xffuw.task_seconds = sims.fengyuan.task_seconds = 0.04
+
+
 @dataclass
 class CompatSim:
     """The simulated OpenAI-compatible upstream; `base_url` is what a `type = "openai"` table names."""
@@ -148,15 +154,20 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def sim_providers(sims: Sims) -> dict[str, Any]:
+    """The provider tables of a config that reaches the two simulators."""
+    return {
+        "xffuw": {"base_url": f"{sims.xffuw_url}/api/v1/", "keys": list(XFFUW_KEYS)},
+        "fengyuan": {"base_url": sims.fengyuan_url, "keys": list(FENGYUAN_KEYS)},
+    }
+
+
 @pytest.fixture
 def proxy_config(sims: Sims, tmp_path: Any) -> dict[str, Any]:
     """The raw config every test proxy starts from; tests may edit it before `proxy` is used."""
     return {
         "clients": [{"name": "alice", "key": CLIENT_KEY}, {"name": "bob", "key": OTHER_CLIENT_KEY}],
-        "providers": {
-            "xffuw": {"base_url": f"{sims.xffuw_url}/api/v1/", "keys": list(XFFUW_KEYS)},
-            "fengyuan": {"base_url": sims.fengyuan_url, "keys": list(FENGYUAN_KEYS)},
-        },
+        "providers": sim_providers(sims),
         "tasks": {"poll_interval": 0.2, "first_poll": 0.05, "timeout": 10},
         "aliases": {"dall-e-3": "xffuw/gpt-image-2", "my-chat": "gpt-4o-mini"},
         # The suite's image tests read URLs; the gpt-image-* default (b64_json) is tested in test_images.py.
@@ -182,18 +193,20 @@ class RunningProxy:
         return AsyncOpenAI(base_url=self.base_url, api_key=api_key, **{"max_retries": 0, "timeout": 30, **options})
 
 
+@contextlib.contextmanager
+def serving(raw: dict[str, Any]) -> Iterator[RunningProxy]:
+    """A proxy built from `raw`, up while the block runs (a module's fixture: one for many tests)."""
+    server = BackgroundServer(create_app(parse_config(copy.deepcopy(raw)))).start()
+    try:
+        yield RunningProxy(server.url, server)
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def start_proxy() -> Iterator[Callable[[dict[str, Any]], RunningProxy]]:
-    started: list[BackgroundServer] = []
-
-    def start(raw: dict[str, Any]) -> RunningProxy:
-        server = BackgroundServer(create_app(parse_config(copy.deepcopy(raw)))).start()
-        started.append(server)
-        return RunningProxy(server.url, server)
-
-    yield start
-    for server in started:
-        server.stop()
+    with contextlib.ExitStack() as started:
+        yield lambda raw: started.enter_context(serving(raw))
 
 
 @pytest.fixture

@@ -3,10 +3,13 @@ an error, counting the simulators' calls. One copy here; test files import from 
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -14,12 +17,15 @@ import time
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import openai
-from conftest import CLIENT_KEY, OTHER_CLIENT_KEY, Sims
+import pytest
+from conftest import CLIENT_KEY, OTHER_CLIENT_KEY, RunningProxy, Sims
 from openai_spec import validate_error
+
+from proxy.errors import Kind, ProxyError
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
@@ -66,24 +72,47 @@ def logged_requests(capsys: Any, count: int, path: str | None = None, timeout: f
 
 
 def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (until something binds it)."""
     with closing(socket.socket()) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def chat(client: openai.OpenAI, content: str = "你好", model: str = "gpt-4o-mini", **extra: Any) -> Any:
+def chat(client: openai.OpenAI, content: str = "你好", model: str = "gpt-4o-mini", **extra: Any) -> str:
+    """A chat through the SDK; the simulators answer with `content` at the end."""
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **extra)
-    assert reply.choices[0].message.content.endswith(content)
-    return reply
+    text = reply.choices[0].message.content
+    assert text is not None and text.endswith(content), text
+    return text
 
 
-def post_image(url: str, prompt: str, model: str = "gpt-image-2", headers: dict[str, str] | None = None,
+def post_chat(url: str, content: str = "你好", model: str = "gpt-4o-mini", key: str = CLIENT_KEY,
+              headers: dict[str, str] | None = None, timeout: float = 30, **extra: Any) -> httpx.Response:
+    """A chat as raw HTTP to the proxy at `url`, whatever the answer."""
+    return httpx.post(f"{url}/v1/chat/completions", timeout=timeout,
+                      headers={"authorization": f"Bearer {key}", **(headers or {})},
+                      json={"model": model, "messages": [{"role": "user", "content": content}], **extra})
+
+
+def post_image(url: str, prompt: str = "一只橘猫", model: str = "gpt-image-2", headers: dict[str, str] | None = None,
                timeout: float = 30, **extra: Any) -> httpx.Response:
     return httpx.post(url + "/v1/images/generations", headers={**AUTH, **(headers or {})},
                       json={"model": model, "prompt": prompt, **extra}, timeout=timeout)
 
 
-def error_of(reply: httpx.Response, status: int) -> dict[str, Any]:
+def image_burst(proxy: RunningProxy, count: int, model: str = "fengyuan/image_generation",
+                prompt: str = "cat") -> list[Any]:
+    """`count` image requests at once through the async SDK: each answer, or the error it raised."""
+    async def run() -> list[Any]:
+        async with proxy.async_client(timeout=60) as client:
+            return await asyncio.gather(*(client.images.generate(model=model, prompt=f"{prompt} {i}",
+                                                                 response_format="url")
+                                          for i in range(count)), return_exceptions=True)
+
+    return asyncio.run(run())
+
+
+def error_of(reply: httpx.Response, status: int = 400) -> dict[str, Any]:
     """The OpenAI-shaped error of an answer that must have `status`."""
     assert reply.status_code == status, (reply.status_code, reply.text)
     assert reply.headers["content-type"].startswith("application/json")
@@ -92,24 +121,72 @@ def error_of(reply: httpx.Response, status: int) -> dict[str, Any]:
     return body["error"]  # type: ignore[no-any-return]
 
 
+def sdk_error(exc_class: type[openai.APIStatusError], call: Callable[[], Any]) -> openai.APIStatusError:
+    """Run an SDK call that must fail with `exc_class`; check the parts every error shares."""
+    with pytest.raises(exc_class) as caught:
+        call()
+    exc = caught.value
+    assert isinstance(exc.body, dict), exc.body
+    validate_error({"error": exc.body})
+    assert exc.response.headers["x-request-id"].startswith("req_")
+    assert exc.response.headers["content-type"].startswith("application/json")
+    return exc
+
+
+def sdk_error_body(exc: openai.APIStatusError) -> dict[str, Any]:
+    """The OpenAI-shaped error the SDK raised `exc` for, as it came on the wire."""
+    body = exc.response.json()
+    validate_error(body)
+    return body["error"]  # type: ignore[no-any-return]
+
+
+def refusal(call: Callable[..., Any], *args: Any) -> tuple[Kind, str, float | None]:
+    """What the proxy's own code raises for `call(*args)`: kind, message and retry-after."""
+    with pytest.raises(ProxyError) as caught:
+        call(*args)
+    return caught.value.kind, caught.value.message, caught.value.retry_after
+
+
 def task_ids(reply: httpx.Response) -> list[str]:
     return [t for t in reply.headers.get("x-proxy-task-ids", "").split(",") if t]
 
 
-def fast_tasks(config: dict[str, Any], sims: Sims) -> None:
-    config["tasks"] = {"poll_interval": 0.05, "first_poll": 0.05, "timeout": 10}
-    sims.xffuw.task_seconds = sims.fengyuan.task_seconds = 0.05
+def fast_tasks(config: dict[str, Any], sims: Sims, task_seconds: float = 0.05, poll_interval: float = 0.05,
+               timeout: float = 10) -> None:
+    """Short simulated tasks, polled often: image tests stay quick."""
+    config["tasks"] = {"poll_interval": poll_interval, "first_poll": 0.05, "timeout": timeout}
+    sims.xffuw.task_seconds = sims.fengyuan.task_seconds = task_seconds
 
 
-def with_admin(config: dict[str, Any]) -> dict[str, Any]:
-    config["admin"] = {"keys": [ADMIN_KEY]}
-    return config
+def in_background(work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """`work` on a thread of its own; its result or error lands in the box."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = work()
+        except BaseException as exc:  # reported by the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
 
 
-def admin_get(url: str, path: str, **params: Any) -> httpx.Response:
-    reply = httpx.get(f"{url}{path}", params=params, headers=ADMIN, timeout=10)
-    assert reply.status_code == 200, reply.text
-    return reply
+def most_in_any_window(times: list[float], window: float) -> int:
+    """The most of `times` that fall in any one stretch of `window` seconds."""
+    times = sorted(times)
+    best, first = 0, 0
+    for last, at in enumerate(times):
+        while at - times[first] >= window:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
+
+
+def key_fingerprint(secret: str) -> str:
+    """A key's name in logs and admin pages, written out here rather than taken from the proxy."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:12]
 
 
 def calls_by_key(sim: Any, endpoint: str, since: int = 0) -> dict[str | None, int]:
@@ -119,6 +196,120 @@ def calls_by_key(sim: Any, endpoint: str, since: int = 0) -> dict[str | None, in
         if call.endpoint == endpoint:
             counts[call.key] = counts.get(call.key, 0) + 1
     return counts
+
+
+# ---- the admin API -----------------------------------------------------------------------------
+
+
+def with_admin(config: dict[str, Any]) -> dict[str, Any]:
+    config["admin"] = {"keys": [ADMIN_KEY]}
+    return config
+
+
+def admin_request(target: RunningProxy | str, method: str, path: str, key: str | None = ADMIN_KEY,
+                  **params: Any) -> httpx.Response:
+    """An admin call to a proxy (or its URL) with `key`, or none; whatever the answer."""
+    url = target if isinstance(target, str) else target.url
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.request(method, f"{url}{path}", params=params, headers=headers, timeout=10)
+
+
+def admin_get(target: RunningProxy | str, path: str, **params: Any) -> httpx.Response:
+    reply = admin_request(target, "GET", path, **params)
+    assert reply.status_code == 200, reply.text
+    return reply
+
+
+def admin_keys(target: RunningProxy | str, provider: str | None = None) -> dict[str, dict[str, Any]]:
+    """GET /admin/keys, by fingerprint (of one provider's keys if named)."""
+    return {view["fingerprint"]: view for view in admin_get(target, "/admin/keys").json()["data"]
+            if provider is None or view["provider"] == provider}
+
+
+def usage_report(target: RunningProxy | str, **params: Any) -> dict[str, Any]:
+    """GET /admin/usage as JSON."""
+    return admin_get(target, "/admin/usage", **params).json()  # type: ignore[no-any-return]
+
+
+def one_call_at_a_time(config: dict[str, Any], secret: str, queue_timeout: float) -> None:
+    """xffuw down to one key that takes one call at a time, others waiting up to `queue_timeout`."""
+    xffuw = config["providers"]["xffuw"]
+    del xffuw["keys"]
+    xffuw["key"] = [{"value": secret, "max_concurrent": 1}]
+    xffuw["queue_timeout"] = queue_timeout
+
+
+def call_in_flight(proxy: RunningProxy, secret: str,
+                   work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """`work` started in the background, returned once the proxy has a call on `secret` in flight."""
+    thread, box = in_background(work)
+    wait_until(lambda: admin_keys(proxy)[key_fingerprint(secret)]["in_flight"] == 1, what="the call in flight")
+    return thread, box
+
+
+# ---- raw servers of a test's own --------------------------------------------------------------
+
+
+class LoopbackServer:
+    """An asyncio server on 127.0.0.1 (a free port); `serve` handles each connection. Leaving the
+    `async with` cancels the connections still open: a test's end ends them all."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl = ssl_context
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._track, "127.0.0.1", 0, ssl=self.ssl)
+        self.port: int = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _track(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self.serve(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+# ---- small ASGI upstreams of a test's own ----------------------------------------------------
+
+
+async def asgi_request(scope: dict[str, Any], receive: Callable[..., Any],
+                       send: Callable[..., Any]) -> tuple[str, bytes] | None:
+    """An HTTP request's bearer key and body; None for the lifespan, served here until shutdown."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return None
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+    return headers.get("authorization", "").removeprefix("Bearer ").strip(), body
+
+
+async def send_json(send: Callable[..., Any], payload: Any, status: int = 200,
+                    extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(extra or [])]})
+    await send({"type": "http.response.body", "body": body})
 
 
 # ---- config files (the standard library reads TOML but does not write it) --------------------

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,21 @@ import httpx
 import openai
 import pytest
 from conftest import CLIENT_KEY, FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
-from helpers import calls_by_key, free_port, to_toml, wait_until
+from helpers import (
+    ADMIN_KEY,
+    admin_keys,
+    admin_request,
+    call_in_flight,
+    calls_by_key,
+    chat,
+    free_port,
+    in_background,
+    one_call_at_a_time,
+    to_toml,
+    usage_report,
+    wait_until,
+    with_admin,
+)
 from openai_spec import validate_error
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,51 +43,12 @@ from proxy.server import BackgroundServer
 
 K0, K1 = XFFUW_KEYS
 FY_NORMAL = FENGYUAN_KEYS[0]
-ADMIN_KEY = "adm-test-admin-0123456789"
 SECOND_ADMIN_KEY = "adm-test-second-9876543210"
 CAROL_KEY = "sk-test-carol-5555555555"
 REPO = Path(__file__).resolve().parent.parent
 
 
 # ---- helpers -----------------------------------------------------------------------
-
-
-def with_admin(config: dict[str, Any]) -> dict[str, Any]:
-    config["admin"] = {"keys": [ADMIN_KEY]}
-    return config
-
-
-def admin(proxy: RunningProxy | str, method: str, path: str, key: str | None = ADMIN_KEY,
-          **params: Any) -> httpx.Response:
-    url = proxy if isinstance(proxy, str) else proxy.url
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    return httpx.request(method, f"{url}{path}", params=params, headers=headers, timeout=10)
-
-
-def keys_of(proxy: RunningProxy | str) -> dict[str, dict[str, Any]]:
-    reply = admin(proxy, "GET", "/admin/keys")
-    assert reply.status_code == 200, reply.text
-    return {v["fingerprint"]: v for v in reply.json()["data"]}
-
-
-def chat(client: openai.OpenAI, content: str = "你好", model: str = "gpt-4o-mini") -> str:
-    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}])
-    assert reply.choices[0].message.content.endswith(content)
-    return reply.choices[0].message.content
-
-
-def in_background(work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = work()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
 
 
 class FileProxy(RunningProxy):
@@ -84,7 +58,7 @@ class FileProxy(RunningProxy):
         self.path.write_text(raw if isinstance(raw, str) else to_toml(raw), encoding="utf-8")
 
     def reload(self) -> httpx.Response:
-        return admin(self, "POST", "/admin/reload")
+        return admin_request(self, "POST", "/admin/reload")
 
 
 @pytest.fixture
@@ -139,7 +113,7 @@ def test_without_an_admin_key_every_admin_route_answers_401(start_proxy: Callabl
     chat(proxy.client())
     for method, path in ADMIN_ROUTES:
         for key in (None, CLIENT_KEY, ADMIN_KEY):
-            reply = admin(proxy, method, path, key)
+            reply = admin_request(proxy, method, path, key)
             assert reply.status_code == 401, (method, path, key, reply.text)
             validate_error(reply.json())
             assert reply.json()["error"]["code"] == "invalid_api_key"
@@ -157,12 +131,12 @@ def test_a_wrong_admin_key_answers_401(start_proxy: Callable[..., RunningProxy],
     proxy = start_proxy(proxy_config)
     for method, path in ADMIN_ROUTES:
         for key in (CLIENT_KEY, ADMIN_KEY + "x", sha256_hex(SECOND_ADMIN_KEY)):
-            reply = admin(proxy, method, path, key)
+            reply = admin_request(proxy, method, path, key)
             assert reply.status_code == 401, (method, path, key, reply.text)
             validate_error(reply.json())
             assert reply.json()["error"]["code"] == "invalid_api_key"
-    assert admin(proxy, "GET", "/admin/keys").status_code == 200
-    assert admin(proxy, "GET", "/metrics", SECOND_ADMIN_KEY).status_code == 200  # by its sha256
+    assert admin_request(proxy, "GET", "/admin/keys").status_code == 200
+    assert admin_request(proxy, "GET", "/metrics", SECOND_ADMIN_KEY).status_code == 200  # by its sha256
     # The admin key is not a client key.
     with pytest.raises(openai.AuthenticationError):
         chat(proxy.client(ADMIN_KEY))
@@ -175,12 +149,12 @@ def test_admin_keys_shows_each_key_by_fingerprint_and_never_a_secret(
         start_proxy: Callable[..., RunningProxy], proxy_config: dict[str, Any], sims: Sims) -> None:
     proxy_config["clients"][0]["budget"] = 100
     proxy = start_proxy(with_admin(proxy_config))
-    wait_until(lambda: keys_of(proxy)[fingerprint(FY_NORMAL)]["credits"] is not None, what="credits")
+    wait_until(lambda: admin_keys(proxy)[fingerprint(FY_NORMAL)]["credits"] is not None, what="credits")
     chat(proxy.client(), "warm")
     del sims.xffuw.keys[K0]  # revoked upstream
     for i in range(3):
         chat(proxy.client(), f"after {i}")
-    views = keys_of(proxy)
+    views = admin_keys(proxy)
     assert set(views) == {fingerprint(K0), fingerprint(K1), fingerprint(FY_NORMAL)}
     fields = {"fingerprint", "provider", "state", "reason", "until", "in_flight", "requests", "failures",
               "credits", "vip_level"}
@@ -195,13 +169,13 @@ def test_admin_keys_shows_each_key_by_fingerprint_and_never_a_secret(
     sims.xffuw.keys[K1] = 0.0
     with pytest.raises(openai.RateLimitError):
         chat(proxy.client(), "broke")
-    aside = keys_of(proxy)[fingerprint(K1)]
+    aside = admin_keys(proxy)[fingerprint(K1)]
     assert aside["state"] == "exhausted" and aside["until"] > time.time() + 200  # recheck_after 300
     # No admin answer carries a secret.
-    bodies = [admin(proxy, method, path).text for method, path in ADMIN_ROUTES if path != "/admin/reload"]
-    bodies.append(admin(proxy, "POST", "/admin/reload").text)  # refused: no config file
-    bodies += [admin(proxy, "GET", "/admin/usage", group_by=g).text for g in ("model", "day", "upstream")]
-    bodies.append(admin(proxy, "POST", "/admin/keys/nosuchkey/disable").text)
+    bodies = [admin_request(proxy, method, path).text for method, path in ADMIN_ROUTES if path != "/admin/reload"]
+    bodies.append(admin_request(proxy, "POST", "/admin/reload").text)  # refused: no config file
+    bodies += [admin_request(proxy, "GET", "/admin/usage", group_by=g).text for g in ("model", "day", "upstream")]
+    bodies.append(admin_request(proxy, "POST", "/admin/keys/nosuchkey/disable").text)
     for secret in secrets_of(proxy_config):
         for body in bodies:
             assert secret not in body, (secret, body[:300])
@@ -212,21 +186,21 @@ def test_disable_and_enable_a_key(start_proxy: Callable[..., RunningProxy], prox
     proxy = start_proxy(with_admin(proxy_config))
     client = proxy.client()
     chat(client, "warm")
-    reply = admin(proxy, "POST", f"/admin/keys/{fingerprint(K0)}/disable")
+    reply = admin_request(proxy, "POST", f"/admin/keys/{fingerprint(K0)}/disable")
     assert reply.status_code == 200
     assert reply.json() == {"fingerprint": fingerprint(K0), "provider": "xffuw", "state": "disabled"}
-    view = keys_of(proxy)[fingerprint(K0)]
+    view = admin_keys(proxy)[fingerprint(K0)]
     assert view["state"] == "disabled" and view["reason"]
     start = len(sims.xffuw.calls)
     for i in range(4):
         chat(client, f"aside {i}")
     assert calls_by_key(sims.xffuw, "chat", start) == {K1: 4}
-    assert admin(proxy, "POST", f"/admin/keys/{fingerprint(K0)}/enable").json()["state"] == "active"
+    assert admin_request(proxy, "POST", f"/admin/keys/{fingerprint(K0)}/enable").json()["state"] == "active"
     start = len(sims.xffuw.calls)
     for i in range(4):
         chat(client, f"back {i}")
     assert calls_by_key(sims.xffuw, "chat", start) == {K0: 2, K1: 2}
-    missing = admin(proxy, "POST", "/admin/keys/000000000000/enable")
+    missing = admin_request(proxy, "POST", "/admin/keys/000000000000/enable")
     assert missing.status_code == 404
     validate_error(missing.json())
     assert missing.json()["error"]["code"] == "not_found"
@@ -242,7 +216,7 @@ def test_an_invalid_key_comes_back_by_enable_and_on_reload(file_proxy: Callable[
         del sims.xffuw.keys[K0]
         for i in range(2):
             chat(client, f"revoked {i}")
-        assert keys_of(proxy)[fingerprint(K0)]["state"] == "disabled"
+        assert admin_keys(proxy)[fingerprint(K0)]["state"] == "disabled"
         sims.xffuw.keys[K0] = 1_000.0  # the upstream accepts it again; the proxy does not know
         start = len(sims.xffuw.calls)
         for i in range(2):
@@ -250,7 +224,7 @@ def test_an_invalid_key_comes_back_by_enable_and_on_reload(file_proxy: Callable[
         assert calls_by_key(sims.xffuw, "chat", start) == {K1: 2}
 
     revoke_until_disabled()
-    assert admin(proxy, "POST", f"/admin/keys/{fingerprint(K0)}/enable").status_code == 200
+    assert admin_request(proxy, "POST", f"/admin/keys/{fingerprint(K0)}/enable").status_code == 200
     start = len(sims.xffuw.calls)
     for i in range(4):
         chat(client, f"enabled {i}")
@@ -259,7 +233,7 @@ def test_an_invalid_key_comes_back_by_enable_and_on_reload(file_proxy: Callable[
     revoke_until_disabled()
     reply = proxy.reload()
     assert reply.status_code == 200, reply.text
-    assert keys_of(proxy)[fingerprint(K0)]["state"] == "active"
+    assert admin_keys(proxy)[fingerprint(K0)]["state"] == "active"
     start = len(sims.xffuw.calls)
     for i in range(4):
         chat(client, f"reloaded {i}")
@@ -294,7 +268,7 @@ def test_reload_rereads_clients_keys_and_limits(file_proxy: Callable[..., FilePr
     with pytest.raises(openai.RateLimitError) as caught:  # a new rpm (the 403 above counted too)
         chat(proxy.client(), "alice again", model="deepseek-chat")
     assert caught.value.body["code"] == "rate_limit_exceeded"
-    xffuw = {fp for fp, v in keys_of(proxy).items() if v["provider"] == "xffuw"}
+    xffuw = {fp for fp, v in admin_keys(proxy).items() if v["provider"] == "xffuw"}
     assert xffuw == {fingerprint(K1)}  # the new key list
     chats = [c.key for c in sims.xffuw.calls if c.endpoint == "chat"]
     assert chats == [K0, K0, K1, K1]
@@ -321,13 +295,13 @@ def test_a_bad_new_config_is_refused_and_the_old_one_keeps_serving(file_proxy: C
         chat(proxy.client(OTHER_CLIENT_KEY), "old config")
         with pytest.raises(openai.AuthenticationError):
             chat(proxy.client(CAROL_KEY), "not in the old config")
-    assert admin(proxy, "GET", "/admin/keys").status_code == 200  # the old admin key still holds
+    assert admin_request(proxy, "GET", "/admin/keys").status_code == 200  # the old admin key still holds
 
 
 def test_reload_without_a_config_file_is_refused(start_proxy: Callable[..., RunningProxy],
                                                  proxy_config: dict[str, Any], sims: Sims) -> None:
     proxy = start_proxy(with_admin(proxy_config))
-    reply = admin(proxy, "POST", "/admin/reload")
+    reply = admin_request(proxy, "POST", "/admin/reload")
     assert reply.status_code == 400
     validate_error(reply.json())
     chat(proxy.client())
@@ -353,27 +327,23 @@ def test_reload_adding_a_client_while_a_long_image_is_in_flight(file_proxy: Call
     assert box["result"].data[0].url
     task = next(iter(sims.xffuw.tasks.values()))
     assert {c.key for c in sims.xffuw.calls if c.endpoint == "task"} == {task.key}
-    report = admin(proxy, "GET", "/admin/usage").json()
+    report = usage_report(proxy)
     assert {r["group"]: (r["requests"], r["failed"]) for r in report["data"]} == {"alice": (1, 0), "carol": (1, 0)}
 
 
 def test_reload_while_a_chat_is_in_flight_leaves_the_key_free_afterwards(file_proxy: Callable[..., FileProxy],
                                                                         proxy_config: dict[str, Any],
                                                                         sims: Sims) -> None:
-    xffuw = proxy_config["providers"]["xffuw"]
-    del xffuw["keys"]
-    xffuw["key"] = [{"value": K0, "max_concurrent": 1}]
-    xffuw["queue_timeout"] = 1.0
+    one_call_at_a_time(proxy_config, K0, queue_timeout=1.0)
     proxy = file_proxy(with_admin(proxy_config))
     client = proxy.client()
     client.models.list()
-    slow, box = in_background(lambda: chat(client, "[delay=1] slow"))
-    wait_until(lambda: keys_of(proxy)[fingerprint(K0)]["in_flight"] == 1, what="the chat in flight")
+    slow, box = call_in_flight(proxy, K0, lambda: chat(client, "[delay=1] slow"))
     assert proxy.reload().status_code == 200
     slow.join(10)
     assert "error" not in box, box.get("error")  # the chat in flight was not dropped
     chat(client, "the key is free again")  # max_concurrent 1: only if the ended call was released
-    assert keys_of(proxy)[fingerprint(K0)]["in_flight"] == 0
+    assert admin_keys(proxy)[fingerprint(K0)]["in_flight"] == 0
 
 
 def test_sighup_rereads_the_config(proxy_config: dict[str, Any], sims: Sims, tmp_path: Path) -> None:
@@ -417,7 +387,7 @@ def test_sighup_rereads_the_config(proxy_config: dict[str, Any], sims: Sims, tmp
         assert process.poll() is None
         chat(alice, "after a bad file")
         chat(carol, "after a bad file")
-        assert admin(url, "GET", "/admin/keys").status_code == 200
+        assert admin_request(url, "GET", "/admin/keys").status_code == 200
     finally:
         process.terminate()
         process.wait(20)
@@ -441,9 +411,9 @@ def test_metrics(start_proxy: Callable[..., RunningProxy], proxy_config: dict[st
         chat(alice, model="no-such-model")
     image, box = in_background(lambda: bob.images.generate(model="gpt-image-2", prompt="[delay=1] 猫"))
     wait_until(lambda: sims.xffuw.count("image") == 1, what="the image task")
-    admin(proxy, "POST", f"/admin/keys/{fingerprint(K0)}/disable")
+    admin_request(proxy, "POST", f"/admin/keys/{fingerprint(K0)}/disable")
 
-    reply = admin(proxy, "GET", "/metrics")
+    reply = admin_request(proxy, "GET", "/metrics")
     assert reply.headers["content-type"].startswith("text/plain")
     during = metric_samples(reply.text)
     assert sample(during, "proxy_tasks_waiting") == 1
@@ -451,7 +421,7 @@ def test_metrics(start_proxy: Callable[..., RunningProxy], proxy_config: dict[st
     assert "error" not in box, box.get("error")
 
     def scraped() -> dict[Any, float] | None:  # the request counter is bumped after the answer is sent
-        found = metric_samples(admin(proxy, "GET", "/metrics").text)
+        found = metric_samples(admin_request(proxy, "GET", "/metrics").text)
         return found if sample(found, "proxy_requests_total", client="bob", model="gpt-image-2",
                                status="200") == 1 else None
 
@@ -479,6 +449,6 @@ def test_metrics(start_proxy: Callable[..., RunningProxy], proxy_config: dict[st
     assert sample(found, "proxy_budget_spent", client="alice") == 1.0
     assert sample(found, "proxy_budget_spent", client="bob") == 2.0
     assert sample(found, "proxy_budget_limit", client="bob") == 10.0
-    text = admin(proxy, "GET", "/metrics").text
+    text = admin_request(proxy, "GET", "/metrics").text
     for secret in secrets_of(proxy_config):
         assert secret not in text

@@ -14,17 +14,13 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from conftest import CLIENT_KEY, FENGYUAN_KEYS, XFFUW_KEYS, RunningProxy, Sims
+from conftest import CLIENT_KEY, FENGYUAN_KEYS, XFFUW_KEYS, RunningProxy, Sims, serving, sim_providers
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from openai_spec import validate_error
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import status_code_conformance
-
-from proxy.app import create_app
-from proxy.config import parse_config
-from proxy.server import BackgroundServer
 
 AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
 ADMIN_KEY = "admin-bad-input-0123456789"
@@ -36,28 +32,24 @@ IMAGE = {"model": "gpt-image-2", "prompt": "一只橘猫"}
 
 
 @pytest.fixture(scope="module")
-def edge(_sim_servers: Sims, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProxy]:
+def limited_edge(_sim_servers: Sims, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProxy]:
     """One proxy for the whole module, with a small body limit and short tasks."""
     raw = {
         "server": {"max_body_bytes": MAX_BODY},
         "clients": [{"name": "alice", "key": CLIENT_KEY}],
         "admin": {"keys": [ADMIN_KEY]},
-        "providers": {
-            "xffuw": {"base_url": f"{_sim_servers.xffuw_url}/api/v1/", "keys": list(XFFUW_KEYS)},
-            "fengyuan": {"base_url": _sim_servers.fengyuan_url, "keys": list(FENGYUAN_KEYS)},
-        },
+        "providers": sim_providers(_sim_servers),
         "tasks": {"poll_interval": 0.1, "first_poll": 0.05, "timeout": 5},
         "log": {"format": "json"},
         "storage": {"path": str(tmp_path_factory.mktemp("bad-input") / "proxy.sqlite3")},
     }
-    server = BackgroundServer(create_app(parse_config(raw))).start()
-    yield RunningProxy(server.url, server)
-    server.stop()
+    with serving(raw) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="module")
-def http(edge: RunningProxy) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=edge.url, timeout=30) as client:
+def edge_http(limited_edge: RunningProxy) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=limited_edge.url, timeout=30) as client:
         yield client
 
 
@@ -148,17 +140,17 @@ BAD_BODIES: list[tuple[str, str, bytes, dict[str, str], int]] = [
 
 @pytest.mark.parametrize(("path", "body", "headers", "status"), [c[1:] for c in BAD_BODIES],
                          ids=[c[0] for c in BAD_BODIES])
-def test_bad_bodies_are_answered_in_openai_shape(http: httpx.Client, path: str, body: bytes,
+def test_bad_bodies_are_answered_in_openai_shape(edge_http: httpx.Client, path: str, body: bytes,
                                                  headers: dict[str, str], status: int) -> None:
-    reply = http.post(path, content=body, headers={**JSON, **headers})
+    reply = edge_http.post(path, content=body, headers={**JSON, **headers})
     error = openai_error(reply, status)
     assert error["type"] == "invalid_request_error", error
     assert reply.headers["x-request-id"].startswith("req_")
 
 
-def raw_http(edge: RunningProxy, request: bytes, wait: float = 3.0) -> bytes:
+def raw_http(proxy: RunningProxy, request: bytes, wait: float = 3.0) -> bytes:
     """Send bytes no HTTP client library would, and read the answer until the server is done."""
-    host, port = edge.url.removeprefix("http://").split(":")
+    host, port = proxy.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=wait) as sock:
         sock.sendall(request)
         chunks = []
@@ -174,18 +166,18 @@ def raw_http(edge: RunningProxy, request: bytes, wait: float = 3.0) -> bytes:
     return b"".join(chunks)
 
 
-def test_a_declared_length_over_the_limit_is_413_before_the_body(edge: RunningProxy) -> None:
+def test_a_declared_length_over_the_limit_is_413_before_the_body(limited_edge: RunningProxy) -> None:
     started = time.monotonic()
-    answer = raw_http(edge, (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
-                             f"Content-Type: application/json\r\nContent-Length: {MAX_BODY * 1000}\r\n\r\n{{}}")
-                      .encode())
+    answer = raw_http(limited_edge, (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {MAX_BODY * 1000}\r\n\r\n{{}}").encode())
     assert time.monotonic() - started < 2.5, "the proxy waited for a body it will refuse anyway"
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), answer[:300]
     validate_error(json.loads(body))
 
 
-def test_a_chunked_body_over_the_limit_is_413(http: httpx.Client) -> None:
+def test_a_chunked_body_over_the_limit_is_413(edge_http: httpx.Client) -> None:
     def chunks() -> Iterator[bytes]:
         yield b'{"model": "gpt-4o-mini", "pad": "'
         for _ in range(MAX_BODY // 4096 + 2):
@@ -193,29 +185,29 @@ def test_a_chunked_body_over_the_limit_is_413(http: httpx.Client) -> None:
         yield b'"}'
 
     for path, extra in (("/v1/chat/completions", {}), ("/v1/images/generations", {"idempotency-key": "chunked"})):
-        reply = http.post(path, content=chunks(), headers={**JSON, **extra})
+        reply = edge_http.post(path, content=chunks(), headers={**JSON, **extra})
         assert openai_error(reply, 413)["code"] == "request_too_large"
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/json; charset=latin-1",
                                           "application/octet-stream", "application/xml"])
-def test_other_content_types_with_a_json_body_are_never_500(http: httpx.Client, sims: Sims,
+def test_other_content_types_with_a_json_body_are_never_500(edge_http: httpx.Client, sims: Sims,
                                                             content_type: str | None) -> None:
     headers = {**AUTH, **({"content-type": content_type} if content_type else {})}
     for path, body in (("/v1/chat/completions", CHAT), ("/v1/images/generations", IMAGE)):
-        reply = http.post(path, content=json.dumps(body).encode(), headers=headers)
+        reply = edge_http.post(path, content=json.dumps(body).encode(), headers=headers)
         # lenient (the body is read as JSON whatever the header says) or 415, never a crash
         assert reply.status_code in (200, 400, 415), (reply.status_code, reply.text)
         never_500(reply)
 
 
-def test_lone_surrogates_and_control_characters_are_never_500(http: httpx.Client, sims: Sims) -> None:
+def test_lone_surrogates_and_control_characters_are_never_500(edge_http: httpx.Client, sims: Sims) -> None:
     bodies = [b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\\ud800"}]}',
               b'{"model": "gpt-image-2", "prompt": "\\udfff\\u0000\\u001b[31m"}',
               b'{"model": "\\ud800", "messages": [{"role": "user", "content": "x"}]}']
     for path, body in zip(("/v1/chat/completions", "/v1/images/generations", "/v1/chat/completions"), bodies,
                           strict=True):
-        reply = http.post(path, content=body, headers=JSON)
+        reply = edge_http.post(path, content=body, headers=JSON)
         assert reply.status_code in (200, 400, 404), (reply.status_code, reply.text)
         never_500(reply)
 
@@ -229,9 +221,9 @@ def test_lone_surrogates_and_control_characters_are_never_500(http: httpx.Client
     ("DELETE", "/v1/models", 405), ("POST", "/v1/tasks/task_nope", 405), ("PUT", "/v1/models/gpt-4o-mini", 405),
     ("OPTIONS", "/v1/chat/completions", (200, 204, 405)), ("TRACE", "/v1/models", 405),
 ])
-def test_unknown_routes_and_wrong_methods(http: httpx.Client, method: str, path: str,
+def test_unknown_routes_and_wrong_methods(edge_http: httpx.Client, method: str, path: str,
                                           status: int | tuple[int, ...]) -> None:
-    reply = http.request(method, path, headers=AUTH)
+    reply = edge_http.request(method, path, headers=AUTH)
     if reply.status_code in (200, 204):
         return  # an OPTIONS answer
     error = openai_error(reply, status)
@@ -245,9 +237,9 @@ def test_unknown_routes_and_wrong_methods(http: httpx.Client, method: str, path:
     {"authorization": f"Bearer {CLIENT_KEY}", "idempotency-key": ""},
     {"authorization": f"Bearer {CLIENT_KEY}", "content-type": "application/json; boundary=\u00ff"},
 ])
-def test_odd_headers_are_never_500(edge: RunningProxy, sims: Sims, headers: dict[str, str]) -> None:
+def test_odd_headers_are_never_500(limited_edge: RunningProxy, sims: Sims, headers: dict[str, str]) -> None:
     try:
-        reply = httpx.post(edge.url + "/v1/chat/completions", json=CHAT,
+        reply = httpx.post(limited_edge.url + "/v1/chat/completions", json=CHAT,
                            headers={k: v.encode("latin-1") for k, v in headers.items()})  # type: ignore[misc]
     except httpx.RemoteProtocolError:
         return  # the HTTP server refused the request line itself: no app answer to judge
@@ -258,12 +250,12 @@ def test_odd_headers_are_never_500(edge: RunningProxy, sims: Sims, headers: dict
 
 
 @pytest.mark.parametrize("secret", [XFFUW_KEYS[0], FENGYUAN_KEYS[0]])
-def test_an_upstream_key_as_bearer_is_401_without_echoing_it(http: httpx.Client, sims: Sims, secret: str) -> None:
+def test_an_upstream_key_as_bearer_is_401_without_echoing_it(edge_http: httpx.Client, sims: Sims, secret: str) -> None:
     headers = {"authorization": f"Bearer {secret}"}
-    for reply in (http.post("/v1/chat/completions", json=CHAT, headers=headers),
-                  http.post("/v1/images/generations", json=IMAGE, headers={**headers, "idempotency-key": "k"}),
-                  http.get("/v1/models", headers=headers), http.get("/v1/tasks/task_x", headers=headers),
-                  http.get("/admin/keys", headers=headers)):
+    for reply in (edge_http.post("/v1/chat/completions", json=CHAT, headers=headers),
+                  edge_http.post("/v1/images/generations", json=IMAGE, headers={**headers, "idempotency-key": "k"}),
+                  edge_http.get("/v1/models", headers=headers), edge_http.get("/v1/tasks/task_x", headers=headers),
+                  edge_http.get("/admin/keys", headers=headers)):
         error = openai_error(reply, 401)
         assert error["code"] == "invalid_api_key"
         assert secret not in reply.text and secret[-8:] not in reply.text
@@ -292,11 +284,11 @@ def openai_shaped(ctx: Any, response: schemathesis.Response, case: schemathesis.
 SCHEMATHESIS_EXAMPLES = 8  # per operation and generation mode: ~30 operations-modes, < 30 s in all
 
 
-def test_schemathesis_finds_no_500_and_only_openai_shaped_errors(edge: RunningProxy, sims: Sims) -> None:
+def test_schemathesis_finds_no_500_and_only_openai_shaped_errors(limited_edge: RunningProxy, sims: Sims) -> None:
     """schemathesis, from the proxy's live OpenAPI document, positive and negative cases for
     every operation; every failure across all operations is reported at once."""
     sims.xffuw.task_seconds = sims.fengyuan.task_seconds = 0.05
-    schema = schemathesis.openapi.from_url(edge.url + "/schema/openapi.json")
+    schema = schemathesis.openapi.from_url(limited_edge.url + "/schema/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     labels = {op.label for op in operations}
     assert {"POST /v1/chat/completions", "POST /v1/images/generations", "GET /v1/tasks/{task_id}"} <= labels, labels
@@ -313,7 +305,7 @@ def test_schemathesis_finds_no_500_and_only_openai_shaped_errors(edge: RunningPr
                 calls += 1
                 admin = case.path.startswith(("/admin", "/metrics"))
                 headers = {"authorization": f"Bearer {ADMIN_KEY}"} if admin else dict(AUTH)
-                case.call_and_validate(base_url=edge.url, headers=headers, timeout=15,
+                case.call_and_validate(base_url=limited_edge.url, headers=headers, timeout=15,
                                        checks=[openai_shaped, status_code_conformance])
 
             try:
@@ -380,16 +372,16 @@ def without_markers(body: Any) -> Any:
                       st.fixed_dictionaries({"model": st.just("gpt-4o-mini"),
                                              "messages": st.lists(MESSAGE, max_size=3)})),
        raw=st.booleans())
-def test_fuzzed_chat_bodies_never_break_the_proxy(http: httpx.Client, sims: Sims, body: Any, raw: bool) -> None:
-    reply = http.post("/v1/chat/completions", content=encoded(without_markers(body), raw), headers=JSON)
+def test_fuzzed_chat_bodies_never_break_the_proxy(edge_http: httpx.Client, sims: Sims, body: Any, raw: bool) -> None:
+    reply = edge_http.post("/v1/chat/completions", content=encoded(without_markers(body), raw), headers=JSON)
     never_500(reply)
 
 
 @settings(max_examples=60, deadline=None, database=None, phases=FUZZ_PHASES,
           suppress_health_check=list(HealthCheck))
 @given(body=body_strategy(IMAGE_FIELDS, IMAGE), raw=st.booleans())
-def test_fuzzed_image_bodies_never_break_the_proxy(http: httpx.Client, sims: Sims, body: Any, raw: bool) -> None:
-    reply = http.post("/v1/images/generations", content=encoded(without_markers(body), raw), headers=JSON)
+def test_fuzzed_image_bodies_never_break_the_proxy(edge_http: httpx.Client, sims: Sims, body: Any, raw: bool) -> None:
+    reply = edge_http.post("/v1/images/generations", content=encoded(without_markers(body), raw), headers=JSON)
     never_500(reply)
 
 
@@ -397,5 +389,5 @@ def test_fuzzed_image_bodies_never_break_the_proxy(http: httpx.Client, sims: Sim
           suppress_health_check=list(HealthCheck))
 @given(content=st.binary(max_size=200), path=st.sampled_from(["/v1/chat/completions", "/v1/images/generations",
                                                                "/v1/responses", "/v1/completions"]))
-def test_fuzzed_raw_bytes_never_break_the_proxy(http: httpx.Client, content: bytes, path: str) -> None:
-    never_500(http.post(path, content=content, headers=JSON))
+def test_fuzzed_raw_bytes_never_break_the_proxy(edge_http: httpx.Client, content: bytes, path: str) -> None:
+    never_500(edge_http.post(path, content=content, headers=JSON))

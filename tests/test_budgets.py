@@ -13,12 +13,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import openai
-import pytest
 from conftest import FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
-from helpers import fast_tasks, wait_until
-from openai_spec import validate_error, validate_model_list
+from helpers import admin_get, admin_request, chat, fast_tasks, sdk_error, usage_report, wait_until, with_admin
+from openai_spec import validate_model_list
 
 from proxy.billing import period_start
 from proxy.config import sha256_hex
@@ -31,7 +29,6 @@ K0, K1 = XFFUW_KEYS
 FY_NORMAL = FENGYUAN_KEYS[0]
 FY_VIP = "sk-fy-test-key-vip-6666"
 FY_IMAGE = "fengyuan/image_generation"
-ADMIN_KEY = "adm-test-budgets-0123456789"
 CAROL_KEY = "sk-test-carol-5555555555"
 OWN_KEY = "xf_own_key_of_dave_7777"
 
@@ -39,37 +36,8 @@ OWN_KEY = "xf_own_key_of_dave_7777"
 # ---- helpers -----------------------------------------------------------------------
 
 
-def chat(client: openai.OpenAI, content: str = "你好", model: str = "gpt-4o-mini", **extra: Any) -> Any:
-    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **extra)
-    assert reply.choices[0].message.content.endswith(content)
-    return reply
-
-
-def refused(exc_class: type[openai.APIStatusError], call: Callable[[], Any]) -> openai.APIStatusError:
-    with pytest.raises(exc_class) as caught:
-        call()
-    validate_error({"error": caught.value.body})
-    return caught.value
-
-
-def admin_get(proxy: RunningProxy, path: str, **params: Any) -> httpx.Response:
-    reply = httpx.get(f"{proxy.url}{path}", params=params, headers={"authorization": f"Bearer {ADMIN_KEY}"},
-                      timeout=10)
-    assert reply.status_code == 200, reply.text
-    return reply
-
-
-def usage(proxy: RunningProxy, **params: Any) -> dict[str, Any]:
-    return admin_get(proxy, "/admin/usage", **params).json()
-
-
 def by_group(report: dict[str, Any]) -> dict[str, tuple[int, float, int]]:
     return {row["group"]: (row["requests"], row["cost"], row["failed"]) for row in report["data"]}
-
-
-def with_admin(config: dict[str, Any]) -> dict[str, Any]:
-    config["admin"] = {"keys": [ADMIN_KEY]}
-    return config
 
 
 def expect_budget_refusal(exc: openai.APIStatusError, client: str, period: str = "") -> None:
@@ -91,12 +59,12 @@ def test_client_rpm_answers_429_and_leaves_other_clients_alone(start_proxy: Call
     for i in range(3):
         chat(alice, f"a{i}")
     before = sims.xffuw.count("chat")
-    exc = refused(openai.RateLimitError, lambda: chat(alice, "a3"))
+    exc = sdk_error(openai.RateLimitError, lambda: chat(alice, "a3"))
     assert exc.body["type"] == "requests" and exc.body["code"] == "rate_limit_exceeded", exc.body
     assert "alice" in exc.body["message"]
     assert 1 <= int(exc.response.headers["retry-after"]) <= 60
     assert sims.xffuw.count("chat") == before  # refused at the edge
-    refused(openai.RateLimitError, lambda: alice.models.list())  # every request counts, not only chats
+    sdk_error(openai.RateLimitError, lambda: alice.models.list())  # every request counts, not only chats
     for i in range(5):
         chat(bob, f"b{i}")
 
@@ -117,7 +85,7 @@ def test_client_models_globs(start_proxy: Callable[..., RunningProxy], proxy_con
                  lambda: alice.images.generate(model="gpt-image-2", prompt="猫"),
                  lambda: alice.images.generate(model="dall-e-3", prompt="猫"),  # an alias of gpt-image-2
                  lambda: alice.models.retrieve("deepseek-chat")):
-        exc = refused(openai.PermissionDeniedError, call)
+        exc = sdk_error(openai.PermissionDeniedError, call)
         assert exc.status_code == 403
         assert exc.body["type"] == "invalid_request_error" and exc.body["code"] == "model_not_allowed", exc.body
     assert (len(sims.xffuw.calls), len(sims.fengyuan.calls)) == before  # nothing reached an upstream
@@ -138,10 +106,10 @@ def test_key_sha256_clients_among_several(start_proxy: Callable[..., RunningProx
     chat(proxy.client(CAROL_KEY), "carol")
     chat(proxy.client(), "alice")
     chat(proxy.client(OTHER_CLIENT_KEY), "bob")
-    expect_budget_refusal(refused(openai.RateLimitError, lambda: chat(proxy.client(CAROL_KEY), "again")), "carol")
-    exc = refused(openai.AuthenticationError, lambda: chat(proxy.client(sha256_hex(CAROL_KEY)), "the hash is no key"))
+    expect_budget_refusal(sdk_error(openai.RateLimitError, lambda: chat(proxy.client(CAROL_KEY), "again")), "carol")
+    exc = sdk_error(openai.AuthenticationError, lambda: chat(proxy.client(sha256_hex(CAROL_KEY)), "the hash is no key"))
     assert exc.body["code"] == "invalid_api_key"
-    assert by_group(usage(proxy)) == {"alice": (1, 0.5, 0), "bob": (1, 0.5, 0), "carol": (1, 0.5, 0)}
+    assert by_group(usage_report(proxy)) == {"alice": (1, 0.5, 0), "bob": (1, 0.5, 0), "carol": (1, 0.5, 0)}
 
 
 # ---- budgets -----------------------------------------------------------------------
@@ -154,18 +122,18 @@ def test_total_budget_in_xffuw_price(start_proxy: Callable[..., RunningProxy], p
     proxy = start_proxy(with_admin(proxy_config))
     alice, bob = proxy.client(), proxy.client(OTHER_CLIENT_KEY)
     # n=3 would cost 1.5: refused before anything is spent.
-    expect_budget_refusal(refused(openai.RateLimitError, lambda: chat(alice, "three", n=3)), "alice")
+    expect_budget_refusal(sdk_error(openai.RateLimitError, lambda: chat(alice, "three", n=3)), "alice")
     chat(bob, "bob spends first")
     chat(alice, "one")
     chat(alice, "two")
     before = sims.xffuw.count("chat")
-    exc = refused(openai.RateLimitError, lambda: chat(alice, "three"))
+    exc = sdk_error(openai.RateLimitError, lambda: chat(alice, "three"))
     expect_budget_refusal(exc, "alice")
     assert "1" in exc.body["message"]  # the budget's amount
     assert sims.xffuw.count("chat") == before  # never sent upstream
     chat(bob, "bob still has half")  # alice's spending is not bob's
-    expect_budget_refusal(refused(openai.RateLimitError, lambda: chat(bob, "bob is out")), "bob")
-    assert by_group(usage(proxy)) == {"alice": (2, 1.0, 0), "bob": (2, 1.0, 0)}
+    expect_budget_refusal(sdk_error(openai.RateLimitError, lambda: chat(bob, "bob is out")), "bob")
+    assert by_group(usage_report(proxy)) == {"alice": (2, 1.0, 0), "bob": (2, 1.0, 0)}
 
 
 def test_budget_periods_daily_monthly_total(start_proxy: Callable[..., RunningProxy], proxy_config: dict[str, Any],
@@ -197,11 +165,11 @@ def test_budget_periods_daily_monthly_total(start_proxy: Callable[..., RunningPr
         chat(proxy.client(keys[name]), name)
     for name, period in (("day_spent", "daily "), ("month_spent", "monthly "), ("total_spent", ""),
                          ("default_spent", "")):
-        exc = refused(openai.RateLimitError, lambda name=name: chat(proxy.client(keys[name]), name))
+        exc = sdk_error(openai.RateLimitError, lambda name=name: chat(proxy.client(keys[name]), name))
         expect_budget_refusal(exc, name, period)
     # Today's spending does count for the daily budget.
     chat(proxy.client(keys["day_ok"]), "second half")
-    expect_budget_refusal(refused(openai.RateLimitError, lambda: chat(proxy.client(keys["day_ok"]), "over")),
+    expect_budget_refusal(sdk_error(openai.RateLimitError, lambda: chat(proxy.client(keys["day_ok"]), "over")),
                           "day_ok", "daily ")
 
 
@@ -212,15 +180,15 @@ def test_fengyuan_budget_in_credits(start_proxy: Callable[..., RunningProxy], pr
     proxy = start_proxy(with_admin(proxy_config))
     alice = proxy.client()
     # Three images at once (60) would pass it: refused before anything is spent.
-    expect_budget_refusal(refused(openai.RateLimitError,
+    expect_budget_refusal(sdk_error(openai.RateLimitError,
                                   lambda: alice.images.generate(model=FY_IMAGE, prompt="三只猫", n=3)), "alice")
     assert sims.fengyuan.count("invoke") == 0
     for i in range(2):
         assert alice.images.generate(model=FY_IMAGE, prompt=f"猫 {i}").data[0].url
-    exc = refused(openai.RateLimitError, lambda: alice.images.generate(model=FY_IMAGE, prompt="猫 2"))
+    exc = sdk_error(openai.RateLimitError, lambda: alice.images.generate(model=FY_IMAGE, prompt="猫 2"))
     expect_budget_refusal(exc, "alice")
     assert sims.fengyuan.count("invoke") == 2
-    assert by_group(usage(proxy)) == {"alice": (2, 40.0, 0)}
+    assert by_group(usage_report(proxy)) == {"alice": (2, 40.0, 0)}
 
 
 def _vip_proxy(start_proxy: Callable[..., RunningProxy], config: dict[str, Any], sims: Sims) -> RunningProxy:
@@ -243,10 +211,10 @@ def test_a_vip_key_image_costs_the_discounted_price(start_proxy: Callable[..., R
     assert proxy.client().images.generate(model=FY_IMAGE, prompt="[instant] 猫").data[0].url
     assert proxy.client().images.generate(model=FY_IMAGE, prompt="猫").data[0].url
     assert sims.fengyuan.keys[FY_VIP].credits == 10_000.0 - 2 * 16
-    assert by_group(usage(proxy)) == {"alice": (2, 32.0, 0)}  # 20 x vip_discount 0.8
+    assert by_group(usage_report(proxy)) == {"alice": (2, 32.0, 0)}  # 20 x vip_discount 0.8
 
 
-def test_a_vip_priced_image_that_fits_the_budget_is_not_refused(start_proxy: Callable[..., RunningProxy],
+def test_a_vip_priced_image_that_fits_the_budget_is_not_sdk_error(start_proxy: Callable[..., RunningProxy],
                                                                 proxy_config: dict[str, Any], sims: Sims) -> None:
     """Only a VIP key can serve: three images cost 3 x 16 = 48, inside a budget of 50."""
     proxy_config["clients"][0]["budget"] = 50
@@ -254,9 +222,9 @@ def test_a_vip_priced_image_that_fits_the_budget_is_not_refused(start_proxy: Cal
     alice = proxy.client()
     for i in range(3):
         assert alice.images.generate(model=FY_IMAGE, prompt=f"[instant] 猫 {i}").data[0].url
-    expect_budget_refusal(refused(openai.RateLimitError,
+    expect_budget_refusal(sdk_error(openai.RateLimitError,
                                   lambda: alice.images.generate(model=FY_IMAGE, prompt="[instant] 猫 3")), "alice")
-    assert by_group(usage(proxy)) == {"alice": (3, 48.0, 0)}
+    assert by_group(usage_report(proxy)) == {"alice": (3, 48.0, 0)}
 
 
 def test_the_upstreams_reported_cost_is_recorded(start_proxy: Callable[..., RunningProxy],
@@ -268,7 +236,7 @@ def test_the_upstreams_reported_cost_is_recorded(start_proxy: Callable[..., Runn
     sims.fengyuan.services[0].cost_per_request = 30.0  # the upstream now charges 30
     assert alice.images.generate(model=FY_IMAGE, prompt="[instant] 猫").data[0].url
     assert sims.fengyuan.keys[FY_NORMAL].credits == 100_000.0 - 30
-    assert by_group(usage(proxy, model=FY_IMAGE)) == {"alice": (1, 30.0, 0)}
+    assert by_group(usage_report(proxy, model=FY_IMAGE)) == {"alice": (1, 30.0, 0)}
 
 
 # ---- passthrough -------------------------------------------------------------------
@@ -291,21 +259,21 @@ def test_passthrough_forwards_an_own_xffuw_key_outside_every_budget(start_proxy:
     assert {m.owned_by for m in own.models.list().data} == {"xffuw"}
     # alice's budget (one chat) is untouched by the passthrough calls.
     chat(proxy.client(), "alice")
-    expect_budget_refusal(refused(openai.RateLimitError, lambda: chat(proxy.client(), "alice over")), "alice")
-    groups = by_group(usage(proxy))
+    expect_budget_refusal(sdk_error(openai.RateLimitError, lambda: chat(proxy.client(), "alice over")), "alice")
+    groups = by_group(usage_report(proxy))
     assert groups["alice"] == (1, 0.5, 0)
     assert groups[f"own-key:{fingerprint(OWN_KEY)}"] == (2, 1.0, 0)
     # An xf_ key the upstream does not know: 401, after one try with that key.
-    exc = refused(openai.AuthenticationError, lambda: chat(proxy.client("xf_nobody_knows_this_8888"), "x"))
+    exc = sdk_error(openai.AuthenticationError, lambda: chat(proxy.client("xf_nobody_knows_this_8888"), "x"))
     assert exc.body["code"] == "invalid_api_key"
     assert sims.xffuw.count("chat", "xf_nobody_knows_this_8888") == 1
 
 
-def test_without_passthrough_an_upstream_key_is_refused(start_proxy: Callable[..., RunningProxy],
+def test_without_passthrough_an_upstream_key_is_sdk_error(start_proxy: Callable[..., RunningProxy],
                                                         proxy_config: dict[str, Any], sims: Sims) -> None:
     sims.xffuw.keys[OWN_KEY] = 50.0
     proxy = start_proxy(proxy_config)
-    exc = refused(openai.AuthenticationError, lambda: chat(proxy.client(OWN_KEY), "mine"))
+    exc = sdk_error(openai.AuthenticationError, lambda: chat(proxy.client(OWN_KEY), "mine"))
     assert exc.status_code == 401 and exc.body["code"] == "invalid_api_key"
     assert sims.xffuw.count(key=OWN_KEY) == 0
     assert sims.xffuw.keys[OWN_KEY] == 50.0
@@ -334,10 +302,10 @@ def test_every_billable_call_is_recorded(start_proxy: Callable[..., RunningProxy
     image = alice.images.with_raw_response.generate(model="gpt-image-2", prompt="猫")
     image_task = image.headers["x-proxy-task-ids"]
     assert image.parse().data[0].url
-    exc = refused(openai.InternalServerError, lambda: alice.images.generate(model=FY_IMAGE, prompt="[fail] 猫"))
+    exc = sdk_error(openai.InternalServerError, lambda: alice.images.generate(model=FY_IMAGE, prompt="[fail] 猫"))
     assert exc.body["code"] == "upstream_task_failed"
     failed_task = exc.response.headers["x-proxy-task-ids"]
-    usage(proxy)  # runs after every queued write
+    usage_report(proxy)  # runs after every queued write
     rows = _rows(proxy_config["storage"]["path"])
     shape = [(r["client"], r["model"], r["upstream"], r["kind"], r["cost"], r["outcome"]) for r in rows]
     assert shape == [
@@ -368,31 +336,31 @@ def test_admin_usage_totals_filters_and_csv(start_proxy: Callable[..., RunningPr
     chat(bob, "b1", model="deepseek-chat")
     chat(bob, "b2")
     assert alice.images.generate(model="flux-schnell", prompt="猫").data[0].url  # 1.0
-    refused(openai.InternalServerError, lambda: alice.images.generate(model=FY_IMAGE, prompt="[fail] 猫"))  # 20
-    report = usage(proxy)
+    sdk_error(openai.InternalServerError, lambda: alice.images.generate(model=FY_IMAGE, prompt="[fail] 猫"))  # 20
+    report = usage_report(proxy)
     assert report["group_by"] == "client"
     assert by_group(report) == {"alice": (4, 22.0, 1), "bob": (2, 0.7, 0)}
     assert report["total"] == {"requests": 6, "cost": 22.7, "failed": 1}
-    assert by_group(usage(proxy, group_by="model")) == {
+    assert by_group(usage_report(proxy, group_by="model")) == {
         "deepseek-chat": (1, 0.2, 0), "flux-schnell": (1, 1.0, 0), FY_IMAGE: (1, 20.0, 1),
         "gpt-4o-mini": (3, 1.5, 0)}
-    assert by_group(usage(proxy, group_by="model", client="bob")) == {"deepseek-chat": (1, 0.2, 0),
+    assert by_group(usage_report(proxy, group_by="model", client="bob")) == {"deepseek-chat": (1, 0.2, 0),
                                                                       "gpt-4o-mini": (1, 0.5, 0)}
-    assert by_group(usage(proxy, model="gpt-4o-mini")) == {"alice": (2, 1.0, 0), "bob": (1, 0.5, 0)}
+    assert by_group(usage_report(proxy, model="gpt-4o-mini")) == {"alice": (2, 1.0, 0), "bob": (1, 0.5, 0)}
     today = dt.datetime.now(dt.UTC).date().isoformat()
-    assert by_group(usage(proxy, group_by="day")) == {today: (6, 22.7, 1)}
-    assert by_group(usage(proxy, since=today)) == {"alice": (4, 22.0, 1), "bob": (2, 0.7, 0)}
-    assert usage(proxy, since=time.time() + 60)["data"] == []
-    assert usage(proxy, until=began - 60)["data"] == []
-    assert by_group(usage(proxy, since=began - 1, until=time.time() + 1, client="alice")) == {"alice": (4, 22.0, 1)}
+    assert by_group(usage_report(proxy, group_by="day")) == {today: (6, 22.7, 1)}
+    assert by_group(usage_report(proxy, since=today)) == {"alice": (4, 22.0, 1), "bob": (2, 0.7, 0)}
+    assert usage_report(proxy, since=time.time() + 60)["data"] == []
+    assert usage_report(proxy, until=began - 60)["data"] == []
+    assert by_group(usage_report(proxy, since=began - 1, until=time.time() + 1, client="alice")) == {
+        "alice": (4, 22.0, 1)}
     reply = admin_get(proxy, "/admin/usage", format="csv", group_by="client")
     assert reply.headers["content-type"].startswith("text/csv")
     table = list(csv.reader(io.StringIO(reply.text)))
     assert table[0] == ["client", "requests", "cost", "failed"]
     assert {row[0]: (int(row[1]), float(row[2]), int(row[3])) for row in table[1:]} == {
         "alice": (4, 22.0, 1), "bob": (2, 0.7, 0)}
-    bad = httpx.get(f"{proxy.url}/admin/usage", params={"group_by": "planet"},
-                    headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    bad = admin_request(proxy, "GET", "/admin/usage", group_by="planet")
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "group_by"
 
 
@@ -406,7 +374,7 @@ def test_usage_survives_a_restart_and_budgets_still_hold(start_proxy: Callable[.
     first.server.stop()
     second = start_proxy(proxy_config)  # a new app on the same storage path
     assert second.url != first.url
-    assert by_group(usage(second)) == {"alice": (2, 1.0, 0), "bob": (1, 0.5, 0)}
+    assert by_group(usage_report(second)) == {"alice": (2, 1.0, 0), "bob": (1, 0.5, 0)}
     chat(second.client(), "three")  # 1.5 of 1.5
-    expect_budget_refusal(refused(openai.RateLimitError, lambda: chat(second.client(), "four")), "alice")
+    expect_budget_refusal(sdk_error(openai.RateLimitError, lambda: chat(second.client(), "four")), "alice")
     assert sims.xffuw.count("chat") == 4

@@ -16,7 +16,7 @@ from proxy.sim.xffuw import CHAT_PREFIX
 AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
 
 
-def _post(proxy: RunningProxy, body: dict[str, Any]) -> httpx.Response:
+def _post_completion(proxy: RunningProxy, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(f"{proxy.base_url}/completions", headers=AUTH, json=body, timeout=30)
 
 
@@ -32,7 +32,7 @@ def _stream(proxy: RunningProxy, body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_prompt_is_one_user_message_and_sampling_fields_pass_through(proxy: RunningProxy, sims: Sims) -> None:
-    reply = _post(proxy, {"model": "gpt-4o-mini", "prompt": "Say hi", "max_tokens": 20, "temperature": 0.2,
+    reply = _post_completion(proxy, {"model": "gpt-4o-mini", "prompt": "Say hi", "max_tokens": 20, "temperature": 0.2,
                           "stop": ["\n"], "top_p": 0.5, "seed": 3, "best_of": 1, "echo": False})
     assert reply.status_code == 200, reply.text
     body = reply.json()
@@ -52,7 +52,7 @@ def test_prompt_is_one_user_message_and_sampling_fields_pass_through(proxy: Runn
 
 
 def test_prompt_list_gives_one_choice_per_prompt_and_n(proxy: RunningProxy, sims: Sims) -> None:
-    reply = _post(proxy, {"model": "gpt-4o-mini", "prompt": ["one", "two"], "n": 2})
+    reply = _post_completion(proxy, {"model": "gpt-4o-mini", "prompt": ["one", "two"], "n": 2})
     assert reply.status_code == 200, reply.text
     body = reply.json()
     validate_completion(body)
@@ -109,7 +109,7 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str, str]] = [
 def test_unsupported_or_bad_fields_are_a_400_naming_the_field(proxy: RunningProxy, sims: Sims) -> None:
     # One proxy for the whole table: starting one per case would cost more than the cases.
     for extra, param, words in BAD_REQUESTS:
-        reply = _post(proxy, {"model": "gpt-4o-mini", "prompt": "hi", **extra})
+        reply = _post_completion(proxy, {"model": "gpt-4o-mini", "prompt": "hi", **extra})
         assert reply.status_code == 400, (extra, reply.text)
         body = reply.json()
         validate_error(body)

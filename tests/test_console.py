@@ -26,7 +26,20 @@ from typing import Any
 import httpx
 import pytest
 from conftest import OTHER_CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
-from helpers import ADMIN, ADMIN_KEY, AUTH, BOB, ROOT, admin_get, calls_by_key, chat, post_image, wait_until, with_admin
+from helpers import (
+    ADMIN,
+    ADMIN_KEY,
+    AUTH,
+    BOB,
+    ROOT,
+    admin_get,
+    calls_by_key,
+    chat,
+    in_background,
+    post_image,
+    wait_until,
+    with_admin,
+)
 
 from proxy.pool import fingerprint
 from proxy.store import UsageRecord
@@ -137,20 +150,6 @@ def open_tab(page: Any, name: str) -> None:
     expect(page.locator(f"#page-{name}")).to_be_visible()
 
 
-def in_background(work: Callable[[], Any]) -> dict[str, Any]:
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = work()
-        except Exception as error:  # the proxy stops under a request left waiting on purpose
-            box["error"] = error
-
-    box["thread"] = threading.Thread(target=run, daemon=True)
-    box["thread"].start()
-    return box
-
-
 def test_a_wrong_key_is_refused_and_the_right_one_is_kept_nowhere(console: RunningProxy, page: Any) -> None:
     traffic(console)
     sign_in(page, console, "adm-not-the-admin-key-42")
@@ -259,7 +258,7 @@ def test_a_running_task_shows_under_tasks_then_moves_to_finished(console: Runnin
     sign_in(page, console)
     open_tab(page, "tasks")
     expect(page.locator("#task-counts [data-state=succeeded] b")).to_have_text("1")
-    box = in_background(lambda: post_image(console.url, "a slow harbour [delay=2.5]", headers=BOB))
+    slow, box = in_background(lambda: post_image(console.url, "a slow harbour [delay=2.5]", headers=BOB))
 
     waiting = page.locator("#tasks-waiting tr[data-task]")
     expect(waiting).to_have_count(1)
@@ -271,7 +270,7 @@ def test_a_running_task_shows_under_tasks_then_moves_to_finished(console: Runnin
     expect(finished).to_have_attribute("data-state", "succeeded")
     expect(waiting).to_have_count(0)
     expect(page.locator("#task-counts [data-state=succeeded] b")).to_have_text("2")
-    box["thread"].join(timeout=10)
+    slow.join(timeout=10)
     assert box["result"].status_code == 200 and box["result"].headers["x-proxy-task-ids"] == task_id
 
     finished.locator("a.task-id").click()  # its detail, linked by id

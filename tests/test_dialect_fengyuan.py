@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helpers import refusal
 
-from proxy.errors import Kind, ProxyError
+from proxy.errors import Kind
 from proxy.providers.base import Answer, ImageCall, KeyInfo, ModelInfo, TaskState, UpstreamCall
 from proxy.providers.fengyuan import Fengyuan, size_params
 
@@ -18,12 +19,6 @@ URL = "http://127.0.0.1:1/files/fy-task_a.png"
 VIDEO = "http://127.0.0.1:1/files/fy-task_a.mp4"
 REF = "https://example.com/product.jpg"
 META = {"node": "sim-gpu-1", "trace": "tr-000001"}  # the sim's unknown extras, on purpose
-
-
-def refusal(call: Any, *args: Any) -> tuple[Kind, str, float | None]:
-    with pytest.raises(ProxyError) as caught:
-        call(*args)
-    return caught.value.kind, caught.value.message, caught.value.retry_after
 
 
 # ---- check: two envelopes ------------------------------------------------------------------

@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helpers import refusal
 
-from proxy.errors import Kind, ProxyError
+from proxy.errors import Kind
 from proxy.providers.base import Answer, ChatAnswer, ChatCall, ImageCall, ModelInfo, TaskState, UpstreamCall
 from proxy.providers.openai import OpenAICompatible, model_kind
 
@@ -18,14 +19,9 @@ IMG = "https://files.example.com/img-1.png"
 REF = "https://example.com/ref.png"
 
 
-def refusal(call: Any, *args: Any) -> tuple[Kind, str, float | None]:
-    with pytest.raises(ProxyError) as caught:
-        call(*args)
-    return caught.value.kind, caught.value.message, caught.value.retry_after
-
-
-def openai_error(message: str, type_: str | None = "invalid_request_error", code: Any = None,
-                 param: str | None = None) -> dict[str, Any]:
+def error_json(message: str, type_: str | None = "invalid_request_error", code: Any = None,
+               param: str | None = None) -> dict[str, Any]:
+    """An error body as OpenAI-compatible servers write it."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -34,68 +30,68 @@ def openai_error(message: str, type_: str | None = "invalid_request_error", code
 # (status, body, Retry-After) -> (kind, message)
 ERRORS = [
     # OpenAI's own (and the sim's)
-    (401, openai_error("Incorrect API key provided: sk-********2222.", code="invalid_api_key"), None,
+    (401, error_json("Incorrect API key provided: sk-********2222.", code="invalid_api_key"), None,
      Kind.AUTH, "compat: Incorrect API key provided: sk-********2222."),
-    (401, openai_error("You didn't provide an API key.", code="invalid_api_key"), None,
+    (401, error_json("You didn't provide an API key.", code="invalid_api_key"), None,
      Kind.AUTH, "compat: You didn't provide an API key."),
-    (401, openai_error("You didn't provide an API key."), None, Kind.AUTH, "compat: You didn't provide an API key."),
-    (401, openai_error("This key is associated with a deactivated account.", code="account_deactivated"), None,
+    (401, error_json("You didn't provide an API key."), None, Kind.AUTH, "compat: You didn't provide an API key."),
+    (401, error_json("This key is associated with a deactivated account.", code="account_deactivated"), None,
      Kind.AUTH, "compat: This key is associated with a deactivated account."),
-    (403, openai_error("Country, region, or territory not supported", code="unsupported_country_region_territory"),
+    (403, error_json("Country, region, or territory not supported", code="unsupported_country_region_territory"),
      None, Kind.AUTH, "compat: Country, region, or territory not supported"),
-    (429, openai_error("Rate limit reached for requests", "requests", "rate_limit_exceeded"), 20.0,
+    (429, error_json("Rate limit reached for requests", "requests", "rate_limit_exceeded"), 20.0,
      Kind.RATE_LIMITED, "compat: Rate limit reached for requests"),
-    (429, openai_error("Rate limit reached for tokens", "tokens", "rate_limit_exceeded"), None,
+    (429, error_json("Rate limit reached for tokens", "tokens", "rate_limit_exceeded"), None,
      Kind.RATE_LIMITED, "compat: Rate limit reached for tokens"),
-    (429, openai_error("You exceeded your current quota, please check your plan and billing details.",
+    (429, error_json("You exceeded your current quota, please check your plan and billing details.",
                        "insufficient_quota", "insufficient_quota"), None,
      Kind.BALANCE, "compat: You exceeded your current quota, please check your plan and billing details."),
-    (429, openai_error("quota", "insufficient_quota", None), 5.0, Kind.BALANCE, "compat: quota"),  # the type says it
-    (400, openai_error("Billing hard limit has been reached", code="billing_hard_limit_reached"), None,
+    (429, error_json("quota", "insufficient_quota", None), 5.0, Kind.BALANCE, "compat: quota"),  # the type says it
+    (400, error_json("Billing hard limit has been reached", code="billing_hard_limit_reached"), None,
      Kind.BALANCE, "compat: Billing hard limit has been reached"),
-    (429, openai_error("Your account is not active", "billing_not_active", "billing_not_active"), None,
+    (429, error_json("Your account is not active", "billing_not_active", "billing_not_active"), None,
      Kind.BALANCE, "compat: Your account is not active"),
-    (402, openai_error("Payment required", None), None, Kind.BALANCE, "compat: Payment required"),
-    (404, openai_error("The model `gpt-5` does not exist or you do not have access to it.", code="model_not_found"),
+    (402, error_json("Payment required", None), None, Kind.BALANCE, "compat: Payment required"),
+    (404, error_json("The model `gpt-5` does not exist or you do not have access to it.", code="model_not_found"),
      None, Kind.MODEL_NOT_FOUND, "compat: The model `gpt-5` does not exist or you do not have access to it."),
-    (404, openai_error("This is not a chat model and thus not supported in the v1/chat/completions endpoint.",
+    (404, error_json("This is not a chat model and thus not supported in the v1/chat/completions endpoint.",
                        param="model"), None,
      Kind.MODEL_NOT_FOUND, "compat: This is not a chat model and thus not supported in the v1/chat/completions "
                            "endpoint."),
-    (400, openai_error("'messages' must contain at least one message.", param="messages"), None,
+    (400, error_json("'messages' must contain at least one message.", param="messages"), None,
      Kind.BAD_REQUEST, "compat: 'messages' must contain at least one message."),
-    (400, openai_error("This model's maximum context length is 8192 tokens.", code="context_length_exceeded"), None,
+    (400, error_json("This model's maximum context length is 8192 tokens.", code="context_length_exceeded"), None,
      Kind.BAD_REQUEST, "compat: This model's maximum context length is 8192 tokens."),
-    (400, openai_error("Unknown parameter: 'response_format'.", code="unknown_parameter", param="response_format"),
+    (400, error_json("Unknown parameter: 'response_format'.", code="unknown_parameter", param="response_format"),
      None, Kind.BAD_REQUEST, "compat: Unknown parameter: 'response_format'."),
-    (400, openai_error("Your request was rejected as a result of our safety system.",
+    (400, error_json("Your request was rejected as a result of our safety system.",
                        code="content_policy_violation"), None,
      Kind.CONTENT_POLICY, "compat: Your request was rejected as a result of our safety system."),
-    (400, openai_error("Your request was rejected by the safety system.", code="moderation_blocked"), None,
+    (400, error_json("Your request was rejected by the safety system.", code="moderation_blocked"), None,
      Kind.CONTENT_POLICY, "compat: Your request was rejected by the safety system."),
-    (400, openai_error("filtered", code="content_filter"), None, Kind.CONTENT_POLICY, "compat: filtered"),
-    (413, openai_error("Request too large"), None, Kind.BAD_REQUEST, "compat: Request too large"),
-    (500, openai_error("The server had an error while processing your request.", "server_error"), None,
+    (400, error_json("filtered", code="content_filter"), None, Kind.CONTENT_POLICY, "compat: filtered"),
+    (413, error_json("Request too large"), None, Kind.BAD_REQUEST, "compat: Request too large"),
+    (500, error_json("The server had an error while processing your request.", "server_error"), None,
      Kind.UPSTREAM_UNAVAILABLE, "compat: The server had an error while processing your request."),
-    (503, openai_error("The engine is currently overloaded, please try again later", "server_error"), 2.0,
+    (503, error_json("The engine is currently overloaded, please try again later", "server_error"), 2.0,
      Kind.UPSTREAM_UNAVAILABLE, "compat: The engine is currently overloaded, please try again later"),
-    (404, openai_error("Invalid URL (POST /v1/chat/completion)"), None,
+    (404, error_json("Invalid URL (POST /v1/chat/completion)"), None,
      Kind.MODEL_NOT_FOUND, "compat: Invalid URL (POST /v1/chat/completion)"),
     # new-api / one-api gateways: their codes say more than their statuses
-    (403, openai_error("用户额度不足", "new_api_error", "insufficient_user_quota"), None,
+    (403, error_json("用户额度不足", "new_api_error", "insufficient_user_quota"), None,
      Kind.BALANCE, "compat: 用户额度不足"),
-    (500, openai_error("预扣费额度失败", "new_api_error", "pre_consume_token_quota_failed"), None,
+    (500, error_json("预扣费额度失败", "new_api_error", "pre_consume_token_quota_failed"), None,
      Kind.BALANCE, "compat: 预扣费额度失败"),
-    (503, openai_error("当前分组 default 下对于模型 x 无可用渠道", "new_api_error", "model_not_found"), None,
+    (503, error_json("当前分组 default 下对于模型 x 无可用渠道", "new_api_error", "model_not_found"), None,
      Kind.MODEL_NOT_FOUND, "compat: 当前分组 default 下对于模型 x 无可用渠道"),
-    (400, openai_error("敏感词检测失败", "new_api_error", "sensitive_words_detected"), None,
+    (400, error_json("敏感词检测失败", "new_api_error", "sensitive_words_detected"), None,
      Kind.CONTENT_POLICY, "compat: 敏感词检测失败"),
-    (500, openai_error("blocked", "new_api_error", "prompt_blocked"), None, Kind.CONTENT_POLICY, "compat: blocked"),
-    (401, openai_error("无效的令牌", "new_api_error", ""), None, Kind.AUTH, "compat: 无效的令牌"),
-    (429, openai_error("x", "rate_limit_error", None), None, Kind.RATE_LIMITED, "compat: x"),
-    (401, openai_error("x", "authentication_error", None), None, Kind.AUTH, "compat: x"),
+    (500, error_json("blocked", "new_api_error", "prompt_blocked"), None, Kind.CONTENT_POLICY, "compat: blocked"),
+    (401, error_json("无效的令牌", "new_api_error", ""), None, Kind.AUTH, "compat: 无效的令牌"),
+    (429, error_json("x", "rate_limit_error", None), None, Kind.RATE_LIMITED, "compat: x"),
+    (401, error_json("x", "authentication_error", None), None, Kind.AUTH, "compat: x"),
     # vLLM: a numeric code; older versions answer the error at the top level
-    (404, openai_error("The model `x` does not exist.", "NotFoundError", 404), None,
+    (404, error_json("The model `x` does not exist.", "NotFoundError", 404), None,
      Kind.MODEL_NOT_FOUND, "compat: The model `x` does not exist."),
     (404, {"object": "error", "message": "The model `x` does not exist.", "type": "NotFoundError", "param": None,
            "code": 404}, None, Kind.MODEL_NOT_FOUND, "compat: The model `x` does not exist."),
@@ -108,8 +104,8 @@ ERRORS = [
     (422, {"detail": [{"loc": ["body", "messages"], "msg": "Field required", "type": "missing"}]}, None,
      Kind.BAD_REQUEST, "compat: Field required"),
     # an error body with a success status is still an error
-    (200, openai_error("quota", "insufficient_quota", "insufficient_quota"), None, Kind.BALANCE, "compat: quota"),
-    (200, openai_error("boom", "server_error"), None, Kind.UPSTREAM_UNAVAILABLE, "compat: boom"),
+    (200, error_json("quota", "insufficient_quota", "insufficient_quota"), None, Kind.BALANCE, "compat: quota"),
+    (200, error_json("boom", "server_error"), None, Kind.UPSTREAM_UNAVAILABLE, "compat: boom"),
     (200, {"error": "bad key", "data": []}, None, Kind.UPSTREAM_UNAVAILABLE, "compat: bad key"),
     # where the message is: message, else code, else type
     (401, {"error": {"code": "invalid_api_key"}}, None, Kind.AUTH, "compat: invalid_api_key"),

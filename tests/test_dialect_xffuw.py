@@ -7,19 +7,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helpers import refusal
 
-from proxy.errors import Kind, ProxyError
+from proxy.errors import Kind
 from proxy.providers.base import Answer, ChatAnswer, ChatCall, ImageCall, ModelInfo, TaskState, UpstreamCall
 from proxy.providers.xffuw import Xffuw
 
 D = Xffuw("xf")
 CAT = "https://cdn.example.com/image.png"
-
-
-def refusal(call: Any, *args: Any) -> tuple[Kind, str, float | None]:
-    with pytest.raises(ProxyError) as caught:
-        call(*args)
-    return caught.value.kind, caught.value.message, caught.value.retry_after
 
 
 # ---- check: the error dialect --------------------------------------------------------------

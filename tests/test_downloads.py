@@ -146,7 +146,7 @@ async def fetch(downloads: Downloads, cfg: Config, *urls: str) -> list[bytes]:
         downloaded.release()
 
 
-async def refused(downloads: Downloads, cfg: Config, url: str) -> ProxyError:
+async def refused_download(downloads: Downloads, cfg: Config, url: str) -> ProxyError:
     with pytest.raises(ProxyError) as caught:
         await fetch(downloads, cfg, url)
     assert caught.value.kind is Kind.UPSTREAM_UNAVAILABLE
@@ -164,7 +164,7 @@ def test_results_on_the_upstreams_own_origin_are_fetched_and_other_loopback_host
                         up.url("/png", host="localhost"),  # a name that resolves to 127.0.0.1
                         up.url("/to/" + other.url("/png")),  # a redirect from the upstream's origin to one
                         f"http://[::ffff:127.0.0.1]:{up.port}/png"):
-                error = await refused(downloads, cfg, url)
+                error = await refused_download(downloads, cfg, url)
                 assert "private address" in error.message, url
             assert other.requests == []  # refused before connecting, not after
             assert [r.target for r in up.requests if r.target != "/png"] == \
@@ -192,7 +192,7 @@ def test_answers_that_are_not_a_result_file(path: str, says: str) -> None:
     async def main() -> None:
         async with Upstream(each(files)) as up:
             downloads = Downloads(64 * MiB)
-            error = await refused(downloads, config(up), up.url(path))
+            error = await refused_download(downloads, config(up), up.url(path))
             assert says in error.message
             tries = [r for r in up.requests if r.target == "/busy"]
             assert len(tries) == (3 if path.endswith("busy") else 0)  # a busy host is tried thrice, the rest once
@@ -203,9 +203,9 @@ def test_answers_that_are_not_a_result_file(path: str, says: str) -> None:
 def test_a_non_http_or_invalid_result_url_is_refused() -> None:
     async def main() -> None:
         async with Upstream(each(files)) as up:
-            error = await refused(Downloads(64 * MiB), config(up), "file:///etc/passwd")
+            error = await refused_download(Downloads(64 * MiB), config(up), "file:///etc/passwd")
             assert "http(s)" in error.message
-            error = await refused(Downloads(64 * MiB), config(up), "http://cdn.example:port/a.png")
+            error = await refused_download(Downloads(64 * MiB), config(up), "http://cdn.example:port/a.png")
             assert "not a valid URL" in error.message
 
     run(main)
@@ -226,7 +226,7 @@ def test_download_timeout_bounds_a_dripping_download() -> None:
         async with Upstream(drip) as up:
             downloads = Downloads(64 * MiB)
             started = time.monotonic()
-            error = await refused(downloads, config(up, download_timeout=0.5), up.url("/png"))
+            error = await refused_download(downloads, config(up, download_timeout=0.5), up.url("/png"))
             assert "timed out" in error.message
             assert 0.45 <= time.monotonic() - started < 2
 
@@ -258,7 +258,7 @@ def big(size: int, chunked: bool) -> Any:
 def test_a_result_over_max_download_bytes_is_refused(chunked: bool) -> None:
     async def main() -> None:
         async with Upstream(big(4 * MiB, chunked)) as up:
-            error = await refused(Downloads(64 * MiB), config(up, max_download_bytes=MiB), up.url("/png"))
+            error = await refused_download(Downloads(64 * MiB), config(up, max_download_bytes=MiB), up.url("/png"))
             assert f"larger than {MiB} bytes" in error.message
 
     run(main)

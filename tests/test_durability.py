@@ -43,7 +43,7 @@ def store_path(config: dict[str, Any]) -> str:
     return str(config["storage"]["path"])
 
 
-def stored_tasks(path: str) -> list[TaskRecord]:
+def sqlite_tasks(path: str) -> list[TaskRecord]:
     """Every task record in the SQLite file, read as another process would (read-only)."""
     if not Path(path).exists():
         return []
@@ -97,7 +97,7 @@ def test_every_task_is_in_the_store_before_the_proxy_waits_on_it(proxy: RunningP
     with ThreadPoolExecutor(2) as pool:
         xf = pool.submit(post_image, proxy.url, "a slow fox [delay=2]", headers={"idempotency-key": "store-xf"})
         fy = pool.submit(post_image, proxy.url, "a slow kite [delay=2]", model=FY_IMAGE)
-        records = wait_until(lambda: len(stored_tasks(path)) == 2 and stored_tasks(path), 3, "two stored tasks")
+        records = wait_until(lambda: len(sqlite_tasks(path)) == 2 and sqlite_tasks(path), 3, "two stored tasks")
         assert not xf.done() and not fy.done(), "the proxy answered before the tasks were final"
         by_upstream = {r.upstream: r for r in records}
         assert set(by_upstream) == {"xffuw", "fengyuan"}
@@ -124,8 +124,8 @@ def test_every_task_is_in_the_store_before_the_proxy_waits_on_it(proxy: RunningP
         assert reply.headers["x-request-id"] == record.request_id
     # The final state is written at once but not waited for (an answer does not wait on the
     # disk): another process reading the file may see it a moment after the answer.
-    final = wait_until(lambda: all(r.state == "succeeded" for r in stored_tasks(path))
-                     and {r.upstream: r for r in stored_tasks(path)}, 2, "the final states in the store")
+    final = wait_until(lambda: all(r.state == "succeeded" for r in sqlite_tasks(path))
+                     and {r.upstream: r for r in sqlite_tasks(path)}, 2, "the final states in the store")
     assert final["xffuw"].state == final["fengyuan"].state == "succeeded"
     assert final["xffuw"].urls == [d["url"] for d in xf_reply.json()["data"]]
     assert final["fengyuan"].urls == [d["url"] for d in fy_reply.json()["data"]]
@@ -137,7 +137,7 @@ def test_client_disconnect_does_not_stop_the_task(proxy: RunningProxy, proxy_con
     with pytest.raises(httpx.TimeoutException):
         post_image(proxy.url, "a patient heron [delay=2]", timeout=0.5)
     gone_at = time.monotonic()
-    (record,) = stored_tasks(store_path(proxy_config))
+    (record,) = sqlite_tasks(store_path(proxy_config))
     running = get_task(proxy.url, record.id)
     assert running.status_code == 200, running.text
     assert running.json()["status"] in UNFINISHED
@@ -151,7 +151,7 @@ def test_client_disconnect_does_not_stop_the_task(proxy: RunningProxy, proxy_con
     assert "error" not in view
     assert [c for c in sims.xffuw.calls if c.endpoint == "task" and c.at > gone_at], "no poll after the client left"
     assert sims.xffuw.count("image") == 1
-    (stored,) = stored_tasks(store_path(proxy_config))
+    (stored,) = sqlite_tasks(store_path(proxy_config))
     assert stored.state == "succeeded" and stored.urls == [view["data"][0]["url"]]
 
     # the task is alice's: bob (and anyone unauthenticated) cannot see it
@@ -167,7 +167,7 @@ def test_restart_resumes_unfinished_tasks_without_a_second_submit(
     first = start_proxy(proxy_config)
     with ThreadPoolExecutor(1) as pool:
         pending: Future[httpx.Response] = pool.submit(post_image, first.url, "a long night [delay=3]")
-        (record,) = wait_until(lambda: stored_tasks(path), 3, "the stored task")
+        (record,) = wait_until(lambda: sqlite_tasks(path), 3, "the stored task")
         short_grace(first)
         first.server.stop()
         stopped_at = time.monotonic()
@@ -175,7 +175,7 @@ def test_restart_resumes_unfinished_tasks_without_a_second_submit(
             pending.result()
         except httpx.HTTPError:
             pass  # cut by the stop: what the client saw is not this test's concern
-    (left,) = stored_tasks(path)
+    (left,) = sqlite_tasks(path)
     assert left.state in UNFINISHED, "the task was final before the restart: the test proves nothing"
     assert stored_owners(path)[left.id] is None, "a graceful stop releases its tasks for the next process"
 
@@ -188,7 +188,7 @@ def test_restart_resumes_unfinished_tasks_without_a_second_submit(
     assert polls_after, "the new process never polled the task"
     assert {c.key for c in polls_after} == {task.key}  # with the key that created it
     assert sims.xffuw.count("image") == 1
-    (stored,) = stored_tasks(path)
+    (stored,) = sqlite_tasks(path)
     assert stored.state == "succeeded"
     assert stored_owners(path)[left.id] not in (None, left.owner)  # claimed by the new process
 
@@ -265,7 +265,7 @@ def _pipelined(url: str, requests: list[bytes]) -> list[bytes]:
 
 
 def test_a_refused_request_does_not_use_up_the_key(proxy: RunningProxy, sims: Sims) -> None:
-    def chat(key: str, body: bytes) -> bytes:
+    def chat_request(key: str, body: bytes) -> bytes:
         return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\nauthorization: Bearer " + CLIENT_KEY.encode()
                 + b"\r\ncontent-type: application/json\r\nidempotency-key: " + key.encode()
                 + b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -274,7 +274,7 @@ def test_a_refused_request_does_not_use_up_the_key(proxy: RunningProxy, sims: Si
     # must be free by then.
     bad = b'{"model": "gpt-4o-mini"}'
     good = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
-    assert _pipelined(proxy.url, [chat("fix-at-once", bad), chat("fix-at-once", good)]) == [
+    assert _pipelined(proxy.url, [chat_request("fix-at-once", bad), chat_request("fix-at-once", good)]) == [
         b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 200 OK"]
     key = {"idempotency-key": "order-retry-after-400"}
     bad_image = httpx.post(proxy.url + "/v1/images/generations", headers={**AUTH, **key}, json={"model": "gpt-image-2"})
@@ -321,7 +321,7 @@ def test_idempotent_repeat_after_a_restart_answers_from_the_resumed_task(
     first = start_proxy(proxy_config)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post_image, first.url, "across a deploy [delay=2.5]", headers=key)
-        (record,) = wait_until(lambda: stored_tasks(path), 3, "the stored task")
+        (record,) = wait_until(lambda: sqlite_tasks(path), 3, "the stored task")
         time.sleep(0.2)  # the request has noted its task for the key
         short_grace(first)
         first.server.stop()
@@ -329,7 +329,7 @@ def test_idempotent_repeat_after_a_restart_answers_from_the_resumed_task(
             pending.result()
         except httpx.HTTPError:
             pass
-    assert stored_tasks(path)[0].state in UNFINISHED
+    assert sqlite_tasks(path)[0].state in UNFINISHED
     # what lets the repeat find the task: the key's record, with the task it started
     kept = stored_idempotency(path)
     stored_key = ("alice", key_digest("order-across-restart"))  # the key's hash, never the client's bytes
@@ -473,7 +473,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_leaves_the_rest_resumable(
         with ThreadPoolExecutor(2) as pool:
             finishing = pool.submit(post_image, url, "almost done [delay=1.2]")
             endless = pool.submit(post_image, url, "endless [never]", model=FY_IMAGE)
-            wait_until(lambda: len(stored_tasks(str(store))) == 2, 3, "both tasks stored")
+            wait_until(lambda: len(sqlite_tasks(str(store))) == 2, 3, "both tasks stored")
             process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
 
@@ -501,7 +501,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_leaves_the_rest_resumable(
     log = stderr.read_text(errors="replace")
     assert process.returncode in (0, -signal.SIGTERM), log  # uvicorn re-raises the signal it handled
     assert exited < grace + 1.5, f"exited {exited:.1f} s after SIGTERM with shutdown_grace = {grace}"
-    records = {r.upstream: r for r in stored_tasks(str(store))}
+    records = {r.upstream: r for r in sqlite_tasks(str(store))}
     assert records["xffuw"].state == "succeeded"
     left = records["fengyuan"]
     assert left.state in UNFINISHED, left

@@ -5,7 +5,6 @@ key partly or transformed (a prefix, a suffix, URL-encoded, base64) has it scrub
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import socket
 import time
@@ -16,6 +15,7 @@ from urllib.parse import quote, quote_plus
 import httpx
 import pytest
 from conftest import CLIENT_KEY, RunningProxy
+from helpers import asgi_request, key_fingerprint, send_json
 
 from proxy.redact import Redactor
 from proxy.server import BackgroundServer
@@ -29,10 +29,6 @@ SMALL = 4096  # bytes an answer or a log line about a 1 MB value may take
 # URL-encoding changes, so its URL-encoded echo differs from the key itself.
 REFUSED = "xf_echo_refused_Kd82nd7Qp1"
 SERVED = "Echo+Served/Key=Zq81mB5vW0xR"
-
-
-def fingerprint(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()[:12]
 
 
 def transforms(key: str) -> dict[str, str]:
@@ -53,42 +49,24 @@ def transforms(key: str) -> dict[str, str]:
 # ---- an upstream in xffuw's dialect that echoes what it was sent -----------------------
 
 
-async def _send_json(send: Callable[..., Any], payload: Any, status: int = 200) -> None:
-    body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def echo_upstream(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            await send({"type": message["type"] + ".complete"})
-            if message["type"] == "lifespan.shutdown":
-                return
-    body = b""
-    more = True
-    while more:
-        message = await receive()
-        body += message.get("body", b"")
-        more = message.get("more_body", False)
-    headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-    key = headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if (request := await asgi_request(scope, receive, send)) is None:
+        return
+    key, body = request
     if key == REFUSED:
-        await _send_json(send, {"error": f"invalid api key: {key}"}, 401)
+        await send_json(send, {"error": f"invalid api key: {key}"}, 401)
         return
     if scope["path"].endswith("models.php"):
-        await _send_json(send, {"data": [{"slug": "echo-chat", "name": "Echo", "type": "chat", "price": "0.1"}]})
+        await send_json(send, {"data": [{"slug": "echo-chat", "name": "Echo", "type": "chat", "price": "0.1"}]})
         return
     said = json.loads(body)["messages"][-1]["content"]
     if said.startswith("transform:"):
         form = transforms(key)[said.removeprefix("transform:")]
-        await _send_json(send, {"error": f"backend rejected credential {form} for this call"}, 500)
+        await send_json(send, {"error": f"backend rejected credential {form} for this call"}, 500)
     elif said.startswith("repeat:"):
-        await _send_json(send, {"error": f"cannot process input {said}"}, 500)
+        await send_json(send, {"error": f"cannot process input {said}"}, 500)
     else:
-        await _send_json(send, {"choices": [{"message": {"role": "assistant", "content": "echo ok"}}]})
+        await send_json(send, {"choices": [{"message": {"role": "assistant", "content": "echo ok"}}]})
 
 
 @pytest.fixture
@@ -187,7 +165,7 @@ def test_an_upstream_refusal_is_logged_with_its_reason_and_no_key(echo_proxy: Ru
     assert failure["level"] == "warning"
     # the first call, the model list, went to the first key
     assert (failure["upstream"], failure["key"], failure["operation"], failure["kind"]) == (
-        "echo", fingerprint(REFUSED), "list_models", "auth")
+        "echo", key_fingerprint(REFUSED), "list_models", "auth")
     assert failure["error"] == "echo: invalid api key: [redacted]"
     for line in lines:
         assert REFUSED not in line and SERVED not in line
@@ -208,7 +186,7 @@ def test_a_key_echoed_partly_or_transformed_is_scrubbed(echo_proxy: RunningProxy
     assert message.startswith("echo: backend rejected credential ") and "[redacted]" in message, message
     lines = log_lines(capsys, until='"event":"request"')
     failures = [json.loads(line) for line in lines if '"upstream_call_failed"' in line and '"chat"' in line]
-    assert [(f["key"], f["kind"]) for f in failures] == [(fingerprint(SERVED), "upstream_unavailable")], lines
+    assert [(f["key"], f["kind"]) for f in failures] == [(key_fingerprint(SERVED), "upstream_unavailable")], lines
     assert "[redacted] for this call" in failures[0]["error"], failures
     for text in [reply.text, *lines]:
         assert form not in text, (name, text)

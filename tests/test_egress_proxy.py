@@ -8,11 +8,11 @@ import asyncio
 import base64
 import contextlib
 import ssl
-from typing import Any
 
 import httpx
 import pytest
 from conftest import CLIENT_KEY
+from helpers import LoopbackServer
 from test_downloads import config, fetch, files
 from test_upstream_http import Upstream, call, each, ok, run
 
@@ -26,34 +26,20 @@ from proxy.upstream_http import build_client, never_sent
 MiB = 1024 * 1024
 
 
-class ConnectProxy:
+class ConnectProxy(LoopbackServer):
     """An HTTP proxy that only opens tunnels (CONNECT), as corporate proxies do for https.
     Names ending ".test" are its own network's: it reaches them at 127.0.0.1."""
 
     def __init__(self, password: str | None = None) -> None:
+        super().__init__()
         self.password = password
         self.tunnels: list[str] = []  # CONNECT targets, in order
         self.authorizations: list[str | None] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    async def __aenter__(self) -> ConnectProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def url(self, credentials: str = "") -> str:
         return f"http://{credentials}127.0.0.1:{self.port}"
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
             method, target, _ = head[0].split(" ", 2)
@@ -76,7 +62,6 @@ class ConnectProxy:
             pass
         finally:
             writer.close()
-            self._tasks.discard(task)
 
 
 async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:

@@ -4,7 +4,6 @@ send the mistake): status, SDK exception class, OpenAI's four-key error body, he
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,28 +11,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import CLIENT_KEY, FENGYUAN_KEYS, XFFUW_KEYS, RunningProxy, Sims
+from conftest import CLIENT_KEY, FENGYUAN_KEYS, XFFUW_KEYS, RunningProxy, Sims, serving, sim_providers
+from helpers import chat, free_port, sdk_error
 from openai_spec import validate_error
-
-from proxy.app import create_app
-from proxy.config import parse_config
-from proxy.server import BackgroundServer
 
 USER = [{"role": "user", "content": "你好"}]
 AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
 FY_IMAGE = "fengyuan/image_generation"  # the plain id is shared with xffuw, so it is listed prefixed
-
-
-def sdk_error(exc_class: type[openai.APIStatusError], call: Callable[[], Any]) -> openai.APIStatusError:
-    """Run an SDK call that must fail with `exc_class`; check the parts every error shares."""
-    with pytest.raises(exc_class) as caught:
-        call()
-    exc = caught.value
-    assert isinstance(exc.body, dict), exc.body
-    validate_error({"error": exc.body})
-    assert exc.response.headers["x-request-id"].startswith("req_")
-    assert exc.response.headers["content-type"].startswith("application/json")
-    return exc
 
 
 def expect(exc: openai.APIStatusError, status: int, type_: str, code: str | None) -> None:
@@ -53,34 +37,18 @@ def raw_error(reply: httpx.Response, status: int) -> dict[str, Any]:
     return body["error"]
 
 
-def chat(client: openai.OpenAI, model: str = "gpt-4o-mini", content: str = "你好") -> Any:
-    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}])
-
-
 @pytest.fixture(scope="module")
 def edge(_sim_servers: Sims, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One proxy for the tests whose requests the edge refuses before any upstream call
     (client key, body, route, method): starting a proxy per case would dominate the runtime."""
     raw = {
         "clients": [{"name": "alice", "key": CLIENT_KEY}],
-        "providers": {
-            "xffuw": {"base_url": f"{_sim_servers.xffuw_url}/api/v1/", "keys": list(XFFUW_KEYS)},
-            "fengyuan": {"base_url": _sim_servers.fengyuan_url, "keys": list(FENGYUAN_KEYS)},
-        },
+        "providers": sim_providers(_sim_servers),
         "log": {"format": "json"},
         "storage": {"path": str(tmp_path_factory.mktemp("edge") / "proxy.sqlite3")},
     }
-    server = BackgroundServer(create_app(parse_config(raw))).start()
-    yield RunningProxy(server.url, server)
-    server.stop()
-
-
-def closed_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
+    with serving(raw) as proxy:
+        yield proxy
 
 
 # ---- 401: the client key -----------------------------------------------------------
@@ -380,7 +348,7 @@ def test_task_not_final_in_time_is_504_upstream_timeout(start_proxy: Callable[..
 
 def test_unreachable_upstream_is_502_upstream_error_quickly(start_proxy: Callable[..., RunningProxy],
                                                             proxy_config: dict[str, Any], sims: Sims) -> None:
-    port = closed_port()
+    port = free_port()
     proxy_config["providers"]["xffuw"]["base_url"] = f"http://127.0.0.1:{port}/api/v1/"
     proxy_config["providers"]["fengyuan"]["base_url"] = f"http://127.0.0.1:{port}"
     client = start_proxy(proxy_config).client()
@@ -447,7 +415,7 @@ def test_plain_model_id_while_its_upstream_cannot_list_answers_the_upstream_erro
     expected = {"unreachable": (502, "upstream_error"), "keys_invalid": (503, "no_upstream_key"),
                 "rate_limited": (429, "rate_limit_exceeded")}[case]
     if case == "unreachable":
-        proxy_config["providers"]["xffuw"]["base_url"] = f"http://127.0.0.1:{closed_port()}/api/v1/"
+        proxy_config["providers"]["xffuw"]["base_url"] = f"http://127.0.0.1:{free_port()}/api/v1/"
     elif case == "keys_invalid":
         proxy_config["providers"]["xffuw"]["keys"] = ["xf_unknown_to_sim_1"]
     else:

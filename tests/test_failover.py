@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 from conftest import FENGYUAN_KEYS, XFFUW_KEYS, RunningProxy, Sims
-from helpers import calls_by_key
+from helpers import calls_by_key, chat, fast_tasks
 from openai_spec import validate_error
 
 from proxy.sim.fengyuan import FengyuanKey
@@ -22,21 +22,8 @@ FY_BROKE = "sk-fy-test-key-broke-4444"
 FY_SECOND = "sk-fy-test-key-second-5555"
 
 
-def chat(client: openai.OpenAI, content: str = "你好") -> str:
-    reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": content}])
-    text = reply.choices[0].message.content
-    assert text is not None and text.endswith(content)
-    return text
-
-
 def started(start_proxy: Callable[..., RunningProxy], config: dict[str, Any]) -> openai.OpenAI:
     return start_proxy(config).client()
-
-
-def fast_tasks(config: dict[str, Any], sims: Sims) -> None:
-    """Short simulated tasks, polled often: image tests stay quick."""
-    config["tasks"] = {"poll_interval": 0.05, "first_poll": 0.05, "timeout": 10}
-    sims.xffuw.task_seconds = sims.fengyuan.task_seconds = 0.1
 
 
 # ---- an invalid key ----------------------------------------------------------------
@@ -155,7 +142,7 @@ def test_fengyuan_failover_past_a_credits_short_key(start_proxy: Callable[..., R
     sims.fengyuan.envelope = envelope  # type: ignore[assignment]
     sims.fengyuan.keys[FY_BROKE] = FengyuanKey(credits=100.0)
     proxy_config["providers"]["fengyuan"]["keys"] = [FY_BROKE, FENGYUAN_KEYS[0]]
-    fast_tasks(proxy_config, sims)
+    fast_tasks(proxy_config, sims, task_seconds=0.1)
     client = started(start_proxy, proxy_config)
     # Once the proxy has read both keys' credits, FY_BROKE's run short behind its back: only
     # the invoke's answer (HTTP 200 + code 40001 when observed, 403 when documented) tells.
@@ -280,7 +267,7 @@ def _windows(sim: Any, submit: str, poll: tuple[str, ...], requests: Callable[[i
 
 def test_xffuw_polls_use_the_key_that_created_the_task(start_proxy: Callable[..., RunningProxy],
                                                        proxy_config: dict[str, Any], sims: Sims) -> None:
-    fast_tasks(proxy_config, sims)
+    fast_tasks(proxy_config, sims, task_seconds=0.1)
     client = started(start_proxy, proxy_config)
     client.models.list()
     sims.xffuw.error_status = 404  # a poll with the wrong key ("task not found") shows as a 404
@@ -299,7 +286,7 @@ def test_fengyuan_polls_use_the_key_that_created_the_task(start_proxy: Callable[
     sims.fengyuan.observed_error_http = 404  # a poll with the wrong key shows as a 404 in both envelopes
     sims.fengyuan.keys[FY_SECOND] = FengyuanKey(credits=1000.0)
     proxy_config["providers"]["fengyuan"]["keys"] = [FENGYUAN_KEYS[0], FY_SECOND]
-    fast_tasks(proxy_config, sims)
+    fast_tasks(proxy_config, sims, task_seconds=0.1)
     client = started(start_proxy, proxy_config)
     client.models.list()
     found = _windows(sims.fengyuan, "invoke", ("task", "task_list"),
@@ -311,7 +298,7 @@ def test_fengyuan_polls_use_the_key_that_created_the_task(start_proxy: Callable[
 
 def test_concurrent_tasks_on_two_keys_poll_with_their_own_keys(start_proxy: Callable[..., RunningProxy],
                                                                proxy_config: dict[str, Any], sims: Sims) -> None:
-    fast_tasks(proxy_config, sims)
+    fast_tasks(proxy_config, sims, task_seconds=0.1)
     client = started(start_proxy, proxy_config)
     client.models.list()
     sims.xffuw.error_status = 404  # a poll with the wrong key ("task not found") shows as a 404

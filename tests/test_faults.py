@@ -14,29 +14,17 @@ from typing import Any
 import httpx
 import pytest
 from conftest import CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
-from helpers import wait_until
+from helpers import admin_get, free_port, post_chat, post_image, wait_until, with_admin
 from openai_spec import validate_error, validate_images_response
 
 from proxy.server import BackgroundServer
 from proxy.sim import XffuwSim, create_xffuw_app
 
 AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
-ADMIN_KEY = "admin-test-key-0123456789"
-USER = [{"role": "user", "content": "你好"}]
 FY_IMAGE = "fengyuan/image_generation"
 
 
 # ---- helpers --------------------------------------------------------------------------
-
-
-def chat(url: str, model: str = "gpt-4o-mini", timeout: float = 30, **extra: Any) -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", headers=AUTH, json={"model": model, "messages": USER, **extra},
-                      timeout=timeout)
-
-
-def image(url: str, prompt: str = "一只橘猫", model: str = "gpt-image-2", timeout: float = 30) -> httpx.Response:
-    return httpx.post(url + "/v1/images/generations", headers=AUTH, json={"model": model, "prompt": prompt},
-                      timeout=timeout)
 
 
 def models(url: str) -> httpx.Response:
@@ -60,16 +48,6 @@ def upstream_error(reply: httpx.Response, sims: Sims | None = None, status: int 
         for url in (sims.xffuw_url, sims.fengyuan_url):
             assert url.rsplit(":", 1)[1] not in message, message  # no upstream port either
     return error
-
-
-def closed_port() -> int:
-    import socket
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 def app_of(running: RunningProxy) -> Any:
@@ -96,7 +74,7 @@ def test_a_transient_poll_failure_does_not_fail_the_task(proxy: RunningProxy, si
     until = time.monotonic() + 1.0
     sims.xffuw.faults.poll_fail_until = sims.fengyuan.faults.poll_fail_until = until
     with ThreadPoolExecutor(2) as pool:
-        replies = list(pool.map(lambda model: image(proxy.url, "耐心", model), ["gpt-image-2", FY_IMAGE]))
+        replies = list(pool.map(lambda model: post_image(proxy.url, "耐心", model), ["gpt-image-2", FY_IMAGE]))
     for reply, sim in zip(replies, (sims.xffuw, sims.fengyuan), strict=True):
         assert reply.status_code == 200, reply.text
         validate_images_response(reply.json())
@@ -113,7 +91,7 @@ def test_polls_failing_until_the_deadline_give_a_clean_504(start_proxy: Callable
     models(running.url)
     sims.xffuw.faults.poll_fail_until = time.monotonic() + 30
     started = time.monotonic()
-    reply = image(running.url)
+    reply = post_image(running.url)
     assert time.monotonic() - started < 3
     error = upstream_error(reply, sims, 504, "upstream_timeout")
     (task_id,) = reply.headers["x-proxy-task-ids"].split(",")
@@ -126,7 +104,8 @@ def test_polls_failing_until_the_deadline_give_a_clean_504(start_proxy: Callable
 def test_a_down_upstream_gives_502_quickly(proxy: RunningProxy, sims: Sims) -> None:
     assert models(proxy.url).status_code == 200
     sims.xffuw.faults.down = sims.fengyuan.faults.down = True
-    for call in (lambda: chat(proxy.url), lambda: image(proxy.url), lambda: image(proxy.url, model=FY_IMAGE)):
+    for call in (lambda: post_chat(proxy.url), lambda: post_image(proxy.url),
+                 lambda: post_image(proxy.url, model=FY_IMAGE)):
         started = time.monotonic()
         reply = call()
         assert time.monotonic() - started < 3
@@ -137,13 +116,13 @@ def test_a_down_upstream_gives_502_quickly(proxy: RunningProxy, sims: Sims) -> N
 def test_a_closed_port_gives_502_quickly_and_only_for_that_upstream(start_proxy: Callable[..., RunningProxy],
                                                                     proxy_config: dict[str, Any],
                                                                     sims: Sims) -> None:
-    proxy_config["providers"]["fengyuan"]["base_url"] = f"http://127.0.0.1:{closed_port()}"
+    proxy_config["providers"]["fengyuan"]["base_url"] = f"http://127.0.0.1:{free_port()}"
     running = start_proxy(proxy_config)
     started = time.monotonic()
-    upstream_error(image(running.url, model=FY_IMAGE), sims)
+    upstream_error(post_image(running.url, model=FY_IMAGE), sims)
     assert time.monotonic() - started < 3
-    assert chat(running.url).status_code == 200  # xffuw is unaffected
-    assert image(running.url).status_code == 200
+    assert post_chat(running.url).status_code == 200  # xffuw is unaffected
+    assert post_image(running.url).status_code == 200
 
 
 def test_an_unroutable_upstream_is_bounded_by_connect_timeout(start_proxy: Callable[..., RunningProxy],
@@ -153,7 +132,7 @@ def test_an_unroutable_upstream_is_bounded_by_connect_timeout(start_proxy: Calla
                                               read_timeout=0.5)
     running = start_proxy(proxy_config)
     started = time.monotonic()
-    upstream_error(chat(running.url, model="xffuw/gpt-4o-mini"))
+    upstream_error(post_chat(running.url, model="xffuw/gpt-4o-mini"))
     # two keys may each try to connect (nothing was sent), each bounded by connect_timeout
     assert time.monotonic() - started < 2 * 0.5 + 1.0
 
@@ -170,8 +149,8 @@ def test_upstream_latency_beyond_read_timeout_is_502_in_bounded_time(start_proxy
     sent = time.monotonic()
     with ThreadPoolExecutor(3) as pool:
         timed = list(pool.map(lambda call: (time.monotonic(), call(), time.monotonic()),
-                              [lambda: chat(running.url), lambda: image(running.url),
-                               lambda: image(running.url, model=FY_IMAGE)]))
+                              [lambda: post_chat(running.url), lambda: post_image(running.url),
+                               lambda: post_image(running.url, model=FY_IMAGE)]))
     for started, reply, ended in timed:
         error = upstream_error(reply, sims)
         assert "timed out" in error["message"]
@@ -192,7 +171,8 @@ def test_html_and_truncated_bodies_are_502_without_leaking_them(proxy: RunningPr
     assert models(proxy.url).status_code == 200
     setattr(sims.xffuw.faults, fault, 1.0)
     setattr(sims.fengyuan.faults, fault, 1.0)
-    for reply in (chat(proxy.url), chat(proxy.url, stream=True), image(proxy.url), image(proxy.url, model=FY_IMAGE)):
+    for reply in (post_chat(proxy.url), post_chat(proxy.url, stream=True), post_image(proxy.url),
+                  post_image(proxy.url, model=FY_IMAGE)):
         upstream_error(reply, sims)
     assert sims.xffuw.count("chat") == 2 and sims.xffuw.count("image") == 1 and sims.fengyuan.count("invoke") == 1
 
@@ -205,8 +185,8 @@ def test_dropped_connections_are_502_after_exactly_one_attempt(proxy: RunningPro
     setattr(sims.xffuw.faults, fault, 1.0)
     setattr(sims.fengyuan.faults, fault, 1.0)
     started = time.monotonic()
-    errors = [upstream_error(reply, sims) for reply in (chat(proxy.url), image(proxy.url),
-                                                         image(proxy.url, model=FY_IMAGE))]
+    errors = [upstream_error(reply, sims) for reply in (post_chat(proxy.url), post_image(proxy.url),
+                                                         post_image(proxy.url, model=FY_IMAGE))]
     assert time.monotonic() - started < 3
     assert (sims.xffuw.count("chat"), sims.xffuw.count("image"), sims.fengyuan.count("invoke")) == (1, 1, 1)
     # closed within milliseconds: an answer saying "timed out" sends whoever reads it the wrong way
@@ -234,8 +214,8 @@ def test_catalogue_is_served_stale_while_an_upstream_is_down(start_proxy: Callab
     retrieved = httpx.get(running.url + "/v1/models/" + FY_IMAGE, headers=AUTH)
     assert retrieved.status_code == 200 and retrieved.json()["owned_by"] == "fengyuan"
     # routing from the stale list reaches the (down) upstream: 502, not model_not_found
-    upstream_error(image(running.url, model="product_photo"), sims)
-    upstream_error(chat(running.url, model="deepseek-chat"), sims)
+    upstream_error(post_image(running.url, model="product_photo"), sims)
+    upstream_error(post_chat(running.url, model="deepseek-chat"), sims)
 
 
 # ---- nothing piles up -----------------------------------------------------------------------
@@ -243,10 +223,9 @@ def test_catalogue_is_served_stale_while_an_upstream_is_down(start_proxy: Callab
 
 def test_no_unbounded_growth_under_faults(start_proxy: Callable[..., RunningProxy], proxy_config: dict[str, Any],
                                          sims: Sims) -> None:
-    proxy_config["admin"] = {"keys": [ADMIN_KEY]}
-    running = start_proxy(proxy_config)
+    running = start_proxy(with_admin(proxy_config))
     assert models(running.url).status_code == 200
-    assert image(running.url).status_code == 200  # the loops and clients every process has are up
+    assert post_image(running.url).status_code == 200  # the loops and clients every process has are up
     baseline = in_server_loop(running, lambda: len(asyncio.all_tasks()))
     sims.xffuw.faults.error_rate = 0.5
     sims.xffuw.task_seconds = 0.05
@@ -261,7 +240,7 @@ def test_no_unbounded_growth_under_faults(start_proxy: Callable[..., RunningProx
         if reply.status_code != 200:
             validate_error(reply.json())
 
-    keys = httpx.get(running.url + "/admin/keys", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()["data"]
+    keys = admin_get(running, "/admin/keys").json()["data"]
     assert {k["provider"] for k in keys} == {"xffuw", "fengyuan"}
     assert [k["in_flight"] for k in keys] == [0] * len(keys), keys
     assert sum(k["requests"] for k in keys if k["provider"] == "xffuw") >= 220
@@ -316,19 +295,20 @@ def test_response_headers_never_echo_upstream_urls_or_headers(start_proxy: Calla
     sim, base = loud_xffuw
     proxy_config["providers"]["xffuw"]["base_url"] = base + "/api/v1/"
     running = start_proxy(proxy_config)
-    replies = [models(running.url), chat(running.url), chat(running.url, stream=True), image(running.url),
-               image(running.url, model=FY_IMAGE), httpx.get(running.url + "/v1/models/gpt-4o-mini", headers=AUTH)]
+    replies = [models(running.url), post_chat(running.url), post_chat(running.url, stream=True),
+               post_image(running.url), post_image(running.url, model=FY_IMAGE),
+               httpx.get(running.url + "/v1/models/gpt-4o-mini", headers=AUTH)]
     assert [r.status_code for r in replies] == [200] * 6, [r.text for r in replies]
     sim.faults.error_rate = 1.0
-    replies += [chat(running.url), image(running.url)]  # 502 from an HTML page
+    replies += [post_chat(running.url), post_image(running.url)]  # 502 from an HTML page
     sim.faults.error_rate = 0.0
     sim.models = [m for m in sim.models if m.slug != "deepseek-chat"]
-    replies.append(chat(running.url, model="deepseek-chat"))  # 404: the upstream no longer has it
+    replies.append(post_chat(running.url, model="deepseek-chat"))  # 404: the upstream no longer has it
     sim.rate_limit = 0
-    replies.append(chat(running.url))  # 429 from the upstream's own limit, with its Retry-After
+    replies.append(post_chat(running.url))  # 429 from the upstream's own limit, with its Retry-After
     sim.rate_limit = None
     sim.keys[XFFUW_KEYS[0]] = sim.keys[XFFUW_KEYS[1]] = 0.0
-    replies.append(chat(running.url, model="xffuw/deepseek-chat"))  # 429 insufficient_quota (or 404)
+    replies.append(post_chat(running.url, model="xffuw/deepseek-chat"))  # 429 insufficient_quota (or 404)
     assert [r.status_code for r in replies[6:9]] == [502, 502, 404], [r.text for r in replies[6:]]
     assert replies[9].status_code == 429 and replies[10].status_code in (404, 429), [r.text for r in replies[9:]]
 

@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 from conftest import CLIENT_KEY, OTHER_CLIENT_KEY, RunningProxy, Sims
+from helpers import error_of
 from openai_spec import validate_error, validate_images_response
 
 from proxy.errors import Kind, ProxyError
@@ -22,11 +23,7 @@ PUBLIC_URL = "https://proxy.example.test"  # what the config says; the test reac
 AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
 PICTURE = "https://images.example.test/product.png"
 JPEG_BYTES = b"\xff\xd8\xff\xe0" + bytes(32)
-
-
-@pytest.fixture(autouse=True)
-def _fast_tasks(sims: Sims) -> None:
-    sims.xffuw.task_seconds = sims.fengyuan.task_seconds = 0.04
+pytestmark = pytest.mark.usefixtures("fast_sim_tasks")  # tests/conftest.py
 
 
 @pytest.fixture
@@ -46,13 +43,6 @@ def _edit(client: openai.OpenAI, **kwargs: Any) -> dict[str, Any]:
     body = raw.http_response.json()
     validate_images_response(body)
     return body
-
-
-def _error(reply: httpx.Response, status: int = 400) -> dict[str, Any]:
-    assert reply.status_code == status, reply.text
-    body = reply.json()
-    validate_error(body)
-    return body["error"]
 
 
 def test_sdk_upload_is_served_to_xffuw_as_a_url(public_proxy: RunningProxy, sims: Sims) -> None:
@@ -160,23 +150,23 @@ BAD_JSON: list[tuple[dict[str, Any], str]] = [
 
 def test_bad_requests_are_a_400_naming_the_field(public_proxy: RunningProxy, sims: Sims) -> None:
     for data, files, param in BAD_FORMS:  # one proxy for the whole table
-        assert _error(_multipart(public_proxy, data, files))["param"] == param, (data, files)
+        assert error_of(_multipart(public_proxy, data, files))["param"] == param, (data, files)
     for body, param in BAD_JSON:
         reply = httpx.post(f"{public_proxy.base_url}/images/edits", headers=AUTH, json={"model": "dall-e-3", **body})
-        assert _error(reply)["param"] == param, body
+        assert error_of(reply)["param"] == param, body
     assert sims.xffuw.count("image") == 0
 
 
 def test_other_content_types_and_chat_models_are_refused(public_proxy: RunningProxy, sims: Sims) -> None:
     reply = httpx.post(f"{public_proxy.base_url}/images/edits", headers={**AUTH, "content-type": "text/plain"},
                        content=b"hello")
-    assert "multipart/form-data" in _error(reply)["message"]
+    assert "multipart/form-data" in error_of(reply)["message"]
     chat_model = _multipart(public_proxy, {"prompt": "p", "model": "gpt-4o-mini"},
                             [("image", ("a.png", PNG_BYTES, "image/png"))])
-    assert _error(chat_model)["code"] == "model_not_supported"
+    assert error_of(chat_model)["code"] == "model_not_supported"
     no_key = httpx.post(f"{public_proxy.base_url}/images/edits",
                         json={"prompt": "p", "images": [{"image_url": PICTURE}]})
-    _error(no_key, 401)
+    error_of(no_key, 401)
 
 
 def test_upload_store_bounds_size_and_expires() -> None:
@@ -236,9 +226,9 @@ def test_a_refused_request_keeps_no_upload(public_proxy: RunningProxy, sims: Sim
     good = ("image", ("a.png", PNG_BYTES, "image/png"))
     bad_file = _multipart(public_proxy, {"prompt": "p", "model": "dall-e-3"},
                           [good, ("image", ("b.txt", b"plain text", "text/plain"))])
-    assert _error(bad_file)["param"] == "image"
+    assert error_of(bad_file)["param"] == "image"
     unknown_model = _multipart(public_proxy, {"prompt": "p", "model": "no-such-model"}, [good])
-    assert _error(unknown_model, 404)["code"] == "model_not_found"
+    assert error_of(unknown_model, 404)["code"] == "model_not_found"
     app = public_proxy.server.server.config.app
     store = app.state.get("uploads")
     assert store is None or store.size == 0
@@ -263,12 +253,12 @@ def test_refused_uploads_are_not_kept_and_leave_room_for_others(
     big = PNG_BYTES + bytes(2 * 1024 * 1024)
     for _ in range(10):
         refused = _multipart(proxy, {"prompt": "p", "model": "gpt-image-2"}, [("image", ("a.png", big, "image/png"))])
-        assert _error(refused, 429)["code"] == "insufficient_quota"
+        assert error_of(refused, 429)["code"] == "insufficient_quota"
     not_allowed = _multipart(proxy, {"prompt": "p", "model": "no-such-model"}, [("image", ("a.png", big, "image/png"))])
-    assert _error(not_allowed, 404)["code"] == "model_not_found"
+    assert error_of(not_allowed, 404)["code"] == "model_not_found"
     failed = _multipart(proxy, {"prompt": "fails [fail]", "model": "gpt-image-2"},
                         [("image", ("a.png", PNG_BYTES, "image/png"))], key=OTHER_CLIENT_KEY)
-    assert _error(failed, 502)["code"] == "upstream_task_failed"
+    assert error_of(failed, 502)["code"] == "upstream_task_failed"
     assert sims.xffuw.last_image_body is not None
     (failed_url,) = sims.xffuw.last_image_body["images"]
     assert _fetch_upload(proxy, failed_url).status_code == 404  # a failed request's upload is dropped

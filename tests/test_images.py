@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 from conftest import CLIENT_KEY, RunningProxy, Sims
+from helpers import sdk_error_body
 from openai_spec import validate_error, validate_images_response
 
 from proxy.sim.assets import MP4_BYTES, PNG_BYTES
@@ -20,6 +21,7 @@ from proxy.sim.assets import MP4_BYTES, PNG_BYTES
 POLL_INTERVAL = 0.2  # tests/conftest.py proxy_config["tasks"]["poll_interval"]
 FIRST_POLL = 0.05
 SLACK = 0.03  # the sim stamps a call when it answers, not when it arrives
+pytestmark = pytest.mark.usefixtures("fast_sim_tasks")  # tests/conftest.py
 
 
 def _generate(client: openai.OpenAI, **kwargs: Any) -> tuple[dict[str, Any], httpx.Headers]:
@@ -31,12 +33,6 @@ def _generate(client: openai.OpenAI, **kwargs: Any) -> tuple[dict[str, Any], htt
     parsed = raw.parse()
     assert [d.url for d in parsed.data] == [d.get("url") for d in body["data"]]
     return body, raw.headers
-
-
-def _error(exc: openai.APIStatusError) -> dict[str, Any]:
-    body = exc.response.json()
-    validate_error(body)
-    return body["error"]
 
 
 def _task_ids(headers: httpx.Headers) -> list[str]:
@@ -54,12 +50,6 @@ def _xffuw_url(sims: Sims, ext: str = "png") -> re.Pattern[str]:
 
 def _fengyuan_url(sims: Sims, ext: str = "png") -> re.Pattern[str]:
     return re.compile(re.escape(f"{sims.fengyuan_url}/files/fy-") + r"task_[0-9a-f]+\." + ext)
-
-
-@pytest.fixture(autouse=True)
-def _fast_tasks(sims: Sims) -> None:
-    """Tasks end within 0.04 s: finished at the proxy's first poll (0.05 s after submit)."""
-    sims.xffuw.task_seconds = sims.fengyuan.task_seconds = 0.04
 
 
 # ---- xffuw ----------------------------------------------------------------------------
@@ -271,7 +261,7 @@ def test_failed_task_is_a_502_naming_reason_and_task(client: openai.OpenAI, sims
         with pytest.raises(openai.InternalServerError) as caught:
             client.images.generate(model=model, prompt="a broken vase [fail]")
         assert caught.value.status_code == 502, case
-        error = _error(caught.value)
+        error = sdk_error_body(caught.value)
         assert error["code"] == "upstream_task_failed", case
         assert error["type"] == "server_error", case
         assert reason in error["message"], (case, error["message"])
@@ -292,7 +282,7 @@ def test_task_that_never_ends_times_out(
         client.images.generate(model="gpt-image-2", prompt="an endless staircase [never]")
     elapsed = time.monotonic() - started
     assert caught.value.status_code == 504
-    error = _error(caught.value)
+    error = sdk_error_body(caught.value)
     assert error["code"] == "upstream_timeout"
     (task_id,) = _task_ids(caught.value.response.headers)
     assert task_id in error["message"]
@@ -314,7 +304,7 @@ def test_moderation_refusal_is_content_policy_violation(client: openai.OpenAI, s
         with pytest.raises(openai.BadRequestError) as caught:
             client.images.generate(model=model, prompt="something forbidden [blocked]")
         assert caught.value.status_code == 400
-        error = _error(caught.value)
+        error = sdk_error_body(caught.value)
         assert error["code"] == "content_policy_violation", (model, envelope, error)
         assert error["type"] == "invalid_request_error"
         assert sim.count(submit) == before + 1, (model, envelope)  # not retried on another key
@@ -326,12 +316,12 @@ def test_moderation_refusal_is_content_policy_violation(client: openai.OpenAI, s
 def test_model_must_exist_and_make_images(client: openai.OpenAI, sims: Sims) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(model="gpt-4o-mini", prompt="a cat")
-    error = _error(caught.value)
+    error = sdk_error_body(caught.value)
     assert error["param"] == "model"
     assert "chat" in error["message"]
     with pytest.raises(openai.NotFoundError) as caught:
         client.images.generate(model="no-such-painter", prompt="a cat")
-    error = _error(caught.value)
+    error = sdk_error_body(caught.value)
     assert (error["code"], error["param"]) == ("model_not_found", "model")
     assert sims.xffuw.count("image") == 0 and sims.xffuw.count("chat") == 0
 
@@ -357,7 +347,7 @@ def test_bad_fields_are_a_400_naming_the_field(proxy: RunningProxy, client: open
     for kwargs, param in BAD_FIELDS:
         with pytest.raises(openai.BadRequestError) as caught:
             client.images.generate(model="gpt-image-2", **kwargs)
-        error = _error(caught.value)
+        error = sdk_error_body(caught.value)
         assert error["param"] == param, kwargs
         assert error["type"] == "invalid_request_error", kwargs
     assert sims.xffuw.count("image") == 0

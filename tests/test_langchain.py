@@ -14,7 +14,7 @@ from langchain_openai import ChatOpenAI
 from proxy.sim.xffuw import CHAT_PREFIX
 
 
-def _llm(proxy: RunningProxy, **options: Any) -> ChatOpenAI:
+def _chat_openai(proxy: RunningProxy, **options: Any) -> ChatOpenAI:
     return ChatOpenAI(model=options.pop("model", "gpt-4o-mini"), base_url=proxy.base_url, api_key=CLIENT_KEY,
                       max_retries=0, **options)
 
@@ -27,7 +27,7 @@ def _sum(chunks: list[AIMessageChunk]) -> AIMessageChunk:
 
 
 def test_invoke_sends_the_messages_and_reads_usage(proxy: RunningProxy, sims: Sims) -> None:
-    reply = _llm(proxy, temperature=0.2).invoke([SystemMessage("be brief"), HumanMessage("你好")])
+    reply = _chat_openai(proxy, temperature=0.2).invoke([SystemMessage("be brief"), HumanMessage("你好")])
     assert isinstance(reply, AIMessage) and reply.content == CHAT_PREFIX + "你好"
     assert reply.usage_metadata is not None and reply.usage_metadata["total_tokens"] > 0
     assert reply.response_metadata["finish_reason"] == "stop"
@@ -39,7 +39,7 @@ def test_invoke_sends_the_messages_and_reads_usage(proxy: RunningProxy, sims: Si
 
 @pytest.mark.parametrize("stream_usage", [True, False])
 def test_stream_with_and_without_usage(proxy: RunningProxy, sims: Sims, stream_usage: bool) -> None:
-    chunks = list(_llm(proxy, stream_usage=stream_usage).stream("a prompt long enough for several chunks"))
+    chunks = list(_chat_openai(proxy, stream_usage=stream_usage).stream("a prompt long enough for several chunks"))
     assert len(chunks) > 2
     total = _sum(chunks)
     assert total.content == CHAT_PREFIX + "a prompt long enough for several chunks"
@@ -50,7 +50,7 @@ def test_stream_with_and_without_usage(proxy: RunningProxy, sims: Sims, stream_u
 
 
 def test_batch_and_ainvoke(proxy: RunningProxy, sims: Sims) -> None:
-    llm = _llm(proxy, stream_usage=True)
+    llm = _chat_openai(proxy, stream_usage=True)
     replies = llm.batch(["one", "two", "three"])
     assert [r.content for r in replies] == [CHAT_PREFIX + p for p in ("one", "two", "three")]
     assert sims.xffuw.count("chat") == 3
@@ -60,7 +60,7 @@ def test_batch_and_ainvoke(proxy: RunningProxy, sims: Sims) -> None:
 
 
 def test_responses_api_conversation_invoke_and_stream(proxy: RunningProxy, sims: Sims) -> None:
-    llm = _llm(proxy, use_responses_api=True)
+    llm = _chat_openai(proxy, use_responses_api=True)
     history = [SystemMessage("You are terse."), HumanMessage("first"), AIMessage("an earlier answer"),
                HumanMessage("second")]
     reply = llm.invoke(history)
@@ -76,7 +76,7 @@ def test_responses_api_conversation_invoke_and_stream(proxy: RunningProxy, sims:
 
 
 def test_responses_api_with_a_tool_is_a_clear_400(proxy: RunningProxy, sims: Sims) -> None:
-    llm = _llm(proxy, use_responses_api=True).bind_tools([{"type": "web_search"}])
+    llm = _chat_openai(proxy, use_responses_api=True).bind_tools([{"type": "web_search"}])
     with pytest.raises(openai.BadRequestError) as caught:
         llm.invoke("search the web")
     assert caught.value.body["param"] == "tools[0].type"  # type: ignore[index]
@@ -85,7 +85,7 @@ def test_responses_api_with_a_tool_is_a_clear_400(proxy: RunningProxy, sims: Sim
 
 def test_unknown_model_raises_the_sdk_error(proxy: RunningProxy, sims: Sims) -> None:
     with pytest.raises(openai.NotFoundError):
-        _llm(proxy, model="no-such-model").invoke("hi")
+        _chat_openai(proxy, model="no-such-model").invoke("hi")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # langchain-community announces its sunset

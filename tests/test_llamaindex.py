@@ -13,13 +13,13 @@ from llama_index.llms.openai_like import OpenAILike
 from proxy.sim.xffuw import CHAT_PREFIX
 
 
-def _llm(proxy: RunningProxy, **options: object) -> OpenAILike:
+def _openai_like(proxy: RunningProxy, **options: object) -> OpenAILike:
     return OpenAILike(model=str(options.pop("model", "gpt-4o-mini")), api_base=proxy.base_url, api_key=CLIENT_KEY,
                       max_retries=0, **options)
 
 
 def test_defaults_use_the_legacy_completions_endpoint(proxy: RunningProxy, sims: Sims) -> None:
-    llm = _llm(proxy)
+    llm = _openai_like(proxy)
     reply = llm.complete("Once upon a time")
     assert reply.text == CHAT_PREFIX + "Once upon a time"
     assert reply.raw is not None and reply.raw.object == "text_completion"  # answered by /v1/completions
@@ -31,7 +31,7 @@ def test_defaults_use_the_legacy_completions_endpoint(proxy: RunningProxy, sims:
 
 
 def test_chat_model_complete_chat_stream_chat_achat(proxy: RunningProxy, sims: Sims) -> None:
-    llm = _llm(proxy, is_chat_model=True)
+    llm = _openai_like(proxy, is_chat_model=True)
     completed = llm.complete("你好")
     assert completed.text == CHAT_PREFIX + "你好"
     assert completed.raw is not None and completed.raw.object == "chat.completion"
@@ -50,4 +50,4 @@ def test_chat_model_complete_chat_stream_chat_achat(proxy: RunningProxy, sims: S
 
 def test_unknown_model_raises_the_sdk_error(proxy: RunningProxy, sims: Sims) -> None:
     with pytest.raises(openai.NotFoundError):
-        _llm(proxy, model="no-such-model", is_chat_model=True).chat([ChatMessage(role="user", content="hi")])
+        _openai_like(proxy, model="no-such-model", is_chat_model=True).chat([ChatMessage(role="user", content="hi")])

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 from conftest import CLIENT_KEY, RunningProxy, Sims
+from helpers import sdk_error_body
 from openai_spec import validate_error, validate_model, validate_model_list
 
 # What the simulators list (proxy/sim/xffuw.py default_models, proxy/sim/fengyuan.py default_services).
@@ -30,12 +31,6 @@ def _listing(client: openai.OpenAI) -> dict[str, Any]:
     page = raw.parse()
     assert [m.id for m in page.data] == [e["id"] for e in body["data"]]
     return body
-
-
-def _error_body(exc: openai.APIStatusError) -> dict[str, Any]:
-    body = exc.response.json()
-    validate_error(body)
-    return body["error"]
 
 
 def test_list_merges_both_upstreams_with_owners(client: openai.OpenAI, sims: Sims) -> None:
@@ -128,7 +123,7 @@ def test_retrieve_alias(client: openai.OpenAI, sims: Sims) -> None:
 def test_retrieve_unknown_model_is_404(client: openai.OpenAI, sims: Sims) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("no-such-model")
-    error = _error_body(caught.value)
+    error = sdk_error_body(caught.value)
     assert error["code"] == "model_not_found"
     assert error["param"] == "model"
     assert error["type"] == "invalid_request_error"
@@ -136,7 +131,7 @@ def test_retrieve_unknown_model_is_404(client: openai.OpenAI, sims: Sims) -> Non
     # a known provider prefix with an unknown id is just as unknown
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("xffuw/product_photo")
-    assert _error_body(caught.value)["code"] == "model_not_found"
+    assert sdk_error_body(caught.value)["code"] == "model_not_found"
 
 
 def test_catalogue_is_cached(client: openai.OpenAI, sims: Sims) -> None:
@@ -179,7 +174,7 @@ def test_catalogue_is_served_stale_while_upstream_is_down(
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     assert caught.value.status_code == 502
-    assert _error_body(caught.value)["code"] == "upstream_error"
+    assert sdk_error_body(caught.value)["code"] == "upstream_error"
     assert sims.xffuw.count("chat") == 1
     assert client.models.retrieve("my-chat").owned_by == "xffuw"
 
@@ -198,11 +193,11 @@ def test_upstream_down_before_its_list_was_ever_read_is_not_model_not_found(
     assert {e["owned_by"] for e in listing["data"]} == {"fengyuan"}  # only what is known is listed
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
-    error = _error_body(caught.value)
+    error = sdk_error_body(caught.value)
     assert (caught.value.status_code, error["code"]) == (502, "upstream_error"), error
     with pytest.raises(openai.APIStatusError) as caught:
         client.images.generate(model="gpt-image-2", prompt="a cat")
-    error = _error_body(caught.value)
+    error = sdk_error_body(caught.value)
     assert (caught.value.status_code, error["code"]) == (502, "upstream_error"), error
     # a prefixed id already routes on trust
     with pytest.raises(openai.APIStatusError) as caught:
@@ -224,11 +219,11 @@ def test_provider_absent_from_config(
     for model_id in ("fengyuan/image_generation", "product_photo"):
         with pytest.raises(openai.NotFoundError) as caught:
             client.models.retrieve(model_id)
-        error = _error_body(caught.value)
+        error = sdk_error_body(caught.value)
         assert (error["code"], error["param"]) == ("model_not_found", "model")
     with pytest.raises(openai.NotFoundError) as caught:
         client.images.generate(model="fengyuan/image_generation", prompt="a cat")
-    assert _error_body(caught.value)["code"] == "model_not_found"
+    assert sdk_error_body(caught.value)["code"] == "model_not_found"
     assert sims.fengyuan.calls == []
 
 
@@ -240,5 +235,5 @@ def test_models_need_a_client_key(proxy: RunningProxy, sims: Sims, path: str) ->
     assert reply.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError) as caught:
         proxy.client(api_key="sk-not-a-client").models.list()
-    assert _error_body(caught.value)["code"] == "invalid_api_key"
+    assert sdk_error_body(caught.value)["code"] == "invalid_api_key"
     assert sims.xffuw.count("models") == 0

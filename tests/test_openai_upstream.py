@@ -15,14 +15,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import CLIENT_KEY, OPENAI_COMPAT_KEYS, CompatSim, RunningProxy
-from helpers import ADMIN, ADMIN_KEY, calls_by_key, error_of
+from conftest import CLIENT_KEY, OPENAI_COMPAT_KEYS, CompatSim, RunningProxy, serving
+from helpers import ADMIN_KEY, admin_keys, calls_by_key, error_of
 from openai_spec import validate_chat_completion, validate_images_response, validate_model_list
 
-from proxy.app import create_app
 from proxy.config import parse_config
 from proxy.pool import fingerprint
-from proxy.server import BackgroundServer
 from proxy.sim.assets import PNG_BYTES
 from proxy.sim.chat_model import TOOL_RESULTS
 from proxy.sim.openai_compat import CHAT_PREFIX
@@ -50,9 +48,8 @@ def reader(_openai_sim_server: CompatSim, tmp_path_factory: pytest.TempPathFacto
     """One proxy for the tests that leave every key as it was (starting one per test would
     dominate the runtime); tests that change key states start their own."""
     storage = str(tmp_path_factory.mktemp("compat") / "proxy.sqlite3")
-    server = BackgroundServer(create_app(parse_config(compat_config(_openai_sim_server, storage)))).start()
-    yield RunningProxy(server.url, server)
-    server.stop()
+    with serving(compat_config(_openai_sim_server, storage)) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +72,6 @@ def own_proxy(start_proxy: Callable[[dict[str, Any]], RunningProxy], openai_sim:
 
 def say(client: openai.OpenAI, text: str, model: str = "gpt-4o-mini", **extra: Any) -> Any:
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], **extra)
-
-
-def keys_of(proxy: RunningProxy, http: httpx.Client) -> dict[str, dict[str, Any]]:
-    reply = http.get(proxy.url + "/admin/keys", headers=ADMIN)
-    assert reply.status_code == 200, reply.text
-    return {v["fingerprint"]: v for v in reply.json()["data"]}
 
 
 def statuses(sim: CompatSim, key: str, since: int = 0) -> list[int]:
@@ -201,7 +192,7 @@ def test_errors_arrive_in_openais_shape(reader: RunningProxy, http: httpx.Client
     assert (error["type"], error["code"]) == (type_, code)
     if status == 502:  # it reached an upstream that may have charged: no automatic retry
         assert reply.headers["x-should-retry"] == "false"
-    assert all(k["state"] == "active" for k in keys_of(reader, http).values())  # nothing here is a key's fault
+    assert all(k["state"] == "active" for k in admin_keys(reader).values())  # nothing here is a key's fault
 
 
 def test_image_errors_arrive_in_openais_shape(sdk: openai.OpenAI, openai_sim: CompatSim) -> None:
@@ -227,17 +218,17 @@ def test_failover_past_a_rate_limited_key(own_proxy: RunningProxy, http: httpx.C
         assert say(client, text).choices[0].message.content == CHAT_PREFIX + text
     assert statuses(openai_sim, ALPHA, since) == [429]  # tried once (for the list or a chat), then rested
     assert calls_by_key(openai_sim.sim, "chat") == {BETA: 3}
-    alpha = keys_of(own_proxy, http)[fingerprint(ALPHA)]
+    alpha = admin_keys(own_proxy)[fingerprint(ALPHA)]
     assert alpha["state"] == "cooling" and alpha["until"] is not None
     assert "Rate limit reached" in alpha["reason"]
 
 
-def test_a_refused_key_is_disabled(own_proxy: RunningProxy, http: httpx.Client, openai_sim: CompatSim) -> None:
+def test_a_refused_key_is_disabled(own_proxy: RunningProxy, openai_sim: CompatSim) -> None:
     del openai_sim.sim.keys[ALPHA]  # revoked at the upstream
     client = own_proxy.client()
     for text in ("one", "two", "three"):
         assert say(client, text).choices[0].message.content == CHAT_PREFIX + text
-    keys = keys_of(own_proxy, http)
+    keys = admin_keys(own_proxy)
     assert keys[fingerprint(ALPHA)]["state"] == "disabled"
     assert keys[fingerprint(BETA)]["state"] == "active"
     assert statuses(openai_sim, ALPHA) == [401]  # refused once (for the list or a chat), never tried again
@@ -245,13 +236,12 @@ def test_a_refused_key_is_disabled(own_proxy: RunningProxy, http: httpx.Client, 
     assert ALPHA not in json.dumps(keys) and "alpha-5555" not in json.dumps(keys)
 
 
-def test_insufficient_quota_sets_the_key_aside(own_proxy: RunningProxy, http: httpx.Client,
-                                               openai_sim: CompatSim) -> None:
+def test_insufficient_quota_sets_the_key_aside(own_proxy: RunningProxy, openai_sim: CompatSim) -> None:
     openai_sim.sim.keys[ALPHA] = 0.0
     client = own_proxy.client()
     for text in ("one", "two"):
         assert say(client, text).choices[0].message.content == CHAT_PREFIX + text
-    assert keys_of(own_proxy, http)[fingerprint(ALPHA)]["state"] == "exhausted"
+    assert admin_keys(own_proxy)[fingerprint(ALPHA)]["state"] == "exhausted"
     assert calls_by_key(openai_sim.sim, "chat") == {ALPHA: 1, BETA: 2}  # ALPHA refused once, then set aside
     # both short: the client is told in OpenAI's words, and not to retry
     openai_sim.sim.keys[BETA] = 0.0
@@ -259,7 +249,7 @@ def test_insufficient_quota_sets_the_key_aside(own_proxy: RunningProxy, http: ht
         say(client, "three")
     assert caught.value.code == "insufficient_quota"
     assert caught.value.response.headers["x-should-retry"] == "false"
-    assert keys_of(own_proxy, http)[fingerprint(BETA)]["state"] == "exhausted"
+    assert admin_keys(own_proxy)[fingerprint(BETA)]["state"] == "exhausted"
     assert calls_by_key(openai_sim.sim, "chat") == {ALPHA: 1, BETA: 3}
 
 

@@ -9,9 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from typing import Any
 
-import httpx
 from conftest import XFFUW_KEYS, RunningProxy, Sims
-from helpers import AUTH
+from helpers import post_image
 
 POLL_INTERVAL = 0.5
 TASKS = 10
@@ -28,12 +27,9 @@ def test_a_short_budget_is_shared_so_no_task_waits_three_intervals(
     sims.xffuw.rate_limit, sims.xffuw.rate_window = LIMIT, WINDOW
     proxy = start_proxy(proxy_config)
 
-    def image(i: int) -> httpx.Response:
-        return httpx.post(proxy.url + "/v1/images/generations", headers=AUTH, timeout=40,
-                          json={"model": "gpt-image-2", "prompt": f"task {i} [delay=5]", "response_format": "url"})
-
     with ThreadPoolExecutor(TASKS) as pool:
-        replies = list(pool.map(image, range(TASKS)))
+        replies = list(pool.map(lambda i: post_image(proxy.url, f"task {i} [delay=5]", timeout=40,
+                                                     response_format="url"), range(TASKS)))
     assert [r.status_code for r in replies] == [200] * TASKS, [r.text for r in replies]
     assert sims.xffuw.rate_limited_count == 0  # the key was never pushed past its window
     polled = sims.xffuw.polled

@@ -8,16 +8,26 @@ short window, so "60 calls a minute" becomes "60 calls in a second or two"."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from conftest import FENGYUAN_KEYS, XFFUW_KEYS, RunningProxy, Sims
-from helpers import calls_by_key, wait_until
+from helpers import (
+    admin_keys,
+    call_in_flight,
+    calls_by_key,
+    chat,
+    fast_tasks,
+    image_burst,
+    in_background,
+    most_in_any_window,
+    one_call_at_a_time,
+    wait_until,
+    with_admin,
+)
 from openai_spec import validate_error
 
 from proxy.pool import fingerprint
@@ -30,56 +40,17 @@ FY_VIP = "sk-fy-test-key-vip-6666"
 FY_POOR = "sk-fy-test-key-poor-7777"
 FY_RICH = "sk-fy-test-key-rich-8888"
 FY_IMAGE = "fengyuan/image_generation"
-ADMIN_KEY = "adm-test-pooling-0123456789"
 
 
 # ---- helpers -----------------------------------------------------------------------
-
-
-def chat(client: openai.OpenAI, content: str = "你好", model: str = "gpt-4o-mini") -> str:
-    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}])
-    text = reply.choices[0].message.content
-    assert text is not None and text.endswith(content), text
-    return text
-
-
-def with_admin(config: dict[str, Any]) -> dict[str, Any]:
-    config["admin"] = {"keys": [ADMIN_KEY]}
-    return config
-
-
-def admin_keys(proxy: RunningProxy, provider: str | None = None) -> dict[str, dict[str, Any]]:
-    """GET /admin/keys, by fingerprint."""
-    reply = httpx.get(f"{proxy.url}/admin/keys", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
-    assert reply.status_code == 200, reply.text
-    return {view["fingerprint"]: view for view in reply.json()["data"]
-            if provider is None or view["provider"] == provider}
 
 
 def key_view(proxy: RunningProxy, secret: str) -> dict[str, Any]:
     return admin_keys(proxy)[fingerprint(secret)]
 
 
-def fast_tasks(config: dict[str, Any], sims: Sims, seconds: float = 0.05) -> None:
-    config["tasks"] = {"poll_interval": 0.1, "first_poll": 0.05, "timeout": 20}
-    sims.xffuw.task_seconds = sims.fengyuan.task_seconds = seconds
-
-
-def in_background(work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = work()
-        except BaseException as exc:  # reported by the test
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
-
-
-def fengyuan_only(config: dict[str, Any], keys: list[str], **table: Any) -> None:
+def fengyuan_table(config: dict[str, Any], keys: list[str], **table: Any) -> None:
+    """The fengyuan table with `keys` and the settings in `table`; xffuw stays."""
     config["providers"]["fengyuan"] = {"base_url": config["providers"]["fengyuan"]["base_url"], "keys": keys,
                                        **table}
 
@@ -141,8 +112,8 @@ def test_most_credits_picks_the_richer_fengyuan_key(start_proxy: Callable[..., R
                                                     proxy_config: dict[str, Any], sims: Sims) -> None:
     sims.fengyuan.keys[FY_POOR] = FengyuanKey(credits=1_000.0)
     sims.fengyuan.keys[FY_RICH] = FengyuanKey(credits=5_000.0)
-    fengyuan_only(proxy_config, [FY_POOR, FY_RICH], strategy="most_credits")
-    fast_tasks(proxy_config, sims)
+    fengyuan_table(proxy_config, [FY_POOR, FY_RICH], strategy="most_credits")
+    fast_tasks(proxy_config, sims, poll_interval=0.1, timeout=20)
     proxy = start_proxy(with_admin(proxy_config))
     # Balances are read from /api/user/info at start.
     wait_until(lambda: all(v["credits"] is not None for v in admin_keys(proxy, "fengyuan").values()),
@@ -169,19 +140,14 @@ def test_seventy_fengyuan_images_on_one_non_vip_key_cause_no_upstream_429(
     window = 1.5
     sims.fengyuan.rate_window = window
     assert sims.fengyuan.rate_limit_normal == 60
-    fengyuan_only(proxy_config, [FY_NORMAL], rate_window=window, balance_interval=0.4)
-    fast_tasks(proxy_config, sims, seconds=0.05)  # not instant: each image is polled at least once
+    fengyuan_table(proxy_config, [FY_NORMAL], rate_window=window, balance_interval=0.4)
+    fast_tasks(proxy_config, sims, poll_interval=0.1, timeout=20)  # not instant: each image is polled at least once
     proxy = start_proxy(with_admin(proxy_config))
     wait_until(lambda: key_view(proxy, FY_NORMAL)["credits"] is not None, what="the balance read")
     assert key_view(proxy, FY_NORMAL)["rate_limit"] == 60
 
-    async def burst() -> list[Any]:
-        async with proxy.async_client() as client:
-            return await asyncio.gather(*(client.images.generate(model=FY_IMAGE, prompt=f"一只猫 {i}")
-                                          for i in range(70)), return_exceptions=True)
-
     began = time.monotonic()
-    results = asyncio.run(burst())
+    results = image_burst(proxy, 70, FY_IMAGE, "一只猫")
     elapsed = time.monotonic() - began
     failures = [r for r in results if isinstance(r, BaseException)]
     assert not failures, failures[:3]
@@ -197,32 +163,17 @@ def test_seventy_fengyuan_images_on_one_non_vip_key_cause_no_upstream_429(
     assert sims.fengyuan.keys[FY_NORMAL].credits == 100_000.0 - 70 * 20
 
 
-def most_in_any_window(times: list[float], window: float) -> int:
-    times = sorted(times)
-    best, first = 0, 0
-    for last, at in enumerate(times):
-        while at - times[first] >= window:
-            first += 1
-        best = max(best, last - first + 1)
-    return best
-
-
 def test_vip_fengyuan_key_gets_300_calls_per_window(start_proxy: Callable[..., RunningProxy],
                                                     proxy_config: dict[str, Any], sims: Sims) -> None:
     window = 5.0
     sims.fengyuan.rate_window = window
     sims.fengyuan.keys[FY_VIP] = FengyuanKey(credits=10_000.0, vip_level=1)
-    fengyuan_only(proxy_config, [FY_VIP], rate_window=window)
+    fengyuan_table(proxy_config, [FY_VIP], rate_window=window)
     proxy = start_proxy(with_admin(proxy_config))
     view = wait_until(lambda: (v := key_view(proxy, FY_VIP))["vip_level"] == 1 and v, what="the VIP level read")
     assert view["rate_limit"] == 300
 
-    async def burst() -> list[Any]:
-        async with proxy.async_client() as client:
-            return await asyncio.gather(*(client.images.generate(model=FY_IMAGE, prompt=f"[instant] 猫 {i}")
-                                          for i in range(100)), return_exceptions=True)
-
-    results = asyncio.run(burst())
+    results = image_burst(proxy, 100, FY_IMAGE, "[instant] 猫")
     assert not [r for r in results if isinstance(r, BaseException)]
     assert sims.fengyuan.rate_limited_count == 0
     invokes = [c.at for c in sims.fengyuan.calls if c.endpoint == "invoke" and c.key == FY_VIP]
@@ -322,24 +273,19 @@ def test_a_queued_request_succeeds_when_room_frees_in_time(start_proxy: Callable
 
 def test_max_concurrent_per_key(start_proxy: Callable[..., RunningProxy], proxy_config: dict[str, Any],
                                 sims: Sims) -> None:
-    xffuw = proxy_config["providers"]["xffuw"]
-    del xffuw["keys"]
-    xffuw["key"] = [{"value": K0, "max_concurrent": 1}]
-    xffuw["queue_timeout"] = 0.6
+    one_call_at_a_time(proxy_config, K0, queue_timeout=0.6)
     proxy = start_proxy(with_admin(proxy_config))
     client = proxy.client()
     client.models.list()
     # A short call in flight: the next request waits for it, then goes.
-    slow, box = in_background(lambda: chat(client, "[delay=0.4] short"))
-    wait_until(lambda: key_view(proxy, K0)["in_flight"] == 1, what="the call in flight")
+    slow, box = call_in_flight(proxy, K0, lambda: chat(client, "[delay=0.4] short"))
     chat(client, "after the short one")
     slow.join(5)
     assert "error" not in box, box
     order = [c for c in sims.xffuw.calls if c.endpoint == "chat"]
     assert len(order) == 2 and order[0].at <= order[1].at  # never two at once: the waiting one ended last
     # A long call in flight: the next request gives up after queue_timeout with 429.
-    slow, box = in_background(lambda: chat(client, "[delay=1.5] long"))
-    wait_until(lambda: key_view(proxy, K0)["in_flight"] == 1, what="the call in flight")
+    slow, box = call_in_flight(proxy, K0, lambda: chat(client, "[delay=1.5] long"))
     began = time.monotonic()
     with pytest.raises(openai.RateLimitError) as caught:
         chat(client, "while the long one runs")
@@ -359,8 +305,8 @@ def test_max_concurrent_per_key(start_proxy: Callable[..., RunningProxy], proxy_
 def test_exhausted_fengyuan_key_recovers_by_itself_after_top_up(start_proxy: Callable[..., RunningProxy],
                                                                 proxy_config: dict[str, Any], sims: Sims) -> None:
     sims.fengyuan.keys[FY_POOR] = FengyuanKey(credits=100.0)
-    fengyuan_only(proxy_config, [FY_POOR], recheck_after=0.3, balance_interval=300)
-    fast_tasks(proxy_config, sims)
+    fengyuan_table(proxy_config, [FY_POOR], recheck_after=0.3, balance_interval=300)
+    fast_tasks(proxy_config, sims, poll_interval=0.1, timeout=20)
     proxy = start_proxy(with_admin(proxy_config))
     wait_until(lambda: key_view(proxy, FY_POOR)["credits"] == 100.0, what="credits read at start")
     client = proxy.client()
@@ -454,8 +400,8 @@ def test_a_retry_never_lands_on_a_key_that_just_failed(start_proxy: Callable[...
 def test_a_key_whose_known_credits_cannot_pay_is_never_tried(start_proxy: Callable[..., RunningProxy],
                                                               proxy_config: dict[str, Any], sims: Sims) -> None:
     sims.fengyuan.keys[FY_POOR] = FengyuanKey(credits=15.0)  # an image costs 20
-    fengyuan_only(proxy_config, [FY_POOR, FY_NORMAL])
-    fast_tasks(proxy_config, sims)
+    fengyuan_table(proxy_config, [FY_POOR, FY_NORMAL])
+    fast_tasks(proxy_config, sims, poll_interval=0.1, timeout=20)
     proxy = start_proxy(with_admin(proxy_config))
     wait_until(lambda: all(v["credits"] for v in admin_keys(proxy, "fengyuan").values()), what="credits read")
     client = proxy.client()
@@ -469,8 +415,8 @@ def test_fengyuan_retry_goes_to_another_key_each_time(start_proxy: Callable[...,
                                                       proxy_config: dict[str, Any], sims: Sims) -> None:
     sims.fengyuan.keys[FY_POOR] = FengyuanKey(credits=1_000.0)
     sims.fengyuan.keys[FY_RICH] = FengyuanKey(credits=1_000.0)
-    fengyuan_only(proxy_config, [FY_POOR, FY_RICH])
-    fast_tasks(proxy_config, sims)
+    fengyuan_table(proxy_config, [FY_POOR, FY_RICH])
+    fast_tasks(proxy_config, sims, poll_interval=0.1, timeout=20)
     proxy = start_proxy(with_admin(proxy_config))
     wait_until(lambda: all(v["credits"] for v in admin_keys(proxy, "fengyuan").values()), what="credits read")
     sims.fengyuan.keys[FY_POOR].credits = sims.fengyuan.keys[FY_RICH].credits = 0.0

@@ -8,8 +8,9 @@ from typing import Any
 import httpx
 import openai
 from conftest import CLIENT_KEY, OTHER_CLIENT_KEY, RunningProxy, Sims
+from helpers import error_of
 from jsonschema import Draft202012Validator
-from openai_spec import validate_error, validate_response_object, validate_response_stream
+from openai_spec import validate_response_object, validate_response_stream
 from pydantic import BaseModel
 
 from proxy.sim.chat_model import TOOL_RESULTS
@@ -38,13 +39,6 @@ def _ok(reply: httpx.Response) -> dict[str, Any]:
     body = reply.json()
     validate_response_object(body)
     return body
-
-
-def _error(reply: httpx.Response, status: int) -> dict[str, Any]:
-    assert reply.status_code == status, reply.text
-    body = reply.json()
-    validate_error(body)
-    return body["error"]
 
 
 def _events(proxy: RunningProxy, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -109,17 +103,17 @@ def test_sdk_output_text_and_previous_response_id(client: openai.OpenAI, sims: S
 
 def test_conversations_belong_to_their_client(proxy: RunningProxy, sims: Sims) -> None:
     mine = _ok(_create(proxy, {"model": "gpt-4o-mini", "input": "secret plans"}))
-    other = _error(_create(proxy, {"model": "gpt-4o-mini", "input": "tell me", "previous_response_id": mine["id"]},
+    other = error_of(_create(proxy, {"model": "gpt-4o-mini", "input": "tell me", "previous_response_id": mine["id"]},
                            key=OTHER_CLIENT_KEY), 404)
     assert other["param"] == "previous_response_id" and mine["id"] in other["message"]
     peek = httpx.get(f"{proxy.base_url}/responses/{mine['id']}",
                      headers={"authorization": f"Bearer {OTHER_CLIENT_KEY}"})
-    _error(peek, 404)
+    error_of(peek, 404)
     assert sims.xffuw.count("chat") == 1  # the refused continuation reached no upstream
 
 
 def test_unknown_previous_response_id_is_a_404(proxy: RunningProxy, sims: Sims) -> None:
-    error = _error(_create(proxy, {"model": "gpt-4o-mini", "input": "x", "previous_response_id": "resp_nope"}), 404)
+    error = error_of(_create(proxy, {"model": "gpt-4o-mini", "input": "x", "previous_response_id": "resp_nope"}), 404)
     assert error["param"] == "previous_response_id"
     assert error["type"] == "invalid_request_error"
 
@@ -127,13 +121,13 @@ def test_unknown_previous_response_id_is_a_404(proxy: RunningProxy, sims: Sims) 
 def test_store_false_keeps_nothing_and_delete_forgets(proxy: RunningProxy, sims: Sims) -> None:
     unstored = _ok(_create(proxy, {"model": "gpt-4o-mini", "input": "x", "store": False}))
     assert unstored["store"] is False
-    _error(httpx.get(f"{proxy.base_url}/responses/{unstored['id']}", headers=AUTH), 404)
+    error_of(httpx.get(f"{proxy.base_url}/responses/{unstored['id']}", headers=AUTH), 404)
     stored = _ok(_create(proxy, {"model": "gpt-4o-mini", "input": "y"}))
     assert stored["store"] is True
     deleted = httpx.delete(f"{proxy.base_url}/responses/{stored['id']}", headers=AUTH)
     assert deleted.status_code == 200 and deleted.json()["deleted"] is True
-    _error(httpx.get(f"{proxy.base_url}/responses/{stored['id']}", headers=AUTH), 404)
-    _error(_create(proxy, {"model": "gpt-4o-mini", "input": "z", "previous_response_id": stored["id"]}), 404)
+    error_of(httpx.get(f"{proxy.base_url}/responses/{stored['id']}", headers=AUTH), 404)
+    error_of(_create(proxy, {"model": "gpt-4o-mini", "input": "z", "previous_response_id": stored["id"]}), 404)
 
 
 def test_stream_sends_the_responses_event_sequence(proxy: RunningProxy, sims: Sims) -> None:
@@ -198,7 +192,7 @@ BUILT_IN_TOOLS: list[dict[str, Any]] = [
 
 def test_built_in_tools_are_refused_naming_their_type(proxy: RunningProxy, sims: Sims) -> None:
     for tool in BUILT_IN_TOOLS:  # after a function tool, so the index is checked too
-        error = _error(_create(proxy, {"model": "gpt-4o-mini", "input": "x", "tools": [WEATHER, tool]}), 400)
+        error = error_of(_create(proxy, {"model": "gpt-4o-mini", "input": "x", "tools": [WEATHER, tool]}), 400)
         assert error["param"] == "tools[1].type", error
         assert tool["type"] in error["message"] and "cannot run" in error["message"]
     assert sims.xffuw.count("chat") == 0
@@ -259,13 +253,13 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
 
 def test_bad_requests_name_the_field(proxy: RunningProxy, sims: Sims) -> None:
     for body, param in BAD_REQUESTS:  # one proxy for the whole table
-        error = _error(_create(proxy, {"model": "gpt-4o-mini", **body}), 400)
+        error = error_of(_create(proxy, {"model": "gpt-4o-mini", **body}), 400)
         assert error["param"] == param, (body, error)
     assert sims.xffuw.count("chat") == 0
 
 
 def test_image_model_is_refused(proxy: RunningProxy, sims: Sims) -> None:
-    error = _error(_create(proxy, {"model": "gpt-image-2", "input": "x"}), 400)
+    error = error_of(_create(proxy, {"model": "gpt-image-2", "input": "x"}), 400)
     assert (error["param"], error["code"]) == ("model", "model_not_supported")
 
 

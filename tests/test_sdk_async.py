@@ -18,11 +18,7 @@ from proxy.sim.xffuw import CHAT_PREFIX
 
 PUBLIC_URL = "https://proxy.example.test"
 USER = [{"role": "user", "content": "你好"}]
-
-
-@pytest.fixture(autouse=True)
-def _fast_tasks(sims: Sims) -> None:
-    sims.xffuw.task_seconds = sims.fengyuan.task_seconds = 0.04
+pytestmark = pytest.mark.usefixtures("fast_sim_tasks")  # tests/conftest.py
 
 
 def test_every_surface_through_the_async_client(start_proxy: Callable[[dict[str, Any]], RunningProxy],

@@ -4,7 +4,6 @@ line per request that says who, what, where and how it went, with a key fingerpr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -15,7 +14,7 @@ import httpx
 import openai
 import pytest
 from conftest import CLIENT_KEY, FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
-from helpers import logged_requests
+from helpers import asgi_request, key_fingerprint, logged_requests, send_json
 
 from proxy.server import BackgroundServer
 
@@ -31,60 +30,36 @@ ECHOES = {"echo": ECHO_KEY, "echo_broke": ECHO_BROKE, "echo_limited": ECHO_LIMIT
 USER = [{"role": "user", "content": "你好"}]
 
 
-def fingerprint(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()[:12]
-
-
 # ---- an upstream that puts the key it was sent into every error text ------------------
 
 
-async def _send_json(send: Callable[..., Any], payload: Any, status: int = 200,
-                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(extra or [])]})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def echo_upstream(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+async def key_naming_upstream(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
     """xffuw's dialect; lists a chat and an image model for any key, then answers chat and
     image calls with errors that name the caller's key."""
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    more = True
-    while more:
-        message = await receive()
-        more = message.get("more_body", False)
-    headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-    key = headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if (request := await asgi_request(scope, receive, send)) is None:
+        return
+    key, _ = request
     path = scope["path"]
     if path.endswith("models.php"):
-        await _send_json(send, {"data": [{"slug": "echo-chat", "name": "Echo", "type": "chat", "price": "0.1"},
+        await send_json(send, {"data": [{"slug": "echo-chat", "name": "Echo", "type": "chat", "price": "0.1"},
                                          {"slug": "echo-image", "name": "Echo", "type": "image", "price": "1"}]})
     elif key == ECHO_BROKE:
-        await _send_json(send, {"error": f"insufficient balance on {key}"})
+        await send_json(send, {"error": f"insufficient balance on {key}"})
     elif key == ECHO_LIMITED:
-        await _send_json(send, {"error": f"rate limit exceeded for {key}"}, 429, [(b"retry-after", b"30")])
+        await send_json(send, {"error": f"rate limit exceeded for {key}"}, 429, [(b"retry-after", b"30")])
     elif key == ECHO_REVOKED:
-        await _send_json(send, {"error": f"invalid api key: {key}"}, 401)
+        await send_json(send, {"error": f"invalid api key: {key}"}, 401)
     elif path.endswith("chat.php"):
-        await _send_json(send, {"error": f"backend failure while serving token {key} (Bearer {key})"}, 500)
+        await send_json(send, {"error": f"backend failure while serving token {key} (Bearer {key})"}, 500)
     elif path.endswith("image.php"):
-        await _send_json(send, {"ok": True, "task_id": "777", "type": "image"})
+        await send_json(send, {"ok": True, "task_id": "777", "type": "image"})
     else:  # task.php: every poll fails, naming the key
-        await _send_json(send, {"error": f"lookup failed for caller {key}"})
+        await send_json(send, {"error": f"lookup failed for caller {key}"})
 
 
 @pytest.fixture
 def echo_url() -> Iterator[str]:
-    server = BackgroundServer(echo_upstream).start()
+    server = BackgroundServer(key_naming_upstream).start()
     yield server.url
     server.stop()
 
@@ -251,7 +226,7 @@ def test_access_log_has_one_json_line_per_request(proxy: RunningProxy, sims: Sim
     assert len(entries) == len(recorder.seen) == 11
     by_id = {entry["request_id"]: entry for entry in entries}
     assert len(by_id) == len(entries)  # one line per request
-    fingerprints = {fingerprint(k): k for k in [*XFFUW_KEYS, *FENGYUAN_KEYS]}
+    fingerprints = {key_fingerprint(k): k for k in [*XFFUW_KEYS, *FENGYUAN_KEYS]}
     for seen in recorder.seen:
         request_id = dict(seen.headers)["x-request-id"]
         entry = by_id[request_id]

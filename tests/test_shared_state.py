@@ -20,7 +20,18 @@ from typing import Any
 import httpx
 import pytest
 from conftest import CLIENT_KEY, FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, Sims
-from helpers import ADMIN, ADMIN_KEY, free_port, spawn, wait_healthy, wait_until, write_config
+from helpers import (
+    ADMIN,
+    ADMIN_KEY,
+    free_port,
+    most_in_any_window,
+    post_chat,
+    post_image,
+    spawn,
+    wait_healthy,
+    wait_until,
+    write_config,
+)
 from redis.exceptions import RedisError
 from stores import PgServer, pg_server
 
@@ -108,28 +119,11 @@ def replicas(processes: list[subprocess.Popen[str]], sims: Sims, tmp_path: Path)
     forget_prefix(REDIS_URL, prefix)
 
 
-def chat(url: str, key: str = CLIENT_KEY, model: str = "gpt-4o-mini", content: str = "hi",
-         headers: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.post(f"{url}/v1/chat/completions", timeout=30,
-                      headers={"authorization": f"Bearer {key}", **(headers or {})},
-                      json={"model": model, "messages": [{"role": "user", "content": content}]})
-
-
-def most_in_any_window(times: list[float], window: float) -> int:
-    times = sorted(times)
-    best, first = 0, 0
-    for last, at in enumerate(times):
-        while at - times[first] >= window:
-            first += 1
-        best = max(best, last - first + 1)
-    return best
-
-
 def test_three_replicas_keep_a_key_and_a_client_under_their_limits(replicas: Replicas, sims: Sims) -> None:
     urls = replicas.start(3)
     with ThreadPoolExecutor(12) as pool:
-        slow = list(pool.map(lambda i: chat(urls[i % 3], model="slow/gpt-4o-mini").status_code, range(30)))
-        dora = list(pool.map(lambda i: chat(urls[i % 3], key=DORA_KEY).status_code, range(3 * DORA_RPM)))
+        slow = list(pool.map(lambda i: post_chat(urls[i % 3], model="slow/gpt-4o-mini").status_code, range(30)))
+        dora = list(pool.map(lambda i: post_chat(urls[i % 3], key=DORA_KEY).status_code, range(3 * DORA_RPM)))
     assert set(slow) <= {200, 429} and 200 in slow, slow
     keyed = [c.at for c in sims.xffuw.calls if c.key == SLOW_KEY]
     assert most_in_any_window(keyed, WINDOW) <= LIMIT, f"{len(keyed)} calls; at most {LIMIT} a {WINDOW:g} s"
@@ -172,7 +166,7 @@ def test_a_request_counts_its_client_and_its_key_in_one_round_trip(replicas: Rep
     statuses: list[int] = []
 
     def chats() -> None:
-        statuses.extend(chat(url, key=DORA_KEY, model="slow/gpt-4o-mini").status_code for _ in range(5))
+        statuses.extend(post_chat(url, key=DORA_KEY, model="slow/gpt-4o-mini").status_code for _ in range(5))
 
     commands = redis_commands(prefix, chats)
     assert statuses == [200] * 5
@@ -192,7 +186,7 @@ def test_a_client_rpm_counts_requests_refused_before_any_upstream_call(replicas:
                              json={"model": "gpt-4o-mini"}, timeout=30)
         assert refused.status_code == 400, refused.text
     time.sleep(0.3)  # each is counted as it ends, a moment after its answer went out
-    over = chat(urls[0], key=DORA_KEY)
+    over = post_chat(urls[0], key=DORA_KEY)
     assert over.status_code == 429, over.text
     assert "dora" in over.json()["error"]["message"]
     assert sims.xffuw.count("chat") == 0
@@ -205,7 +199,7 @@ def test_a_request_for_several_images_counts_once_in_its_client_rpm(replicas: Re
                         json={"model": "gpt-image-2", "prompt": "three cats", "n": 3}, timeout=30)
     assert images.status_code == 200, images.text
     assert len(images.json()["data"]) == 3
-    assert [chat(urls[i % 2], key=DORA_KEY).status_code for i in range(DORA_RPM)] == [200] * (DORA_RPM - 1) + [429]
+    assert [post_chat(urls[i % 2], key=DORA_KEY).status_code for i in range(DORA_RPM)] == [200] * (DORA_RPM - 1) + [429]
     submitted = sims.xffuw.count("image")
     # over its rpm, a request for several images is refused whole: none of its calls goes out
     over = httpx.post(f"{urls[1]}/v1/images/generations", headers={"authorization": f"Bearer {DORA_KEY}"},
@@ -217,7 +211,7 @@ def test_a_request_for_several_images_counts_once_in_its_client_rpm(replicas: Re
 def test_a_budget_holds_across_replicas(replicas: Replicas, sims: Sims) -> None:
     urls = replicas.start(2)
     with ThreadPoolExecutor(30) as pool:
-        replies = list(pool.map(lambda i: chat(urls[i % 2], key=ERIN_KEY, content=f"{i} [delay=0.2]"), range(30)))
+        replies = list(pool.map(lambda i: post_chat(urls[i % 2], key=ERIN_KEY, content=f"{i} [delay=0.2]"), range(30)))
     assert sum(r.status_code == 200 for r in replies) <= 20
     report = httpx.get(f"{urls[0]}/admin/usage", params={"client": "erin"}, headers=ADMIN, timeout=10).json()
     assert report["total"]["cost"] <= 10.0, report
@@ -229,15 +223,15 @@ def test_a_dead_replicas_budget_holds_lapse_within_seconds(replicas: Replicas) -
     first, second = replicas.start(2)
     with ThreadPoolExecutor(20) as pool:
         for i in range(20):
-            pool.submit(chat, first, key=ERIN_KEY, content=f"{i} [delay=60]")
-        wait_until(lambda: chat(second, key=ERIN_KEY).status_code == 429, 10, "the budget to be held")
+            pool.submit(post_chat, first, f"{i} [delay=60]", key=ERIN_KEY)
+        wait_until(lambda: post_chat(second, key=ERIN_KEY).status_code == 429, 10, "the budget to be held")
         held, spent = erin_budget(second)  # the console's budgets show the first replica's holds
         assert held > 0 and held + spent == 10  # what the probes above did not spend is held
         time.sleep(HOLD_LIFE + 1)  # a live replica renews its holds: they outlast HOLD_LIFE
-        assert chat(second, key=ERIN_KEY).status_code == 429
+        assert post_chat(second, key=ERIN_KEY).status_code == 429
         replicas.procs[0].send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        wait_until(lambda: chat(second, key=ERIN_KEY).status_code == 200, 20, "the holds to lapse")
+        wait_until(lambda: post_chat(second, key=ERIN_KEY).status_code == 200, 20, "the holds to lapse")
         assert time.monotonic() - killed <= 10 + 3  # HOLD_LIFE and a beat, not the request's longest wait
     # the holds lapse within a beat of each other (each renewed, or made, in its own second)
     wait_until(lambda: erin_budget(second)[0] == 0, 3, "every hold to lapse")
@@ -253,15 +247,15 @@ def erin_budget(url: str) -> tuple[float, float]:
 def test_a_replica_started_beside_a_running_one_serves_its_limited_key(replicas: Replicas) -> None:
     """The running replica's last save of its key windows is no crash: the new one serves."""
     (first,) = replicas.start(1)
-    assert chat(first, model="slow/gpt-4o-mini").status_code == 200
+    assert post_chat(first, model="slow/gpt-4o-mini").status_code == 200
     (second,) = replicas.start(1)
-    assert chat(second, model="slow/gpt-4o-mini").status_code == 200
+    assert post_chat(second, model="slow/gpt-4o-mini").status_code == 200
 
 
 def test_a_key_disabled_through_one_replica_is_refused_by_the_other_within_a_second(
         replicas: Replicas, sims: Sims) -> None:
     first, second = replicas.start(2)
-    assert chat(second).status_code == 200
+    assert post_chat(second).status_code == 200
     refused = fingerprint(XFFUW_KEYS[0])
     reply = httpx.post(f"{first}/admin/keys/{refused}/disable", headers=ADMIN, timeout=10)
     assert reply.status_code == 200, reply.text
@@ -275,7 +269,7 @@ def test_a_key_disabled_through_one_replica_is_refused_by_the_other_within_a_sec
     assert time.monotonic() - began <= 1.5
     seen = len(sims.xffuw.calls)
     for i in range(4):
-        assert chat(second, content=f"after {i}").status_code == 200
+        assert post_chat(second, content=f"after {i}").status_code == 200
     assert {c.key for c in list(sims.xffuw.calls)[seen:] if c.endpoint == "chat"} == {XFFUW_KEYS[1]}
     # enabled through the other replica: back in the first one's pool
     reply = httpx.post(f"{second}/admin/keys/{refused}/enable", headers=ADMIN, timeout=10)
@@ -288,12 +282,12 @@ def test_a_key_disabled_through_one_replica_is_refused_by_the_other_within_a_sec
 def test_a_reload_through_one_replica_reloads_every_replica(replicas: Replicas) -> None:
     first, second = replicas.start(2)
     newcomer = "sk-test-newcomer-reload-1"
-    assert chat(second, key=newcomer).status_code == 401
+    assert post_chat(second, key=newcomer).status_code == 401
     replicas.config["clients"].append({"name": "newcomer", "key": newcomer})
     write_config(replicas.folder, replicas.config)  # the file both replicas were started from
     reply = httpx.post(f"{first}/admin/reload", headers=ADMIN, timeout=10)
     assert reply.status_code == 200, reply.text
-    wait_until(lambda: chat(second, key=newcomer).status_code == 200, 3, "the other replica to re-read its file")
+    wait_until(lambda: post_chat(second, key=newcomer).status_code == 200, 3, "the other replica to re-read its file")
 
 
 def test_an_idempotency_key_repeated_on_another_replica_pays_once(replicas: Replicas, sims: Sims) -> None:
@@ -311,9 +305,9 @@ def test_an_idempotency_key_repeated_on_another_replica_pays_once(replicas: Repl
     # a chat too: the repeat waits for the first rather than 409
     chat_headers = {"idempotency-key": "chat-across-replicas"}
     with ThreadPoolExecutor(2) as pool:
-        c1 = pool.submit(chat, first, CLIENT_KEY, "gpt-4o-mini", "slow [delay=1]", chat_headers)
+        c1 = pool.submit(post_chat, first, "slow [delay=1]", headers=chat_headers)
         wait_until(lambda: sims.xffuw.count("chat") == 1, 5, "the first chat")
-        c2 = pool.submit(chat, second, CLIENT_KEY, "gpt-4o-mini", "slow [delay=1]", chat_headers)
+        c2 = pool.submit(post_chat, second, "slow [delay=1]", headers=chat_headers)
         r1, r2 = c1.result(), c2.result()
     assert r1.status_code == r2.status_code == 200 and r1.content == r2.content, (r1.text, r2.text)
     assert sims.xffuw.count("chat") == 1
@@ -424,18 +418,14 @@ def test_redis_stopped_mid_load_answers_no_5xx_and_loses_no_paid_task(
     group = Replicas(processes, tmp_path, replica_config(sims, tmp_path / "store.sqlite3", "down", url))
     first, second = group.start(2)
     time.sleep(1.2)  # a heartbeat (1 s): each replica knows of the other, so limits split two ways
-    headers = {"authorization": f"Bearer {CLIENT_KEY}"}
-
-    def image(i: int) -> httpx.Response:
-        return httpx.post(f"{(first, second)[i % 2]}/v1/images/generations", headers=headers, timeout=30,
-                          json={"model": "gpt-image-2", "prompt": f"through an outage {i} [delay=0.5]"})
-
     with ThreadPoolExecutor(8) as pool:
-        pending = [pool.submit(image, i) for i in range(8)]
+        pending = [pool.submit(post_image, (first, second)[i % 2], f"through an outage {i} [delay=0.5]")
+                   for i in range(8)]
         time.sleep(0.2)
         stop()
-        pending += [pool.submit(image, i) for i in range(8, 16)]
-        chats = [pool.submit(chat, (first, second)[i % 2]) for i in range(8)]
+        pending += [pool.submit(post_image, (first, second)[i % 2], f"through an outage {i} [delay=0.5]")
+                    for i in range(8, 16)]
+        chats = [pool.submit(post_chat, (first, second)[i % 2]) for i in range(8)]
         replies = [f.result() for f in pending + chats]
     assert all(r.status_code < 500 for r in replies), [r.text for r in replies if r.status_code >= 500]
     assert sum(r.status_code == 200 for r in replies) == len(replies)
@@ -447,7 +437,7 @@ def test_redis_stopped_mid_load_answers_no_5xx_and_loses_no_paid_task(
     # the budget (10: twenty chats) is split across the two replicas while they cannot share holds
     wait_until(lambda: httpx.get(f"{second}/healthz", timeout=5).json()["shared"] == "down", 5, "both alone")
     with ThreadPoolExecutor(30) as pool:
-        budgeted = list(pool.map(lambda i: chat((first, second)[i % 2], key=ERIN_KEY, content=f"{i} [delay=0.5]"),
+        budgeted = list(pool.map(lambda i: post_chat((first, second)[i % 2], key=ERIN_KEY, content=f"{i} [delay=0.5]"),
                                  range(30)))
     assert {r.status_code for r in budgeted} == {200, 429}
     assert sum(r.status_code == 200 for r in budgeted) <= 20, "more chats answered than the budget pays for"
@@ -465,13 +455,13 @@ def test_two_replicas_on_postgresql_and_redis_act_as_one(processes: list[subproc
     group = Replicas(processes, tmp_path, config)
     try:
         first, second = group.start(2)
-        assert chat(first, content="on the first").status_code == 200
-        assert chat(second, content="on the second").status_code == 200
+        assert post_chat(first, content="on the first").status_code == 200
+        assert post_chat(second, content="on the second").status_code == 200
         for url in (first, second):  # usage from both, in either (each writes its own within a moment)
             wait_until(lambda url=url: httpx.get(f"{url}/admin/usage", params={"client": "alice"}, headers=ADMIN,
                                                  timeout=10).json()["total"]["requests"] == 2, 3, "usage of both")
         with ThreadPoolExecutor(24) as pool:  # a budget of 10 (twenty chats) holds across both
-            replies = list(pool.map(lambda i: chat((first, second)[i % 2], key=ERIN_KEY, content=f"{i}"), range(24)))
+            replies = list(pool.map(lambda i: post_chat((first, second)[i % 2], f"{i}", key=ERIN_KEY), range(24)))
         assert sum(r.status_code == 200 for r in replies) <= 20
         # a task started on the first, finished by the second after the first died: recorded once
         headers = {"authorization": f"Bearer {OTHER_CLIENT_KEY}"}

@@ -43,7 +43,7 @@ DAY = 86400
 D0 = calendar.timegm((2026, 3, 1, 0, 0, 0))  # a UTC midnight
 
 
-def run(any_store: StoreFactory, test: Callable[[Store], Any]) -> None:
+def run_on_store(any_store: StoreFactory, test: Callable[[Store], Any]) -> None:
     async def main() -> None:
         store = await any_store.open()
         try:
@@ -71,7 +71,7 @@ def test_concurrent_saves_are_all_committed_when_they_return(any_store: StoreFac
         await asyncio.gather(first, second)
         assert {r.state for r in (await tasks_seen_by_another_process(any_store)).values()} == {"running"}
 
-    run(any_store, test)
+    run_on_store(any_store, test)
 
 
 def test_a_final_state_is_written_without_being_awaited_and_reads_see_it(any_store: StoreFactory) -> None:
@@ -92,7 +92,7 @@ def test_a_final_state_is_written_without_being_awaited_and_reads_see_it(any_sto
         assert seen["task_2"].state == "succeeded"
         assert {r.state for r in seen.values() if r.id not in ("task_1", "task_2")} == {"failed"}
 
-    run(any_store, test)
+    run_on_store(any_store, test)
 
 
 def test_a_task_is_adopted_only_when_it_and_its_owner_have_gone_silent(any_store: StoreFactory) -> None:
@@ -120,7 +120,7 @@ def test_a_task_is_adopted_only_when_it_and_its_owner_have_gone_silent(any_store
         assert taken.owner == "worker-d"
         assert await store.unfinished_owners() == ["worker-d"]
 
-    run(any_store, test)
+    run_on_store(any_store, test)
 
 
 def test_task_counts_and_recent_tasks(any_store: StoreFactory) -> None:
@@ -142,7 +142,7 @@ def test_task_counts_and_recent_tasks(any_store: StoreFactory) -> None:
         store.finish_task(later)
         assert (await store.recent_tasks(limit=1))[0].id == "task_0"
 
-    run(any_store, test)
+    run_on_store(any_store, test)
 
 
 # ---- idempotency and durations ---------------------------------------------------------------
@@ -168,7 +168,7 @@ def test_idempotency_records(any_store: StoreFactory) -> None:
         await store.purge(tasks_before=0, idempotency_before=time.time() + 1)
         assert await store.idempotency_get("bob", "k1") is None
 
-    run(any_store, test)
+    run_on_store(any_store, test)
 
 
 def test_learned_durations_are_replaced_and_outlive_the_process(any_store: StoreFactory) -> None:
@@ -185,8 +185,8 @@ def test_learned_durations_are_replaced_and_outlive_the_process(any_store: Store
         assert await store.load_durations() == {("xffuw", "gpt-image-2"): [11.0, 12.5, 14.25],
                                                 ("fengyuan", "image"): [31.0, 29.5]}
 
-    run(any_store, first)
-    run(any_store, second)
+    run_on_store(any_store, first)
+    run_on_store(any_store, second)
 
 
 def test_close_writes_everything_queued(any_store: StoreFactory) -> None:
@@ -203,8 +203,8 @@ def test_close_writes_everything_queued(any_store: StoreFactory) -> None:
             UsageRow(group="alice", requests=50, cost=49 * 0.5 + 5.0, failed=1)]
         assert (await store.get_task("task_1")).state == "failed"  # type: ignore[union-attr]
 
-    run(any_store, first)
-    run(any_store, second)
+    run_on_store(any_store, first)
+    run_on_store(any_store, second)
 
 
 # ---- usage ----------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_usage_from_the_rollups_matches_the_raw_rows(any_store: StoreFactory) ->
                     want_spent = sum(r.cost for r in final if r.client == client and r.at >= since)
                     assert await store.spent(client, since) == pytest.approx(want_spent), (name, client)
 
-    run(any_store, test)
+    run_on_store(any_store, test)
 
 
 def test_purge_drops_raw_rows_after_keep_usage_days_and_keeps_the_daily_totals(any_store: StoreFactory) -> None:
@@ -318,7 +318,7 @@ def test_purge_drops_raw_rows_after_keep_usage_days_and_keeps_the_daily_totals(a
         kept = await store.usage(client=None, model=None, since=now - DAY, until=now + 1, group_by="client")
         assert kept == [UsageRow(group="alice", requests=5, cost=10.0, failed=0)]
 
-    run(any_store, test)
+    run_on_store(any_store, test)
 
 
 @pytest.mark.parametrize(("since", "until", "first", "end", "raw"), [

@@ -19,15 +19,13 @@ import msgspec
 import openai
 import pytest
 from conftest import RunningProxy, Sims
-from helpers import post_image, wait_until
+from helpers import ADMIN_KEY, admin_get, admin_request, post_image, usage_report, wait_until
 from stores import PgServer, pg_server, store_kind
 from test_durability import short_grace, wait_task_final
 
 from proxy.store import UNFINISHED, TaskRecord
 
 __all__ = ["pg_server", "store_kind"]
-
-ADMIN_KEY = "adm-test-store-0123456789"
 
 
 def on(config: dict[str, Any], url: str) -> dict[str, Any]:
@@ -36,12 +34,7 @@ def on(config: dict[str, Any], url: str) -> dict[str, Any]:
     return config
 
 
-def usage(proxy: RunningProxy, **params: Any) -> httpx.Response:
-    return httpx.get(f"{proxy.url}/admin/usage", params=params, headers={"authorization": f"Bearer {ADMIN_KEY}"},
-                     timeout=10)
-
-
-def stored_tasks(url: str) -> list[TaskRecord]:
+def postgres_tasks(url: str) -> list[TaskRecord]:
     """The task rows, as another replica sees them."""
     async def read() -> list[bytes]:
         db = await asyncpg.connect(url, timeout=5)
@@ -68,16 +61,16 @@ def test_a_proxy_on_postgresql_serves_and_reports_usage(start_proxy: Callable[[d
     answer = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "你好"}])
     assert answer.choices[0].message.content
 
-    report = usage(proxy).json()
+    report = usage_report(proxy)
     assert [(r["group"], r["requests"], r["failed"]) for r in report["data"]] == [("alice", 2, 0)]
     assert report["total"]["requests"] == 2 and report["total"]["cost"] > 0
     today = dt.datetime.now(dt.UTC).date().isoformat()
-    by_model = usage(proxy, group_by="day", split_by="model").json()
+    by_model = usage_report(proxy, group_by="day", split_by="model")
     assert by_model["split_by"] == "model"
     assert [(r["group"], r["split"], r["requests"]) for r in by_model["data"]] == [
         (today, "gpt-4o-mini", 1), (today, "gpt-image-2", 1)]
     # the task is in PostgreSQL, final (written a moment after the answer)
-    final = wait_until(lambda: [t for t in stored_tasks(url) if t.state == "succeeded"], 3, "the final state")
+    final = wait_until(lambda: [t for t in postgres_tasks(url) if t.state == "succeeded"], 3, "the final state")
     assert [t.id for t in final] == [task_id]
     assert final[0].urls == [image_url]
 
@@ -90,14 +83,14 @@ def test_a_task_left_unfinished_is_resumed_by_the_next_proxy(start_proxy: Callab
     first = start_proxy(proxy_config)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post_image, first.url, "a long night [delay=3]")
-        (record,) = wait_until(lambda: stored_tasks(url), 3, "the stored task")
+        (record,) = wait_until(lambda: postgres_tasks(url), 3, "the stored task")
         short_grace(first)
         first.server.stop()
         try:
             pending.result()
         except httpx.HTTPError:
             pass  # cut by the stop
-    (left,) = stored_tasks(url)
+    (left,) = postgres_tasks(url)
     assert left.state in UNFINISHED, "the task was final before the restart: the test proves nothing"
     assert left.owner is None, "a graceful stop releases its tasks for the next process"
 
@@ -107,9 +100,9 @@ def test_a_task_left_unfinished_is_resumed_by_the_next_proxy(start_proxy: Callab
     assert view["status"] == "succeeded", view
     assert view["data"] == [{"url": f"{sims.xffuw_url}/files/xf-{task.id}.png"}]
     assert sims.xffuw.count("image") == 1  # resumed, not submitted again
-    (stored,) = wait_until(lambda: [t for t in stored_tasks(url) if t.state == "succeeded"], 3, "the final state")
+    (stored,) = wait_until(lambda: [t for t in postgres_tasks(url) if t.state == "succeeded"], 3, "the final state")
     assert stored.owner not in (None, left.owner)
-    report = usage(second).json()
+    report = usage_report(second)
     assert [(r["group"], r["requests"], r["failed"]) for r in report["data"]] == [("alice", 1, 0)]
 
 
@@ -124,19 +117,20 @@ def test_admin_usage_split_by(start_proxy: Callable[[dict[str, Any]], RunningPro
     for who, model in ((alice, "gpt-4o-mini"), (alice, "gpt-4o-mini"), (alice, "deepseek-chat"),
                        (bob, "gpt-4o-mini")):
         who.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
-    report = usage(proxy, group_by="client", split_by="model").json()
+    report = usage_report(proxy, group_by="client", split_by="model")
     assert [(r["group"], r["split"], r["requests"]) for r in report["data"]] == [
         ("alice", "deepseek-chat", 1), ("alice", "gpt-4o-mini", 2), ("bob", "gpt-4o-mini", 1)]
     assert report["total"]["requests"] == 4
-    plain = usage(proxy, group_by="client").json()
+    plain = usage_report(proxy, group_by="client")
     assert "split_by" not in plain and all("split" not in r for r in plain["data"])
 
-    table = list(csv.reader(io.StringIO(usage(proxy, group_by="model", split_by="client", format="csv").text)))
+    csv_text = admin_get(proxy, "/admin/usage", group_by="model", split_by="client", format="csv").text
+    table = list(csv.reader(io.StringIO(csv_text)))
     assert table[0] == ["model", "client", "requests", "cost", "failed"]
     assert [row[:3] for row in table[1:]] == [["deepseek-chat", "alice", "1"], ["gpt-4o-mini", "alice", "2"],
                                              ["gpt-4o-mini", "bob", "1"]]
     for bad in ("planet", "day", "client"):  # unknown, not a split, or the grouping itself
-        reply = usage(proxy, group_by="client", split_by=bad)
+        reply = admin_request(proxy, "GET", "/admin/usage", group_by="client", split_by=bad)
         assert reply.status_code == 400, reply.text
         assert reply.json()["error"]["param"] == "split_by"
 
@@ -153,7 +147,7 @@ def test_two_replicas_on_one_database_share_usage_and_budgets(
     a.client().chat.completions.create(model="gpt-4o-mini", messages=chat)
 
     def both(proxy: RunningProxy) -> Any:
-        rows = {r["group"]: r["requests"] for r in usage(proxy).json()["data"]}
+        rows = {r["group"]: r["requests"] for r in usage_report(proxy)["data"]}
         return rows if rows == {"alice": 2, "bob": 1} else None
 
     wait_until(lambda: both(a) and both(b), 3, "each replica's usage in the other's report")

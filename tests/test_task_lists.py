@@ -4,7 +4,6 @@ learnt durations place its first poll."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import FENGYUAN_KEYS, XFFUW_KEYS, RunningProxy, Sims
-from helpers import AUTH, wait_until
+from helpers import AUTH, image_burst, wait_until
 
 FY_IMAGE = "fengyuan/image_generation"
 
@@ -23,16 +22,6 @@ def fengyuan_only(config: dict[str, Any], **table: Any) -> None:
     config["providers"] = {"fengyuan": {**config["providers"]["fengyuan"], **table}}
     config["aliases"] = {}
     config["tasks"] = {"poll_interval": 0.2, "first_poll": 0.1, "timeout": 20}
-
-
-def burst(proxy: RunningProxy, count: int, model: str = FY_IMAGE, prompt: str = "cat") -> list[Any]:
-    async def run() -> list[Any]:
-        async with proxy.async_client(timeout=60) as client:
-            return await asyncio.gather(*(client.images.generate(model=model, prompt=f"{prompt} {i}",
-                                                                 response_format="url")
-                                          for i in range(count)), return_exceptions=True)
-
-    return asyncio.run(run())
 
 
 def answered(results: list[Any]) -> list[str]:
@@ -47,7 +36,7 @@ def test_one_list_call_answers_many_tasks_across_pages(
     sims.fengyuan.task_seconds = 0.6
     sims.fengyuan.list_page_max = 5  # twelve tasks: three pages
     proxy = start_proxy(proxy_config)
-    urls = answered(burst(proxy, 12))
+    urls = answered(image_burst(proxy, 12))
     assert len(set(urls)) == 12
     assert sims.fengyuan.count("invoke") == 12
     lists, details = sims.fengyuan.count("task_list"), sims.fengyuan.count("task")
@@ -61,7 +50,7 @@ def test_the_list_is_read_in_both_envelopes(start_proxy: Callable[[dict[str, Any
     fengyuan_only(proxy_config)
     sims.fengyuan.envelope = envelope  # type: ignore[assignment]
     proxy = start_proxy(proxy_config)
-    assert len(answered(burst(proxy, 4))) == 4
+    assert len(answered(image_burst(proxy, 4))) == 4
     assert sims.fengyuan.count("task") == 0 and sims.fengyuan.count("task_list") >= 1
 
 
@@ -70,7 +59,7 @@ def test_a_task_the_list_does_not_show_is_polled_alone(
     fengyuan_only(proxy_config)
     proxy = start_proxy(proxy_config)
     sims.fengyuan.list_hidden = {"task_" + __import__("hashlib").sha1(b"0:1").hexdigest()[:10]}  # the first task
-    urls = answered(burst(proxy, 3))
+    urls = answered(image_burst(proxy, 3))
     assert len(urls) == 3
     details = [c for c in sims.fengyuan.calls if c.endpoint == "task"]
     assert details, "the hidden task was never polled on its own"
@@ -87,8 +76,8 @@ def test_a_key_without_a_usable_list_is_polled_task_by_task(
     else:
         sims.fengyuan.list_garbled = True  # an answer of no known shape
     proxy = start_proxy(proxy_config)
-    assert len(answered(burst(proxy, 4))) == 4
-    assert len(answered(burst(proxy, 2, prompt="again"))) == 2
+    assert len(answered(image_burst(proxy, 4))) == 4
+    assert len(answered(image_burst(proxy, 2, prompt="again"))) == 2
     assert sims.fengyuan.count("task_list") == 1, "the list was asked again after it proved unusable"
     assert sims.fengyuan.count("task") >= 6
     said = [json.loads(line) for line in capfd.readouterr().err.splitlines()
@@ -108,7 +97,7 @@ def test_a_starved_key_causes_no_429_and_loses_no_task(
     fengyuan_only(proxy_config, rate_window=window, rpm=12, queue_timeout=30)
     proxy_config["tasks"] = {"poll_interval": 0.2, "first_poll": 0.1, "timeout": 1.0, "late_poll_interval": 0.4}
     proxy = start_proxy(proxy_config)
-    results = burst(proxy, 20)
+    results = image_burst(proxy, 20)
     timed_out = [r for r in results if isinstance(r, BaseException)]
     others = [r for r in timed_out if getattr(r, "status_code", None) != 504]
     assert not others, others[:3]
@@ -130,10 +119,10 @@ def test_a_models_learnt_duration_places_its_first_poll(
     sims.xffuw.task_seconds = 1.0
     proxy_config["tasks"] = {"poll_interval": 0.2, "first_poll": 0.05, "timeout": 20}
     proxy = start_proxy(proxy_config)
-    answered(burst(proxy, 5, model="gpt-image-2", prompt="learn"))  # five durations: enough to learn
+    answered(image_burst(proxy, 5, model="gpt-image-2", prompt="learn"))  # five durations: enough to learn
     before = sims.xffuw.count("task")
     assert before >= 5 * 3, "the first tasks were polled from first_poll on"
-    answered(burst(proxy, 5, model="gpt-image-2", prompt="learnt"))
+    answered(image_burst(proxy, 5, model="gpt-image-2", prompt="learnt"))
     polls = sims.xffuw.count("task") - before
     assert polls <= 5 * 2 and polls < before, f"{polls} polls for 5 tasks of a model whose duration is known"
 

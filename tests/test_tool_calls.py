@@ -34,7 +34,7 @@ TIME = {"type": "function", "function": {
 NO_PARAMETERS = {"type": "function", "function": {"name": "ping"}}
 
 
-def _post(proxy: RunningProxy, body: dict[str, Any]) -> dict[str, Any]:
+def _chat_completion(proxy: RunningProxy, body: dict[str, Any]) -> dict[str, Any]:
     reply = httpx.post(f"{proxy.base_url}/chat/completions", headers=AUTH, json=body, timeout=30)
     assert reply.status_code == 200, reply.text
     payload: dict[str, Any] = reply.json()
@@ -133,8 +133,9 @@ def test_tool_markers() -> None:
 
 
 def test_a_tool_call_comes_back_in_openai_shape(proxy: RunningProxy, sims: Sims) -> None:
-    body = _post(proxy, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "weather in Paris?"}],
-                         "tools": [WEATHER, TIME]})
+    body = _chat_completion(proxy, {"model": "gpt-4o-mini",
+                                    "messages": [{"role": "user", "content": "weather in Paris?"}],
+                                    "tools": [WEATHER, TIME]})
     choice = body["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     message = choice["message"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import free_port
+from helpers import LoopbackServer, free_port
 
 from proxy.providers.engine import HTTPUpstream
 from proxy.upstream_http import (
@@ -52,30 +52,17 @@ class Req:
 Handler = Callable[["Upstream", asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
 
-class Upstream:
-    """An asyncio server on 127.0.0.1:0 that counts connections and records requests."""
+class Upstream(LoopbackServer):
+    """A raw server that counts connections and records requests; `handler` serves each."""
 
     def __init__(self, handler: Handler, ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(ssl_context)
         self.handler = handler
-        self.ssl = ssl_context
         self.accepted = 0
         self.live = 0
         self.peak = 0
         self.ended: set[int] = set()  # connections whose handler has finished
         self.requests: list[Req] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    async def __aenter__(self) -> Upstream:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
 
     def url(self, path: str = "/", host: str = "127.0.0.1") -> str:
         return f"{'https' if self.ssl else 'http'}://{host}:{self.port}{path}"
@@ -83,10 +70,7 @@ class Upstream:
     def methods(self, method: str) -> list[Req]:
         return [r for r in self.requests if r.method == method]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         conn = self.accepted
         self.live += 1
@@ -99,7 +83,6 @@ class Upstream:
             self.live -= 1
             self.ended.add(conn)
             writer.transport.abort()
-            self._tasks.discard(task)
 
     async def read(self, reader: asyncio.StreamReader, conn: int) -> Req | None:
         """One request, its body de-chunked; None when the client closed between requests."""

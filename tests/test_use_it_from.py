@@ -21,12 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CLIENT_KEY, FENGYUAN_KEYS, XFFUW_KEYS, RunningProxy, Sims
+from conftest import CLIENT_KEY, RunningProxy, Sims, serving, sim_providers
 from helpers import wait_until
 
-from proxy.app import create_app
-from proxy.config import parse_config
-from proxy.server import BackgroundServer
 from proxy.sim.assets import PNG_BYTES
 from proxy.sim.chat_model import TOOL_RESULTS
 from proxy.sim.xffuw import CHAT_PREFIX
@@ -81,17 +78,15 @@ def _doc_server(_sim_servers: Sims, tmp_path_factory: pytest.TempPathFactory) ->
     public_url so uploads work. The snippets only read, and a proxy costs about a second to start."""
     config = {
         "clients": [{"name": "alice", "key": CLIENT_KEY}],
-        "providers": {"xffuw": {"base_url": f"{_sim_servers.xffuw_url}/api/v1/", "keys": list(XFFUW_KEYS)},
-                      "fengyuan": {"base_url": _sim_servers.fengyuan_url, "keys": list(FENGYUAN_KEYS)}},
+        "providers": sim_providers(_sim_servers),
         "tasks": {"poll_interval": 0.2, "first_poll": 0.05, "timeout": 10},
         "aliases": {"dall-e-3": "xffuw/gpt-image-2"},
         "server": {"public_url": PUBLIC_URL},
         "log": {"format": "json"},
         "storage": {"path": str(tmp_path_factory.mktemp("doc-proxy") / "proxy.sqlite3")},
     }
-    server = BackgroundServer(create_app(parse_config(config))).start()
-    yield RunningProxy(server.url, server)
-    server.stop()
+    with serving(config) as proxy:
+        yield proxy
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 from conftest import CLIENT_KEY, XFFUW_KEYS, Sims
-from helpers import AUTH, free_port, spawn, wait_healthy, write_config
+from helpers import AUTH, free_port, post_chat, spawn, wait_healthy, write_config
 from test_shared_state import REDIS_URL, forget_prefix, redis_or_skip
 
 
@@ -28,25 +28,21 @@ def test_two_workers_keep_a_key_and_a_client_under_their_limits(
     port = free_port()
     process = spawn(processes, "serve", "--config", str(write_config(tmp_path, raw)), "--port", str(port),
                     "--workers", "2")
-    url = f"http://127.0.0.1:{port}/v1"
-    wait_healthy(f"http://127.0.0.1:{port}", process)
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(base, process)
 
-    def chat(key: str, i: int) -> int:
-        with httpx.Client(timeout=10) as http:  # a connection each: the kernel spreads them over the workers
-            return http.post(url + "/chat/completions", headers={"authorization": f"Bearer {key}"},
-                             json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"{i}"}]}
-                             ).status_code
-
+    # a connection each (post_chat opens its own): the kernel spreads them over the workers
     with ThreadPoolExecutor(8) as pool:
-        alice = list(pool.map(lambda i: chat(CLIENT_KEY, i), range(24)))
+        alice = list(pool.map(lambda i: post_chat(base, f"{i}", key=CLIENT_KEY, timeout=10).status_code, range(24)))
     assert alice.count(200) <= 8, alice  # the client's rpm across both workers
     with ThreadPoolExecutor(8) as pool:
-        bob = list(pool.map(lambda i: chat("sk-test-bob-workers-1", i), range(24)))
+        bob = list(pool.map(lambda i: post_chat(base, f"{i}", key="sk-test-bob-workers-1", timeout=10).status_code,
+                            range(24)))
     calls = sims.xffuw.count("chat") + sims.xffuw.count("models")
     assert calls <= 10, f"the upstream saw {calls} calls with a key limit of 10"
     assert sims.xffuw.rate_limited_count == 0
     assert set(bob) <= {200, 429}, bob  # the key's part in each worker is used up: 429, never more calls
-    assert httpx.get(url + "/models", headers=AUTH).status_code in (200, 429)
+    assert httpx.get(base + "/v1/models", headers=AUTH).status_code in (200, 429)
 
 
 def test_two_workers_never_spend_more_than_a_budget_together(
@@ -66,15 +62,9 @@ def test_two_workers_never_spend_more_than_a_budget_together(
     time.sleep(1.5)  # the second worker is up too: the kernel spreads new connections over both
     before = sims.xffuw.keys[XFFUW_KEYS[0]]
 
-    def chat(i: int) -> httpx.Response:
-        with httpx.Client(timeout=30) as http:
-            return http.post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                             headers={"authorization": "Bearer sk-test-erin-workers-1"},
-                             json={"model": "gpt-4o-mini",
-                                   "messages": [{"role": "user", "content": f"{i} [delay=0.5]"}]})
-
     with ThreadPoolExecutor(30) as pool:
-        replies = list(pool.map(chat, range(30)))
+        replies = list(pool.map(lambda i: post_chat(f"http://127.0.0.1:{port}", f"{i} [delay=0.5]",
+                                                    key="sk-test-erin-workers-1"), range(30)))
     statuses = [r.status_code for r in replies]
     assert set(statuses) == {200, 429}, statuses
     assert 2 <= statuses.count(200) <= 10, statuses  # 0.5 a chat: ten fit the budget at most
