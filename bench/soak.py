@@ -5,6 +5,7 @@ store, each invariant printed PASS / FAIL, exit 1 when one fails (bench/README.m
     .venv/bin/python bench/soak.py [--clients 300] [--seconds 120] [--quick] [--keep]
 """
 
+# ruff: noqa: UP013
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,7 @@ import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Required, TypedDict
 
 import httpx
 import msgspec
@@ -37,7 +38,6 @@ HOST = "127.0.0.1"
 CHAT_PREFIX = "你好!我是 AI 助手。You said: "  # what the simulated xffuw chat answers
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLIENT_NAMES = 20  # proxy clients (keys); soak client i uses key i % CLIENT_NAMES
-TASK_STATES = {"pending", "running", "succeeded", "failed", "timeout"}
 
 
 @dataclass
@@ -112,61 +112,43 @@ class ImageOp:
     final: Answer | None = None
 
 
-@dataclass
-class Record:
-    attempts: list[Answer] = field(default_factory=list)
-    malformed: list[str] = field(default_factory=list)
-    inconsistent: list[str] = field(default_factory=list)
-    image_ops: dict[str, ImageOp] = field(default_factory=dict)
-    unanswered_ops: list[str] = field(default_factory=list)
-    failed_without_ids: list[str] = field(default_factory=list)
-    ops: Counter[str] = field(default_factory=Counter)
-    task_checks: int = 0
+# The answers' shapes, one line each (the functional TypedDict syntax; ruff's UP013 is off in this file)
+Error = TypedDict("Error", {"message": str, "type": str, "param": str | None, "code": str | None})
+Message = TypedDict("Message", {"role": Literal["assistant"], "content": str})
+Choice = TypedDict("Choice", {"index": Literal[0], "message": Message, "finish_reason": Literal["stop"]})
+ErrorBody = TypedDict("ErrorBody", {"error": Error})
+Usage = TypedDict("Usage", {"prompt_tokens": int, "completion_tokens": int, "total_tokens": int})
+Completion = TypedDict("Completion", {"id": str, "object": Literal["chat.completion"], "created": int, "model": str,
+                                      "choices": list[Choice], "usage": Usage})
+Url = TypedDict("Url", {"url": str})
+Images = TypedDict("Images", {"created": int, "data": list[dict[str, Any]]})
+TaskView = TypedDict("TaskView", {
+    "id": Required[str], "object": Required[Literal["proxy.task"]], "error": Error | None, "data": list[Url],
+    "status": Required[Literal["pending", "running", "succeeded", "failed", "timeout"]]}, total=False)
 
-    def add(self, op: str, answer: Answer, *, deliberate: bool = False, idem: str | None = None) -> Answer:
-        answer.op, answer.deliberate, answer.idem = op, deliberate, idem
-        self.attempts.append(answer)
-        if answer.outcome == "malformed":
-            self.malformed.append(f"{op} HTTP {answer.status}: {answer.reason}: {answer.raw[:300]!r}")
-        return answer
+
+def shape(value: Any, expected: Any) -> str | None:
+    """None when `value` has the `expected` shape (a TypedDict), else what is wrong with it."""
+    try:
+        msgspec.convert(value, expected)
+    except msgspec.ValidationError as error:
+        return str(error)
+    return None
 
 
 def error_shape(body: Any) -> str | None:
     """None when the body is OpenAI's error shape, else what is wrong with it."""
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict):
-        return "no {'error': {...}} object"
-    if missing := {"message", "type", "param", "code"} - set(error):
-        return f"error object lacks {sorted(missing)}"
-    if not isinstance(error["message"], str) or not error["message"]:
-        return "error.message is not a non-empty string"
-    if not isinstance(error["type"], str):
-        return "error.type is not a string"
-    return next((f"error.{k} is neither null nor a string" for k in ("param", "code")
-                 if error[k] is not None and not isinstance(error[k], str)), None)
+    problem = shape(body, ErrorBody)
+    return problem or (None if body["error"]["message"] else "error.message is empty")
 
 
 def check_chat(body: Any, prompt: str, model: str) -> str | None:
-    if not isinstance(body, dict):
-        return "not an object"
-    if body.get("object") != "chat.completion" or not str(body.get("id", "")).startswith("chatcmpl-"):
-        return "object/id wrong"
-    if body.get("model") != model or not isinstance(body.get("created"), int):
-        return "model/created wrong"
-    choices, usage = body.get("choices"), body.get("usage")
-    if not isinstance(choices, list) or len(choices) != 1:
-        return "choices is not a list of one"
-    message = choices[0].get("message") if isinstance(choices[0], dict) else None
-    if not isinstance(message, dict) or message.get("role") != "assistant":
-        return "choices[0].message wrong"
-    if message.get("content") != CHAT_PREFIX + prompt:
-        return f"content is not the upstream's answer: {message.get('content')!r}"
-    if choices[0].get("finish_reason") != "stop" or choices[0].get("index") != 0:
-        return "finish_reason/index wrong"
-    if not isinstance(usage, dict) or not all(isinstance(usage.get(k), int) for k in
-                                              ("prompt_tokens", "completion_tokens", "total_tokens")):
-        return "usage wrong"
-    return None
+    if problem := shape(body, Completion):
+        return problem
+    if not body["id"].startswith("chatcmpl-") or body["model"] != model or len(body["choices"]) != 1:
+        return "id, model or the number of choices wrong"
+    content = body["choices"][0]["message"]["content"]
+    return None if content == CHAT_PREFIX + prompt else f"content is not the upstream's answer: {content!r}"
 
 
 def check_stream(raw: bytes, prompt: str, model: str, include_usage: bool) -> str | None:
@@ -202,34 +184,28 @@ def check_stream(raw: bytes, prompt: str, model: str, include_usage: bool) -> st
 
 
 def check_images(body: Any, n: int, fmt: str) -> str | None:
-    if not isinstance(body, dict) or not isinstance(body.get("created"), int):
-        return "not an images response"
-    if not isinstance(data := body.get("data"), list) or len(data) != n:
+    if problem := shape(body, Images):
+        return problem
+    if len(body["data"]) != n:
         return f"data is not a list of {n}"
-    for item in data:
-        if not isinstance(item, dict):
-            return "a data item is not an object"
+    for item in body["data"]:
         if fmt == "b64_json":
             try:
                 if not base64.b64decode(item.get("b64_json") or "", validate=True).startswith(PNG_MAGIC):
                     return "b64_json is not a PNG"
             except ValueError:
                 return "b64_json is not base64"
-        elif not isinstance(url := item.get("url"), str) or not url.startswith(f"http://{HOST}:") or \
-                "/files/" not in url:
+        elif not str(url := item.get("url")).startswith(f"http://{HOST}:") or "/files/" not in str(url):
             return f"url is not a result URL: {url!r}"
     return None
 
 
 def check_task_view(body: Any, task_id: str) -> str | None:
-    if not isinstance(body, dict) or body.get("id") != task_id or body.get("object") != "proxy.task":
+    if problem := shape(body, TaskView):
+        return problem
+    if body["id"] != task_id:
         return "not a proxy.task for this id"
-    if body.get("status") not in TASK_STATES:
-        return f"unknown status {body.get('status')!r}"
-    if not isinstance(data := body.get("data", []), list) or not all(
-            isinstance(d, dict) and isinstance(d.get("url"), str) for d in data):
-        return "data is not a list of {url}"
-    if body["status"] == "succeeded" and not data:
+    if body["status"] == "succeeded" and not body.get("data"):
         return "succeeded without a result URL"
     if body["status"] in ("failed", "timeout") and error_shape({"error": body.get("error")}) is not None:
         return "a failed task without an OpenAI-shaped error"
@@ -240,11 +216,26 @@ def check_task_view(body: Any, task_id: str) -> str | None:
 
 
 class Soak:
-    def __init__(self, s: Settings, base: str, keys: dict[str, str], record: Record) -> None:
-        self.s, self.base, self.keys, self.record = s, base, list(keys.items()), record
-        self.t0 = time.monotonic()
-        self.end = self.t0 + s.seconds
-        self.settle_end = self.end + s.settle
+    """The clients, and what they saw."""
+
+    def __init__(self, s: Settings, base: str, keys: dict[str, str]) -> None:
+        self.s, self.base, self.keys, self.t0 = s, base, list(keys.items()), time.monotonic()
+        self.end, self.settle_end = self.t0 + s.seconds, self.t0 + s.seconds + s.settle
+        self.attempts: list[Answer] = []
+        self.malformed: list[str] = []
+        self.inconsistent: list[str] = []
+        self.unanswered_ops: list[str] = []
+        self.failed_without_ids: list[str] = []
+        self.image_ops: dict[str, ImageOp] = {}
+        self.ops: Counter[str] = Counter()
+        self.task_checks = 0
+
+    def add(self, op: str, answer: Answer, *, deliberate: bool = False, idem: str | None = None) -> Answer:
+        answer.op, answer.deliberate, answer.idem = op, deliberate, idem
+        self.attempts.append(answer)
+        if answer.outcome == "malformed":
+            self.malformed.append(f"{op} HTTP {answer.status}: {answer.reason}: {answer.raw[:300]!r}")
+        return answer
 
     async def send(self, http: httpx.AsyncClient, method: str, path: str, *, key: str, body: Any = None,
                    idem: str | None = None, timeout: float, stream: bool = False) -> Answer:  # noqa: ASYNC109
@@ -298,13 +289,13 @@ class Soak:
                     else:
                         await self.images(http, rng, key, name, "xffuw" if roll < 0.75 else "fengyuan")
                 except Exception as exc:  # a bug in this script must not hide as a client hang
-                    self.record.malformed.append(f"soak client error {exc!r}")
+                    self.malformed.append(f"soak client error {exc!r}")
                     raise
                 await asyncio.sleep(rng.uniform(*self.s.think))
 
     async def chat(self, http: httpx.AsyncClient, rng: random.Random, key: str, *, stream: bool) -> None:
         op = "chat.stream" if stream else "chat"
-        self.record.ops[op] += 1
+        self.ops[op] += 1
         deliberate = rng.random() < 0.08
         model = rng.choice(["gpt-4o-mini", "deepseek-chat", "xffuw/gpt-4o-mini"])
         prompt = f"soak {uuid.uuid4().hex[:12]} 你好" + (" [delay=1]" if deliberate else "")  # slow, to hang up on
@@ -321,17 +312,17 @@ class Soak:
                 answer.malformed((check_stream(answer.raw, prompt, model, include_usage) or (
                     None if "text/event-stream" in answer.headers.get("content-type", "")
                     else "a stream without text/event-stream")) if stream else check_chat(answer.body, prompt, model))
-            self.record.add(op, answer, deliberate=deliberate, idem=idem)
+            self.add(op, answer, deliberate=deliberate, idem=idem)
             if answer.outcome != "none" or deliberate:
                 return
             if time.monotonic() > self.settle_end:
-                self.record.unanswered_ops.append(f"{op} {idem or ''}: {answer.reason}")
+                self.unanswered_ops.append(f"{op} {idem or ''}: {answer.reason}")
                 return
             await asyncio.sleep(rng.uniform(0.3, 0.8))  # the proxy restarting: try again
 
     async def images(self, http: httpx.AsyncClient, rng: random.Random, key: str, name: str, upstream: str) -> None:
         op = f"images.{upstream}"
-        self.record.ops[op] += 1
+        self.ops[op] += 1
         n = 2 if rng.random() < 0.25 else 1
         fmt = "b64_json" if rng.random() < 0.2 else "url"
         markers = f"[delay={rng.uniform(*self.s.task_delay):.2f}]" + (" [fail]" if rng.random() < 0.05 else "")
@@ -345,7 +336,7 @@ class Soak:
         if rng.random() < 0.3:
             body["size"] = rng.choice(["1024x1024", "1536x1024", "1024x1536"])
         idem = uuid.uuid4().hex
-        image_op = self.record.image_ops[idem] = ImageOp(name, idem, n, fmt)
+        image_op = self.image_ops[idem] = ImageOp(name, idem, n, fmt)
         deliberate = rng.random() < 0.15
         while True:
             first = not image_op.attempts
@@ -353,21 +344,21 @@ class Soak:
                                      timeout=rng.uniform(0.2, 1.2) if deliberate and first else self.s.request_timeout)
             if answer.outcome == "ok":
                 answer.malformed(check_images(answer.body, n, fmt))
-            image_op.attempts.append(self.record.add(op, answer, deliberate=deliberate and first, idem=idem))
+            image_op.attempts.append(self.add(op, answer, deliberate=deliberate and first, idem=idem))
             # Like the SDKs: try again with the same key after no answer, a 409 in progress, or a
             # 500/503/504 (unless x-should-retry: false). Other answers are final.
             if not (answer.outcome == "none" or answer.reason == "idempotency_key_in_progress" or (
                     answer.status in (500, 503, 504) and answer.headers.get("x-should-retry") != "false")):
                 break
             if time.monotonic() > self.settle_end:
-                self.record.unanswered_ops.append(f"{op} {idem}: {answer.reason}")
+                self.unanswered_ops.append(f"{op} {idem}: {answer.reason}")
                 return
             wait = float(answer.headers.get("retry-after", 0) or 0) if answer.outcome == "error" else 0.0
             await asyncio.sleep(max(wait, rng.uniform(0.5, 2.0) if answer.deliberate else rng.uniform(0.3, 0.8)))
         image_op.final = answer
         ids = [t for t in answer.headers.get("x-proxy-task-ids", "").split(",") if t]
         if answer.outcome == "ok" and len(ids) != n:
-            self.record.inconsistent.append(f"{idem}: 200 with {len(ids)} task ids for n={n}")
+            self.inconsistent.append(f"{idem}: 200 with {len(ids)} task ids for n={n}")
         await self.check_tasks(http, key, image_op, answer, ids)
         if answer.outcome == "ok" and rng.random() < 0.08:
             await self.replay(http, rng, key, image_op, body, answer, op)
@@ -377,7 +368,7 @@ class Soak:
         view = await self.send(http, "GET", f"/v1/tasks/{task_id}", key=key, timeout=timeout)
         if view.outcome == "ok":
             view.malformed(check_task_view(view.body, task_id))
-        return self.record.add(op, view)
+        return self.add(op, view)
 
     async def check_tasks(self, http: httpx.AsyncClient, key: str, image_op: ImageOp, answer: Answer,
                           ids: list[str]) -> None:
@@ -385,24 +376,24 @@ class Soak:
         states, urls, idem = [], [], image_op.idem
         for task_id in ids:
             view = await self.view(http, key, task_id, "tasks.get", self.s.request_timeout)
-            self.record.task_checks += 1
+            self.task_checks += 1
             if view.outcome == "none":
                 return  # the proxy is restarting; the final sweep checks this task again
             if view.outcome != "ok":
-                self.record.inconsistent.append(f"{idem}: GET /v1/tasks/{task_id} answered {view.status} {view.reason}")
+                self.inconsistent.append(f"{idem}: GET /v1/tasks/{task_id} answered {view.status} {view.reason}")
                 return
             states.append(view.body["status"])
             urls += [d["url"] for d in view.body.get("data", [])]
         if answer.outcome == "ok":
             got = [d.get("url") for d in answer.body["data"]]
             if any(s != "succeeded" for s in states):
-                self.record.inconsistent.append(f"{idem}: answered 200 but tasks are {states}")
+                self.inconsistent.append(f"{idem}: answered 200 but tasks are {states}")
             elif image_op.fmt == "url" and urls != got:
-                self.record.inconsistent.append(f"{idem}: answer urls {got} != task urls {urls}")
+                self.inconsistent.append(f"{idem}: answer urls {got} != task urls {urls}")
         elif answer.reason == "upstream_task_failed" and not ids:
-            self.record.failed_without_ids.append(f"{idem}: {answer.message}")
+            self.failed_without_ids.append(f"{idem}: {answer.message}")
         elif answer.reason == "upstream_task_failed" and "failed" not in states:
-            self.record.inconsistent.append(f"{idem}: upstream_task_failed but tasks are {states}")
+            self.inconsistent.append(f"{idem}: upstream_task_failed but tasks are {states}")
 
     async def replay(self, http: httpx.AsyncClient, rng: random.Random, key: str, image_op: ImageOp,
                      body: dict[str, Any], first: Answer, op: str) -> None:
@@ -411,7 +402,7 @@ class Soak:
         again = await self.send(http, "POST", "/v1/images/generations", key=key, idem=image_op.idem,
                                 body=body if same else {**body, "prompt": body["prompt"] + " (changed)"},
                                 timeout=self.s.request_timeout)
-        self.record.add(op + (".replay" if same else ".reuse"), again, idem=image_op.idem)
+        self.add(op + (".replay" if same else ".reuse"), again, idem=image_op.idem)
         if same and again.outcome == "ok" and again.body != first.body:
             problem = "the replay answered another body"
         elif same and again.outcome == "error":
@@ -420,7 +411,7 @@ class Soak:
             problem = f"another body with a used key answered {again.status} {again.reason}"
         else:
             return
-        self.record.inconsistent.append(f"{image_op.idem}: {problem}")
+        self.inconsistent.append(f"{image_op.idem}: {problem}")
 
 
 # ---- the run ----------------------------------------------------------------------------
@@ -522,12 +513,12 @@ async def run(s: Settings) -> int:
 async def _run(s: Settings, logs: Path, procs: Procs, report: dict[str, bool]) -> int:
     wall, sims = time.monotonic(), await start_sims(procs, logs, s)
     clients = {f"soak-{i:02d}": f"sk-soak-{i:02d}-{secrets.token_hex(8)}" for i in range(CLIENT_NAMES)}
-    db, restart_at, record, timeline = logs / "store" / "proxy.sqlite3", s.seconds / 2, Record(), dict[str, float]()
+    db, restart_at, timeline = logs / "store" / "proxy.sqlite3", s.seconds / 2, dict[str, float]()
     proxy = ProxyProcess(procs, proxy_config(s, free_port(), sims, db, clients), logs)
     await proxy.start()
     print(f"soak: {s.clients} clients for {s.seconds:g} s against {proxy.url} (upstream faults {s.fault_rate:.0%}, "
           f"one restart at {restart_at:g} s); logs in {logs}", flush=True)
-    soak, restart_codes = Soak(s, proxy.url, clients, record), list[int]()
+    soak, restart_codes = Soak(s, proxy.url, clients), list[int]()
 
     async def control() -> None:
         async with httpx.AsyncClient(base_url=sims["control"], trust_env=False) as ctl:
@@ -580,8 +571,8 @@ async def _run(s: Settings, logs: Path, procs: Procs, report: dict[str, bool]) -
     (logs / "upstream.json").write_text(json.dumps(upstream, ensure_ascii=False))
     proxy_logs = [path.read_text(errors="replace") for path in sorted(logs.glob("proxy-*.log"))]  # noqa: ASYNC240
     with (logs / "attempts.jsonl").open("w") as out:
-        for a in record.attempts:
-            op = record.image_ops.get(a.idem or "")
+        for a in soak.attempts:
+            op = soak.image_ops.get(a.idem or "")
             out.write(json.dumps({
                 "op": a.op, "outcome": a.outcome, "status": a.status, "reason": a.reason, "deliberate": a.deliberate,
                 "started": round(a.started - soak.t0, 3), "ended": round(a.ended - soak.t0, 3), "idem": a.idem,
@@ -589,16 +580,16 @@ async def _run(s: Settings, logs: Path, procs: Procs, report: dict[str, bool]) -
                 "kept": a.outcome == "ok" or (a.outcome == "error" and a.headers.get("x-should-retry") == "false"),
                 "message": a.message, "task_ids": a.headers.get("x-proxy-task-ids", ""), "n": op.n if op else None,
                 "format": op.fmt if op else None}, ensure_ascii=False) + "\n")
-    report["passed"] = verdict(s, soak, record, tasks, views, sweep_problems, upstream, proxy, proxy_logs, timeline,
+    report["passed"] = verdict(s, soak, tasks, views, sweep_problems, upstream, proxy, proxy_logs, timeline,
                                [*restart_codes, final_code], time.monotonic() - wall, load_end)
     return 0 if report["passed"] else 1
 
 
-def verdict(s: Settings, soak: Soak, record: Record, tasks: list[dict[str, Any]], views: dict[str, dict[str, Any]],
+def verdict(s: Settings, soak: Soak, tasks: list[dict[str, Any]], views: dict[str, dict[str, Any]],
             sweep_problems: list[str], upstream: dict[str, Any], proxy: ProxyProcess, proxy_logs: list[str],
             timeline: dict[str, float], exit_codes: list[int], wall: float, load_end: float) -> bool:
     """The invariants, from what the clients saw, the simulators did and the proxy stored; printed."""
-    attempts, (status_of, statuses, crashes) = record.attempts, read_access_log(proxy_logs)
+    attempts, (status_of, statuses, crashes) = soak.attempts, read_access_log(proxy_logs)
     restart_window = (timeline.get("sigterm", 0) - 0.2, timeline.get("ready", 0) + 1.0)
     outcomes = Counter(a.outcome for a in attempts)
     errors = Counter(f"{a.status} {a.reason}" for a in attempts if a.outcome == "error")
@@ -657,7 +648,7 @@ def verdict(s: Settings, soak: Soak, record: Record, tasks: list[dict[str, Any]]
     repaid_after_error: Counter[str] = Counter()
     answer_of = {a.request_id: a for a in attempts if a.request_id}
     for (client, idem), by_request in rounds.items():
-        n = record.image_ops[idem].n if idem in record.image_ops else 1
+        n = soak.image_ops[idem].n if idem in soak.image_ops else 1
         for request_id, round_tasks in sorted(by_request.items(), key=lambda i: min(t["created"] for t in i[1]))[:-1]:
             seen, logged = answer_of.get(request_id), status_of.get(request_id)
             # A round may be followed by another only when its answer freed the key: one of its
@@ -683,19 +674,19 @@ def verdict(s: Settings, soak: Soak, record: Record, tasks: list[dict[str, Any]]
         one_round = sum(len(rounds.get((op.client, op.idem), {})) <= 1 for op in answered)
         return f"{len(ops)} / {len(answered)} / {one_round}"
 
-    hung_up = [op for op in record.image_ops.values() if op.attempts and op.attempts[0].deliberate]
-    spanned = [op for op in record.image_ops.values() if any(a.outcome == "none" and not a.deliberate
+    hung_up = [op for op in soak.image_ops.values() if op.attempts and op.attempts[0].deliberate]
+    spanned = [op for op in soak.image_ops.values() if any(a.outcome == "none" and not a.deliberate
                                                              for a in op.attempts)]
     sims_total = {sim: len(upstream[sim]["submits"]) for sim in ("xffuw", "fengyuan")}
     must = {
-        "malformed answers": not record.malformed,
+        "malformed answers": not soak.malformed,
         "500s from the proxy": five_hundreds == 0,
         "upstream tasks started (answer reached the proxy) == delivered or retrievable": not lost and not phantom,
         "tasks the proxy stored that are not final and retrievable": not not_final and not sweep_problems,
         "upstream tasks paid twice for one Idempotency-Key": not paid_twice and not doubled,
-        "answers inconsistent with GET /v1/tasks or with the Idempotency-Key": not record.inconsistent,
+        "answers inconsistent with GET /v1/tasks or with the Idempotency-Key": not soak.inconsistent,
         "answers naming every task their request started (x-proxy-task-ids)": not hidden_ids,
-        "operations without an answer by the end": not record.unanswered_ops,
+        "operations without an answer by the end": not soak.unanswered_ops,
         "connections dropped outside the restart": not unexpected_drops,
         "crashes or tracebacks in the proxy's log": not crashes,
         # uvicorn re-raises SIGTERM after its graceful shutdown: -15 is a clean exit
@@ -707,20 +698,20 @@ def verdict(s: Settings, soak: Soak, record: Record, tasks: list[dict[str, Any]]
 
     print(f"\n== soak: {s.clients} clients, {s.seconds:g} s of load, {wall:.0f} s in all "
           f"(load ended {load_end - soak.t0:.0f} s after start) ==")
-    print("operations: " + ", ".join(f"{k} {v}" for k, v in sorted(record.ops.items())))
+    print("operations: " + ", ".join(f"{k} {v}" for k, v in sorted(soak.ops.items())))
     line("requests sent", len(attempts))
     line("answered well (2xx, valid body)", outcomes["ok"])
     line("answered with an OpenAI-shaped error", outcomes["error"])
     for what, count in errors.most_common():
         line(f"    {what}", count)
-    line("malformed answers", len(record.malformed), "must be 0")
+    line("malformed answers", len(soak.malformed), "must be 0")
     line("500s from the proxy", five_hundreds, "must be 0")
     line("no answer (connection closed / refused / timed out)", outcomes["none"])
     for what, count in no_answer.most_common():
         line(f"    {what}", count, "must be 0" if what.startswith("unexpected") else "")
-    line("operations without an answer by the end", len(record.unanswered_ops), "must be 0")
-    line("task checks right after an answer (GET /v1/tasks/{id})", record.task_checks)
-    line("answers inconsistent with their tasks / Idempotency-Key", len(record.inconsistent), "must be 0")
+    line("operations without an answer by the end", len(soak.unanswered_ops), "must be 0")
+    line("task checks right after an answer (GET /v1/tasks/{id})", soak.task_checks)
+    line("answers inconsistent with their tasks / Idempotency-Key", len(soak.inconsistent), "must be 0")
     line("answers that do not name the tasks their request started", len(hidden_ids), "must be 0")
     line("image requests hung up on purpose / answered later for the same key / from the first tasks",
          same_tasks(hung_up))
@@ -729,7 +720,7 @@ def verdict(s: Settings, soak: Soak, record: Record, tasks: list[dict[str, Any]]
     line("answers replayed for an Idempotency-Key (idempotent-replayed: true)",
          sum(a.headers.get("idempotent-replayed") == "true" for a in attempts))
     line("upstream_task_failed answers naming no task (failed at submit, nothing stored)",
-         len(record.failed_without_ids))
+         len(soak.failed_without_ids))
     line("tasks resumed by the restarted proxy (task_resumed in its log)",
          sum(text.count('"task_resumed"') for text in proxy_logs))
     print("upstream tasks")
@@ -764,10 +755,10 @@ def verdict(s: Settings, soak: Soak, record: Record, tasks: list[dict[str, Any]]
     line("proxy exit codes on SIGTERM (restart, end)", f"{exit_codes[:-1]} {exit_codes[-1]}")
     line("proxy access log statuses", dict(sorted(statuses.items())))
     line("crashes or tracebacks in the proxy's log", len(crashes), "must be 0")
-    for title, items in (("malformed", record.malformed), ("inconsistent", record.inconsistent),
+    for title, items in (("malformed", soak.malformed), ("inconsistent", soak.inconsistent),
                          ("answers not naming their tasks", hidden_ids),
-                         ("upstream_task_failed naming no task", record.failed_without_ids),
-                         ("without an answer", record.unanswered_ops),
+                         ("upstream_task_failed naming no task", soak.failed_without_ids),
+                         ("without an answer", soak.unanswered_ops),
                          ("dropped outside the restart", unexpected_drops),
                          ("lost", [str(k) for k in lost]), ("phantom", [str(k) for k in phantom]),
                          ("paid twice", paid_twice + [f"{k} stored {len(known[k])} times" for k in doubled]),

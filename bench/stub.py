@@ -16,6 +16,7 @@ import asyncio
 import json
 import socket
 import time
+from contextlib import suppress
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -82,7 +83,7 @@ class Tasks:
         self.final_at: dict[int, float] = {}
         self.polls: dict[int, list[float]] = {}
         self.polls_per_second: dict[int, int] = {}
-        self.next_id = self.poll_count = self.submits = self.chats = 0
+        self.next_id = self.poll_count = self.submits = 0
         self.released_at: float | None = None
         self.after = 0.0
 
@@ -121,8 +122,7 @@ class Tasks:
         return b'{"is_final":false,"state":"running","result_url":"","media_type":"image","progress":"50"}'
 
     def stats(self, detail: bool) -> dict[str, Any]:
-        out: dict[str, Any] = {"submits": self.submits, "polls": self.poll_count, "chats": self.chats,
-                               "released_at": self.released_at, "now": time.monotonic(),
+        out: dict[str, Any] = {"submits": self.submits, "polls": self.poll_count,
                                "polls_per_second": sorted(self.polls_per_second.items())}
         if detail:
             out["tasks"] = {n: {"created": t, "final_at": self.final_at.get(n), "polls": self.polls[n]}
@@ -138,14 +138,11 @@ def handle(target: str, body: bytes, keep_alive: bool) -> bytes:
     (pending until final); POST /v1/chat/completions (stream: true too), GET /v1/models; control
     (images.py): POST /_reset?hold=&base=&spread=&steps=, POST /_release?after=&spread=&steps=,
     GET /_stats?detail=1 (counters; with detail, every task's times)."""
-    if target == "/api/v1/chat.php" or target == "/v1/chat/completions":  # the hot routes first
-        TASKS.chats += 1
-        if b'"stream"' in body and target == "/v1/chat/completions":
-            try:
-                if json.loads(body).get("stream"):
-                    return STREAM[keep_alive]
-            except ValueError:
-                pass
+    if b'"stream"' in body and target == "/v1/chat/completions":
+        with suppress(ValueError):
+            if json.loads(body).get("stream"):
+                return STREAM[keep_alive]
+    if (target, keep_alive) in CANNED:  # the hot routes (chat) and every other fixed answer first
         return CANNED[target, keep_alive]
     path, _, query = target.partition("?")
     q = {k: v[-1] for k, v in parse_qs(query).items()}
