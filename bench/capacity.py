@@ -1,7 +1,5 @@
-"""How much work one upstream key carries: N image requests at once on one key, tasks of D s
-(bench/README.md, "One key's capacity"). The simulated upstream (its real per-key sliding
-window: 60 calls a minute) and the proxy run in this process; printed per case: upstream calls
-per finished task, 429s, the delay from a task's end to its client's answer, the wall time.
+"""How much work one upstream key carries: N image requests at once on one key of the simulator
+(60 calls a minute), tasks of D s, the proxy in this process (bench/README.md, "One key's capacity").
 
     .venv/bin/python bench/capacity.py            # Fengyuan 40 x 10 s, 100 x 10 s, 100 x 60 s; xffuw 20 x 60 s
     .venv/bin/python bench/capacity.py --quick    # smaller and shorter: a sanity run

@@ -1,9 +1,5 @@
-"""The upstream HTTP client, measured: why proxy/upstream_http.py has a transport of its own
-(bench/README.md, "The upstream HTTP client"). From one process (uvloop), xffuw's chat.php body
-POSTed to bench/stub.py through each candidate, `--concurrency` calls at once: calls per second
-and CPU per call of this process. Candidates: httpx (default transport), httpx over aiohttp
-(httpx-aiohttp, skipped when missing), aiohttp alone, and this proxy's `Http1Transport.fetch`
-(POSTs; then GETs, a task's poll, pipelined when asked for in one turn of the event loop).
+"""The upstream HTTP client candidates, from one process (uvloop) against bench/stub.py: calls
+per second and CPU per call (bench/README.md, "The upstream HTTP client").
 
     .venv/bin/python bench/clients.py [--requests 20000] [--concurrency 64]
 """
@@ -19,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import httpx
+import uvloop
 from lib import BENCH
 from lib.procs import Procs, free_port, wait_ready
 
@@ -96,13 +93,8 @@ def main() -> None:
     port, procs = free_port(), Procs()
     try:
         wait_ready(procs.spawn([sys.executable, str(BENCH / "stub.py"), "--port", str(port)]), port, "/healthz", 10)
-        try:
-            import uvloop
-            uvloop.install()
-        except ImportError:
-            pass
         print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {os.cpu_count()} cores")
-        asyncio.run(run(f"http://127.0.0.1:{port}/api/v1/chat.php", args.requests, args.concurrency))
+        uvloop.run(run(f"http://127.0.0.1:{port}/api/v1/chat.php", args.requests, args.concurrency))
     finally:
         procs.stop_all()
 

@@ -1,9 +1,6 @@
-"""The console's pages with a million usage rows: from a click to the page drawn, in Chromium
-(bench/README.md, "The console with a million usage rows"). The rows go into a SQLite store
-through `add_usage` (as bench/store_usage.py; the twenty clients have monthly budgets), a proxy
-serves it in this process, and Debian's chromium (driven by Playwright) opens /console: sign-in
-until Usage's chart and table are drawn, then each other page from its tab. Exits 1 when a
-page's median passes 1 s (issue 16's target, on loopback).
+"""The console's pages with a million usage rows, in Chromium: from a click to the page drawn
+(bench/README.md, "The console with a million usage rows"). Exits 1 when a page's median
+passes 1 s (issue 16's target).
 
     .venv/bin/python bench/console.py                  # 1,000,000 usage rows, 5 runs a page
     .venv/bin/python bench/console.py --rows 100000 --runs 3

@@ -1,8 +1,6 @@
-"""10,000 waiting image requests on a fresh proxy (1 worker): 10,000 connections (at most 256
-handshakes at a time) each POST /v1/images/generations and wait. The stub holds every task
-until all are submitted (at most `ramp_limit` s), then releases them: final from `hold` s later,
-spread over `spread` s. Peak RSS, CPU while waiting and per poll, polls/s against the schedule,
-every gap between polls, the answer delay and a timeline (bench/README.md, 4).
+"""10,000 waiting image requests on a fresh proxy (1 worker): peak RSS, CPU while waiting and
+per poll, polls/s against the schedule, every gap between polls, the answer delay, a timeline
+(bench/README.md, 4).
 
     .venv/bin/python bench/images.py [--quick] [--images N] [--profile]
 """
@@ -16,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import uvloop
 from lib import OUT, pct, say
 from lib.environment import pyspy, record, summarise
 from lib.loadclients import Storm, build_request, http_json, image_storm
@@ -87,13 +86,7 @@ def measure(bench: Session, target: Target, spy_out: Path | None = None) -> dict
     s, stub, pi = bench.s, bench.stub, bench.s.poll_interval
     http_json(target.port, "GET", "/v1/models", headers=HEADERS)  # the catalogue, loaded once
     http_json(stub.port, "POST", "/_reset?hold=1")
-    try:
-        import uvloop
-        factory = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        run = runner.run(_storm(bench, target, spy_out))
+    run = uvloop.run(_storm(bench, target, spy_out))
     res: Storm = run["result"]
     stats = http_json(stub.port, "GET", "/_stats?detail=1", timeout=120)
     tasks = stats["tasks"]

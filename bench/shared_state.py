@@ -1,7 +1,5 @@
-"""Shared state on Redis: the latency it adds, and what a second replica brings (bench/README.md,
-"Shared state on Redis"). Sequential chat through a proxy whose client and key both have an
-`rpm` to keep, first kept in the process, then in Redis; then wrk against one replica and
-against two sharing Redis (one wrk each, the same connections in all).
+"""Shared state on Redis: the latency it adds to a request whose client and key both have an
+`rpm` to keep, and two replicas sharing it against one (bench/README.md, "Shared state on Redis").
 
     .venv/bin/python bench/shared_state.py [--quick]      # needs Redis at $REDIS_URL (default 127.0.0.1:6379)
 """

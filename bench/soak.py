@@ -662,11 +662,10 @@ def verdict(s: Settings, soak: Soak, tasks: list[dict[str, Any]], views: dict[st
                     f"nothing (hung up); proxy logged {logged}"
                 repaid_after_error[f"the client got {said}"] += 1
             else:
-                paid_twice.append(f"client {client} key {idem}: round {request_id} (tasks "
-                                  f"{[t['state'] for t in round_tasks]}, client saw "
-                                  f"{seen.outcome + ' ' + str(seen.status) if seen is not None else 'nothing'}, "
-                                  f"access log status "
-                                  f"{logged}) was followed by another submit")
+                saw = f"{seen.outcome} {seen.status}" if seen is not None else "nothing"
+                states = [t["state"] for t in round_tasks]
+                paid_twice.append(f"client {client} key {idem}: round {request_id} (tasks {states}, client saw {saw}, "
+                                  f"access log status {logged}) was followed by another submit")
 
     def same_tasks(ops: list[ImageOp]) -> str:
         """The paths the issue names: how many, answered later for the same key, from the first tasks."""

@@ -1,9 +1,7 @@
-"""Both simulated upstreams (xffuw and Fengyuan) in one process, for the soak (bench/README.md,
-"The soak"): the same mix of injected faults on each (summing to --fault-rate), and a control
-server: GET /state (what the upstreams did: every answered submit with its task id and whether
-a fault swallowed the answer; faults and requests by endpoint) and POST
-/poll-fail?sim=xffuw&seconds=4 (a poll endpoint answering 503 for a while). Loopback only;
-prints `READY {"xffuw": url, "fengyuan": url, "control": url}` once they listen.
+"""Both simulated upstreams in one process for the soak, with injected faults (summing to
+--fault-rate), and a control server: GET /state (every answered submit, whether a fault
+swallowed its answer; faults and requests by endpoint), POST /poll-fail?sim=&seconds= (a poll
+endpoint answering 503 for a while). Prints `READY {"xffuw": url, "fengyuan": url, "control": url}`.
 
     .venv/bin/python bench/soak_sims.py [--fault-rate 0.05] [--seed 7] [--task-seconds 1]
 """

@@ -1,10 +1,8 @@
 """Each store under the usage ledger (bench/README.md, "The usage ledger at a million rows"):
-`--phase ledger` puts a million usage records through the store's write queue (`add_usage`, the
-proxy's own path) and times each /admin/usage query through the store method and over HTTP,
-and the GROUP BY over raw rows the proxy ran before rollups; `--phase chat` runs the chat load
-on a proxy on each store, SIGTERMs it at once and counts the usage rows against the answers
-(none may be lost: exit 1 otherwise). PostgreSQL: a database of its own on DATABASE_URL (default
-postgresql://postgres@127.0.0.1:5432/test), created and dropped by the benchmark.
+`--phase ledger` writes a million usage records through `add_usage` and times /admin/usage;
+`--phase chat` runs the chat load on a proxy on each store, SIGTERMs it and counts the usage
+rows against the answers (exit 1 if one is lost). PostgreSQL: a database of its own on
+DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test), dropped at the end.
 
     .venv/bin/python bench/store_usage.py                 # both phases, both stores, 1,000,000 rows
     .venv/bin/python bench/store_usage.py --rows 100000 --only postgres

@@ -1,10 +1,6 @@
-"""A fast upstream for the benchmark, loopback only: xffuw's API and an OpenAI-compatible route
-(bench/README.md, "What it sets up by itself"). Raw asyncio (uvloop when importable), one
-Protocol per connection, TCP_NODELAY, keep-alive, the whole body read before the answer, one
-write per response. Its routes are in `handle`. Tasks: with /_reset?hold=0 a task is final at
-created + base + spread × (hash(N) mod steps) / steps; with hold=1 it stays pending until
-/_release, then is final at release + after + the same offset. Times are time.monotonic()
-(CLOCK_MONOTONIC, shared with the benchmark).
+"""A fast upstream for the benchmark, loopback only: xffuw's API and an OpenAI-compatible route,
+raw asyncio, one write per response (bench/README.md, "What it sets up by itself"; its routes
+are in `handle`). Times are time.monotonic(), the benchmark's clock too.
 
     python bench/stub.py --port 9100
 """
@@ -19,6 +15,8 @@ import time
 from contextlib import suppress
 from typing import Any
 from urllib.parse import parse_qs
+
+import uvloop
 
 # One answer for every route, so direct, this proxy and LiteLLM do the same work.
 CONTENT = ("Hello! I am the benchmark stub. This sentence stands in for a short model answer, "
@@ -243,16 +241,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("the stub serves loopback only")
-    try:
-        import uvloop
-        factory = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    try:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(serve(args.host, args.port))
-    except KeyboardInterrupt:
-        pass
+    with suppress(KeyboardInterrupt):
+        uvloop.run(serve(args.host, args.port))
 
 
 if __name__ == "__main__":

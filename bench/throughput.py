@@ -1,7 +1,6 @@
-"""Throughput: `wrk -t1 -c64` on the chat route for 20 s (after a 2 s warm-up run): good
-(non-4xx/5xx) requests per second, p50 / p99, non-2xx and socket errors, and the CPU % of the
-server, the stub and wrk during the run (bench/README.md, 2). Without wrk, a Python closed-loop
-generator stands in. With --profile, py-spy also records the 1-worker proxy under the same load.
+"""Throughput: `wrk -t1 -c64` on the chat route (a Python generator without wrk): good requests
+per second, p50 / p99, errors, the CPU of server, stub and wrk (bench/README.md, 2). With
+--profile, py-spy also records the 1-worker proxy under the same load.
 
     .venv/bin/python bench/throughput.py [--quick] [--target direct --target proxy-1w …] [--profile]
 """
