@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 from lib import say, table
-from store_usage import CLIENTS, load, records
+from store_usage import CLIENTS, fill, records
 
 from proxy.app import create_app
 from proxy.config import parse_config
@@ -36,7 +36,7 @@ PAGES = {  # page -> (its tab, what is on it once drawn)
 async def seed(path: Path, rows: int) -> float:
     store = SQLiteStore(str(path))
     try:
-        return await load(store, records(rows, time.time()))
+        return await fill(store, records(rows, time.time()))
     finally:
         await store.close()
 

@@ -68,7 +68,7 @@ def records(n: int, now: float, seed: int = 1) -> list[UsageRecord]:
     return rows
 
 
-async def load(store: Store, rows: list[UsageRecord]) -> float:
+async def fill(store: Store, rows: list[UsageRecord]) -> float:
     """Records per second through add_usage, PER_TURN a turn of the loop, until the last is committed."""
     started = time.perf_counter()
     for i in range(0, len(rows), PER_TURN):
@@ -156,7 +156,7 @@ def ledger(kind: str, where: str, storage: dict[str, Any], rows: list[UsageRecor
     async def fill_and_time() -> tuple[float, list[list[float]]]:
         store = SQLiteStore(where) if kind == "sqlite" else await PostgresStore.open(where)
         try:
-            return await load(store, rows), [await time_store(store, params, queries) for _, params in asked]
+            return await fill(store, rows), [await time_store(store, params, queries) for _, params in asked]
         finally:
             await store.close()
 

@@ -66,7 +66,6 @@ class Target:
     port: int
     path: str = "/v1/chat/completions"
     proc: Any = None  # subprocess.Popen[bytes]
-    log: Path | None = None
 
     def pids(self) -> list[int]:
         return tree(self.proc.pid) if self.proc else []
@@ -100,7 +99,7 @@ def start_proxy(procs: Procs, config: dict[str, Any], tag: str, workers: int = 1
     except RuntimeError:
         procs.stop(proc)
         raise
-    return Target(f"proxy-{workers}w", port, proc=proc, log=log), time.monotonic() - started
+    return Target(f"proxy-{workers}w", port, proc=proc), time.monotonic() - started
 
 
 class Session:
@@ -127,7 +126,7 @@ class Session:
         if self._stub is None:
             port, log = free_port(), OUT / "stub.log"
             self._stub = Target("direct", port, proc=self.procs.spawn([sys.executable, str(BENCH / "stub.py"), "--port",
-                                                                       str(port)], log), log=log)
+                                                                       str(port)], log))
             wait_ready(self._stub.proc, port, "/healthz", 30, log)
         return self._stub
 
@@ -160,7 +159,7 @@ class Session:
         except RuntimeError:
             self.procs.stop(proc)
             raise
-        return Target("litellm", port, proc=proc, log=log), time.monotonic() - started
+        return Target("litellm", port, proc=proc), time.monotonic() - started
 
     def target(self, name: str) -> Target:
         """A target by its column name, started for a scenario program run on its own."""
