@@ -236,13 +236,9 @@ async def serve(host: str, port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
-    args = parser.parse_args()
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        raise SystemExit("the stub serves loopback only")
     with suppress(KeyboardInterrupt):
-        uvloop.run(serve(args.host, args.port))
+        uvloop.run(serve("127.0.0.1", parser.parse_args().port))  # loopback only
 
 
 if __name__ == "__main__":

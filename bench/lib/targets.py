@@ -125,9 +125,9 @@ class Session:
     def stub(self) -> Target:
         if self._stub is None:
             port, log = free_port(), OUT / "stub.log"
-            self._stub = Target("direct", port, proc=self.procs.spawn([sys.executable, str(BENCH / "stub.py"), "--port",
-                                                                       str(port)], log))
-            wait_ready(self._stub.proc, port, "/healthz", 30, log)
+            proc = self.procs.spawn([sys.executable, str(BENCH / "stub.py"), "--port", str(port)], log)
+            self._stub = Target("direct", port, proc=proc)
+            wait_ready(proc, port, "/healthz", 30, log)
         return self._stub
 
     def proxy(self, workers: int, tag: str) -> tuple[Target, float]:
