@@ -1,20 +1,7 @@
-"""The upstream HTTP client, measured: why proxy/upstream_http.py has a transport of its own.
+"""The upstream HTTP client candidates, from one process (uvloop) against bench/stub.py: calls
+per second and CPU per call (bench/README.md, "The upstream HTTP client").
 
     .venv/bin/python bench/clients.py [--requests 20000] [--concurrency 64]
-
-Starts bench/stub.py, then from one process (uvloop) posts xffuw's chat.php body through
-each candidate, `--concurrency` calls at once, and prints calls per second and CPU per call
-of this process (the stub runs in its own). Candidates:
-
-- httpx with its default transport;
-- httpx over aiohttp (`httpx-aiohttp`, the transport openai-python offers for this problem);
-- aiohttp on its own, for reference;
-- this proxy's transport through `Http1Transport.fetch`, a request head written once and
-  bytes in, a plain `Reply` out: what the providers use; and the same with GETs (a task's
-  poll), which go out pipelined when several are asked for in one turn of the event loop.
-
-httpx-aiohttp is a bench-only requirement (bench/requirements.txt); it is skipped when
-missing.
 """
 
 from __future__ import annotations
@@ -28,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import httpx
+import uvloop
 from lib import BENCH
 from lib.procs import Procs, free_port, wait_ready
 
@@ -57,56 +45,43 @@ async def measure(name: str, call: Callable[[], Awaitable[None]], requests: int,
 async def run(url: str, requests: int, concurrency: int) -> None:
     print(f"\n{requests:,} calls a row (POSTs; GETs in the last row), {concurrency} at once, one client per row\n")
     print("| client | calls/s | CPU µs per call |\n|---|---|---|")
-    plain = httpx.AsyncClient(limits=httpx.Limits(max_connections=1000), trust_env=False)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1000), trust_env=False) as plain:
+        async def with_plain() -> None:
+            (await plain.post(url, content=BODY, headers=HEADERS)).raise_for_status()
 
-    async def with_plain() -> None:
-        (await plain.post(url, content=BODY, headers=HEADERS)).raise_for_status()
-
-    await measure("httpx, default transport", with_plain, requests // 10, concurrency)
-    await plain.aclose()
-
+        await measure("httpx, default transport", with_plain, requests // 10, concurrency)
     try:
         import aiohttp
         from httpx_aiohttp import AiohttpTransport
     except ImportError:
         print("| httpx over aiohttp | skipped: pip install httpx-aiohttp | |")
     else:
-        over = httpx.AsyncClient(transport=AiohttpTransport(limits=httpx.Limits(max_connections=1000)),
-                                 trust_env=False)
+        async with httpx.AsyncClient(transport=AiohttpTransport(limits=httpx.Limits(max_connections=1000)),
+                                     trust_env=False) as over:
+            async def with_aiohttp_transport() -> None:
+                (await over.post(url, content=BODY, headers=HEADERS)).raise_for_status()
 
-        async def with_aiohttp_transport() -> None:
-            (await over.post(url, content=BODY, headers=HEADERS)).raise_for_status()
+            await measure("httpx over aiohttp (httpx-aiohttp)", with_aiohttp_transport, requests, concurrency)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000)) as session:
+            async def with_aiohttp() -> None:
+                async with session.post(url, data=BODY, headers=HEADERS) as reply:
+                    reply.raise_for_status()
+                    await reply.read()
 
-        await measure("httpx over aiohttp (httpx-aiohttp)", with_aiohttp_transport, requests, concurrency)
-        await over.aclose()
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000))
-
-        async def with_aiohttp() -> None:
-            async with session.post(url, data=BODY, headers=HEADERS) as reply:
-                reply.raise_for_status()
-                await reply.read()
-
-        await measure("aiohttp alone (reference)", with_aiohttp, requests, concurrency)
-        await session.close()
-
-    ours = build_client()
-    target = httpx.URL(url)
-    origin = origin_of(target)
-    head = head_of("POST", target, [(b"host", target.netloc), *((k.encode(), v.encode()) for k, v in HEADERS.items()),
-                                    (b"content-length", str(len(BODY)).encode())]) + b"\r\n"
+            await measure("aiohttp alone (reference)", with_aiohttp, requests, concurrency)
+    ours, target = build_client(), httpx.URL(url)
+    poll, origin = target.copy_with(path="/api/v1/models.php"), origin_of(target)
     timeouts: dict[str, float | None] = {"connect": 5.0, "read": 60.0, "pool": 5.0}
+    for label, method, head, body in (
+            ("this proxy's transport, `fetch` (what providers use)", "POST", head_of("POST", target, [
+                (b"host", target.netloc), *((k.encode(), v.encode()) for k, v in HEADERS.items()),
+                (b"content-length", str(len(BODY)).encode())]), BODY),
+            ("this proxy's transport, `fetch` GETs (pipelined)", "GET", head_of("GET", poll, [
+                (b"host", poll.netloc), (b"authorization", b"Bearer xf_bench")]), b"")):
+        async def with_fetch(method: str = method, head: bytes = head + b"\r\n", body: bytes = body) -> None:
+            assert (await ours.transport.fetch(origin, method, head, body, timeouts)).status == 200
 
-    async def with_fetch() -> None:
-        assert (await ours.transport.fetch(origin, "POST", head, BODY, timeouts)).status == 200
-
-    await measure("this proxy's transport, `fetch` (what providers use)", with_fetch, requests, concurrency)
-    poll = target.copy_with(path="/api/v1/models.php")
-    poll_head = head_of("GET", poll, [(b"host", poll.netloc), (b"authorization", b"Bearer xf_bench")]) + b"\r\n"
-
-    async def with_fetch_get() -> None:
-        assert (await ours.transport.fetch(origin, "GET", poll_head, b"", timeouts)).status == 200
-
-    await measure("this proxy's transport, `fetch` GETs (pipelined)", with_fetch_get, requests, concurrency)
+        await measure(label, with_fetch, requests, concurrency)
     await ours.aclose()
 
 
@@ -118,13 +93,8 @@ def main() -> None:
     port, procs = free_port(), Procs()
     try:
         wait_ready(procs.spawn([sys.executable, str(BENCH / "stub.py"), "--port", str(port)]), port, "/healthz", 10)
-        try:
-            import uvloop
-            uvloop.install()
-        except ImportError:
-            pass
         print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {os.cpu_count()} cores")
-        asyncio.run(run(f"http://127.0.0.1:{port}/api/v1/chat.php", args.requests, args.concurrency))
+        uvloop.run(run(f"http://127.0.0.1:{port}/api/v1/chat.php", args.requests, args.concurrency))
     finally:
         procs.stop_all()
 

@@ -1,27 +1,11 @@
-"""Soak test: many OpenAI clients, injected upstream faults, deliberate disconnects, one restart.
+"""Soak test: many OpenAI clients (httpx), 5 % injected upstream faults, deliberate disconnects,
+one SIGTERM and restart of the proxy; then every upstream task matched against the proxy's
+store, each invariant printed PASS / FAIL, exit 1 when one fails (bench/README.md, "The soak").
 
     .venv/bin/python bench/soak.py [--clients 300] [--seconds 120] [--quick] [--keep]
-
-Loopback only, bounded to a few minutes. It starts
-
-- both simulated upstreams in one process (``bench/soak_sims.py``) with 5 % injected faults
-  on every endpoint (HTML 5xx, truncated JSON, connections dropped before and after the
-  request was processed) plus, for a few seconds each, a poll endpoint answering 503;
-- the proxy as a subprocess (``python -m proxy serve --config <generated toml>``) with its
-  SQLite store in a temporary directory, ``poll_interval`` 0.5 s and tasks of a few seconds;
-
-then runs N concurrent clients (httpx, one connection pool each) mixing chat, streamed chat
-and image generations (xffuw and Fengyuan, some ``n=2``, some ``b64_json``, every one with an
-``Idempotency-Key``). Some clients hang up on purpose mid-request and come back later with the
-same key; they fetch every task they were told about with ``GET /v1/tasks/{id}``. Half-way
-through, the proxy gets SIGTERM and is started again on the same store; clients retry with
-the same keys meanwhile.
-
-At the end it reads the proxy's tasks table, fetches every stored task over the API, matches
-them against the tasks the simulators made, prints the invariants and exits non-zero when a
-"must" fails. Child processes are stopped (by their process group) on every exit path.
 """
 
+# ruff: noqa: UP013
 from __future__ import annotations
 
 import argparse
@@ -41,33 +25,27 @@ import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Required, TypedDict
 
 import httpx
 import msgspec
 from lib import BENCH
-from lib.procs import Procs, free_port, interrupt_on_signals, raise_nofile, status_kb, wait_ready
-from lib.targets import PROXY, to_toml
+from lib.procs import Procs, free_port, interrupt_on_signals, raise_nofile, status_kb
+from lib.targets import start_proxy
 from soak_sims import FENGYUAN_KEYS, XFFUW_KEYS
 
 HOST = "127.0.0.1"
 CHAT_PREFIX = "你好!我是 AI 助手。You said: "  # what the simulated xffuw chat answers
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLIENT_NAMES = 20  # proxy clients (keys); soak client i uses key i % CLIENT_NAMES
-TASK_STATES = {"pending", "running", "succeeded", "failed", "timeout"}
-ERROR_KEYS = {"message", "type", "param", "code"}
-
-
-# ---- settings ---------------------------------------------------------------------------
 
 
 @dataclass
 class Settings:
-    clients: int
-    seconds: float
-    quick: bool
-    keep: bool
-    seed: int
+    clients: int = 300
+    seconds: float = 120.0
+    keep: bool = False
+    seed: int = 7
     fault_rate: float = 0.05
     think: tuple[float, float] = (0.3, 1.5)  # pause between two operations of one client
     task_delay: tuple[float, float] = (0.5, 4.0)  # how long an upstream task takes
@@ -78,37 +56,21 @@ class Settings:
     shutdown_grace: float = 3.0
     task_timeout: float = 30.0
 
-    @property
-    def restart_at(self) -> float:
-        return self.seconds / 2
+
+QUICK: dict[str, Any] = {"clients": 40, "seconds": 16.0, "think": (0.2, 0.8), "task_delay": (0.3, 3.5),
+                         "request_timeout": 20.0, "settle": 12.0, "drain": 15.0, "poll_fail_seconds": 2.5,
+                         "shutdown_grace": 2.0, "task_timeout": 15.0}
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    if args.quick:
-        s = Settings(clients=args.clients or 40, seconds=args.seconds or 16.0, quick=True, keep=args.keep,
-                     seed=args.seed, think=(0.2, 0.8), task_delay=(0.3, 3.5), request_timeout=20.0, settle=12.0,
-                     drain=15.0, poll_fail_seconds=2.5, shutdown_grace=2.0, task_timeout=15.0)
-    else:
-        s = Settings(clients=args.clients or 300, seconds=args.seconds or 120.0, quick=False, keep=args.keep,
-                     seed=args.seed)
-    if args.fault_rate is not None:
-        s.fault_rate = args.fault_rate
-    if args.shutdown_grace is not None:
-        s.shutdown_grace = args.shutdown_grace
-    return s
-
-
-def proxy_config(s: Settings, port: int, sims: dict[str, str], db: Path, clients: dict[str, str]) -> str:
+def proxy_config(s: Settings, port: int, sims: dict[str, str], db: Path, clients: dict[str, str]) -> dict[str, Any]:
     limits = {"connect_timeout": 2.0, "read_timeout": 15.0, "rpm": 1000000}
-    return to_toml({
-        "server": {"host": HOST, "port": port, "shutdown_grace": s.shutdown_grace},
-        "clients": [{"name": name, "key": key} for name, key in clients.items()],
-        "providers": {"xffuw": {"base_url": sims["xffuw"] + "/api/v1/", "keys": XFFUW_KEYS, **limits},
-                      "fengyuan": {"base_url": sims["fengyuan"], "keys": FENGYUAN_KEYS, **limits}},
-        "tasks": {"poll_interval": 0.5, "first_poll": 0.25, "timeout": s.task_timeout, "keep_results": 1.0},
-        "images": {"download_timeout": 10.0}, "log": {"level": "info", "format": "json"},
-        "storage": {"path": str(db)}, "aliases": {"dall-e-3": "xffuw/gpt-image-2"},
-    }) + "\n"
+    return {"server": {"host": HOST, "port": port, "shutdown_grace": s.shutdown_grace},
+            "clients": [{"name": name, "key": key} for name, key in clients.items()],
+            "providers": {"xffuw": {"base_url": sims["xffuw"] + "/api/v1/", "keys": XFFUW_KEYS, **limits},
+                          "fengyuan": {"base_url": sims["fengyuan"], "keys": FENGYUAN_KEYS, **limits}},
+            "tasks": {"poll_interval": 0.5, "first_poll": 0.25, "timeout": s.task_timeout, "keep_results": 1.0},
+            "images": {"download_timeout": 10.0}, "log": {"level": "info", "format": "json"},
+            "storage": {"path": str(db)}, "aliases": {"dall-e-3": "xffuw/gpt-image-2"}}
 
 
 # ---- what the clients saw ---------------------------------------------------------------
@@ -116,32 +78,28 @@ def proxy_config(s: Settings, port: int, sims: dict[str, str], db: Path, clients
 
 @dataclass
 class Answer:
-    outcome: str  # ok | error | malformed | none
+    """One request as its client saw it: outcome ok | error | malformed | none (no answer)."""
+
+    op: str = ""
+    outcome: str = "none"
     status: int = 0
+    reason: str = ""  # none: the exception; malformed: what was wrong; error: the error code
     headers: dict[str, str] = field(default_factory=dict)
     body: Any = None
     raw: bytes = b""
-    reason: str = ""  # none: the exception; malformed: what was wrong; error: the error code
     request_id: str | None = None
     started: float = 0.0
     ended: float = 0.0
+    deliberate: bool = False  # the client hung up on purpose
+    idem: str | None = None
 
+    def malformed(self, problem: str | None) -> None:
+        if problem:
+            self.outcome, self.reason = "malformed", problem
 
-@dataclass
-class Attempt:
-    op: str
-    outcome: str
-    status: int
-    reason: str
-    deliberate: bool
-    started: float
-    ended: float
-    idem: str | None
-    request_id: str | None
-    kept: bool  # an answer the proxy keeps for the key: 2xx, or x-should-retry: false
-    replayed: bool = False  # idempotent-replayed: true
-    message: str = ""  # an error answer's message
-    task_ids: str = ""  # its x-proxy-task-ids header
+    @property
+    def message(self) -> str:
+        return self.body["error"]["message"] if self.outcome == "error" else ""
 
 
 @dataclass
@@ -150,89 +108,54 @@ class ImageOp:
     idem: str
     n: int
     fmt: str
-    attempts: list[Attempt] = field(default_factory=list)
+    attempts: list[Answer] = field(default_factory=list)
     final: Answer | None = None
-    task_ids: list[str] = field(default_factory=list)
 
 
-class Record:
-    def __init__(self) -> None:
-        self.attempts: list[Attempt] = []
-        self.malformed: list[str] = []
-        self.inconsistent: list[str] = []
-        self.image_ops: dict[str, ImageOp] = {}
-        self.unanswered_ops: list[str] = []
-        self.failed_without_ids: list[str] = []
-        self.ops: Counter[str] = Counter()
-        self.task_checks = 0
-
-    def add(self, op: str, answer: Answer, *, deliberate: bool = False, idem: str | None = None) -> Attempt:
-        kept = answer.outcome == "ok" or (answer.outcome == "error" and
-                                          answer.headers.get("x-should-retry") == "false")
-        attempt = Attempt(op, answer.outcome, answer.status, answer.reason, deliberate, answer.started,
-                          answer.ended, idem, answer.request_id, kept,
-                          answer.headers.get("idempotent-replayed") == "true",
-                          answer.body["error"]["message"] if answer.outcome == "error" else "",
-                          answer.headers.get("x-proxy-task-ids", ""))
-        self.attempts.append(attempt)
-        if answer.outcome == "malformed":
-            self.malformed.append(f"{op} HTTP {answer.status}: {answer.reason}: {answer.raw[:300]!r}")
-        return attempt
+# The answers' shapes, one line each (the functional TypedDict syntax; ruff's UP013 is off in this file)
+Error = TypedDict("Error", {"message": str, "type": str, "param": str | None, "code": str | None})
+Message = TypedDict("Message", {"role": Literal["assistant"], "content": str})
+Choice = TypedDict("Choice", {"index": Literal[0], "message": Message, "finish_reason": Literal["stop"]})
+ErrorBody = TypedDict("ErrorBody", {"error": Error})
+Usage = TypedDict("Usage", {"prompt_tokens": int, "completion_tokens": int, "total_tokens": int})
+Completion = TypedDict("Completion", {"id": str, "object": Literal["chat.completion"], "created": int, "model": str,
+                                      "choices": list[Choice], "usage": Usage})
+Url = TypedDict("Url", {"url": str})
+Images = TypedDict("Images", {"created": int, "data": list[dict[str, Any]]})
+TaskView = TypedDict("TaskView", {
+    "id": Required[str], "object": Required[Literal["proxy.task"]], "error": Error | None, "data": list[Url],
+    "status": Required[Literal["pending", "running", "succeeded", "failed", "timeout"]]}, total=False)
 
 
-def error_shape(status: int, body: Any) -> str | None:
-    """None when the body is OpenAI's error shape, else what is wrong with it."""
-    if not isinstance(body, dict) or not isinstance(body.get("error"), dict):
-        return "no {'error': {...}} object"
-    error = body["error"]
-    missing = ERROR_KEYS - set(error)
-    if missing:
-        return f"error object lacks {sorted(missing)}"
-    if not isinstance(error["message"], str) or not error["message"]:
-        return "error.message is not a non-empty string"
-    if not isinstance(error["type"], str):
-        return "error.type is not a string"
-    if error["param"] is not None and not isinstance(error["param"], str):
-        return "error.param is neither null nor a string"
-    if error["code"] is not None and not isinstance(error["code"], str):
-        return "error.code is neither null nor a string"
+def shape(value: Any, expected: Any) -> str | None:
+    """None when `value` has the `expected` shape (a TypedDict), else what is wrong with it."""
+    try:
+        msgspec.convert(value, expected)
+    except msgspec.ValidationError as error:
+        return str(error)
     return None
+
+
+def error_shape(body: Any) -> str | None:
+    """None when the body is OpenAI's error shape, else what is wrong with it."""
+    problem = shape(body, ErrorBody)
+    return problem or (None if body["error"]["message"] else "error.message is empty")
 
 
 def check_chat(body: Any, prompt: str, model: str) -> str | None:
-    if not isinstance(body, dict):
-        return "not an object"
-    if body.get("object") != "chat.completion" or not str(body.get("id", "")).startswith("chatcmpl-"):
-        return "object/id wrong"
-    if body.get("model") != model or not isinstance(body.get("created"), int):
-        return "model/created wrong"
-    choices = body.get("choices")
-    if not isinstance(choices, list) or len(choices) != 1:
-        return "choices is not a list of one"
-    choice = choices[0]
-    message = choice.get("message") if isinstance(choice, dict) else None
-    if not isinstance(message, dict) or message.get("role") != "assistant":
-        return "choices[0].message wrong"
-    if message.get("content") != CHAT_PREFIX + prompt:
-        return f"content is not the upstream's answer: {message.get('content')!r}"
-    if choice.get("finish_reason") != "stop" or choice.get("index") != 0:
-        return "finish_reason/index wrong"
-    usage = body.get("usage")
-    if not isinstance(usage, dict) or not all(isinstance(usage.get(k), int) for k in
-                                              ("prompt_tokens", "completion_tokens", "total_tokens")):
-        return "usage wrong"
-    return None
+    if problem := shape(body, Completion):
+        return problem
+    if not body["id"].startswith("chatcmpl-") or body["model"] != model or len(body["choices"]) != 1:
+        return "id, model or the number of choices wrong"
+    content = body["choices"][0]["message"]["content"]
+    return None if content == CHAT_PREFIX + prompt else f"content is not the upstream's answer: {content!r}"
 
 
 def check_stream(raw: bytes, prompt: str, model: str, include_usage: bool) -> str | None:
-    events = []
-    for block in raw.decode("utf-8", "replace").split("\n\n"):
-        block = block.strip()
-        if not block:
-            continue
-        if not block.startswith("data: "):
-            return f"not an SSE data line: {block[:80]!r}"
-        events.append(block[len("data: "):])
+    blocks = [b.strip() for b in raw.decode("utf-8", "replace").split("\n\n") if b.strip()]
+    if bad := next((b for b in blocks if not b.startswith("data: ")), None):
+        return f"not an SSE data line: {bad[:80]!r}"
+    events = [b[len("data: "):] for b in blocks]
     if not events or events[-1] != "[DONE]":
         return "the stream does not end with data: [DONE]"
     content, finish, usage_seen, role_seen = [], None, False, False
@@ -242,7 +165,7 @@ def check_stream(raw: bytes, prompt: str, model: str, include_usage: bool) -> st
         except ValueError:
             return f"a data line is not JSON: {text[:80]!r}"
         if isinstance(chunk, dict) and "error" in chunk:
-            problem = error_shape(500, chunk)
+            problem = error_shape(chunk)
             return f"in-stream error not OpenAI-shaped: {problem}" if problem else "in-stream error (n=1)"
         if not isinstance(chunk, dict) or chunk.get("object") != "chat.completion.chunk" or chunk.get("model") != model:
             return "a chunk is not a chat.completion.chunk"
@@ -257,45 +180,34 @@ def check_stream(raw: bytes, prompt: str, model: str, include_usage: bool) -> st
         return "streamed content is not the upstream's answer"
     if not role_seen or finish != "stop":
         return "no role chunk or no finish_reason stop"
-    if include_usage and not usage_seen:
-        return "include_usage asked, no usage chunk"
-    return None
+    return "include_usage asked, no usage chunk" if include_usage and not usage_seen else None
 
 
 def check_images(body: Any, n: int, fmt: str) -> str | None:
-    if not isinstance(body, dict) or not isinstance(body.get("created"), int):
-        return "not an images response"
-    data = body.get("data")
-    if not isinstance(data, list) or len(data) != n:
+    if problem := shape(body, Images):
+        return problem
+    if len(body["data"]) != n:
         return f"data is not a list of {n}"
-    for item in data:
-        if not isinstance(item, dict):
-            return "a data item is not an object"
+    for item in body["data"]:
         if fmt == "b64_json":
             try:
-                blob = base64.b64decode(item.get("b64_json") or "", validate=True)
+                if not base64.b64decode(item.get("b64_json") or "", validate=True).startswith(PNG_MAGIC):
+                    return "b64_json is not a PNG"
             except ValueError:
                 return "b64_json is not base64"
-            if not blob.startswith(PNG_MAGIC):
-                return "b64_json is not a PNG"
-        else:
-            url = item.get("url")
-            if not isinstance(url, str) or not url.startswith(f"http://{HOST}:") or "/files/" not in url:
-                return f"url is not a result URL: {url!r}"
+        elif not str(url := item.get("url")).startswith(f"http://{HOST}:") or "/files/" not in str(url):
+            return f"url is not a result URL: {url!r}"
     return None
 
 
 def check_task_view(body: Any, task_id: str) -> str | None:
-    if not isinstance(body, dict) or body.get("id") != task_id or body.get("object") != "proxy.task":
+    if problem := shape(body, TaskView):
+        return problem
+    if body["id"] != task_id:
         return "not a proxy.task for this id"
-    if body.get("status") not in TASK_STATES:
-        return f"unknown status {body.get('status')!r}"
-    data = body.get("data", [])
-    if not isinstance(data, list) or not all(isinstance(d, dict) and isinstance(d.get("url"), str) for d in data):
-        return "data is not a list of {url}"
-    if body["status"] == "succeeded" and not data:
+    if body["status"] == "succeeded" and not body.get("data"):
         return "succeeded without a result URL"
-    if body["status"] in ("failed", "timeout") and error_shape(500, {"error": body.get("error")}) is not None:
+    if body["status"] in ("failed", "timeout") and error_shape({"error": body.get("error")}) is not None:
         return "a failed task without an OpenAI-shaped error"
     return None
 
@@ -304,257 +216,224 @@ def check_task_view(body: Any, task_id: str) -> str | None:
 
 
 class Soak:
-    def __init__(self, s: Settings, base: str, keys: dict[str, str], record: Record,
-                 timeline: dict[str, float]) -> None:
-        self.s = s
-        self.base = base
-        self.client_keys = list(keys.values())
-        self.client_names = list(keys)
-        self.record = record
-        self.timeline = timeline
-        self.t0 = time.monotonic()
-        self.end = self.t0 + s.seconds
-        self.settle_end = self.end + s.settle
+    """The clients, and what they saw."""
+
+    def __init__(self, s: Settings, base: str, keys: dict[str, str]) -> None:
+        self.s, self.base, self.keys, self.t0 = s, base, list(keys.items()), time.monotonic()
+        self.end, self.settle_end = self.t0 + s.seconds, self.t0 + s.seconds + s.settle
+        self.attempts: list[Answer] = []
+        self.malformed: list[str] = []
+        self.inconsistent: list[str] = []
+        self.unanswered_ops: list[str] = []
+        self.failed_without_ids: list[str] = []
+        self.image_ops: dict[str, ImageOp] = {}
+        self.ops: Counter[str] = Counter()
+        self.task_checks = 0
+
+    def add(self, op: str, answer: Answer, *, deliberate: bool = False, idem: str | None = None) -> Answer:
+        answer.op, answer.deliberate, answer.idem = op, deliberate, idem
+        self.attempts.append(answer)
+        if answer.outcome == "malformed":
+            self.malformed.append(f"{op} HTTP {answer.status}: {answer.reason}: {answer.raw[:300]!r}")
+        return answer
 
     async def send(self, http: httpx.AsyncClient, method: str, path: str, *, key: str, body: Any = None,
                    idem: str | None = None, timeout: float, stream: bool = False) -> Answer:  # noqa: ASYNC109
-        headers = {"authorization": f"Bearer {key}"}
-        if idem:
-            headers["idempotency-key"] = idem
-        answer = Answer("none", started=time.monotonic())
+        headers = {"authorization": f"Bearer {key}", **({"idempotency-key": idem} if idem else {})}
+        answer = Answer(started=time.monotonic())
         try:
-            request = http.build_request(method, path, json=body, headers=headers, timeout=timeout)
-            reply = await http.send(request, stream=stream)
+            reply = await http.send(http.build_request(method, path, json=body, headers=headers, timeout=timeout),
+                                    stream=stream)
             try:
                 answer.raw = await asyncio.wait_for(reply.aread(), timeout) if stream else reply.content
             finally:
                 await reply.aclose()
-            answer.status = reply.status_code
-            answer.headers = {k.lower(): v for k, v in reply.headers.items()}
-            answer.request_id = answer.headers.get("x-request-id")
+            answer.status, answer.headers = reply.status_code, {k.lower(): v for k, v in reply.headers.items()}
         except (httpx.HTTPError, TimeoutError, OSError) as exc:
             answer.reason = type(exc).__name__
-            answer.ended = time.monotonic()
+        answer.ended, content_type = time.monotonic(), answer.headers.get("content-type", "")
+        if answer.reason:
             return answer
-        answer.ended = time.monotonic()
-        content_type = answer.headers.get("content-type", "")
+        answer.request_id = answer.headers.get("x-request-id")
         if not answer.request_id:
-            answer.outcome, answer.reason = "malformed", "no x-request-id header"
-            return answer
-        if 200 <= answer.status < 300:
+            answer.malformed("no x-request-id header")
+        elif 200 <= answer.status < 300:
             answer.outcome = "ok"
-            if "text/event-stream" not in content_type:
-                try:
-                    answer.body = json.loads(answer.raw)
-                except ValueError:
-                    answer.outcome, answer.reason = "malformed", "2xx body is not JSON"
-            return answer
-        try:
-            answer.body = json.loads(answer.raw)
-        except ValueError:
-            answer.body = None
-        problem = error_shape(answer.status, answer.body)
-        if problem is not None or "application/json" not in content_type:
-            answer.outcome, answer.reason = "malformed", problem or f"error with content-type {content_type!r}"
+            try:
+                answer.body = None if "text/event-stream" in content_type else json.loads(answer.raw)
+            except ValueError:
+                answer.malformed("2xx body is not JSON")
         else:
-            answer.outcome, answer.reason = "error", str(answer.body["error"]["code"])
+            try:
+                answer.body = json.loads(answer.raw)
+            except ValueError:
+                answer.body = None
+            problem = error_shape(answer.body)
+            if problem is not None or "application/json" not in content_type:
+                answer.malformed(problem or f"error with content-type {content_type!r}")
+            else:
+                answer.outcome, answer.reason = "error", str(answer.body["error"]["code"])
         return answer
-
-    # one client -------------------------------------------------------------------------
 
     async def client(self, index: int) -> None:
         rng = random.Random(self.s.seed * 100_003 + index)
-        key = self.client_keys[index % len(self.client_keys)]
-        name = self.client_names[index % len(self.client_names)]
+        name, key = self.keys[index % len(self.keys)]
         limits = httpx.Limits(max_connections=4, max_keepalive_connections=2)
         async with httpx.AsyncClient(base_url=self.base, limits=limits, trust_env=False) as http:
             await asyncio.sleep(rng.uniform(0, 1.5))  # stagger the start
             while time.monotonic() < self.end:
                 roll = rng.random()
                 try:
-                    if roll < 0.30:
-                        await self.chat(http, rng, key, stream=False)
-                    elif roll < 0.50:
-                        await self.chat(http, rng, key, stream=True)
+                    if roll < 0.50:
+                        await self.chat(http, rng, key, stream=roll >= 0.30)
                     else:
                         await self.images(http, rng, key, name, "xffuw" if roll < 0.75 else "fengyuan")
                 except Exception as exc:  # a bug in this script must not hide as a client hang
-                    self.record.malformed.append(f"soak client error {exc!r}")
+                    self.malformed.append(f"soak client error {exc!r}")
                     raise
                 await asyncio.sleep(rng.uniform(*self.s.think))
 
     async def chat(self, http: httpx.AsyncClient, rng: random.Random, key: str, *, stream: bool) -> None:
         op = "chat.stream" if stream else "chat"
-        self.record.ops[op] += 1
+        self.ops[op] += 1
         deliberate = rng.random() < 0.08
         model = rng.choice(["gpt-4o-mini", "deepseek-chat", "xffuw/gpt-4o-mini"])
-        prompt = f"soak {uuid.uuid4().hex[:12]} 你好"
-        if deliberate:
-            prompt += " [delay=1]"  # a slow answer to hang up on
+        prompt = f"soak {uuid.uuid4().hex[:12]} 你好" + (" [delay=1]" if deliberate else "")  # slow, to hang up on
         include_usage = stream and rng.random() < 0.5
-        body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": prompt}]}
-        if stream:
-            body["stream"] = True
-            if include_usage:
-                body["stream_options"] = {"include_usage": True}
+        body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": prompt}],
+                                **({"stream": True} if stream else {}),
+                                **({"stream_options": {"include_usage": True}} if include_usage else {})}
         idem = uuid.uuid4().hex if rng.random() < 0.3 else None
         timeout = rng.uniform(0.2, 0.6) if deliberate else self.s.request_timeout
         while True:
             answer = await self.send(http, "POST", "/v1/chat/completions", key=key, body=body, idem=idem,
                                      timeout=timeout, stream=stream)
             if answer.outcome == "ok":
-                problem = (check_stream(answer.raw, prompt, model, include_usage) if stream
-                           else check_chat(answer.body, prompt, model))
-                if stream and "text/event-stream" not in answer.headers.get("content-type", ""):
-                    problem = problem or "a stream without text/event-stream"
-                if problem:
-                    answer.outcome, answer.reason = "malformed", problem
-            self.record.add(op, answer, deliberate=deliberate, idem=idem)
+                answer.malformed((check_stream(answer.raw, prompt, model, include_usage) or (
+                    None if "text/event-stream" in answer.headers.get("content-type", "")
+                    else "a stream without text/event-stream")) if stream else check_chat(answer.body, prompt, model))
+            self.add(op, answer, deliberate=deliberate, idem=idem)
             if answer.outcome != "none" or deliberate:
                 return
             if time.monotonic() > self.settle_end:
-                self.record.unanswered_ops.append(f"{op} {idem or ''}: {answer.reason}")
+                self.unanswered_ops.append(f"{op} {idem or ''}: {answer.reason}")
                 return
             await asyncio.sleep(rng.uniform(0.3, 0.8))  # the proxy restarting: try again
 
     async def images(self, http: httpx.AsyncClient, rng: random.Random, key: str, name: str, upstream: str) -> None:
         op = f"images.{upstream}"
-        self.record.ops[op] += 1
+        self.ops[op] += 1
         n = 2 if rng.random() < 0.25 else 1
         fmt = "b64_json" if rng.random() < 0.2 else "url"
-        markers = f"[delay={rng.uniform(*self.s.task_delay):.2f}]"
-        if rng.random() < 0.05:
-            markers += " [fail]"
+        markers = f"[delay={rng.uniform(*self.s.task_delay):.2f}]" + (" [fail]" if rng.random() < 0.05 else "")
         if upstream == "xffuw":
             model = rng.choice(["gpt-image-2", "dall-e-3", "xffuw/gpt-image-2", "gpt-image-2", "flux-schnell"])
         else:
-            model = "fengyuan/image_generation"
-            if rng.random() < 0.1:
-                markers = "[instant]"
-        prompt = f"soak {uuid.uuid4().hex[:12]} 一只橘猫 {markers}"
-        body: dict[str, Any] = {"model": model, "prompt": prompt, "n": n}
+            model, markers = "fengyuan/image_generation", "[instant]" if rng.random() < 0.1 else markers
+        body: dict[str, Any] = {"model": model, "prompt": f"soak {uuid.uuid4().hex[:12]} 一只橘猫 {markers}", "n": n}
         if fmt == "b64_json" or "gpt-image-" in model:  # gpt-image-* answers b64_json unless asked for URLs
             body["response_format"] = fmt
         if rng.random() < 0.3:
             body["size"] = rng.choice(["1024x1024", "1536x1024", "1024x1536"])
         idem = uuid.uuid4().hex
-        image_op = ImageOp(name, idem, n, fmt)
-        self.record.image_ops[idem] = image_op
+        image_op = self.image_ops[idem] = ImageOp(name, idem, n, fmt)
         deliberate = rng.random() < 0.15
-        first = True
         while True:
-            timeout = rng.uniform(0.2, 1.2) if deliberate and first else self.s.request_timeout
+            first = not image_op.attempts
             answer = await self.send(http, "POST", "/v1/images/generations", key=key, body=body, idem=idem,
-                                     timeout=timeout)
+                                     timeout=rng.uniform(0.2, 1.2) if deliberate and first else self.s.request_timeout)
             if answer.outcome == "ok":
-                problem = check_images(answer.body, n, fmt)
-                if problem:
-                    answer.outcome, answer.reason = "malformed", problem
-            attempt = self.record.add(op, answer, deliberate=deliberate and first, idem=idem)
-            image_op.attempts.append(attempt)
-            first = False
+                answer.malformed(check_images(answer.body, n, fmt))
+            image_op.attempts.append(self.add(op, answer, deliberate=deliberate and first, idem=idem))
             # Like the SDKs: try again with the same key after no answer, a 409 in progress, or a
             # 500/503/504 (unless x-should-retry: false). Other answers are final.
-            retry = answer.outcome == "none" or answer.reason == "idempotency_key_in_progress" or (
-                answer.status in (500, 503, 504) and answer.headers.get("x-should-retry") != "false")
-            if not retry:
+            if not (answer.outcome == "none" or answer.reason == "idempotency_key_in_progress" or (
+                    answer.status in (500, 503, 504) and answer.headers.get("x-should-retry") != "false")):
                 break
             if time.monotonic() > self.settle_end:
-                self.record.unanswered_ops.append(f"{op} {idem}: {answer.reason}")
+                self.unanswered_ops.append(f"{op} {idem}: {answer.reason}")
                 return
             wait = float(answer.headers.get("retry-after", 0) or 0) if answer.outcome == "error" else 0.0
-            await asyncio.sleep(max(wait, rng.uniform(0.5, 2.0) if attempt.deliberate else rng.uniform(0.3, 0.8)))
+            await asyncio.sleep(max(wait, rng.uniform(0.5, 2.0) if answer.deliberate else rng.uniform(0.3, 0.8)))
         image_op.final = answer
         ids = [t for t in answer.headers.get("x-proxy-task-ids", "").split(",") if t]
-        image_op.task_ids = ids
         if answer.outcome == "ok" and len(ids) != n:
-            self.record.inconsistent.append(f"{idem}: 200 with {len(ids)} task ids for n={n}")
+            self.inconsistent.append(f"{idem}: 200 with {len(ids)} task ids for n={n}")
         await self.check_tasks(http, key, image_op, answer, ids)
         if answer.outcome == "ok" and rng.random() < 0.08:
             await self.replay(http, rng, key, image_op, body, answer, op)
 
+    async def view(self, http: httpx.AsyncClient, key: str, task_id: str, op: str, timeout: float) -> Answer:  # noqa: ASYNC109
+        """GET /v1/tasks/{id}, its body checked."""
+        view = await self.send(http, "GET", f"/v1/tasks/{task_id}", key=key, timeout=timeout)
+        if view.outcome == "ok":
+            view.malformed(check_task_view(view.body, task_id))
+        return self.add(op, view)
+
     async def check_tasks(self, http: httpx.AsyncClient, key: str, image_op: ImageOp, answer: Answer,
                           ids: list[str]) -> None:
         """Every task the answer names is retrievable, final, and agrees with the answer."""
-        views = []
+        states, urls, idem = [], [], image_op.idem
         for task_id in ids:
-            view = await self.send(http, "GET", f"/v1/tasks/{task_id}", key=key, timeout=self.s.request_timeout)
-            if view.outcome == "ok":
-                problem = check_task_view(view.body, task_id)
-                if problem:
-                    view.outcome, view.reason = "malformed", problem
-            self.record.add("tasks.get", view)
-            self.record.task_checks += 1
+            view = await self.view(http, key, task_id, "tasks.get", self.s.request_timeout)
+            self.task_checks += 1
             if view.outcome == "none":
                 return  # the proxy is restarting; the final sweep checks this task again
             if view.outcome != "ok":
-                self.record.inconsistent.append(f"{image_op.idem}: GET /v1/tasks/{task_id} answered "
-                                                f"{view.status} {view.reason}")
+                self.inconsistent.append(f"{idem}: GET /v1/tasks/{task_id} answered {view.status} {view.reason}")
                 return
-            views.append(view.body)
-        if len(views) != len(ids):
-            return
-        states = [v["status"] for v in views]
+            states.append(view.body["status"])
+            urls += [d["url"] for d in view.body.get("data", [])]
         if answer.outcome == "ok":
+            got = [d.get("url") for d in answer.body["data"]]
             if any(s != "succeeded" for s in states):
-                self.record.inconsistent.append(f"{image_op.idem}: answered 200 but tasks are {states}")
-            elif image_op.fmt == "url":
-                urls = [d["url"] for v in views for d in v.get("data", [])]
-                got = [d.get("url") for d in answer.body["data"]]
-                if urls != got:
-                    self.record.inconsistent.append(f"{image_op.idem}: answer urls {got} != task urls {urls}")
-        elif answer.reason == "upstream_task_failed":
-            if not ids:
-                self.record.failed_without_ids.append(f"{image_op.idem}: {answer.body['error']['message']}")
-            elif "failed" not in states:
-                self.record.inconsistent.append(f"{image_op.idem}: upstream_task_failed but tasks are {states}")
+                self.inconsistent.append(f"{idem}: answered 200 but tasks are {states}")
+            elif image_op.fmt == "url" and urls != got:
+                self.inconsistent.append(f"{idem}: answer urls {got} != task urls {urls}")
+        elif answer.reason == "upstream_task_failed" and not ids:
+            self.failed_without_ids.append(f"{idem}: {answer.message}")
+        elif answer.reason == "upstream_task_failed" and "failed" not in states:
+            self.inconsistent.append(f"{idem}: upstream_task_failed but tasks are {states}")
 
     async def replay(self, http: httpx.AsyncClient, rng: random.Random, key: str, image_op: ImageOp,
                      body: dict[str, Any], first: Answer, op: str) -> None:
         """The same key again: the same body replays the answer; another body is a 409."""
-        if rng.random() < 0.5:
-            again = await self.send(http, "POST", "/v1/images/generations", key=key, body=body, idem=image_op.idem,
-                                    timeout=self.s.request_timeout)
-            self.record.add(op + ".replay", again, idem=image_op.idem)
-            if again.outcome == "ok" and again.body != first.body:
-                self.record.inconsistent.append(f"{image_op.idem}: the replay answered another body")
-            elif again.outcome == "error":
-                self.record.inconsistent.append(f"{image_op.idem}: the replay answered {again.status} {again.reason}")
+        same = rng.random() < 0.5
+        again = await self.send(http, "POST", "/v1/images/generations", key=key, idem=image_op.idem,
+                                body=body if same else {**body, "prompt": body["prompt"] + " (changed)"},
+                                timeout=self.s.request_timeout)
+        self.add(op + (".replay" if same else ".reuse"), again, idem=image_op.idem)
+        if same and again.outcome == "ok" and again.body != first.body:
+            problem = "the replay answered another body"
+        elif same and again.outcome == "error":
+            problem = f"the replay answered {again.status} {again.reason}"
+        elif not same and again.outcome != "none" and (again.status, again.reason) != (409, "idempotency_key_reused"):
+            problem = f"another body with a used key answered {again.status} {again.reason}"
         else:
-            other = {**body, "prompt": body["prompt"] + " (changed)"}
-            again = await self.send(http, "POST", "/v1/images/generations", key=key, body=other, idem=image_op.idem,
-                                    timeout=self.s.request_timeout)
-            self.record.add(op + ".reuse", again, idem=image_op.idem)
-            if again.outcome != "none" and (again.status != 409 or again.reason != "idempotency_key_reused"):
-                self.record.inconsistent.append(f"{image_op.idem}: another body with a used key answered "
-                                                f"{again.status} {again.reason}")
+            return
+        self.inconsistent.append(f"{image_op.idem}: {problem}")
 
 
 # ---- the run ----------------------------------------------------------------------------
 
 
 class ProxyProcess:
-    def __init__(self, procs: Procs, config: Path, port: int, logs: Path) -> None:
-        self.procs = procs
-        self.config = config
-        self.port = port
-        self.logs = logs
-        self.proc: Any = None  # subprocess.Popen[bytes]
-        self.peak_kib: list[int] = []  # one per process started
-        self.rss_kib: list[list[int]] = []  # VmRSS samples, one list per process started
+    """The proxy under test, restarted once on the same store; its memory sampled over its life."""
 
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+    def __init__(self, procs: Procs, config: dict[str, Any], logs: Path) -> None:
+        self.procs, self.config, self.logs = procs, config, logs
+        self.proc: Any = None  # subprocess.Popen[bytes]
+        self.url = f"http://{HOST}:{config['server']['port']}"
+        self.peak_kib: list[int] = []  # VmHWM, one per process started
+        self.rss_kib: list[list[int]] = []  # VmRSS samples, one list per process started
 
     async def start(self) -> None:
         """Spawn it and wait for /healthz; the event loop (the clients) runs meanwhile."""
-        log = self.logs / f"proxy-{len(self.peak_kib) + 1}.log"
-        self.proc = self.procs.spawn([*PROXY, "serve", "--config", str(self.config)], log)
         self.peak_kib.append(0)
         self.rss_kib.append([])
-        await asyncio.get_running_loop().run_in_executor(None, wait_ready, self.proc, self.port, "/healthz", 30,
-                                                         log, 0.1)
+        target, _ = await asyncio.get_running_loop().run_in_executor(
+            None, start_proxy, self.procs, self.config, str(len(self.peak_kib)), 1, self.logs, 0.1)
+        self.proc = target.proc
 
     def sample(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -570,18 +449,16 @@ class ProxyProcess:
 
 
 async def start_sims(procs: Procs, logs: Path, s: Settings) -> dict[str, str]:
-    out = logs / "sims.stdout"
-    with out.open("wb") as stdout:
+    with (logs / "sims.stdout").open("wb") as stdout:
         proc = procs.spawn([sys.executable, str(BENCH / "soak_sims.py"), "--fault-rate", str(s.fault_rate),
                             "--seed", str(s.seed)], logs / "sims.log", stdout=stdout)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the simulators exited at start; see {logs / 'sims.log'}")
-        for line in out.read_text().splitlines():
+        for line in (logs / "sims.stdout").read_text().splitlines():
             if line.startswith("READY "):
-                urls: dict[str, str] = json.loads(line[len("READY "):])
-                return urls
+                return dict(json.loads(line[len("READY "):]))
         await asyncio.sleep(0.05)
     raise RuntimeError("the simulators did not start")
 
@@ -589,10 +466,9 @@ async def start_sims(procs: Procs, logs: Path, s: Settings) -> dict[str, str]:
 def read_tasks(db: Path) -> list[dict[str, Any]]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
-        rows = conn.execute("SELECT record FROM tasks").fetchall()
+        return [msgspec.msgpack.decode(row[0]) for row in conn.execute("SELECT record FROM tasks").fetchall()]
     finally:
         conn.close()
-    return [msgspec.msgpack.decode(row[0]) for row in rows]
 
 
 def read_access_log(texts: list[str]) -> tuple[dict[str, int], Counter[str], list[str]]:
@@ -608,108 +484,79 @@ def read_access_log(texts: list[str]) -> tuple[dict[str, int], Counter[str], lis
                 if "Traceback" in line or "Exception in ASGI" in line:
                     crashes.append(f"proxy-{number}.log: {line[:300]}")
                 continue
-            if not isinstance(entry, dict):
-                continue
-            if entry.get("event") == "request":
+            if isinstance(entry, dict) and entry.get("event") == "request":
                 status_of[str(entry.get("request_id"))] = int(entry.get("status", 0))
                 statuses[str(entry.get("status"))] += 1
-            elif entry.get("event") in ("unhandled_error", "task_settle_failed", "store_write_failed") or \
-                    "Traceback" in str(entry.get("exception", "")):
+            elif isinstance(entry, dict) and (entry.get("event") in (
+                    "unhandled_error", "task_settle_failed", "store_write_failed") or
+                    "Traceback" in str(entry.get("exception", ""))):
                 crashes.append(f"proxy-{number}.log: {line[:400]}")
     return status_of, statuses, crashes
 
 
 async def run(s: Settings) -> int:
-    logs = Path(tempfile.mkdtemp(prefix="proxy-soak-"))
-    procs = Procs()
-    record = Record()
-    timeline: dict[str, float] = {}
-    report: dict[str, Any] = {}
+    logs, procs, report = Path(tempfile.mkdtemp(prefix="proxy-soak-")), Procs(), {"passed": False}
     try:
-        return await _run(s, logs, procs, record, timeline, report)
+        return await _run(s, logs, procs, report)
     except (RuntimeError, httpx.HTTPError, OSError) as error:  # a child died or never started
         traceback.print_exc()
         print(f"SOAK FAILED: the run broke off: {error!r}")
         return 2
     finally:
         procs.stop_all()
-        if not s.keep and report.get("passed"):
+        if not s.keep and report["passed"]:
             shutil.rmtree(logs, ignore_errors=True)
         else:
             print(f"logs, config and the proxy's store: {logs}")
 
 
-async def _run(s: Settings, logs: Path, procs: Procs, record: Record, timeline: dict[str, float],
-               report: dict[str, Any]) -> int:
-    wall = time.monotonic()
-    sims = await start_sims(procs, logs, s)
+async def _run(s: Settings, logs: Path, procs: Procs, report: dict[str, bool]) -> int:
+    wall, sims = time.monotonic(), await start_sims(procs, logs, s)
     clients = {f"soak-{i:02d}": f"sk-soak-{i:02d}-{secrets.token_hex(8)}" for i in range(CLIENT_NAMES)}
-    db = logs / "store" / "proxy.sqlite3"
-    config = logs / "proxy.toml"
-    port = free_port()
-    config.write_text(proxy_config(s, port, sims, db, clients))
-    proxy = ProxyProcess(procs, config, port, logs)
+    db, restart_at, timeline = logs / "store" / "proxy.sqlite3", s.seconds / 2, dict[str, float]()
+    proxy = ProxyProcess(procs, proxy_config(s, free_port(), sims, db, clients), logs)
     await proxy.start()
     print(f"soak: {s.clients} clients for {s.seconds:g} s against {proxy.url} (upstream faults {s.fault_rate:.0%}, "
-          f"one restart at {s.restart_at:g} s); logs in {logs}", flush=True)
-
-    soak = Soak(s, proxy.url, clients, record, timeline)
-    restart_codes: list[int] = []
+          f"one restart at {restart_at:g} s); logs in {logs}", flush=True)
+    soak, restart_codes = Soak(s, proxy.url, clients), list[int]()
 
     async def control() -> None:
         async with httpx.AsyncClient(base_url=sims["control"], trust_env=False) as ctl:
-            marks = sorted([(s.seconds * 0.2, "xffuw"), (s.seconds * 0.7, "fengyuan"), (s.restart_at, "restart")])
-            for at, what in marks:
+            for at, what in sorted([(s.seconds * 0.2, "xffuw"), (s.seconds * 0.7, "fengyuan"),
+                                    (restart_at, "restart")]):
                 await asyncio.sleep(max(0.0, soak.t0 + at - time.monotonic()))
-                if what == "restart":
-                    timeline["sigterm"] = time.monotonic()
-                    restart_codes.append(await proxy.stop(s.shutdown_grace))
-                    timeline["exited"] = time.monotonic()
-                    await proxy.start()
-                    timeline["ready"] = time.monotonic()
-                    print(f"soak: restarted the proxy at {timeline['sigterm'] - soak.t0:.1f} s: exit code "
-                          f"{restart_codes[-1]}, {timeline['exited'] - timeline['sigterm']:.1f} s to exit, "
-                          f"{timeline['ready'] - timeline['exited']:.1f} s to serve again", flush=True)
-                else:
+                if what != "restart":
                     await ctl.post("/poll-fail", params={"sim": what, "seconds": s.poll_fail_seconds})
-                    timeline[f"poll_fail_{what}"] = time.monotonic()
+                    continue
+                timeline["sigterm"] = time.monotonic()
+                restart_codes.append(await proxy.stop(s.shutdown_grace))
+                timeline["exited"] = time.monotonic()
+                await proxy.start()
+                timeline["ready"] = time.monotonic()
+                print(f"soak: restarted the proxy at {timeline['sigterm'] - soak.t0:.1f} s: exit code "
+                      f"{restart_codes[-1]}, {timeline['exited'] - timeline['sigterm']:.1f} s to exit, "
+                      f"{timeline['ready'] - timeline['exited']:.1f} s to serve again", flush=True)
 
     async def sampler() -> None:
         while True:
             proxy.sample()
             await asyncio.sleep(0.25)
 
-    sampling = asyncio.create_task(sampler())
-    controller = asyncio.create_task(control())
+    sampling, controller = asyncio.create_task(sampler()), asyncio.create_task(control())
     await asyncio.gather(*(soak.client(i) for i in range(s.clients)))
     await controller
-    load_end = time.monotonic()
-
+    load_end, drain_deadline = time.monotonic(), time.monotonic() + s.drain
     # Drain: every task the proxy stored becomes final (the proxy keeps polling on its own).
-    drain_deadline = time.monotonic() + s.drain
-    while True:
-        unfinished = [t for t in read_tasks(db) if t["state"] in ("pending", "running")]
-        if not unfinished or time.monotonic() > drain_deadline:
+    while time.monotonic() < drain_deadline:
+        if not any(t["state"] in ("pending", "running") for t in read_tasks(db)):
             break
         await asyncio.sleep(0.5)
-
     # Every stored task, over the API, with its owner's key.
-    tasks = read_tasks(db)
-    views: dict[str, dict[str, Any]] = {}
-    sweep_problems: list[str] = []
-    async with httpx.AsyncClient(base_url=proxy.url, trust_env=False,
-                                 limits=httpx.Limits(max_connections=20)) as http:
-        gate = asyncio.Semaphore(20)
-
+    tasks, views, sweep_problems, gate = read_tasks(db), dict[str, dict[str, Any]](), list[str](), asyncio.Semaphore(20)
+    async with httpx.AsyncClient(base_url=proxy.url, trust_env=False, limits=httpx.Limits(max_connections=20)) as http:
         async def fetch(task: dict[str, Any]) -> None:
             async with gate:
-                view = await soak.send(http, "GET", f"/v1/tasks/{task['id']}", key=clients[task["client"]],
-                                       timeout=30)
-            if view.outcome == "ok":
-                problem = check_task_view(view.body, task["id"])
-                if problem:
-                    view.outcome, view.reason = "malformed", problem
-            record.add("tasks.sweep", view)
+                view = await soak.view(http, clients[task["client"]], task["id"], "tasks.sweep", 30)
             if view.outcome == "ok":
                 views[task["id"]] = view.body
             else:
@@ -723,10 +570,26 @@ async def _run(s: Settings, logs: Path, procs: Procs, record: Record, timeline: 
     final_code = await proxy.stop(s.shutdown_grace)
     (logs / "upstream.json").write_text(json.dumps(upstream, ensure_ascii=False))
     proxy_logs = [path.read_text(errors="replace") for path in sorted(logs.glob("proxy-*.log"))]  # noqa: ASYNC240
-    status_of, statuses, crashes = read_access_log(proxy_logs)
+    with (logs / "attempts.jsonl").open("w") as out:
+        for a in soak.attempts:
+            op = soak.image_ops.get(a.idem or "")
+            out.write(json.dumps({
+                "op": a.op, "outcome": a.outcome, "status": a.status, "reason": a.reason, "deliberate": a.deliberate,
+                "started": round(a.started - soak.t0, 3), "ended": round(a.ended - soak.t0, 3), "idem": a.idem,
+                "request_id": a.request_id, "replayed": a.headers.get("idempotent-replayed") == "true",
+                "kept": a.outcome == "ok" or (a.outcome == "error" and a.headers.get("x-should-retry") == "false"),
+                "message": a.message, "task_ids": a.headers.get("x-proxy-task-ids", ""), "n": op.n if op else None,
+                "format": op.fmt if op else None}, ensure_ascii=False) + "\n")
+    report["passed"] = verdict(s, soak, tasks, views, sweep_problems, upstream, proxy, proxy_logs, timeline,
+                               [*restart_codes, final_code], time.monotonic() - wall, load_end)
+    return 0 if report["passed"] else 1
 
-    # ---- numbers ----------------------------------------------------------------------
-    attempts = record.attempts
+
+def verdict(s: Settings, soak: Soak, tasks: list[dict[str, Any]], views: dict[str, dict[str, Any]],
+            sweep_problems: list[str], upstream: dict[str, Any], proxy: ProxyProcess, proxy_logs: list[str],
+            timeline: dict[str, float], exit_codes: list[int], wall: float, load_end: float) -> bool:
+    """The invariants, from what the clients saw, the simulators did and the proxy stored; printed."""
+    attempts, (status_of, statuses, crashes) = soak.attempts, read_access_log(proxy_logs)
     restart_window = (timeline.get("sigterm", 0) - 0.2, timeline.get("ready", 0) + 1.0)
     outcomes = Counter(a.outcome for a in attempts)
     errors = Counter(f"{a.status} {a.reason}" for a in attempts if a.outcome == "error")
@@ -745,152 +608,120 @@ async def _run(s: Settings, logs: Path, procs: Procs, record: Record, timeline: 
             unexpected_drops.append(f"{a.op} {a.reason} at {a.started - soak.t0:.1f}-{a.ended - soak.t0:.1f} s")
 
     # upstream tasks started, by the simulators' own account, against the proxy's store
-    started: dict[tuple[str, str], dict[str, Any]] = {}
-    for sim in ("xffuw", "fengyuan"):
-        for entry in upstream[sim]["submits"]:
-            started[(sim, entry["id"])] = entry
+    started = {(sim, entry["id"]): entry for sim in ("xffuw", "fengyuan") for entry in upstream[sim]["submits"]}
     known: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for task in tasks:
-        upstream_id = task.get("upstream_task_id")
-        if not upstream_id and not task.get("urls"):
-            continue  # failed at submit: the upstream named no task; the proxy stored the failure
-        if not upstream_id:  # an instant xffuw result: its id is in the file name
-            url = (task.get("urls") or [""])[0]
-            upstream_id = url.rsplit("/xf-", 1)[-1].split(".")[0] if "/xf-" in url else url
-        known[(task["upstream"], str(upstream_id))].append(task)
+        upstream_id, url = task.get("upstream_task_id"), (task.get("urls") or [""])[0]
+        if upstream_id or url:  # else it failed at submit: the upstream named no task; the proxy stored the failure
+            # an instant xffuw result has no task id: it is in the file name
+            upstream_id = upstream_id or (url.rsplit("/xf-", 1)[-1].split(".")[0] if "/xf-" in url else url)
+            known[(task["upstream"], str(upstream_id))].append(task)
     retrievable = {k for k, ts in known.items() if any(views.get(t["id"], {}).get("status") in ("succeeded", "failed")
                                                       for t in ts)}
     reached_proxy = {k for k, e in started.items() if not e["dropped"]}
     dropped_at_submit = {k for k, e in started.items() if e["dropped"]}
-    lost = sorted(k for k in reached_proxy if k not in retrievable)
+    lost = sorted(reached_proxy - retrievable)
     phantom = sorted(k for k in known if k not in started)
     doubled = sorted(k for k, ts in known.items() if len(ts) > 1)
-    dropped_but_known = sorted(k for k in dropped_at_submit if k in known)
+    dropped_but_known = sorted(dropped_at_submit & set(known))
     not_final = [t["id"] for t in tasks if views.get(t["id"], {}).get("status") not in ("succeeded", "failed")]
     task_states = Counter(views.get(t["id"], {}).get("status", "not retrieved") for t in tasks)
 
     # Every answer names the tasks its request started (x-proxy-task-ids), errors included:
     # without the ids a client cannot fetch a paid result with GET /v1/tasks/{id}.
     started_by: dict[str, set[str]] = defaultdict(set)
-    for task in tasks:
-        if task.get("request_id"):
-            started_by[task["request_id"]].add(task["id"])
-    hidden_ids: list[str] = []
+    for task in (t for t in tasks if t.get("request_id")):
+        started_by[task["request_id"]].add(task["id"])
+    hidden_ids = []
     for a in attempts:
-        if a.request_id and a.outcome in ("ok", "error") and started_by.get(a.request_id):
-            named = {t for t in a.task_ids.split(",") if t}
-            if not started_by[a.request_id] <= named:
-                hidden_ids.append(f"{a.op} {a.idem} answered {a.status} {a.message or a.reason!s} without "
-                                  f"naming tasks {sorted(started_by[a.request_id] - named)}")
+        named = {t for t in a.headers.get("x-proxy-task-ids", "").split(",") if t}
+        if a.request_id and a.outcome in ("ok", "error") and not started_by.get(a.request_id, set()) <= named:
+            hidden_ids.append(f"{a.op} {a.idem} answered {a.status} {a.message or a.reason!s} without naming tasks "
+                              f"{sorted(started_by[a.request_id] - named)}")
 
     # Paid twice: a later submit under the same Idempotency-Key although an earlier round's
     # answer was kept (or never given): rounds are the request ids that stored tasks.
     rounds: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for task in tasks:
-        if task.get("idempotency_key"):
-            rounds[(task["client"], task["idempotency_key"])][task.get("request_id") or "?"].append(task)
+    for task in (t for t in tasks if t.get("idempotency_key")):
+        rounds[(task["client"], task["idempotency_key"])][task.get("request_id") or "?"].append(task)
     paid_twice: list[str] = []
     repaid_after_error: Counter[str] = Counter()
-    answer_reason = {a.request_id: a for a in attempts if a.request_id}
+    answer_of = {a.request_id: a for a in attempts if a.request_id}
     for (client, idem), by_request in rounds.items():
-        if len(by_request) < 2:
-            continue
-        image_op = record.image_ops.get(idem)
-        n = image_op.n if image_op else 1
-        ordered = sorted(by_request.items(), key=lambda item: min(t["created"] for t in item[1]))
-        for request_id, round_tasks in ordered[:-1]:
-            complete = len(round_tasks) == n
-            seen = answer_reason.get(request_id)
-            logged = status_of.get(request_id)
+        n = soak.image_ops[idem].n if idem in soak.image_ops else 1
+        for request_id, round_tasks in sorted(by_request.items(), key=lambda i: min(t["created"] for t in i[1]))[:-1]:
+            seen, logged = answer_of.get(request_id), status_of.get(request_id)
             # A round may be followed by another only when its answer freed the key: one of its
             # submits failed, or it ended in an ordinary error (502/503/504 from the proxy's own
             # error handling, which keeps the key only for failed tasks). A 500 (the request
             # crashed or was cancelled) or a 200 frees nothing: another submit is paid twice.
-            ordinary_error = logged is not None and logged not in (200, 500) and not any(
-                t["state"] == "failed" for t in round_tasks)
-            if not complete:
+            if len(round_tasks) != n:
                 repaid_after_error["an earlier submit of the same request failed"] += 1
-            elif ordinary_error:
-                said = (f"{seen.status} {seen.message or seen.reason}" if seen is not None
-                        else f"nothing (hung up); proxy logged {logged}")
+            elif logged not in (None, 200, 500) and not any(t["state"] == "failed" for t in round_tasks):
+                said = f"{seen.status} {seen.message or seen.reason}" if seen is not None else \
+                    f"nothing (hung up); proxy logged {logged}"
                 repaid_after_error[f"the client got {said}"] += 1
             else:
+                saw = f"{seen.outcome} {seen.status}" if seen is not None else "nothing"
                 states = [t["state"] for t in round_tasks]
-                paid_twice.append(f"client {client} key {idem}: round {request_id} (tasks {states}, "
-                                  f"client saw {seen.outcome + ' ' + str(seen.status) if seen else 'nothing'}, "
+                paid_twice.append(f"client {client} key {idem}: round {request_id} (tasks {states}, client saw {saw}, "
                                   f"access log status {logged}) was followed by another submit")
 
-    peak = max(proxy.peak_kib) if proxy.peak_kib else 0
-    # the paths the issue names: hung up, came back with the key; spanned the restart
-    hung_up = [op for op in record.image_ops.values() if op.attempts and op.attempts[0].deliberate]
-    spanned = [op for op in record.image_ops.values()
-               if any(a.outcome == "none" and not a.deliberate for a in op.attempts)]
-
-    def same_tasks(ops: list[ImageOp]) -> tuple[int, int]:
+    def same_tasks(ops: list[ImageOp]) -> str:
+        """The paths the issue names: how many, answered later for the same key, from the first tasks."""
         answered = [op for op in ops if op.final is not None and op.final.outcome in ("ok", "error")]
-        one_round = [op for op in answered if len(rounds.get((op.client, op.idem), {})) <= 1]
-        return len(answered), len(one_round)
+        one_round = sum(len(rounds.get((op.client, op.idem), {})) <= 1 for op in answered)
+        return f"{len(ops)} / {len(answered)} / {one_round}"
 
-    hung_up_answered, hung_up_same = same_tasks(hung_up)
-    spanned_answered, spanned_same = same_tasks(spanned)
-    replayed = sum(1 for a in record.attempts if a.replayed)
-    resumed = sum(text.count('"task_resumed"') for text in proxy_logs)
+    hung_up = [op for op in soak.image_ops.values() if op.attempts and op.attempts[0].deliberate]
+    spanned = [op for op in soak.image_ops.values() if any(a.outcome == "none" and not a.deliberate
+                                                             for a in op.attempts)]
     sims_total = {sim: len(upstream[sim]["submits"]) for sim in ("xffuw", "fengyuan")}
-
-    with (logs / "attempts.jsonl").open("w") as out:
-        for a in attempts:
-            image_op = record.image_ops.get(a.idem or "")
-            out.write(json.dumps({**a.__dict__, "started": round(a.started - soak.t0, 3),
-                                  "ended": round(a.ended - soak.t0, 3),
-                                  "n": image_op.n if image_op else None,
-                                  "format": image_op.fmt if image_op else None}, ensure_ascii=False) + "\n")
-
     must = {
-        "malformed answers": len(record.malformed) == 0,
+        "malformed answers": not soak.malformed,
         "500s from the proxy": five_hundreds == 0,
-        "upstream tasks started (answer reached the proxy) == delivered or retrievable":
-            len(reached_proxy) == len(reached_proxy & retrievable) and not phantom,
+        "upstream tasks started (answer reached the proxy) == delivered or retrievable": not lost and not phantom,
         "tasks the proxy stored that are not final and retrievable": not not_final and not sweep_problems,
         "upstream tasks paid twice for one Idempotency-Key": not paid_twice and not doubled,
-        "answers inconsistent with GET /v1/tasks or with the Idempotency-Key": not record.inconsistent,
+        "answers inconsistent with GET /v1/tasks or with the Idempotency-Key": not soak.inconsistent,
         "answers naming every task their request started (x-proxy-task-ids)": not hidden_ids,
-        "operations without an answer by the end": not record.unanswered_ops,
+        "operations without an answer by the end": not soak.unanswered_ops,
         "connections dropped outside the restart": not unexpected_drops,
         "crashes or tracebacks in the proxy's log": not crashes,
         # uvicorn re-raises SIGTERM after its graceful shutdown: -15 is a clean exit
-        "proxy exits cleanly on SIGTERM": all(c in (0, -signal.SIGTERM) for c in [*restart_codes, final_code]),
+        "proxy exits cleanly on SIGTERM": all(c in (0, -signal.SIGTERM) for c in exit_codes),
     }
-    report["passed"] = all(must.values())
 
     def line(label: str, value: Any, rule: str = "") -> None:
         print(f"  {label:<78} {value}{'   (' + rule + ')' if rule else ''}")
 
-    print()
-    print(f"== soak: {s.clients} clients, {s.seconds:g} s of load, {time.monotonic() - wall:.0f} s in all "
+    print(f"\n== soak: {s.clients} clients, {s.seconds:g} s of load, {wall:.0f} s in all "
           f"(load ended {load_end - soak.t0:.0f} s after start) ==")
-    print("operations: " + ", ".join(f"{k} {v}" for k, v in sorted(record.ops.items())))
+    print("operations: " + ", ".join(f"{k} {v}" for k, v in sorted(soak.ops.items())))
     line("requests sent", len(attempts))
     line("answered well (2xx, valid body)", outcomes["ok"])
     line("answered with an OpenAI-shaped error", outcomes["error"])
     for what, count in errors.most_common():
         line(f"    {what}", count)
-    line("malformed answers", len(record.malformed), "must be 0")
+    line("malformed answers", len(soak.malformed), "must be 0")
     line("500s from the proxy", five_hundreds, "must be 0")
     line("no answer (connection closed / refused / timed out)", outcomes["none"])
     for what, count in no_answer.most_common():
         line(f"    {what}", count, "must be 0" if what.startswith("unexpected") else "")
-    line("operations without an answer by the end", len(record.unanswered_ops), "must be 0")
-    line("task checks right after an answer (GET /v1/tasks/{id})", record.task_checks)
-    line("answers inconsistent with their tasks / Idempotency-Key", len(record.inconsistent), "must be 0")
+    line("operations without an answer by the end", len(soak.unanswered_ops), "must be 0")
+    line("task checks right after an answer (GET /v1/tasks/{id})", soak.task_checks)
+    line("answers inconsistent with their tasks / Idempotency-Key", len(soak.inconsistent), "must be 0")
     line("answers that do not name the tasks their request started", len(hidden_ids), "must be 0")
     line("image requests hung up on purpose / answered later for the same key / from the first tasks",
-         f"{len(hung_up)} / {hung_up_answered} / {hung_up_same}")
+         same_tasks(hung_up))
     line("image requests cut by the restart / answered later for the same key / from the first tasks",
-         f"{len(spanned)} / {spanned_answered} / {spanned_same}")
-    line("answers replayed for an Idempotency-Key (idempotent-replayed: true)", replayed)
+         same_tasks(spanned))
+    line("answers replayed for an Idempotency-Key (idempotent-replayed: true)",
+         sum(a.headers.get("idempotent-replayed") == "true" for a in attempts))
     line("upstream_task_failed answers naming no task (failed at submit, nothing stored)",
-         len(record.failed_without_ids))
-    line("tasks resumed by the restarted proxy (task_resumed in its log)", resumed)
+         len(soak.failed_without_ids))
+    line("tasks resumed by the restarted proxy (task_resumed in its log)",
+         sum(text.count('"task_resumed"') for text in proxy_logs))
     print("upstream tasks")
     line("started (answered submits: xffuw image.php + Fengyuan invoke)",
          f"{len(started)} (xffuw {sims_total['xffuw']}, fengyuan {sims_total['fengyuan']})")
@@ -912,35 +743,32 @@ async def _run(s: Settings, logs: Path, procs: Procs, record: Record, timeline: 
     print("faults injected by the simulators")
     for sim in ("xffuw", "fengyuan"):
         faults = upstream[sim]["faults"]
-        total = sum(upstream[sim]["requests"].values())
-        print(f"  {sim:<9} {sum(faults.values())} of {total} requests: "
+        print(f"  {sim:<9} {sum(faults.values())} of {sum(upstream[sim]['requests'].values())} requests: "
               + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())))
-    line("proxy peak RSS (VmHWM, max over both processes)",
-         f"{peak / 1024:.1f} MiB ({', '.join(f'{k / 1024:.1f}' for k in proxy.peak_kib)} MiB)")
+    line("proxy peak RSS (VmHWM, max over both processes)", f"{max(proxy.peak_kib, default=0) / 1024:.1f} MiB "
+         f"({', '.join(f'{k / 1024:.1f}' for k in proxy.peak_kib)} MiB)")
     for number, samples in enumerate(proxy.rss_kib, 1):
         step = max(1, len(samples) // 6)
         trace = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
         line(f"proxy {number} RSS (VmRSS, MiB) over its life", " ".join(f"{k / 1024:.0f}" for k in trace))
-    line("proxy exit codes on SIGTERM (restart, end)", f"{restart_codes} {final_code}")
+    line("proxy exit codes on SIGTERM (restart, end)", f"{exit_codes[:-1]} {exit_codes[-1]}")
     line("proxy access log statuses", dict(sorted(statuses.items())))
     line("crashes or tracebacks in the proxy's log", len(crashes), "must be 0")
-    details = [("malformed", record.malformed), ("inconsistent", record.inconsistent),
-               ("answers not naming their tasks", hidden_ids),
-               ("upstream_task_failed naming no task", record.failed_without_ids),
-               ("without an answer", record.unanswered_ops), ("dropped outside the restart", unexpected_drops),
-               ("lost", [str(k) for k in lost]), ("phantom", [str(k) for k in phantom]),
-               ("paid twice", paid_twice + [f"{k} stored {len(known[k])} times" for k in doubled]),
-               ("not final / not retrievable", [*not_final, *sweep_problems]), ("crashes", crashes)]
-    for title, items in details:
+    for title, items in (("malformed", soak.malformed), ("inconsistent", soak.inconsistent),
+                         ("answers not naming their tasks", hidden_ids),
+                         ("upstream_task_failed naming no task", soak.failed_without_ids),
+                         ("without an answer", soak.unanswered_ops),
+                         ("dropped outside the restart", unexpected_drops),
+                         ("lost", [str(k) for k in lost]), ("phantom", [str(k) for k in phantom]),
+                         ("paid twice", paid_twice + [f"{k} stored {len(known[k])} times" for k in doubled]),
+                         ("not final / not retrievable", [*not_final, *sweep_problems]), ("crashes", crashes)):
         if items:
-            print(f"-- {title} (first 10 of {len(items)}):")
-            for item in items[:10]:
-                print(f"   {item}")
+            print(f"-- {title} (first 10 of {len(items)}):\n" + "\n".join(f"   {item}" for item in items[:10]))
     print()
     for rule, ok in must.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {rule}")
-    print(f"SOAK {'PASSED' if report['passed'] else 'FAILED'}")
-    return 0 if report["passed"] else 1
+    print(f"SOAK {'PASSED' if all(must.values()) else 'FAILED'}")
+    return all(must.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -954,7 +782,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the proxy's [server] shutdown_grace (default 3; --quick 2): shorter than the "
                              "longest tasks, so the restart cuts requests that wait on them")
     parser.add_argument("--keep", action="store_true", help="keep the logs, config and store even when it passes")
-    s = settings_from(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    given = {k: getattr(args, k) for k in ("clients", "seconds", "fault_rate", "shutdown_grace")
+             if getattr(args, k) is not None}
+    s = Settings(**{**(QUICK if args.quick else {}), **given, "keep": args.keep, "seed": args.seed})
     raise_nofile()
     interrupt_on_signals()  # SIGTERM: the finally blocks stop the children
     try:

@@ -1,34 +1,13 @@
-"""Each store under the usage ledger: how fast usage records go through the store's write
-queue and how fast /admin/usage answers over a million of them (`--phase ledger`), and what
-the store sustains under the chat load, with nothing lost (`--phase chat`).
+"""Each store under the usage ledger (bench/README.md, "The usage ledger at a million rows"):
+`--phase ledger` writes a million usage records through `add_usage` and times /admin/usage;
+`--phase chat` runs the chat load on a proxy on each store, SIGTERMs it and counts the usage
+rows against the answers (exit 1 if one is lost). PostgreSQL: a database of its own on
+DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test), dropped at the end.
 
     .venv/bin/python bench/store_usage.py                 # both phases, both stores, 1,000,000 rows
-    .venv/bin/python bench/store_usage.py --rows 100000   # smaller
-    .venv/bin/python bench/store_usage.py --phase chat --only sqlite
+    .venv/bin/python bench/store_usage.py --rows 100000 --only postgres
+    .venv/bin/python bench/store_usage.py --phase chat --rounds 3
     .venv/bin/python bench/store_usage.py --quick         # 100,000 rows, 50 queries, 3 s of chat load
-
-Ledger, for each store: the rows go in through `add_usage` (the proxy's own path: queued, written
-every FLUSH_AFTER in one transaction with their daily rollups), 2,000 records per turn of the
-event loop, in time order over 90 days: 20 clients using 3 of 10 models each, each model on
-one of 2 upstreams (about 60 rollup rows a day). Then each query is timed twice, one at a
-time: through the store method the admin route calls (`store.usage`, in this process), and
-through the real route, `GET /admin/usage` over HTTP to a real proxy (`proxy serve`, its own
-process) on that store. For comparison, the query the proxy ran before rollups (a GROUP BY
-over every raw row) is timed on the database directly.
-
-Chat, for each store: a fresh store, the bench stub as the proxy's xffuw and one `proxy serve`
-(one worker) on that store; one request and a 1 s warm-up, up to 15 s for the machine's other
-work to leave a quiet second (as bench/run.py waits; not with --quick), then the chat route
-closed-loop with 64 connections (lib/loadclients.py's pyload). Printed: answers per second and
-p50 / p99, the usage records committed per second during the load, the CPU of the proxy and of
-the PostgreSQL server processes serving it (per answer too: on a shared machine steadier than
-answers per second), and how many records were still queued when the load ended and the proxy
-got SIGTERM at once; after it exits, the store's usage rows (and the requests its daily rollups
-add up to) are counted against the answers: none may be lost (the program exits 1 if one is).
---rounds N runs the stores in turn N times (the machine's load drifts).
-
-PostgreSQL comes from DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test); the
-benchmark creates a database of its own there for each phase and drops it at the end.
 """
 
 from __future__ import annotations
@@ -39,9 +18,10 @@ import itertools
 import os
 import random
 import signal
+import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,40 +29,37 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import httpx
+from lib import fmt, pct, table
 from lib.loadclients import build_request, pyload
-from lib.numbers import fmt, pct, table
-from lib.procs import Noise, Procs, cpu_seconds, free_port, wait_quiet, wait_ready
-from lib.targets import CHAT_BODY, CLIENT_KEY, PROXY, Session, Settings, Target, check_chat, headers, to_toml
+from lib.procs import Noise, cpu_seconds, free_port, wait_quiet
+from lib.targets import CHAT_BODY, HEADERS, Session, Settings, Target, check_chat, proxy_config, start_proxy
 
 from proxy.store import Store, UsageRecord
 from proxy.store.batching import FLUSH_AFTER
 from proxy.store.postgres import PostgresStore
 from proxy.store.sqlite import SQLiteStore
 
-DAY = 86400
+DAY, PER_TURN, CONNS = 86400, 2000, 64  # chat: connections, as bench/throughput.py
 ADMIN = "adm-bench-store-0123456789"
 CLIENTS = [f"client-{n:02d}" for n in range(20)]
 MODELS = [f"model-{n}" for n in range(10)]
 UPSTREAMS = ["xffuw", "fengyuan"]
-PER_TURN = 2000
-CONNS = 64  # chat: connections, as bench/throughput.py
 BEFORE = {  # what /admin/usage ran before rollups: every raw row grouped
     "sqlite": "SELECT {g}, COUNT(*), SUM(cost), SUM(outcome = 'failed') FROM usage GROUP BY 1",
     "postgres": "SELECT {g}, COUNT(*), SUM(cost), COUNT(*) FILTER (WHERE outcome = 'failed') FROM usage GROUP BY 1",
 }
 DAY_EXPR = {"sqlite": "date(at, 'unixepoch')", "postgres": "floor(at / 86400)"}
+COUNT = "SELECT (SELECT COUNT(*) FROM usage), (SELECT COALESCE(SUM(requests), 0) FROM usage_daily)"
 
 
 def records(n: int, now: float, seed: int = 1) -> list[UsageRecord]:
-    """In time order, as a proxy writes them; each model lives on one upstream, and each client
-    uses three models."""
+    """In time order over 90 days, as a proxy writes them; each model lives on one upstream, and
+    each client uses three models."""
     rng = random.Random(seed)
-    start = now - 90 * DAY
     upstream = {model: UPSTREAMS[i % len(UPSTREAMS)] for i, model in enumerate(MODELS)}
     favourites = {client: rng.sample(MODELS, 3) for client in CLIENTS}
-    times = sorted(start + rng.random() * 90 * DAY for _ in range(n))
     rows = []
-    for i, at in enumerate(times):
+    for i, at in enumerate(sorted(now - 90 * DAY + rng.random() * 90 * DAY for _ in range(n))):
         client = rng.choice(CLIENTS)
         model = rng.choice(favourites[client])
         rows.append(UsageRecord(at=at, client=client, model=model, upstream=upstream[model], key="0123456789ab",
@@ -91,8 +68,8 @@ def records(n: int, now: float, seed: int = 1) -> list[UsageRecord]:
     return rows
 
 
-async def load(store: Store, rows: list[UsageRecord]) -> float:
-    """Records per second through add_usage, until the last one is committed."""
+async def fill(store: Store, rows: list[UsageRecord]) -> float:
+    """Records per second through add_usage, PER_TURN a turn of the loop, until the last is committed."""
     started = time.perf_counter()
     for i in range(0, len(rows), PER_TURN):
         for record in rows[i:i + PER_TURN]:
@@ -102,58 +79,57 @@ async def load(store: Store, rows: list[UsageRecord]) -> float:
     return len(rows) / (time.perf_counter() - started)
 
 
-async def before_rollups(kind: str, where: str, group: str, runs: int) -> list[float]:
-    """The pre-rollup query, timed on the store's database directly."""
-    sql = BEFORE[kind].format(g=DAY_EXPR[kind] if group == "day" else group)
-    times = []
-    if kind == "sqlite":
-        import sqlite3
+class Database:
+    """One plain connection to a store's database (the benchmark's own reads, not the store's)."""
 
-        with sqlite3.connect(where) as db:
-            for _ in range(runs):
-                t = time.perf_counter()
-                db.execute(sql).fetchall()
-                times.append(time.perf_counter() - t)
-        return times
-    db = await asyncpg.connect(where)
-    try:
-        for _ in range(runs):
-            t = time.perf_counter()
-            await db.fetch(sql)
-            times.append(time.perf_counter() - t)
-    finally:
-        await db.close()
+    def __init__(self, kind: str, where: str) -> None:
+        self.kind, self.where = kind, where
+        self.db: Any = None
+
+    async def __aenter__(self) -> Database:
+        self.db = sqlite3.connect(self.where) if self.kind == "sqlite" else await asyncpg.connect(self.where)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self.kind == "sqlite":
+            self.db.close()
+        else:
+            await self.db.close()
+
+    async def fetch(self, sql: str) -> list[Any]:
+        return self.db.execute(sql).fetchall() if self.kind == "sqlite" else await self.db.fetch(sql)
+
+    async def count(self) -> tuple[int, int]:
+        """Usage rows, and the requests their daily rollups add up to."""
+        found = (await self.fetch(COUNT))[0]
+        return int(found[0]), int(found[1])
+
+    async def backends(self) -> list[int]:
+        """The PostgreSQL server processes serving the proxy (SQLite: none, the proxy writes the file)."""
+        return [] if self.kind == "sqlite" else [r[0] for r in await self.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")]
+
+
+async def time_store(store: Store, params: dict[str, str], n: int) -> list[float]:
+    """The store method the admin route calls, in this process, after 10 untimed calls."""
+    times = []
+    for i in range(n + 10):
+        t = time.perf_counter()
+        await store.usage(client=None, model=None, since=float(params["since"]) if "since" in params else None,
+                          until=None, group_by=params["group_by"], split_by=params.get("split_by"))
+        times += [time.perf_counter() - t] if i >= 10 else []
     return times
 
 
-def serve(procs: Procs, storage: dict[str, Any], workdir: Path, stub_port: int | None = None) -> Target:
-    """A real proxy on the store, in its own process (with the bench stub as its xffuw when given)."""
-    port = free_port()
-    settings: dict[str, Any] = {"server": {"port": port, "shutdown_grace": 5.0},
-                                "clients": [{"name": "bench", "key": CLIENT_KEY}], "admin": {"keys": [ADMIN]},
-                                "log": {"level": "warning"}, "storage": storage}
-    if stub_port is not None:
-        settings["providers"] = {"xffuw": {"base_url": f"http://127.0.0.1:{stub_port}/api/v1/",
-                                           "keys": ["xf_bench_key"]}}
-    config = workdir / f"proxy-{port}.toml"
-    config.write_text(to_toml(settings))
-    log = workdir / f"proxy-{port}.log"
-    proc = procs.spawn([*PROXY, "serve", "--config", str(config)], log)
-    wait_ready(proc, port, "/healthz", 30, log, every=0.1)
-    return Target("proxy", port, proc=proc, log=log)
-
-
 def time_route(url: str, params: dict[str, str], n: int) -> tuple[list[float], int]:
+    """GET /admin/usage over HTTP after 10 untimed requests (caches, connections): times, rows."""
     times, rows = [], 0
     with httpx.Client(headers={"authorization": f"Bearer {ADMIN}"}, timeout=60) as client:
         for i in range(n + 10):
             t = time.perf_counter()
             reply = client.get(f"{url}/admin/usage", params=params)
-            elapsed = time.perf_counter() - t
-            reply.raise_for_status()
-            rows = len(reply.json()["data"])
-            if i >= 10:  # the first ones warm caches and connections
-                times.append(elapsed)
+            times += [time.perf_counter() - t] if i >= 10 else []
+            rows = len(reply.raise_for_status().json()["data"])
     return times, rows
 
 
@@ -161,161 +137,111 @@ def ms(values: list[float], q: float) -> str:
     return f"{pct(values, q) * 1000:.1f}"
 
 
-async def open_store(kind: str, where: str) -> Store:
-    return SQLiteStore(where) if kind == "sqlite" else await PostgresStore.open(where)
+def serve(session: Session, storage: dict[str, Any], workdir: Path, stub: bool) -> Target:
+    """A real proxy on the store, in its own process (with the bench stub as its xffuw for `stub`)."""
+    config = proxy_config(free_port(), session.stub.port if stub else None, admin={"keys": [ADMIN]},
+                          storage=storage)
+    config["server"]["shutdown_grace"] = 5.0
+    return start_proxy(session.procs, config, str(config["server"]["port"]), folder=workdir, every=0.1)[0]
 
 
-def queries_to_time(now: float) -> list[tuple[str, dict[str, str]]]:
-    partial = str(now - 7.5 * DAY)  # not a midnight: 7 days from the rollups, the first half day from rows
-    return [("group_by=day", {"group_by": "day"}), ("group_by=client", {"group_by": "client"}),
-            ("group_by=day&since=(7.5 days ago)", {"group_by": "day", "since": partial}),
-            ("group_by=day&split_by=client", {"group_by": "day", "split_by": "client"})]
-
-
-async def time_store(store: Store, params: dict[str, str], n: int) -> list[float]:
-    """The store method the admin route calls, in this process."""
-    since = float(params["since"]) if "since" in params else None
-    times = []
-    for i in range(n + 10):
-        t = time.perf_counter()
-        await store.usage(client=None, model=None, since=since, until=None, group_by=params["group_by"],
-                          split_by=params.get("split_by"))
-        if i >= 10:
-            times.append(time.perf_counter() - t)
-    return times
-
-
-def bench(kind: str, where: str, storage: dict[str, Any], rows: list[UsageRecord], queries: int,
-          workdir: Path) -> list[str]:
+def ledger(kind: str, where: str, storage: dict[str, Any], rows: list[UsageRecord], queries: int,
+           session: Session, workdir: Path) -> list[str]:
     now = time.time()
+    partial = str(now - 7.5 * DAY)  # not a midnight: 7 days from the rollups, the first half day from rows
+    asked = [("group_by=day", {"group_by": "day"}), ("group_by=client", {"group_by": "client"}),
+             ("group_by=day&since=(7.5 days ago)", {"group_by": "day", "since": partial}),
+             ("group_by=day&split_by=client", {"group_by": "day", "split_by": "client"})]
 
     async def fill_and_time() -> tuple[float, list[list[float]]]:
-        store = await open_store(kind, where)
+        store = SQLiteStore(where) if kind == "sqlite" else await PostgresStore.open(where)
         try:
-            rate = await load(store, rows)
-            return rate, [await time_store(store, params, queries) for _, params in queries_to_time(now)]
+            return await fill(store, rows), [await time_store(store, params, queries) for _, params in asked]
         finally:
             await store.close()
 
+    async def before_rollups(group: str) -> list[float]:
+        """The pre-rollup query, 5 runs on the store's database directly."""
+        times = []
+        async with Database(kind, where) as db:
+            for _ in range(5):
+                t = time.perf_counter()
+                await db.fetch(BEFORE[kind].format(g=DAY_EXPR[kind] if group == "day" else group))
+                times.append(time.perf_counter() - t)
+        return times
+
     rate, in_process = asyncio.run(fill_and_time())
     lines = [f"| {kind} | write: `add_usage` until committed, rollups included | {rate:,.0f} records/s | | |"]
-    procs = Procs()
+    target = serve(session, storage, workdir, stub=False)
     try:
-        url = f"http://127.0.0.1:{serve(procs, storage, workdir).port}"
-        for (label, params), store_times in zip(queries_to_time(now), in_process, strict=True):
-            times, n = time_route(url, params, queries)
+        for (label, params), store_times in zip(asked, in_process, strict=True):
+            times, n = time_route(f"http://127.0.0.1:{target.port}", params, queries)
             lines.append(f"| {kind} | `/admin/usage?{label}` ({n} rows) | | {ms(store_times, 50)} / "
                          f"{ms(store_times, 99)} | {ms(times, 50)} / {ms(times, 99)} |")
     finally:
-        procs.stop_all()
+        session.stop(target)
     for group in ("day", "client"):
-        times = asyncio.run(before_rollups(kind, where, group, 5))
+        times = asyncio.run(before_rollups(group))
         lines.append(f"| {kind} | before rollups: GROUP BY {group} over every raw row (SQL, 5 runs) | | "
                      f"{ms(times, 50)} / {max(times) * 1000:.0f} (max) | |")
     return lines
 
 
-class UsageRows:
-    """One open connection to a store's database, counting what the proxy wrote there."""
-
-    SQL = "SELECT (SELECT COUNT(*) FROM usage), (SELECT COALESCE(SUM(requests), 0) FROM usage_daily)"
-
-    def __init__(self, kind: str, db: Any) -> None:
-        self.kind, self.db = kind, db
-
-    @classmethod
-    async def open(cls, kind: str, where: str) -> UsageRows:
-        if kind == "sqlite":
-            import sqlite3
-
-            return cls(kind, sqlite3.connect(where))
-        return cls(kind, await asyncpg.connect(where))
-
-    async def count(self) -> tuple[int, int]:
-        """Usage rows, and the requests their daily rollups add up to."""
-        found = self.db.execute(self.SQL).fetchone() if self.kind == "sqlite" else await self.db.fetchrow(self.SQL)
-        return int(found[0]), int(found[1])
-
-    async def backends(self) -> list[int]:
-        """The PostgreSQL server processes serving the proxy's connections (SQLite: none, the
-        proxy writes the file itself)."""
-        if self.kind == "sqlite":
-            return []
-        return [r[0] for r in await self.db.fetch("SELECT pid FROM pg_stat_activity WHERE datname = "
-                                                  "current_database() AND pid <> pg_backend_pid()")]
-
-    async def close(self) -> None:
-        result = self.db.close()
-        if self.kind != "sqlite":
-            await result
-
-
-async def load_then_stop(kind: str, where: str, target: Target, seconds: float, warm: int,
-                         stop: Callable[[], int | None]) -> dict[str, Any]:
-    """The chat load on the proxy, its usage rows counted as it starts and as it ends, and
-    SIGTERM at once after the last count (the queue still holds what came since the last
-    flush); then the rows the store holds."""
-    raw = build_request("POST", target.path, target.port, CHAT_BODY, headers())
-    rows = await UsageRows.open(kind, where)
-    try:
+async def load_then_stop(kind: str, where: str, session: Session, target: Target, seconds: float,
+                         warm: int) -> dict[str, Any]:
+    """The chat load on the proxy, its usage rows counted as it starts and as it ends, and SIGTERM
+    at once after the last count (the queue still holds what came since the last flush); then
+    the rows the store holds."""
+    async with Database(kind, where) as db:
         for _ in range(200):  # up to 10 s for the warm-up's records, so that the load's are counted alone
-            before = (await rows.count())[0]
-            if before >= warm:
+            if (before := (await db.count())[0]) >= warm:
                 break
             await asyncio.sleep(FLUSH_AFTER / 4)
         noise, started = Noise(), time.monotonic()
-        proxy0, db0 = cpu_seconds(target.pids()), {pid: cpu_seconds([pid]) for pid in await rows.backends()}
-        data = await pyload(target.port, raw, CONNS, seconds)
+        proxy0, db0 = cpu_seconds(target.pids()), {pid: cpu_seconds([pid]) for pid in await db.backends()}
+        data = await pyload(target.port, build_request("POST", target.path, target.port, CHAT_BODY, HEADERS), CONNS,
+                            seconds)
         elapsed = time.monotonic() - started
         proxy_cpu = cpu_seconds(target.pids()) - proxy0
-        db_cpu = sum(cpu_seconds([pid]) - db0.get(pid, 0.0) for pid in await rows.backends())
+        db_cpu = sum(cpu_seconds([pid]) - db0.get(pid, 0.0) for pid in await db.backends())
         other = max(0.0, noise.percent() - db_cpu / elapsed * 100)  # the database's servers are not our children
-        at_end = (await rows.count())[0]
-        stopping = time.monotonic()
-        code = stop()
+        at_end, stopping = (await db.count())[0], time.monotonic()
+        code = session.procs.stop(target.proc, grace=10)
         stopped = time.monotonic() - stopping
-        after, rolled = await rows.count()
-    finally:
-        await rows.close()
+        after, rolled = await db.count()
     return {"data": data, "before": before, "at_end": at_end, "code": code, "stopped": stopped, "other": other,
-            "after": after, "rolled": rolled, "proxy_cpu": proxy_cpu, "db_cpu": db_cpu,
-            "elapsed": elapsed}
+            "after": after, "rolled": rolled, "proxy_cpu": proxy_cpu, "db_cpu": db_cpu, "elapsed": elapsed}
 
 
 def chat(kind: str, where: str, storage: dict[str, Any], session: Session, seconds: float,
          workdir: Path) -> tuple[list[str], bool]:
-    """The chat load on a proxy whose store is this one, its usage rows counted after SIGTERM:
-    the table's row, and whether the store holds one record per answer."""
-    target = serve(session.procs, storage, workdir, session.stub.port)
+    """The table's row, and whether the store holds one usage record (and rollup) per answer."""
+    target = serve(session, storage, workdir, stub=True)
     try:
         check_chat(target)
-        warm = asyncio.run(pyload(target.port, build_request("POST", target.path, target.port, CHAT_BODY, headers()),
-                                  CONNS, 1.0))
-        answered = 1 + warm["requests"]
+        raw = build_request("POST", target.path, target.port, CHAT_BODY, HEADERS)
+        answered = 1 + asyncio.run(pyload(target.port, raw, CONNS, 1.0))["requests"]  # check_chat's and the warm-up's
         wait_quiet(session.s.quiet_wait, f"the chat load on {kind}")  # as bench/run.py: the neighbours settle
-        r = asyncio.run(load_then_stop(kind, where, target, seconds, answered,
-                                       lambda: session.procs.stop(target.proc, grace=10)))
+        r = asyncio.run(load_then_stop(kind, where, session, target, seconds, answered))
     finally:
-        session.procs.stop(target.proc)  # a no-op when it has stopped
-    data = r["data"]
+        session.stop(target)  # a no-op when it has stopped
+    data, cpu = r["data"], (r["proxy_cpu"], r["db_cpu"])
     answered += data["requests"]
     load_seconds = data["duration_us"] / 1e6
     exit_note = "" if r["code"] in (0, -signal.SIGTERM) else f" (exit {r['code']})"  # uvicorn re-raises SIGTERM
-    row = [kind, fmt((data["requests"] - data["non2xx"]) / load_seconds, 0),
-           f"{data['percentiles']['50'] / 1000:.1f} / {data['percentiles']['99'] / 1000:.1f}",
-           fmt(data["non2xx"] + data["timeout"]), fmt((r["at_end"] - r["before"]) / load_seconds, 0),
-           fmt(answered - r["at_end"]), f"{r['stopped']:.2f}{exit_note}", fmt(answered),
-           f"{r['after']:,} ({r['rolled']:,})", fmt(answered - r["after"]),
-           f"{r['proxy_cpu'] / r['elapsed'] * 100:.0f} / {r['db_cpu'] / r['elapsed'] * 100:.0f}",
-           f"{(r['proxy_cpu'] + r['db_cpu']) / max(1, data['requests']) * 1000:.2f}",
-           f"{r['other']:.0f}"]
-    return row, r["after"] == r["rolled"] == answered
+    return [kind, fmt((data["requests"] - data["non2xx"]) / load_seconds, 0),
+            f"{data['percentiles']['50'] / 1000:.1f} / {data['percentiles']['99'] / 1000:.1f}",
+            fmt(data["non2xx"] + data["timeout"]), fmt((r["at_end"] - r["before"]) / load_seconds, 0),
+            fmt(answered - r["at_end"]), f"{r['stopped']:.2f}{exit_note}", fmt(answered),
+            f"{r['after']:,} ({r['rolled']:,})", fmt(answered - r["after"]),
+            " / ".join(f"{c / r['elapsed'] * 100:.0f}" for c in cpu),
+            f"{sum(cpu) / max(1, data['requests']) * 1000:.2f}",
+            f"{r['other']:.0f}"], r["after"] == r["rolled"] == answered
 
 
 @contextmanager
 def store_at(kind: str, workdir: Path, tag: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """A fresh store: (where it is, the proxy's [storage] for it), gone at the end. PostgreSQL: a
-    database of its own on DATABASE_URL."""
+    """A fresh store: (where it is, the proxy's [storage] for it), gone at the end."""
     if kind == "sqlite":
         path = workdir / f"{tag}.sqlite3"
         try:
@@ -327,11 +253,16 @@ def store_at(kind: str, workdir: Path, tag: str) -> Iterator[tuple[str, dict[str
     admin_url = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test"
     name = f"xfp_bench_{os.getpid()}_{tag}"
     url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
-    asyncio.run(_execute(admin_url, f'CREATE DATABASE "{name}"'))
+
+    async def execute(statement: str) -> None:
+        async with Database(kind, admin_url) as db:
+            await db.db.execute(statement)
+
+    asyncio.run(execute(f'CREATE DATABASE "{name}"'))
     try:
         yield url, {"url": url}
     finally:
-        asyncio.run(_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def machine() -> str:
@@ -349,47 +280,38 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1, help="chat: the stores in turn, this many times")
     args = parser.parse_args()
     n_rows = args.rows or (100_000 if args.quick else 1_000_000)
-    queries = args.queries or (50 if args.quick else 200)
     seconds = args.chat_seconds or (3.0 if args.quick else 15.0)
     stores = [kind for kind in ("sqlite", "postgres") if args.only in (None, kind)]
-    with tempfile.TemporaryDirectory(prefix="store-bench-") as tmp:
-        workdir = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="store-bench-") as tmp, \
+            Session(Settings.quick() if args.quick else Settings()) as session:
+        workdir, found, kept = Path(tmp), list[list[str]](), True
         if args.phase in ("all", "ledger"):
             rows = records(n_rows, time.time())
             lines = table(["store", "what", "write rate", "store method p50 / p99 ms", "HTTP p50 / p99 ms"], [])
             for kind in stores:
                 with store_at(kind, workdir, "ledger") as (where, storage):
-                    lines += bench(kind, where, storage, rows, queries, workdir)
+                    lines += ledger(kind, where, storage, rows, args.queries or (50 if args.quick else 200), session,
+                                    workdir)
             print(f"{n_rows:,} usage rows over 90 days ({len(CLIENTS)} clients, {len(MODELS)} models, "
                   f"{len(UPSTREAMS)} upstreams); {machine()} at the end")
             print("\n".join(lines), flush=True)
         if args.phase in ("all", "chat"):
             print(f"\nchat: {CONNS} connections, {seconds:g} s per store, one proxy worker; {machine()} at the start",
                   flush=True)
-            found, kept = [], True
-            with Session(Settings.quick() if args.quick else Settings()) as session:
-                for _, kind in itertools.product(range(args.rounds), stores):
-                    with store_at(kind, workdir, "chat") as (where, storage):
-                        row, held = chat(kind, where, storage, session, seconds, workdir)
-                        found.append(row)
-                        kept = kept and held
+            for _, kind in itertools.product(range(args.rounds), stores):
+                with store_at(kind, workdir, "chat") as (where, storage):
+                    row, held = chat(kind, where, storage, session, seconds, workdir)
+                    found.append(row)
+                    kept = kept and held
             print("\n".join(table(["store", "chat req/s", "p50 / p99 ms", "errors", "usage records/s committed",
-                                    "queued at SIGTERM", "SIGTERM to exit, s", "answered",
-                                    "usage rows after (rollups)", "lost", "CPU % proxy / PostgreSQL",
-                                    "CPU ms per answer", "other processes, % of a core"], found)))
+                                   "queued at SIGTERM", "SIGTERM to exit, s", "answered", "usage rows after (rollups)",
+                                   "lost", "CPU % proxy / PostgreSQL", "CPU ms per answer",
+                                   "other processes, % of a core"], found)))
             print(f"{machine()} at the end")
-            if not kept:
-                print("LOST: a store does not hold one usage record per answer (or its rollups disagree)")
-                return 1
+    if not kept:
+        print("LOST: a store does not hold one usage record per answer (or its rollups disagree)")
+        return 1
     return 0
-
-
-async def _execute(url: str, statement: str) -> None:
-    db = await asyncpg.connect(url)
-    try:
-        await db.execute(statement)
-    finally:
-        await db.close()
 
 
 if __name__ == "__main__":

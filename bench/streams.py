@@ -1,5 +1,5 @@
 """Streamed chat (`stream: true`) one after another on one connection: the time to the first
-body bytes holding `data:` (p50 / p99) and to the complete stream.
+body bytes holding `data:` (p50 / p99) and to the complete stream (bench/README.md, 3).
 
     .venv/bin/python bench/streams.py [--quick] [--target direct --target proxy-1w …]
 """
