@@ -85,6 +85,9 @@ class Billing:
         # client -> cost this process recorded (a running total): what a spend read that was
         # under way meanwhile may not include yet
         self._recorded: dict[str, float] = {}
+        # client -> (period start, held) as Redis last told: what other replicas may still be
+        # spending when this process loses Redis and counts alone
+        self._last_held: dict[str, tuple[float, float]] = {}
 
     def configure(self, config: Config) -> None:
         self._periods = {c.name: c.budget_period for c in config.clients if c.budget is not None}
@@ -121,6 +124,8 @@ class Billing:
             except SharedDown:
                 pass  # held in this process from now on
             else:
+                self._last_held[client.name] = (start, held)
+                self._alone.pop(client.name, None)  # counting alone, if ever again, begins anew
                 if not ok:
                     raise _spent(client, spent, held, expected)
                 return Reservation(client.name, per_call, calls, hold=hold, period=start)
@@ -129,7 +134,9 @@ class Billing:
         held = self._held.get(client.name, 0.0)
         if spent + held + expected > client.budget + 1e-9 or (expected == 0 and spent >= client.budget):
             raise _spent(client, spent, held, expected)
-        if self._over_part(client, start, spent, held + expected):
+        last = self._last_held.get(client.name)
+        elsewhere = last[1] if last is not None and last[0] == start else 0.0
+        if self._over_part(client, start, spent + elsewhere, held + expected):
             raise _spent(client, spent, held, expected, self.share)
         self._held[client.name] = held + expected
         return Reservation(client.name, per_call, calls)
@@ -138,7 +145,8 @@ class Billing:
         """Whether this process, one of `share` that cannot see each other's holds, would go
         past its part: 1/share of what was left when it began counting alone, less what it
         has recorded since. Each part is taken from a spend that already counts every earlier
-        one, so the parts together never exceed the budget."""
+        one (and, after Redis went away, the holds it last told of), so the parts together
+        never exceed the budget."""
         if self.share <= 1 or not client.budget:
             self._alone.pop(client.name, None)
             return False

@@ -495,3 +495,33 @@ def _task_done(url: str, headers: dict[str, str]) -> bool:
 def _bob_task_succeeded(url: str) -> bool:
     board = httpx.get(f"{url}/admin/tasks", headers=ADMIN, timeout=10).json()
     return any(t["client"] == "bob" and t["state"] == "succeeded" for t in board["finished"])
+
+
+def test_a_spend_that_bypassed_redis_counts_once_the_store_knows_it() -> None:
+    """A replica cut off from Redis for a while spends from its own part; its spend reaches the
+    store, and the next hold anywhere counts it: Redis takes the store's spend when it is more."""
+    redis_or_skip(REDIS_URL)
+    from proxy.shared import Shared
+
+    prefix = f"xfp-test-{uuid.uuid4().hex[:12]}"
+
+    async def holds() -> list[tuple[bool, float, float]]:
+        shared = Shared(REDIS_URL, prefix, "test")
+        await shared.start()
+        try:
+            args = {"budget": 10.0, "expected": 1.0, "period_ends": time.time() + 3600}
+            first = await shared.reserve("erin", 0.0, known_spent=2.0, hold="a", **args)
+            # 6.0 more was spent by a replica without Redis: the store knows 8.0 now
+            second = await shared.reserve("erin", 0.0, known_spent=8.0, hold="b", **args)
+            third = await shared.reserve("erin", 0.0, known_spent=8.0, hold="c", **args)
+            return [first, second, third]
+        finally:
+            await shared.close()
+
+    try:
+        first, second, third = asyncio.run(holds())
+    finally:
+        forget_prefix(REDIS_URL, prefix)
+    assert first == (True, 2.0, 0.0)
+    assert second == (True, 8.0, 1.0)  # 8 spent, 1 held, 1 more fits in 10
+    assert third == (False, 8.0, 2.0)  # 8 + 2 held + 1 > 10: refused

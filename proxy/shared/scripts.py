@@ -61,18 +61,17 @@ return {1, 0, '0'}
 """
 
 # A budget hold. KEYS: the period's spend (a hash with `spent`), its holds by expiry (a sorted
-# set) and their amounts (a hash). ARGV: the spend the store knows (used when Redis has none),
+# set) and their amounts (a hash). ARGV: the spend the store knows (taken when it is more),
 # the budget, the expected cost, the hold's id, seconds it may live, seconds the keys live.
 # Answers {1|0, spent, held}.
 RESERVE = _NOW + """
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do redis.call('HDEL', KEYS[3], id) end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local spent = redis.call('HGET', KEYS[1], 'spent')
-if not spent then
-  spent = ARGV[1]
-  redis.call('HSET', KEYS[1], 'spent', spent)
+local spent = tonumber(redis.call('HGET', KEYS[1], 'spent') or '-1')
+if spent < tonumber(ARGV[1]) then  -- spend that never went through here (a replica cut off for a while)
+  spent = tonumber(ARGV[1])
+  redis.call('HSET', KEYS[1], 'spent', ARGV[1])
 end
-spent = tonumber(spent)
 local held = 0
 for _, amount in ipairs(redis.call('HVALS', KEYS[3])) do held = held + tonumber(amount) end
 local budget, expected = tonumber(ARGV[2]), tonumber(ARGV[3])
