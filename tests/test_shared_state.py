@@ -43,6 +43,10 @@ __all__ = ["pg_server"]  # a fixture, imported for pytest to find
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 SLOW_KEY = "xf_shared_slow_key_4444"  # a key of its own upstream table, limited to LIMIT a WINDOW
 LIMIT, WINDOW = 8, 2.0
+WIDE_KEY = "xf_shared_wide_key_7777"  # a key of its own upstream table, limited to WIDE_LIMIT a WINDOW
+WIDE_LIMIT = 120  # wide enough for the next call's slot to be taken ahead (AHEAD_SHARE x 2 replicas)
+FAY_KEY = "sk-test-fay-rpm-8888"  # a client limited to FAY_RPM requests a minute: taken ahead too
+FAY_RPM = 150
 DORA_KEY = "sk-test-dora-rpm-5555"  # a client limited to DORA_RPM requests a minute
 DORA_RPM = 6
 ERIN_KEY = "sk-test-erin-budget-6666"  # a client with a budget of 10 (20 chats at 0.5)
@@ -69,17 +73,19 @@ def forget_prefix(url: str, prefix: str) -> None:
 
 
 def replica_config(sims: Sims, store: Path, prefix: str, redis_url: str = REDIS_URL, **tasks: Any) -> dict[str, Any]:
-    sims.xffuw.keys[SLOW_KEY] = 1_000.0
+    sims.xffuw.keys[SLOW_KEY] = sims.xffuw.keys[WIDE_KEY] = 1_000.0
     return {
         "server": {"public_url": PUBLIC_URL},
         "clients": [{"name": "alice", "key": CLIENT_KEY}, {"name": "bob", "key": OTHER_CLIENT_KEY},
-                    {"name": "dora", "key": DORA_KEY, "rpm": DORA_RPM},
+                    {"name": "dora", "key": DORA_KEY, "rpm": DORA_RPM}, {"name": "fay", "key": FAY_KEY, "rpm": FAY_RPM},
                     {"name": "erin", "key": ERIN_KEY, "budget": 10}],
         "providers": {
             "xffuw": {"base_url": f"{sims.xffuw_url}/api/v1/", "keys": list(XFFUW_KEYS)},
             "fengyuan": {"base_url": sims.fengyuan_url, "keys": list(FENGYUAN_KEYS)},
             "slow": {"type": "xffuw", "base_url": f"{sims.xffuw_url}/api/v1/", "queue_timeout": 0.3,
                      "rate_window": WINDOW, "key": [{"value": SLOW_KEY, "rpm": LIMIT}]},
+            "wide": {"type": "xffuw", "base_url": f"{sims.xffuw_url}/api/v1/", "queue_timeout": 0.3,
+                     "rate_window": WINDOW, "key": [{"value": WIDE_KEY, "rpm": WIDE_LIMIT}]},
         },
         "tasks": {"poll_interval": 0.2, "first_poll": 0.1, "timeout": 20, **tasks},
         "images": {"response_format": {"gpt-image-*": "url"}},
@@ -525,3 +531,56 @@ def test_a_spend_that_bypassed_redis_counts_once_the_store_knows_it() -> None:
     assert first == (True, 2.0, 0.0)
     assert second == (True, 8.0, 1.0)  # 8 spent, 1 held, 1 more fits in 10
     assert third == (False, 8.0, 2.0)  # 8 + 2 held + 1 > 10: refused
+
+
+def test_wide_windows_take_the_next_slot_ahead_and_still_hold_across_replicas(replicas: Replicas,
+                                                                              sims: Sims) -> None:
+    """A client and a key whose limits are wide: the next call's slot is taken ahead (no wait on
+    Redis), yet two replicas together never go past either limit."""
+    urls = replicas.start(2)
+    with ThreadPoolExecutor(12) as pool:
+        keyed = list(pool.map(lambda i: post_chat(urls[i % 2], model="wide/gpt-4o-mini").status_code, range(400)))
+        fay = list(pool.map(lambda i: post_chat(urls[i % 2], key=FAY_KEY).status_code, range(2 * FAY_RPM)))
+    calls = [c.at for c in sims.xffuw.calls if c.key == WIDE_KEY]
+    assert most_in_any_window(calls, WINDOW) <= WIDE_LIMIT, f"{len(calls)} calls; at most {WIDE_LIMIT} a {WINDOW:g} s"
+    assert set(keyed) <= {200, 429} and keyed.count(200) >= WIDE_LIMIT // 2, keyed
+    assert set(fay) <= {200, 429}, fay
+    assert FAY_RPM - 2 <= fay.count(200) <= FAY_RPM  # a slot or two may be left ready, unused
+
+
+def test_a_slot_taken_ahead_is_used_by_the_next_call_or_given_back() -> None:
+    redis_or_skip(REDIS_URL)
+    from proxy.shared import BEAT, LANDING_DELAY, READY_LIFE, Shared, Window
+
+    prefix = f"xfp-test-{uuid.uuid4().hex[:12]}"
+
+    async def run() -> dict[str, Any]:
+        shared = Shared(REDIS_URL, prefix, "test")
+        await shared.start()
+        calls = shared.key("calls", "wide")
+        try:
+            wide, narrow = Window("wide", 1_000, 60.0), Window("narrow", 10, 60.0)
+            seen: dict[str, Any] = {}
+            first, _, _ = await shared.take(wide)
+            await shared.take(narrow)
+            await asyncio.sleep(0.2)
+            members = {m.decode() for m in await shared.client.zrange(calls, 0, -1)}
+            seen["ahead"] = members - {first}
+            second, _, _ = await shared.take(wide)
+            seen["second"] = second
+            seen["narrow"] = await shared.client.zcard(shared.key("calls", "narrow"))
+            await asyncio.sleep(READY_LIFE + BEAT + LANDING_DELAY + 0.5)
+            seen["left"] = {m.decode() for m in await shared.client.zrange(calls, 0, -1)}
+            seen["first"] = first
+            return seen
+        finally:
+            await shared.close()
+
+    try:
+        seen = asyncio.run(run())
+    finally:
+        forget_prefix(REDIS_URL, prefix)
+    assert len(seen["ahead"]) == 1  # the next call's slot, counted before that call is asked for
+    assert seen["second"] in seen["ahead"]  # and the next call took it, without a round trip of its own
+    assert seen["narrow"] == 1  # a narrow window takes nothing ahead
+    assert seen["left"] == {seen["first"], seen["second"]}  # the slot taken after that, unused, is given back

@@ -39,6 +39,11 @@ TIMEOUT = 0.5  # seconds any Redis call may take before Redis counts as down
 # meanwhile it counts from its hold's end, later than it should, so never too few.
 LANDING_DELAY = 0.05
 MOST_LANDINGS = 256  # told in one call at the most
+# A call's slot is taken one ahead, so the next call finds it ready and does not wait on Redis,
+# in windows whose limit is at least this many times the replicas (an unused slot, given back
+# after READY_LIFE seconds, keeps that little of a window from the others meanwhile).
+AHEAD_SHARE = 50
+READY_LIFE = 1.0
 
 StateChange = tuple[str, float, str, str]  # (state, until as unix time (0: no end), reason, who wrote it)
 
@@ -76,6 +81,9 @@ class Shared:
         self._holds: dict[tuple[str, float], set[str]] = {}  # (client, period) -> this process's holds
         self._landings: list[tuple[str, str, float]] = []  # (window, member, time.monotonic() it landed)
         self._landings_due: asyncio.TimerHandle | None = None
+        # windows (with their limits and reserve) -> slots taken ahead, [(member, taken at)]
+        self._ready: dict[tuple[Window, ...], list[tuple[str, float]]] = {}
+        self._fetching: set[tuple[Window, ...]] = set()  # windows whose next slot is being taken
         self._scripts = {name: self.client.register_script(getattr(scripts, name)) for name in
                          ("TAKE", "RESERVE", "SETTLE", "RELEASE", "RENEW", "HELD", "OWNED", "KEEP", "FORGET")}
 
@@ -92,6 +100,7 @@ class Shared:
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
+        self._give_back(stale_only=False)
         await _quietly(self._tell_landings())
         if self._background:  # writes under way (a call's answer, a state) reach Redis first
             await asyncio.wait(list(self._background), timeout=2 * TIMEOUT)
@@ -104,6 +113,7 @@ class Shared:
         while True:
             await asyncio.sleep(BEAT)
             await self._beat()
+            self._give_back(stale_only=True)
             with contextlib.suppress(SharedDown):
                 await self._renew_holds()
 
@@ -139,6 +149,7 @@ class Shared:
             log.warning("shared_state_down", error=repr(exc), serving="each process's own state, limits split "
                         f"across {self.replicas} replicas")
             self._reloads = max(self._reloads, 0)
+        self._ready.clear()  # in Redis they lapse: at their hold's end, or as calls made then
         if self.active:
             self.active = False
             if self.on_change is not None:
@@ -168,8 +179,24 @@ class Shared:
 
     async def take(self, *windows: Window) -> tuple[str | None, int, float]:
         """Count one call in every window if each has room: (its member, -1, 0). Else nothing is
-        counted: (None, the index of a window without room, seconds to wait). The landings
-        not yet told go along: one round trip for all."""
+        counted: (None, the index of a window without room, seconds to wait). A slot taken
+        ahead is used when one is ready; else one round trip, which carries the landings not
+        yet told. Either way the next slot is taken ahead, where the windows allow."""
+        if not self.active:
+            raise SharedDown
+        member = self._ready_slot(windows)
+        if member is not None:
+            for w in windows:
+                if not w.hold:
+                    self.landed(w.name, member)  # it counts from now, not from when it was taken
+            self._take_ahead(windows)
+            return member, -1, 0.0
+        member, which, wait = await self._take(windows)
+        if member is not None:
+            self._take_ahead(windows)
+        return member, which, wait
+
+    async def _take(self, windows: tuple[Window, ...]) -> tuple[str | None, int, float]:
         member = secrets.token_hex(8)
         keys: list[str] = []
         args: list[Any] = [len(windows), 0]
@@ -181,9 +208,52 @@ class Shared:
         taken, which, wait = await self._run(self._script("TAKE", keys, args))
         return (member, -1, 0.0) if int(taken) else (None, int(which) - 1, float(wait))
 
+    def _ready_slot(self, windows: tuple[Window, ...]) -> str | None:
+        slots = self._ready.get(windows)
+        if not slots:
+            return None
+        member, _ = slots.pop()
+        if not slots:
+            del self._ready[windows]
+        return member
+
+    def _take_ahead(self, windows: tuple[Window, ...]) -> None:
+        """Take the next call's slot in the background, if these windows are wide enough that
+        one slot unused for a moment costs the other replicas next to nothing."""
+        if windows in self._fetching or windows in self._ready:
+            return
+        if any(w.most is not None or (w.limit is not None and w.limit < AHEAD_SHARE * self.replicas)
+               for w in windows):
+            return
+        self._fetching.add(windows)
+
+        async def fetch() -> None:
+            try:
+                member, _, _ = await self._take(windows)
+            finally:
+                self._fetching.discard(windows)
+            if member is not None:
+                self._ready.setdefault(windows, []).append((member, time.monotonic()))
+
+        self.soon(fetch())
+
+    def _give_back(self, stale_only: bool) -> None:
+        """Slots taken ahead and not used within READY_LIFE (or all): out of their windows."""
+        now = time.monotonic()
+        for windows, slots in list(self._ready.items()):
+            keep = [(m, at) for m, at in slots if stale_only and now - at < READY_LIFE]
+            for member, at in slots:
+                if (member, at) not in keep:
+                    for w in windows:
+                        self.landed(w.name, member, -1.0)
+            if keep:
+                self._ready[windows] = keep
+            else:
+                del self._ready[windows]
+
     def landed(self, name: str, member: str, at: float | None = None) -> None:
-        """The answer to a call counted in `name` landed at `at` (time.monotonic()): told with the
-        next take, or within LANDING_DELAY."""
+        """The answer to a call counted in `name` landed at `at` (time.monotonic(); -1: the call
+        was never made, it leaves the window): told with the next take, or within LANDING_DELAY."""
         if not self.active:
             return  # Redis lets it lapse at its hold's end
         self._landings.append((name, member, time.monotonic() if at is None else at))
@@ -200,7 +270,7 @@ class Shared:
         now = time.monotonic()
         for name, member, at in carried:
             keys += [self.key("calls", name), self.key("busy", name)]
-            args += [member, max(0.0, now - at)]
+            args += [member, -1 if at < 0 else max(0.0, now - at)]
         return len(carried)
 
     async def _tell_landings(self) -> None:

@@ -14,15 +14,16 @@ _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2])
 # dies); once its answer lands it counts from then (a landing, below).
 # KEYS: per window its calls and in-flight sets, then per landing the same two.
 # ARGV: the number of windows and of landings; per window: seconds, limit (-1: none),
-# reserve, member, hold, most in flight (-1: none); per landing: member, seconds since it landed.
+# reserve, member, hold, most in flight (-1: none); per landing: member, seconds since it landed
+# (-1: the call was never made: it leaves the window).
 # Answers {1, 0, 0} when every window counted the call, else {0, which (1-based), seconds to wait}.
 TAKE = _NOW + """
 local windows, landings = tonumber(ARGV[1]), tonumber(ARGV[2])
 local at = 3 + 6 * windows
 for j = 0, landings - 1 do
   local calls, busy = KEYS[2 * windows + 2 * j + 1], KEYS[2 * windows + 2 * j + 2]
-  local member = ARGV[at + 2 * j]
-  redis.call('ZADD', calls, 'XX', now - tonumber(ARGV[at + 2 * j + 1]), member)
+  local member, age = ARGV[at + 2 * j], tonumber(ARGV[at + 2 * j + 1])
+  if age < 0 then redis.call('ZREM', calls, member) else redis.call('ZADD', calls, 'XX', now - age, member) end
   redis.call('ZREM', busy, member)
 end
 for i = 0, windows - 1 do
