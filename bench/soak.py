@@ -62,7 +62,8 @@ QUICK: dict[str, Any] = {"clients": 40, "seconds": 16.0, "think": (0.2, 0.8), "t
                          "shutdown_grace": 2.0, "task_timeout": 15.0}
 
 
-def proxy_config(s: Settings, port: int, sims: dict[str, str], db: Path, clients: dict[str, str]) -> dict[str, Any]:
+def soak_proxy_config(s: Settings, port: int, sims: dict[str, str], db: Path,
+                      clients: dict[str, str]) -> dict[str, Any]:
     limits = {"connect_timeout": 2.0, "read_timeout": 15.0, "rpm": 1000000}
     return {"server": {"host": HOST, "port": port, "shutdown_grace": s.shutdown_grace},
             "clients": [{"name": name, "key": key} for name, key in clients.items()],
@@ -514,7 +515,7 @@ async def _run(s: Settings, logs: Path, procs: Procs, report: dict[str, bool]) -
     wall, sims = time.monotonic(), await start_sims(procs, logs, s)
     clients = {f"soak-{i:02d}": f"sk-soak-{i:02d}-{secrets.token_hex(8)}" for i in range(CLIENT_NAMES)}
     db, restart_at, timeline = logs / "store" / "proxy.sqlite3", s.seconds / 2, dict[str, float]()
-    proxy = ProxyProcess(procs, proxy_config(s, free_port(), sims, db, clients), logs)
+    proxy = ProxyProcess(procs, soak_proxy_config(s, free_port(), sims, db, clients), logs)
     await proxy.start()
     print(f"soak: {s.clients} clients for {s.seconds:g} s against {proxy.url} (upstream faults {s.fault_rate:.0%}, "
           f"one restart at {restart_at:g} s); logs in {logs}", flush=True)

@@ -29,6 +29,14 @@ def port_of(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (until something binds it): for a process
+    started with --port (tests, benchmarks)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return port_of(sock)
+
+
 def uvicorn_config(app: Any, *, limits: ConnectionLimits | None = None, log_level: str = "warning",
                    **options: Any) -> LimitedConfig:
     options.setdefault("timeout_graceful_shutdown", 5)

@@ -8,14 +8,12 @@ import hashlib
 import json
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import closing
 from pathlib import Path
 from typing import Any, Self
 
@@ -26,6 +24,7 @@ from conftest import CLIENT_KEY, OTHER_CLIENT_KEY, RunningProxy, Sims
 from openai_spec import validate_error
 
 from proxy.errors import Kind, ProxyError
+from proxy.server import free_port as free_port  # for the tests, with the rest of their helpers
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
@@ -69,13 +68,6 @@ def logged_requests(capsys: Any, count: int, path: str | None = None, timeout: f
         entries = [e for e in access_lines(text) if path is None or e["path"] == path]
         return entries if len(entries) >= count else None
     return wait_until(enough, timeout, f"{count} access-log lines")
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (until something binds it)."""
-    with closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def chat(client: openai.OpenAI, content: str = "你好", model: str = "gpt-4o-mini", **extra: Any) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import resource
 import signal
-import socket
 import subprocess
 import time
 from collections import defaultdict
@@ -15,6 +14,7 @@ from typing import IO, Any
 
 from lib import ROOT, say
 from lib.loadclients import http_request
+from proxy.server import free_port as free_port  # for the programs, with the rest of these helpers
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 QUIET = 15.0  # % of one core used by others below which the machine counts as quiet
@@ -83,12 +83,6 @@ def raise_nofile() -> int:
     else:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_ready(proc: subprocess.Popen[bytes], port: int, path: str, timeout: float, log: Path | None = None,
