@@ -550,7 +550,10 @@ def test_wide_windows_take_the_next_slot_ahead_and_still_hold_across_replicas(re
 
 def test_a_slot_taken_ahead_is_used_by_the_next_call_or_given_back() -> None:
     redis_or_skip(REDIS_URL)
-    from proxy.shared import BEAT, LANDING_DELAY, READY_LIFE, Shared, Window
+    import redis.asyncio as aredis
+
+    from proxy.shared import BEAT, LANDING_DELAY, Shared, Window
+    from proxy.shared.ahead import READY_LIFE
 
     prefix = f"xfp-test-{uuid.uuid4().hex[:12]}"
 
@@ -572,9 +575,18 @@ def test_a_slot_taken_ahead_is_used_by_the_next_call_or_given_back() -> None:
             await asyncio.sleep(READY_LIFE + BEAT + LANDING_DELAY + 0.5)
             seen["left"] = {m.decode() for m in await shared.client.zrange(calls, 0, -1)}
             seen["first"] = first
-            return seen
         finally:
             await shared.close()
+        # a process that stops gives back the slot it took ahead, even one still being taken
+        closing = Shared(REDIS_URL, prefix, "test-2")
+        await closing.start()
+        last, _, _ = await closing.take(Window("wide", 1_000, 60.0))
+        await closing.close()
+        client = aredis.Redis.from_url(REDIS_URL)
+        seen["after_close"] = {m.decode() for m in await client.zrange(calls, 0, -1)}
+        await client.aclose()
+        seen["last"] = last
+        return seen
 
     try:
         seen = asyncio.run(run())
@@ -584,3 +596,4 @@ def test_a_slot_taken_ahead_is_used_by_the_next_call_or_given_back() -> None:
     assert seen["second"] in seen["ahead"]  # and the next call took it, without a round trip of its own
     assert seen["narrow"] == 1  # a narrow window takes nothing ahead
     assert seen["left"] == {seen["first"], seen["second"]}  # the slot taken after that, unused, is given back
+    assert seen["after_close"] == {seen["first"], seen["second"], seen["last"]}

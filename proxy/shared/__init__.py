@@ -19,7 +19,6 @@ import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as redis
@@ -27,6 +26,8 @@ import structlog
 from redis.exceptions import RedisError
 
 from proxy.shared import scripts
+from proxy.shared.ahead import SlotsAhead
+from proxy.shared.window import Window
 
 log = structlog.get_logger("proxy.shared")
 T = TypeVar("T")
@@ -39,29 +40,13 @@ TIMEOUT = 0.5  # seconds any Redis call may take before Redis counts as down
 # meanwhile it counts from its hold's end, later than it should, so never too few.
 LANDING_DELAY = 0.05
 MOST_LANDINGS = 256  # told in one call at the most
-# A call's slot is taken one ahead, so the next call finds it ready and does not wait on Redis,
-# in windows whose limit is at least this many times the replicas (an unused slot, given back
-# after READY_LIFE seconds, keeps that little of a window from the others meanwhile).
-AHEAD_SHARE = 50
-READY_LIFE = 1.0
+NEVER_MADE = -1.0  # a landing's time that says the call was never made: it leaves its window
 
 StateChange = tuple[str, float, str, str]  # (state, until as unix time (0: no end), reason, who wrote it)
 
 
 class SharedDown(Exception):
     """Redis is configured but did not answer: serve from local state."""
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """A sliding window of calls to count one more in: a client's rpm, an upstream key's calls."""
-
-    name: str
-    limit: int | None  # calls in the window at the most (None: none)
-    seconds: float
-    reserve: int = 0  # room kept for others (a key's polls)
-    hold: float = 0.0  # a call under way counts from this far ahead until it lands
-    most: int | None = None  # calls in flight at the most (None: no limit)
 
 
 class Shared:
@@ -81,9 +66,7 @@ class Shared:
         self._holds: dict[tuple[str, float], set[str]] = {}  # (client, period) -> this process's holds
         self._landings: list[tuple[str, str, float]] = []  # (window, member, time.monotonic() it landed)
         self._landings_due: asyncio.TimerHandle | None = None
-        # windows (with their limits and reserve) -> slots taken ahead, [(member, taken at)]
-        self._ready: dict[tuple[Window, ...], list[tuple[str, float]]] = {}
-        self._fetching: set[tuple[Window, ...]] = set()  # windows whose next slot is being taken
+        self._ahead = SlotsAhead()
         self._scripts = {name: self.client.register_script(getattr(scripts, name)) for name in
                          ("TAKE", "RESERVE", "SETTLE", "RELEASE", "RENEW", "HELD", "OWNED", "KEEP", "FORGET")}
 
@@ -97,13 +80,14 @@ class Shared:
         self._loop = asyncio.create_task(self._beats(), name="shared-state")
 
     async def close(self) -> None:
+        self._ahead.closing = True
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
-        self._give_back(stale_only=False)
-        await _quietly(self._tell_landings())
-        if self._background:  # writes under way (a call's answer, a state) reach Redis first
+        if self._background:  # writes under way (a call's answer, a state, a slot) reach Redis first
             await asyncio.wait(list(self._background), timeout=2 * TIMEOUT)
+        self._give_back(self._ahead.stale(every=True))
+        await _quietly(self._tell_landings())
         self.active = False  # what comes late (a landing, an unmark) is dropped, not sent on a closed client
         with contextlib.suppress(RedisError, OSError):
             await self.client.zrem(self.key("replicas"), self.owner)
@@ -113,7 +97,7 @@ class Shared:
         while True:
             await asyncio.sleep(BEAT)
             await self._beat()
-            self._give_back(stale_only=True)
+            self._give_back(self._ahead.stale())
             with contextlib.suppress(SharedDown):
                 await self._renew_holds()
 
@@ -149,7 +133,7 @@ class Shared:
             log.warning("shared_state_down", error=repr(exc), serving="each process's own state, limits split "
                         f"across {self.replicas} replicas")
             self._reloads = max(self._reloads, 0)
-        self._ready.clear()  # in Redis they lapse: at their hold's end, or as calls made then
+        self._ahead.clear()
         if self.active:
             self.active = False
             if self.on_change is not None:
@@ -184,16 +168,19 @@ class Shared:
         yet told. Either way the next slot is taken ahead, where the windows allow."""
         if not self.active:
             raise SharedDown
-        member = self._ready_slot(windows)
-        if member is not None:
-            for w in windows:
-                if not w.hold:
-                    self.landed(w.name, member)  # it counts from now, not from when it was taken
-            self._take_ahead(windows)
-            return member, -1, 0.0
+        ready = self._ahead.pop(windows)
+        if ready is not None:
+            slot, fresh = ready
+            if fresh:
+                for w in windows:
+                    if not w.hold:
+                        self.landed(w.name, slot)  # it counts from now, not from when it was taken
+                self._take_next(windows)
+                return slot, -1, 0.0
+            self._give_back([(tuple(w.name for w in windows), slot)])
         member, which, wait = await self._take(windows)
         if member is not None:
-            self._take_ahead(windows)
+            self._take_next(windows)
         return member, which, wait
 
     async def _take(self, windows: tuple[Window, ...]) -> tuple[str | None, int, float]:
@@ -208,52 +195,32 @@ class Shared:
         taken, which, wait = await self._run(self._script("TAKE", keys, args))
         return (member, -1, 0.0) if int(taken) else (None, int(which) - 1, float(wait))
 
-    def _ready_slot(self, windows: tuple[Window, ...]) -> str | None:
-        slots = self._ready.get(windows)
-        if not slots:
-            return None
-        member, _ = slots.pop()
-        if not slots:
-            del self._ready[windows]
-        return member
-
-    def _take_ahead(self, windows: tuple[Window, ...]) -> None:
-        """Take the next call's slot in the background, if these windows are wide enough that
-        one slot unused for a moment costs the other replicas next to nothing."""
-        if windows in self._fetching or windows in self._ready:
+    def _take_next(self, windows: tuple[Window, ...]) -> None:
+        """Take the next call's slot in the background, where the windows are wide enough."""
+        ahead = self._ahead.ahead(windows, self.replicas)
+        if ahead is None:
             return
-        if any(w.most is not None or (w.limit is not None and w.limit < AHEAD_SHARE * self.replicas)
-               for w in windows):
-            return
-        self._fetching.add(windows)
+        epoch = self._ahead.fetching(windows)
 
         async def fetch() -> None:
+            member = None
             try:
-                member, _, _ = await self._take(windows)
+                member, _, _ = await self._take(ahead)
             finally:
-                self._fetching.discard(windows)
-            if member is not None:
-                self._ready.setdefault(windows, []).append((member, time.monotonic()))
+                if not self._ahead.fetched(windows, member, epoch) and member is not None:
+                    self._give_back([(tuple(w.name for w in windows), member)])
 
         self.soon(fetch())
 
-    def _give_back(self, stale_only: bool) -> None:
-        """Slots taken ahead and not used within READY_LIFE (or all): out of their windows."""
-        now = time.monotonic()
-        for windows, slots in list(self._ready.items()):
-            keep = [(m, at) for m, at in slots if stale_only and now - at < READY_LIFE]
-            for member, at in slots:
-                if (member, at) not in keep:
-                    for w in windows:
-                        self.landed(w.name, member, -1.0)
-            if keep:
-                self._ready[windows] = keep
-            else:
-                del self._ready[windows]
+    def _give_back(self, slots: list[tuple[tuple[str, ...], str]]) -> None:
+        """Slots taken ahead that no call used: out of their windows."""
+        for names, member in slots:
+            for name in names:
+                self.landed(name, member, NEVER_MADE)
 
     def landed(self, name: str, member: str, at: float | None = None) -> None:
-        """The answer to a call counted in `name` landed at `at` (time.monotonic(); -1: the call
-        was never made, it leaves the window): told with the next take, or within LANDING_DELAY."""
+        """The answer to a call counted in `name` landed at `at` (time.monotonic(); NEVER_MADE: it
+        leaves the window): told with the next take, or within LANDING_DELAY."""
         if not self.active:
             return  # Redis lets it lapse at its hold's end
         self._landings.append((name, member, time.monotonic() if at is None else at))
@@ -270,7 +237,7 @@ class Shared:
         now = time.monotonic()
         for name, member, at in carried:
             keys += [self.key("calls", name), self.key("busy", name)]
-            args += [member, -1 if at < 0 else max(0.0, now - at)]
+            args += [member, -1 if at == NEVER_MADE else max(0.0, now - at)]
         return len(carried)
 
     async def _tell_landings(self) -> None:
