@@ -14,7 +14,7 @@ from litestar import Request, Response, post
 from litestar.response import Stream
 
 from proxy.api.common import first_answer, hold_budget, json_body, json_response, note
-from proxy.api.dependencies import CallerDep, GatewayDep
+from proxy.api.dependencies import CallerDep, RuntimeDep
 from proxy.clients import check_model
 from proxy.errors import Kind, ProxyError, bad_request
 from proxy.gateway import ChatResult
@@ -150,7 +150,8 @@ STREAM_NOTE = ("With stream=true: `data: <ChatCompletionChunk>` events, a last c
 @post("/v1/chat/completions", status_code=200,
       **documented(ChatCompletion, body=ChatCompletionRequest, stream=STREAM_NOTE))
 async def chat_completions(request: Request[Any, Any, Any], caller: CallerDep,
-                           gateway: GatewayDep) -> Response[bytes] | Stream:
+                           runtime: RuntimeDep) -> Response[bytes] | Stream:
+    gateway = runtime.gateway
     raw = await json_body(request)
     body = convert(raw, ChatCompletionRequest)
     check_messages(body.messages)

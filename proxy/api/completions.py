@@ -12,7 +12,7 @@ from litestar import Request, Response, post
 from litestar.response import Stream
 
 from proxy.api.common import first_answer, hold_budget, json_body, json_response, note
-from proxy.api.dependencies import CallerDep, GatewayDep
+from proxy.api.dependencies import CallerDep, RuntimeDep
 from proxy.clients import check_model
 from proxy.errors import ProxyError, bad_request
 from proxy.gateway import ChatResult
@@ -104,8 +104,9 @@ STREAM_NOTE = ("With stream=true: `data: <Completion chunk>` events (finish_reas
 
 @post("/v1/completions", status_code=200, **documented(Completion, body=CompletionRequest, stream=STREAM_NOTE))
 async def completions(request: Request[Any, Any, Any], caller: CallerDep,
-                      gateway: GatewayDep) -> Response[bytes] | Stream:
+                      runtime: RuntimeDep) -> Response[bytes] | Stream:
     """Legacy completions: each prompt becomes one user message to a chat model."""
+    gateway = runtime.gateway
     raw = await json_body(request)
     body = convert(raw, CompletionRequest)
     prompts = _prompts(body.prompt)

@@ -1,5 +1,6 @@
 """What the handlers are given, through Litestar's dependency injection: the caller (who asks,
-within their rate; 401 or 429 otherwise) and the parts of the running proxy they use."""
+within their rate; 401 or 429 otherwise) and the parts of the running proxy they use. A /v1
+handler takes the caller and the runtime, one dependency at each depth."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from proxy.recovery import Recovery
 from proxy.runtime import Runtime
 
 
-async def provide_caller(request: Request[Any, Any, Any]) -> Caller:
+async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> Caller:
+    # Resolved after the runtime, not beside it: Litestar resolves two dependencies of one
+    # depth in a task group, a task each, on every request (bench/README.md, "Run to run").
     return await authenticate(request)
 
 

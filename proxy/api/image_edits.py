@@ -16,7 +16,7 @@ from litestar.datastructures import UploadFile
 from litestar.params import FromPath
 
 from proxy.api.common import json_body, note, runtime
-from proxy.api.dependencies import CallerDep, GatewayDep
+from proxy.api.dependencies import CallerDep, RuntimeDep
 from proxy.api.images import DEFAULT_MODEL, MAX_N, admit, check_image_route, generate
 from proxy.clip import clip
 from proxy.errors import Kind, ProxyError, bad_request
@@ -156,8 +156,9 @@ def _int_field(fields: dict[str, Any], name: str, default: int) -> int:
 @post("/v1/images/edits", status_code=200,
       **documented(ImagesResponse, body=ImageEditRequest, multipart=EDIT_FORM))
 async def images_edits(request: Request[Any, Any, Any], caller: CallerDep,
-                       gateway: GatewayDep) -> Response[bytes]:
+                       runtime: RuntimeDep) -> Response[bytes]:
     """New images from a prompt and reference images (uploaded files or URLs)."""
+    gateway = runtime.gateway
     refs = _References(request)
     content_type, _ = request.content_type
     if content_type == "multipart/form-data":

@@ -13,7 +13,7 @@ from litestar import Request, Response, post
 from litestar.response import Stream
 
 from proxy.api.common import hold_budget, json_body, note
-from proxy.api.dependencies import CallerDep, GatewayDep
+from proxy.api.dependencies import CallerDep, RuntimeDep
 from proxy.clients import check_model
 from proxy.downloads import Downloaded, data_url_base64
 from proxy.errors import Kind, ProxyError, bad_request
@@ -180,7 +180,8 @@ async def answer_from_tasks(runtime: Runtime, task_ids: list[str],
 
 @post("/v1/images/generations", status_code=200, **documented(ImagesResponse, body=ImageGenerationRequest))
 async def images_generations(request: Request[Any, Any, Any], caller: CallerDep,
-                             gateway: GatewayDep) -> Response[bytes]:
+                             runtime: RuntimeDep) -> Response[bytes]:
+    gateway = runtime.gateway
     raw = await json_body(request)
     body = convert(raw, ImageGenerationRequest)
     if not body.prompt.strip():

@@ -8,7 +8,7 @@ from litestar import Response, get
 from litestar.params import FromPath
 
 from proxy.api.common import json_response
-from proxy.api.dependencies import CallerDep, GatewayDep
+from proxy.api.dependencies import CallerDep, RuntimeDep
 from proxy.clients import check_model
 from proxy.gateway import Caller
 from proxy.openai.openapi import documented
@@ -30,13 +30,15 @@ def _allowed(caller: Caller, entry: Listed) -> bool:
 
 
 @get("/v1/models", **documented(ModelList, errors=(401, 429)))
-async def list_models(caller: CallerDep, gateway: GatewayDep) -> Response[bytes]:
+async def list_models(caller: CallerDep, runtime: RuntimeDep) -> Response[bytes]:
+    gateway = runtime.gateway
     listing = await gateway.catalogue.listing()
     return json_response(ModelList(object="list", data=[_model(e) for e in listing if _allowed(caller, e)]))
 
 
 @get("/v1/models/{model_id:path}", **documented(Model, errors=(401, 403, 404, 429)))
-async def retrieve_model(model_id: FromPath[str], caller: CallerDep, gateway: GatewayDep) -> Response[bytes]:
+async def retrieve_model(model_id: FromPath[str], caller: CallerDep, runtime: RuntimeDep) -> Response[bytes]:
+    gateway = runtime.gateway
     model_id = model_id.lstrip("/")
     catalogue = gateway.catalogue
     route = await catalogue.resolve(model_id)

@@ -22,7 +22,7 @@ from litestar.response import Stream
 from proxy.api.chat import stream_failure, tool_calls_of
 from proxy.api.common import hold_budget, json_body, json_response, note
 from proxy.api.completions import check_text_route
-from proxy.api.dependencies import CallerDep, GatewayDep
+from proxy.api.dependencies import CallerDep, RuntimeDep
 from proxy.clients import check_model
 from proxy.clip import clip
 from proxy.conversations import Conversations, Stored
@@ -208,8 +208,9 @@ def _chat_params(body: ResponseRequest, tools: list[FunctionTool]) -> dict[str, 
 
 @post("/v1/responses", status_code=200, **documented(ResponseObject, body=ResponseRequest, stream=STREAM_NOTE))
 async def create_response(request: Request[Any, Any, Any], caller: CallerDep,
-                          gateway: GatewayDep) -> Response[bytes] | Stream:
+                          runtime: RuntimeDep) -> Response[bytes] | Stream:
     """A model response to `input`, continuing `previous_response_id` if given."""
+    gateway = runtime.gateway
     raw = await json_body(request)
     body = convert(raw, ResponseRequest)
     _refuse_unsupported(body)

@@ -8,7 +8,7 @@ from litestar import Response, get
 from litestar.params import FromPath
 
 from proxy.api.common import json_response
-from proxy.api.dependencies import CallerDep, GatewayDep, RecoveryDep
+from proxy.api.dependencies import CallerDep, RuntimeDep
 from proxy.clip import clip
 from proxy.errors import Kind, ProxyError
 from proxy.openai.errors import error_payload
@@ -33,8 +33,10 @@ class TaskView(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 @get("/v1/tasks/{task_id:str}", **documented(TaskView, errors=(401, 404)))
-async def retrieve_task(task_id: FromPath[str], caller: CallerDep, gateway: GatewayDep,
-                        recovery: RecoveryDep) -> Response[bytes]:
+async def retrieve_task(task_id: FromPath[str], caller: CallerDep,
+                        runtime: RuntimeDep) -> Response[bytes]:
+    gateway = runtime.gateway
+    recovery = runtime.recovery
     await recovery.unpark(task_id, caller.own_key)
     found = await gateway.tasks.find(task_id)
     record = found.record if isinstance(found, Task) else found
