@@ -12,6 +12,7 @@ the budget when it began counting alone: together they cannot spend more than th
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import secrets
 import time
@@ -64,6 +65,7 @@ class Reservation:
     released: bool = field(default=False)
     hold: str | None = None  # its id in Redis, when held there
     period: float = 0.0  # the start of the budget period it holds in
+    settling: list[asyncio.Future[None]] = field(default_factory=list)  # its calls' settles in Redis, under way
 
     @property
     def held(self) -> float:
@@ -165,7 +167,8 @@ class Billing:
         if reservation is not None and reservation.hold is not None and self.shared is not None:
             share = reservation.per_call if not reservation.released and reservation.calls > 0 else 0.0
             reservation.calls -= share > 0
-            self.shared.soon(self.shared.settle(client, reservation.period, reservation.hold, share, cost or 0.0))
+            settle = self.shared.settle(client, reservation.period, reservation.hold, share, cost or 0.0)
+            reservation.settling.append(self.shared.soon(settle))
         elif reservation is not None and not reservation.released and reservation.calls > 0:
             reservation.calls -= 1
             self._unhold(client, reservation.per_call)
@@ -175,10 +178,20 @@ class Billing:
         if reservation.released:
             return
         if reservation.hold is not None and self.shared is not None:
-            self.shared.soon(self.shared.release(reservation.client, reservation.period, reservation.hold))
+            self.shared.soon(self._release_after_settles(reservation))
         else:
             self._unhold(reservation.client, reservation.held)
         reservation.released = True
+
+    async def _release_after_settles(self, reservation: Reservation) -> None:
+        """Give back the rest of a hold in Redis once its calls' costs are there: released
+        first, a cost would be in neither the holds nor the spend for a moment, and a hold
+        made then could overspend the budget."""
+        assert self.shared is not None and reservation.hold is not None
+        pending = [settle for settle in reservation.settling if not settle.done()]
+        if pending:
+            await asyncio.wait(pending)
+        await self.shared.release(reservation.client, reservation.period, reservation.hold)
 
     def adjust(self, client: str, delta: float, at: float) -> None:
         """A cost recorded at `at` (unix time) changed after the fact (a task's final cost)."""

@@ -150,11 +150,12 @@ class Shared:
             self._down(exc)
             raise SharedDown from None
 
-    def soon(self, work: Coroutine[Any, Any, Any]) -> None:
+    def soon(self, work: Coroutine[Any, Any, Any]) -> asyncio.Future[None]:
         """A write nobody waits for, done in the background; failing only marks Redis down."""
         runner = asyncio.ensure_future(_quietly(work))
         self._background.add(runner)
         runner.add_done_callback(self._background.discard)
+        return runner
 
     def _script(self, name: str, keys: list[str], args: list[Any]) -> Awaitable[Any]:
         return self._scripts[name](keys=keys, args=args)
