@@ -17,7 +17,7 @@ from proxy.recovery import Recovery
 from proxy.runtime import Runtime
 
 
-async def provide_caller(request: Request[Any, Any, Any], runtime: Runtime) -> Caller:
+async def provide_caller(request: Request[Any, Any, Any], runtime: RuntimeDep) -> Caller:
     # Resolved after the runtime, not beside it: Litestar resolves two dependencies of one
     # depth in a task group, a task each, on every request (bench/README.md, "Run to run").
     return await authenticate(request)
