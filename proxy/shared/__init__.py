@@ -19,15 +19,16 @@ import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import redis.asyncio as redis
 import structlog
-from redis.exceptions import RedisError
 
 from proxy.shared import scripts
 from proxy.shared.ahead import SlotsAhead
 from proxy.shared.window import Window
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = structlog.get_logger("proxy.shared")
 T = TypeVar("T")
@@ -53,8 +54,12 @@ class Shared:
     def __init__(self, url: str, prefix: str, owner: str) -> None:
         self.prefix = prefix.rstrip(":") + ":"
         self.owner = owner  # this process, as the store knows it
-        self.client = redis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
-                                           retry_on_timeout=False, health_check_interval=0)
+        import redis.asyncio as redis  # loaded only by a proxy configured with Redis (6 MB)
+        from redis.exceptions import RedisError
+
+        self._failures: tuple[type[BaseException], ...] = (RedisError, OSError)  # what marks Redis down
+        self.client: Redis = redis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
+                                                  retry_on_timeout=False, health_check_interval=0)
         self.active = False  # Redis answered the last time it was asked
         self.replicas = 1  # processes heard from within SEEN_FOR (this one included), last known
         self.on_states: Callable[[dict[str, StateChange]], None] | None = None  # key states, every BEAT
@@ -89,7 +94,7 @@ class Shared:
         self._give_back(self._ahead.stale(every=True))
         await _quietly(self._tell_landings())
         self.active = False  # what comes late (a landing, an unmark) is dropped, not sent on a closed client
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*self._failures):
             await self.client.zrem(self.key("replicas"), self.owner)
         await self.client.aclose()
 
@@ -112,7 +117,7 @@ class Shared:
                 pipe.hgetall(self.key("states"))
                 pipe.get(self.key("reloads"))
                 _, _, replicas, states, reloads = await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except self._failures as exc:
             self._down(exc)
             return
         self.replicas = max(1, int(replicas))
@@ -146,7 +151,7 @@ class Shared:
             raise SharedDown
         try:
             return await call
-        except (RedisError, OSError) as exc:
+        except self._failures as exc:
             self._down(exc)
             raise SharedDown from None
 
