@@ -564,16 +564,23 @@ def test_a_slot_taken_ahead_is_used_by_the_next_call_or_given_back() -> None:
         try:
             wide, narrow = Window("wide", 1_000, 60.0), Window("narrow", 10, 60.0)
             seen: dict[str, Any] = {}
+            async def members(count: int, within: float) -> set[str]:
+                """The window's members once there are `count` of them (or as they are after `within` s)."""
+                deadline = time.monotonic() + within
+                while True:
+                    found = {m.decode() for m in await shared.client.zrange(calls, 0, -1)}
+                    if len(found) == count or time.monotonic() > deadline:
+                        return found
+                    await asyncio.sleep(0.02)
+
             first, _, _ = await shared.take(wide)
             await shared.take(narrow)
-            await asyncio.sleep(0.2)
-            members = {m.decode() for m in await shared.client.zrange(calls, 0, -1)}
-            seen["ahead"] = members - {first}
+            seen["ahead"] = await members(2, READY_LIFE / 2) - {first}
             second, _, _ = await shared.take(wide)
             seen["second"] = second
             seen["narrow"] = await shared.client.zcard(shared.key("calls", "narrow"))
-            await asyncio.sleep(READY_LIFE + BEAT + LANDING_DELAY + 0.5)
-            seen["left"] = {m.decode() for m in await shared.client.zrange(calls, 0, -1)}
+            seen["taken_after"] = len(await members(3, READY_LIFE / 2))  # the slot after that, taken ahead
+            seen["left"] = await members(2, 2 * (READY_LIFE + BEAT) + LANDING_DELAY + 3)
             seen["first"] = first
         finally:
             await shared.close()
@@ -595,5 +602,6 @@ def test_a_slot_taken_ahead_is_used_by_the_next_call_or_given_back() -> None:
     assert len(seen["ahead"]) == 1  # the next call's slot, counted before that call is asked for
     assert seen["second"] in seen["ahead"]  # and the next call took it, without a round trip of its own
     assert seen["narrow"] == 1  # a narrow window takes nothing ahead
-    assert seen["left"] == {seen["first"], seen["second"]}  # the slot taken after that, unused, is given back
+    assert seen["taken_after"] == 3
+    assert seen["left"] == {seen["first"], seen["second"]}  # and, unused, given back
     assert seen["after_close"] == {seen["first"], seen["second"], seen["last"]}
