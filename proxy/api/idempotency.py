@@ -325,7 +325,11 @@ class Idempotency:
                 if size <= _cap(record):  # a larger answer (images as base64) is not kept
                     chunks.append(message.get("body", b""))
                 if not message.get("more_body", False) and not decided:
-                    await decide()
+                    try:
+                        await decide()
+                    except asyncio.CancelledError:  # a shutdown past its grace: the answer still goes out
+                        await send(message)
+                        raise
             await send(message)
 
         try:
@@ -354,7 +358,7 @@ class Idempotency:
         keep = (200 <= status < 300 or work is not None) and size <= _cap(record)
         if not keep:
             if not record.task_ids:  # with tasks started (a download failed, say), a repeat answers from them
-                await runtime.store.idempotency_drop(record.client, record.key)
+                await asyncio.shield(runtime.store.idempotency_drop(record.client, record.key))
             return None
         record.done, record.status, record.body, record.finished = True, status, b"".join(chunks), time.time()
         record.content_type = headers.get("content-type", "application/json")
