@@ -252,10 +252,7 @@ class Shared:
             self._landings_due = None
         try:
             while self._landings:
-                keys: list[str] = []
-                args: list[Any] = [0, 0]
-                args[1] = self._carry_landings(keys, args)
-                await self._run(self._script("TAKE", keys, args))
+                await self._take(())  # a TAKE in no window: only the landings it carries
         except SharedDown:
             self._landings.clear()  # Redis lets them lapse at their hold's end
             raise
