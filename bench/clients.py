@@ -16,8 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 import uvloop
-from lib import BENCH
-from lib.procs import Procs, free_port, wait_ready
+from lib.targets import Session, Settings
 
 from proxy.upstream_http import build_client, head_of, origin_of
 
@@ -90,13 +89,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
-    port, procs = free_port(), Procs()
-    try:
-        wait_ready(procs.spawn([sys.executable, str(BENCH / "stub.py"), "--port", str(port)]), port, "/healthz", 10)
+    with Session(Settings()) as bench:
+        port = bench.stub.port
         print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {os.cpu_count()} cores")
         uvloop.run(run(f"http://127.0.0.1:{port}/api/v1/chat.php", args.requests, args.concurrency))
-    finally:
-        procs.stop_all()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from typing import Any
 from lib import OUT, pct, say
 from lib.environment import ensure_wrk
 from lib.loadclients import build_request, sequential
-from lib.procs import free_port
 from lib.targets import (
     CHAT_BODY,
     CLIENT_KEY,
@@ -29,6 +28,8 @@ from lib.targets import (
     start_proxy,
 )
 from throughput import load
+
+from proxy.server import free_port
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 LIMIT = 1_000_000  # a limit to keep, never reached: the point is the counting

@@ -30,9 +30,11 @@ from typing import Any, Literal, Required, TypedDict
 import httpx
 import msgspec
 from lib import BENCH
-from lib.procs import Procs, free_port, interrupt_on_signals, raise_nofile, status_kb
+from lib.procs import Procs, interrupt_on_signals, raise_nofile, status_kb
 from lib.targets import start_proxy
 from soak_sims import FENGYUAN_KEYS, XFFUW_KEYS
+
+from proxy.server import free_port
 
 HOST = "127.0.0.1"
 CHAT_PREFIX = "你好!我是 AI 助手。You said: "  # what the simulated xffuw chat answers

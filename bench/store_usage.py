@@ -31,9 +31,10 @@ import asyncpg  # type: ignore[import-untyped]
 import httpx
 from lib import fmt, pct, table
 from lib.loadclients import build_request, pyload
-from lib.procs import Noise, cpu_seconds, free_port, wait_quiet
+from lib.procs import Noise, cpu_seconds, wait_quiet
 from lib.targets import CHAT_BODY, HEADERS, Session, Settings, Target, check_chat, proxy_config, start_proxy
 
+from proxy.server import free_port
 from proxy.store import Store, UsageRecord
 from proxy.store.batching import FLUSH_AFTER
 from proxy.store.postgres import PostgresStore

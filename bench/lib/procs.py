@@ -14,7 +14,6 @@ from typing import IO, Any
 
 from lib import ROOT, say
 from lib.loadclients import http_request
-from proxy.server import free_port as free_port  # for the programs, with the rest of these helpers
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 QUIET = 15.0  # % of one core used by others below which the machine counts as quiet
@@ -37,6 +36,23 @@ class Procs:
         self.running[proc.pid] = proc
         boost(proc.pid, self.nice)
         return proc
+
+    def start(self, argv: list[str], log: Path, port: int, path: str, timeout: float, every: float = 0.005,
+              **spawn: Any) -> tuple[subprocess.Popen[bytes], float]:
+        """Spawned, and ready once GET `path` answers 200 (asked every `every` s): the process and the
+        seconds from spawn to ready. One that exits or is not ready in `timeout` s is stopped."""
+        started = time.monotonic()
+        proc = self.spawn(argv, log, **spawn)
+        while time.monotonic() - started < timeout:
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+                raise RuntimeError(f"process exited with {proc.returncode} before it was ready\n{tail}")
+            with suppress(OSError):
+                if http_request(port, "GET", path, timeout=2)[0] == 200:
+                    return proc, time.monotonic() - started
+            time.sleep(every)
+        self.stop(proc)
+        raise RuntimeError(f"not ready after {timeout:.0f} s")
 
     def stop(self, proc: subprocess.Popen[bytes], grace: float = 8.0) -> int | None:
         """SIGTERM to the group, SIGKILL after `grace` s and to stragglers (uvicorn workers)."""
@@ -83,21 +99,6 @@ def raise_nofile() -> int:
     else:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def wait_ready(proc: subprocess.Popen[bytes], port: int, path: str, timeout: float, log: Path | None = None,
-               every: float = 0.005) -> float:
-    """Seconds from now until GET `path` answers 200 (asked every `every` s)."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"process exited with {proc.returncode} before it was ready\n{tail}")
-        with suppress(OSError):
-            if http_request(port, "GET", path, timeout=2)[0] == 200:
-                return time.monotonic() - started
-        time.sleep(every)
-    raise RuntimeError(f"not ready after {timeout:.0f} s")
 
 
 def _stat(pid: int | str) -> list[str]:

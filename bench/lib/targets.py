@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,8 @@ from stub import CONTENT
 from lib import BENCH, OUT, ROOT, say, toml
 from lib.environment import LITELLM_VENV
 from lib.loadclients import http_request
-from lib.procs import Procs, free_port, interrupt_on_signals, raise_nofile, tree, wait_ready
+from lib.procs import Procs, interrupt_on_signals, raise_nofile, tree
+from proxy.server import free_port
 
 PROXY = [str(ROOT / ".venv" / "bin" / "proxy")] if (ROOT / ".venv" / "bin" / "proxy").exists() else \
     [sys.executable, "-m", "proxy"]
@@ -92,14 +92,9 @@ def start_proxy(procs: Procs, config: dict[str, Any], tag: str, workers: int = 1
     path, log, port = folder / f"proxy-{tag}.toml", folder / f"proxy-{tag}.log", config["server"]["port"]
     path.write_text(toml(config))
     env = {k: v for k, v in os.environ.items() if k != "PROXY_CONFIG"}
-    started = time.monotonic()
-    proc = procs.spawn([*PROXY, "serve", "--config", str(path), "--workers", str(workers)], log, env=env, cwd=folder)
-    try:
-        wait_ready(proc, port, "/healthz", 60, log, every)
-    except RuntimeError:
-        procs.stop(proc)
-        raise
-    return Target(f"proxy-{workers}w", port, proc=proc), time.monotonic() - started
+    proc, ready = procs.start([*PROXY, "serve", "--config", str(path), "--workers", str(workers)], log, port,
+                              "/healthz", 60, every, env=env, cwd=folder)
+    return Target(f"proxy-{workers}w", port, proc=proc), ready
 
 
 class Session:
@@ -124,10 +119,10 @@ class Session:
     @property
     def stub(self) -> Target:
         if self._stub is None:
-            port, log = free_port(), OUT / "stub.log"
-            proc = self.procs.spawn([sys.executable, str(BENCH / "stub.py"), "--port", str(port)], log)
+            port = free_port()
+            proc, _ = self.procs.start([sys.executable, str(BENCH / "stub.py"), "--port", str(port)],
+                                       OUT / "stub.log", port, "/healthz", 30)
             self._stub = Target("direct", port, proc=proc)
-            wait_ready(proc, port, "/healthz", 30, log)
         return self._stub
 
     def proxy(self, workers: int, tag: str) -> tuple[Target, float]:
@@ -151,15 +146,10 @@ class Session:
             "general_settings": {"master_key": CLIENT_KEY}, "litellm_settings": {"telemetry": False}}, indent=1))
         env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "NO_DOCS": "True"}
         env.pop("DATABASE_URL", None)
-        started = time.monotonic()
-        proc = self.procs.spawn([str(LITELLM_VENV / "bin" / "litellm"), "--config", str(config), "--host",
-                                 "127.0.0.1", "--port", str(port), "--num_workers", "1"], log, env=env, cwd=OUT)
-        try:
-            wait_ready(proc, port, "/health/liveliness", 180, log)
-        except RuntimeError:
-            self.procs.stop(proc)
-            raise
-        return Target("litellm", port, proc=proc), time.monotonic() - started
+        proc, ready = self.procs.start([str(LITELLM_VENV / "bin" / "litellm"), "--config", str(config), "--host",
+                                        "127.0.0.1", "--port", str(port), "--num_workers", "1"], log, port,
+                                       "/health/liveliness", 180, env=env, cwd=OUT)
+        return Target("litellm", port, proc=proc), ready
 
     def target(self, name: str) -> Target:
         """A target by its column name, started for a scenario program run on its own."""
