@@ -11,6 +11,7 @@ import asyncio
 import re
 import time
 from collections import Counter
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +72,8 @@ async def _storm(bench: Session, target: Target, spy_out: Path | None) -> dict[s
         await sample()
         await asyncio.sleep(0.25)
     storm.cancel()
-    try:
+    with suppress(asyncio.CancelledError):
         await storm
-    except asyncio.CancelledError:
-        pass
     if spy is not None:
         await loop.run_in_executor(None, bench.procs.stop, spy, 30.0)
     return {**run, "w0": t0, "w1": t1, "cpu_window": (cpu1 - cpu0) / (t1 - t0) * 100, "cpu_seconds": cpu1 - cpu0,

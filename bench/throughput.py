@@ -14,6 +14,7 @@ import os
 import subprocess
 import threading
 import time
+from contextlib import suppress
 from typing import Any
 
 from lib import BENCH, OUT, say
@@ -78,10 +79,8 @@ def profile(bench: Session, wrk: str | None, target: Target) -> dict[str, Any] |
     time.sleep(2)
     for fmt, name in (("flamegraph", "profile.svg"), ("raw", "profile.txt")):
         proc = record(bench.procs, target.proc.pid, seconds, fmt, OUT / name, OUT / f"py-spy-{fmt}.log")
-        try:
+        with suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=seconds + 60)
-        except subprocess.TimeoutExpired:
-            pass
         bench.procs.stop(proc, grace=2)
     loader.join(timeout=2 * seconds + 66)
     if not (OUT / "profile.txt").exists():

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +47,12 @@ def ensure_bench_deps(allow_install: bool) -> None:
 
 
 def _litellm_version() -> str | None:
-    if not (LITELLM_VENV / "bin" / "litellm").exists():
-        return None
-    try:
-        return subprocess.run([str(LITELLM_VENV / "bin" / "python"), "-c", "import importlib.metadata as m; "
-                               "print(m.version('litellm'))"], capture_output=True, text=True,
-                              timeout=60).stdout.strip() or None
-    except (subprocess.TimeoutExpired, OSError):
-        return None
+    with suppress(subprocess.TimeoutExpired, OSError):
+        if (LITELLM_VENV / "bin" / "litellm").exists():
+            return subprocess.run([str(LITELLM_VENV / "bin" / "python"), "-c", "import importlib.metadata as m; "
+                                   "print(m.version('litellm'))"], capture_output=True, text=True,
+                                  timeout=60).stdout.strip() or None
+    return None
 
 
 def ensure_litellm(allow_install: bool) -> tuple[str | None, str]:
@@ -102,15 +101,13 @@ def versions(litellm_version: str | None, wrk: str | None) -> dict[str, str]:
 def machine() -> dict[str, str]:
     with open("/proc/cpuinfo") as info:
         cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "?")
-    commit = "?"
-    try:
-        def git(*args: str) -> str:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
 
+    commit = "?"
+    with suppress(OSError, subprocess.TimeoutExpired):
         commit = git("rev-parse", "--short", "HEAD") + (
             " + uncommitted changes in proxy/" if git("status", "--porcelain", "--", "proxy") else "")
-    except (OSError, subprocess.TimeoutExpired):
-        pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {"nproc": str(os.cpu_count()), "cpu": cpu, "kernel": platform.release(), "memory": f"{mem:.1f} GiB",
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "proxy commit": commit}
