@@ -111,14 +111,15 @@ class _Connections:
 _SHARED: weakref.WeakKeyDictionary[ServerState, _Connections] = weakref.WeakKeyDictionary()
 
 
-class LimitedHttpToolsProtocol(HttpToolsProtocol):
-    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
-                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
-        super().__init__(config, server_state, app_state, _loop)
-        self.limits: ConnectionLimits = getattr(config, "limits", None) or connection_limits(backlog=config.backlog)
-        shared = _SHARED.get(server_state)
-        if shared is None:
-            shared = _SHARED[server_state] = _Connections()
+class _Guard:
+    """One connection's limits and head-reading state, in one slotted attribute of its protocol:
+    uvicorn's protocol already has 27 attributes, and past 30 CPython gives each instance a
+    dict of its own, not one sharing its keys (1.3 KB more a connection; bench/README.md)."""
+
+    __slots__ = ("evicted", "head_bytes", "head_timer", "limits", "reading_head", "refused", "shared")
+
+    def __init__(self, limits: ConnectionLimits, shared: _Connections) -> None:
+        self.limits = limits
         self.shared = shared
         self.reading_head = True  # no complete head since the last request (or ever)
         self.head_bytes = 0
@@ -126,36 +127,48 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.refused = False  # answered (or dropped) and closing: input is read and dropped
         self.evicted = False
 
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        shared = _SHARED.get(server_state)
+        if shared is None:
+            shared = _SHARED[server_state] = _Connections()
+        self.guard = _Guard(getattr(config, "limits", None) or connection_limits(backlog=config.backlog), shared)
+
     # ---- the connection cap ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        shared = self.shared
-        if len(self.connections) - shared.closing > self.limits.max_connections and not self._make_room():
-            self.refused = True
+        guard = self.guard
+        shared = guard.shared
+        if len(self.connections) - shared.closing > guard.limits.max_connections and not self._make_room():
+            guard.refused = True
             transport.close()  # every connection carries a request: this one cannot be served now
             return
         shared.idle[self] = None
-        self.head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
+        guard.head_timer = self.loop.call_later(guard.limits.header_timeout, self._head_timed_out)
 
     def _make_room(self) -> bool:
         """Close the connection idle longest; False when none is idle."""
-        idle = self.shared.idle
-        victim = next(iter(idle), None)
+        shared = self.guard.shared
+        victim = next(iter(shared.idle), None)
         if victim is None:
             return False
-        del idle[victim]
-        victim.evicted = True
-        self.shared.closing += 1
+        del shared.idle[victim]
+        victim.guard.evicted = True
+        shared.closing += 1
         victim.transport.close()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.shared.idle.pop(self, None)
+        guard = self.guard
+        guard.shared.idle.pop(self, None)
         self._stop_head_timer()
-        if self.evicted:
-            self.evicted = False
-            self.shared.closing -= 1
+        if guard.evicted:
+            guard.evicted = False
+            guard.shared.closing -= 1
         super().connection_lost(exc)
 
     # ---- heads: size and time --------------------------------------------------------
@@ -164,47 +177,51 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # While a head is read, the parser gets it at most HEAD_PIECE bytes at a time, never past
         # the cap: a request ending inside a piece starts the next head's count there, which is
         # then short by less than a piece (the next head is pipelined behind it).
-        while not self.refused:
-            if not self.reading_head:
+        guard = self.guard
+        while not guard.refused:
+            if not guard.reading_head:
                 super().data_received(data)
                 break
-            room = self.limits.max_head_bytes - self.head_bytes
+            room = guard.limits.max_head_bytes - guard.head_bytes
             if room <= 0:
                 self._refuse(431, f"The request head (request line and headers) is larger than the "
-                                  f"{self.limits.max_head_bytes} bytes this proxy accepts.",
+                                  f"{guard.limits.max_head_bytes} bytes this proxy accepts.",
                              "request_header_fields_too_large")
                 return
             cut = min(room, HEAD_PIECE)
             piece, data = data[:cut], data[cut:]
-            self.head_bytes += len(piece)
+            guard.head_bytes += len(piece)
             super().data_received(piece)
             if not data:
                 break
-        if self.reading_head and self.head_bytes and self.head_timer is None and not self.transport.is_closing():
-            self.head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
+        if guard.reading_head and guard.head_bytes and guard.head_timer is None and not self.transport.is_closing():
+            guard.head_timer = self.loop.call_later(guard.limits.header_timeout, self._head_timed_out)
 
     def on_headers_complete(self) -> None:
-        self.reading_head = False
+        guard = self.guard
+        guard.reading_head = False
         self._stop_head_timer()
-        self.shared.idle.pop(self, None)  # a request in flight
+        guard.shared.idle.pop(self, None)  # a request in flight
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self.reading_head, self.head_bytes = True, 0  # what comes next is the next request's head
+        guard = self.guard
+        guard.reading_head, guard.head_bytes = True, 0  # what comes next is the next request's head
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and not self.pipeline and self.cycle.response_complete:
-            self.shared.idle[self] = None  # kept alive, waiting for the next request
+            self.guard.shared.idle[self] = None  # kept alive, waiting for the next request
 
     def _stop_head_timer(self) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+        guard = self.guard
+        if guard.head_timer is not None:
+            guard.head_timer.cancel()
+            guard.head_timer = None
 
     def _head_timed_out(self) -> None:
-        self.head_timer = None
+        self.guard.head_timer = None
         if not self.transport.is_closing():
             self.transport.close()
 
@@ -216,7 +233,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, message: str, code: str) -> None:
         """Answer (unless another answer is being written on this connection) and close."""
-        self.refused = True
+        self.guard.refused = True
         self._stop_head_timer()
         transport = self.transport
         if self.cycle is not None and not self.cycle.response_complete:

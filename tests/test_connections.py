@@ -5,6 +5,7 @@ its open-file limit still answers. `/healthz` answers on a fresh connection thro
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
@@ -22,10 +23,12 @@ from typing import Any
 import httpx
 import pytest
 from conftest import CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from proxy.app import create_app
 from proxy.config import parse_config
-from proxy.http_server import MAX_HEAD_BYTES, ConnectionLimits
+from proxy.http_server import MAX_HEAD_BYTES, ConnectionLimits, LimitedConfig, LimitedHttpToolsProtocol
 from proxy.server import BackgroundServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,3 +290,23 @@ def test_a_proxy_at_its_open_file_limit_still_answers(sims: Sims, tmp_path: Path
             process.kill()
             process.wait(timeout=10)
     assert "Traceback" not in (process.stderr.read() if process.stderr else "")
+
+
+
+async def _no_app(scope: Any, receive: Any, send: Any) -> None:
+    pass
+
+
+def test_the_limits_cost_a_connection_no_more_memory_than_uvicorns_own_protocol() -> None:
+    # Past 30 attributes CPython gives each instance an unshared dict: 1.3 KB more a connection,
+    # 13 MB with 10,000 waiting image requests.
+    async def sizes() -> tuple[int, int]:
+        config = LimitedConfig(_no_app)
+        config.load()
+        state = ServerState()
+        plain = HttpToolsProtocol(config, state, {})
+        limited = LimitedHttpToolsProtocol(config, state, {})
+        return sys.getsizeof(vars(plain)), sys.getsizeof(vars(limited)) + sys.getsizeof(limited.guard)
+
+    plain, limited = asyncio.run(sizes())
+    assert limited <= plain + 128, (plain, limited)
