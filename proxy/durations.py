@@ -33,6 +33,7 @@ class Durations:
         self.store = store
         self._samples: dict[Model, deque[float]] = {}
         self._early: dict[Model, float] = {}
+        self._stale: set[Model] = set()  # learnt more since its early quantile was computed
         self._dirty: set[Model] = set()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -43,6 +44,9 @@ class Durations:
 
     def first_poll(self, model: Model) -> float | None:
         """Seconds after the submit to poll first; None: too little is known, use the config."""
+        if model in self._stale:
+            self._stale.discard(model)
+            self._refresh(model)
         return self._early.get(model)
 
     def record(self, model: Model, seconds: float) -> None:
@@ -52,7 +56,7 @@ class Durations:
         if samples is None:
             samples = self._samples[model] = deque(maxlen=KEEP)
         samples.append(seconds)
-        self._refresh(model)
+        self._stale.add(model)  # sorted when next asked, not once a task: answers come in bursts
         self._dirty.add(model)
         if self._timer is None:
             try:

@@ -189,6 +189,35 @@ def test_learned_durations_are_replaced_and_outlive_the_process(any_store: Store
     run_on_store(any_store, second)
 
 
+def test_a_models_first_poll_follows_what_is_learnt_and_what_a_restart_loads(any_store: StoreFactory) -> None:
+    from proxy.durations import Durations
+
+    model = ("xffuw", "gpt-image-2")
+
+    async def learn(store: Store) -> None:
+        durations = Durations(store)
+        for seconds in (50.0, 40.0, 30.0, 20.0):
+            durations.record(model, seconds)
+        assert durations.first_poll(model) is None  # fewer than MIN_SAMPLES: the configured schedule
+        durations.record(model, 10.0)
+        assert durations.first_poll(model) == 10.0  # the early quantile of 10..50
+        for seconds in (60.0, 70.0, 80.0, 90.0, 100.0):  # learnt after it was asked: asked again, it moves
+            durations.record(model, seconds)
+        assert durations.first_poll(model) == 10.0
+        durations.record(model, 5.0)
+        durations.record(model, 6.0)
+        assert durations.first_poll(model) == 6.0  # nearest rank: the 2nd of 12
+        durations.close()
+
+    async def restart(store: Store) -> None:
+        durations = Durations(store)
+        await durations.load()
+        assert durations.first_poll(model) == 6.0
+
+    run_on_store(any_store, learn)
+    run_on_store(any_store, restart)
+
+
 def test_close_writes_everything_queued(any_store: StoreFactory) -> None:
     async def first(store: Store) -> None:
         await store.save_task(record(1))
