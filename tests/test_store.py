@@ -35,7 +35,7 @@ from proxy.config import ConfigError, parse_config
 from proxy.store import IdempotencyRecord, Store, UsageRecord, UsageRow, ledger
 from proxy.store.migrations import SchemaTooNew
 from proxy.store.postgres import PostgresStore, StoreUnavailable
-from proxy.store.sqlite import SQLiteStore
+from proxy.store.sqlite import ROWS_A_STATEMENT, SQLiteStore
 
 __all__ = ["any_store", "pg_server", "store_kind"]  # fixtures, imported for pytest to find
 
@@ -257,18 +257,18 @@ def reference(rows: list[UsageRecord], since: float | None, until: float | None,
             for (g, s), (n, c, f) in sorted(totals.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))]
 
 
-def ledger_rows(seed: int = 7) -> tuple[list[UsageRecord], list[tuple[str, str, float | None]]]:
+def ledger_rows(seed: int = 7, count: int = 400) -> tuple[list[UsageRecord], list[tuple[str, str, float | None]]]:
     """Usage over five days, and the settles some of its tasks get later."""
     rng = random.Random(seed)
     rows = []
-    for n in range(400):
+    for n in range(count):
         task = f"t{n}" if n % 3 == 0 else None
         rows.append(usage(D0 + rng.uniform(0, 5 * DAY), rng.choice(["alice", "bob", "carol"]),
                           rng.choice(["gpt-4o-mini", "gpt-image-2", "flux"]), rng.choice(["xffuw", "fengyuan"]),
                           rng.choice([0.25, 0.5, 1.0, 20.0]), "submitted" if task else rng.choice(["ok", "failed"]),
                           task))
     settles = [(f"t{n}", rng.choice(["ok", "failed", "timeout"]), rng.choice([None, 0.0, 2.0, 30.0]))
-               for n in range(0, 400, 3) if n % 2 == 0]
+               for n in range(0, count, 3) if n % 2 == 0]
     return rows, settles
 
 
@@ -298,7 +298,9 @@ RANGES = {
 
 
 def test_usage_from_the_rollups_matches_the_raw_rows(any_store: StoreFactory) -> None:
-    rows, settles = ledger_rows()
+    # more rows and settles in one batch than one statement writes (sqlite.ROWS_A_STATEMENT)
+    rows, settles = ledger_rows(count=3400)
+    assert len(rows) - 200 > 2 * ROWS_A_STATEMENT and len(settles) > ROWS_A_STATEMENT
 
     async def test(store: Store) -> None:
         for r in rows[:200]:

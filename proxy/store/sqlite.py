@@ -11,7 +11,7 @@ import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -221,11 +221,10 @@ def _write(db: sqlite3.Connection, batch: Batch) -> None:
     deltas = ledger.of_records(batch.usage)
     with db:
         db.execute("BEGIN")
-        db.executemany(
-            "INSERT INTO usage (at, client, model, upstream, key, cost, outcome, kind, task_id, request_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(r.at, r.client, r.model, r.upstream, r.key, r.cost, r.outcome, r.kind, r.task_id, r.request_id)
-             for r in batch.usage])
+        _execute_rows(db, "INSERT INTO usage (at, client, model, upstream, key, cost, outcome, kind, task_id, "
+                          "request_id) VALUES {rows}",
+                      [(r.at, r.client, r.model, r.upstream, r.key, r.cost, r.outcome, r.kind, r.task_id,
+                        r.request_id) for r in batch.usage])
         if batch.settles:
             tasks = sorted({task_id for task_id, _, _ in batch.settles})
             rows = []
@@ -233,19 +232,39 @@ def _write(db: sqlite3.Connection, batch: Batch) -> None:
                 chunk = tasks[start:start + 500]
                 rows += db.execute("SELECT id, at, client, model, upstream, cost, outcome, task_id FROM usage "
                                    f"WHERE task_id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
-            db.executemany("UPDATE usage SET outcome = ?, cost = ? WHERE id = ?",
-                           ledger.settle(rows, batch.settles, deltas))
-        db.executemany("INSERT INTO usage_daily (day, client, model, upstream, requests, cost, failed) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, client, model, upstream) DO UPDATE SET "
-                       "requests = requests + excluded.requests, cost = cost + excluded.cost, "
-                       "failed = failed + excluded.failed", ledger.rollup_rows(deltas))
+            _execute_rows(db, "UPDATE usage SET outcome = s.column1, cost = s.column2 FROM (VALUES {rows}) AS s "
+                              "WHERE usage.id = s.column3", ledger.settle(rows, batch.settles, deltas))
+        _execute_rows(db, "INSERT INTO usage_daily (day, client, model, upstream, requests, cost, failed) "
+                          "VALUES {rows} ON CONFLICT (day, client, model, upstream) DO UPDATE SET "
+                          "requests = requests + excluded.requests, cost = cost + excluded.cost, "
+                          "failed = failed + excluded.failed", ledger.rollup_rows(deltas))
         # an upsert, not INSERT OR REPLACE (a delete and an insert): one write a row, not two
-        db.executemany("INSERT INTO tasks (id, state, owner, updated, record) VALUES (?, ?, ?, ?, ?) "
-                       "ON CONFLICT (id) DO UPDATE SET state = excluded.state, owner = excluded.owner, "
-                       "updated = excluded.updated, record = excluded.record", batch.tasks)
-        db.executemany("INSERT INTO durations (upstream, model, durations) VALUES (?, ?, ?) "
-                       "ON CONFLICT (upstream, model) DO UPDATE SET durations = excluded.durations",
-                       [(u, m, durations_encode(d)) for (u, m), d in batch.durations.items()])
-        db.executemany("INSERT INTO key_calls (upstream, key, calls) VALUES (?, ?, ?) "
-                       "ON CONFLICT (upstream, key) DO UPDATE SET calls = excluded.calls",
-                       [(u, k, durations_encode(c)) for (u, k), c in batch.calls.items()])
+        _execute_rows(db, "INSERT INTO tasks (id, state, owner, updated, record) VALUES {rows} "
+                          "ON CONFLICT (id) DO UPDATE SET state = excluded.state, owner = excluded.owner, "
+                          "updated = excluded.updated, record = excluded.record", batch.tasks)
+        _execute_rows(db, "INSERT INTO durations (upstream, model, durations) VALUES {rows} "
+                          "ON CONFLICT (upstream, model) DO UPDATE SET durations = excluded.durations",
+                      [(u, m, durations_encode(d)) for (u, m), d in batch.durations.items()])
+        _execute_rows(db, "INSERT INTO key_calls (upstream, key, calls) VALUES {rows} "
+                          "ON CONFLICT (upstream, key) DO UPDATE SET calls = excluded.calls",
+                      [(u, k, durations_encode(c)) for (u, k), c in batch.calls.items()])
+
+
+ROWS_A_STATEMENT = 256
+# A few statement lengths, not one for every count: each length is a prepared statement in the
+# connection's cache.
+_LENGTHS = (ROWS_A_STATEMENT, 64, 16, 4, 1)
+
+
+def _execute_rows(db: sqlite3.Connection, template: str, rows: Sequence[Sequence[Any]]) -> None:
+    """`template` with its {rows} a VALUES list of up to ROWS_A_STATEMENT rows, not once a row as
+    executemany does: Python's sqlite3 lets the GIL go around each statement it runs, and each
+    time this thread waits up to sys.getswitchinterval() for the event loop's thread to give it
+    back (bench/README.md, "The store's writes and the GIL")."""
+    start = 0
+    for length in _LENGTHS:
+        while len(rows) - start >= length:
+            chunk = rows[start:start + length]
+            marks = f"({','.join('?' * len(chunk[0]))})"
+            db.execute(template.format(rows=",".join([marks] * length)), [value for row in chunk for value in row])
+            start += length
