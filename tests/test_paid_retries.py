@@ -17,6 +17,7 @@ import pytest
 from conftest import RunningProxy, Sims
 from helpers import AUTH, error_of, free_port, post_image, task_ids, wait_until
 
+from proxy.api import idempotency
 from proxy.api.idempotency import key_digest
 from proxy.store.sqlite import SQLiteStore
 
@@ -256,3 +257,20 @@ def test_a_chat_answer_over_a_mebibyte_is_kept_for_its_repeat(proxy: RunningProx
     assert second.status_code == 200 and second.headers["idempotent-replayed"] == "true"
     assert second.json()["choices"] == first.json()["choices"]
     assert sims.xffuw.count("chat") == 1, "the repeat paid for a second chat"
+
+
+def test_a_paid_chat_answer_too_large_to_keep_answers_its_repeat_409_not_a_second_payment(
+        proxy: RunningProxy, sims: Sims, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(idempotency, "MAX_KEPT_UNREBUILDABLE", 1024 * 1024)  # 32 MiB in use: a smaller answer
+    content = "长" * 400_000  # 1.2 MB of UTF-8, echoed back in the answer
+    headers = {**AUTH, "idempotency-key": "a-chat-too-long-to-keep"}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}
+    first = httpx.post(proxy.url + "/v1/chat/completions", headers=headers, json=body, timeout=30)
+    assert first.status_code == 200 and len(first.content) > 1024 * 1024
+    second = httpx.post(proxy.url + "/v1/chat/completions", headers=headers, json=body, timeout=30)
+    assert error_of(second, 409)["code"] == "idempotency_answer_not_kept"
+    assert second.headers["idempotent-replayed"] == "true"
+    assert sims.xffuw.count("chat") == 1, "the repeat paid for a second chat"
+    third = httpx.post(proxy.url + "/v1/chat/completions", headers={**AUTH, "idempotency-key": "a-new-key"},
+                       json=body, timeout=30)
+    assert third.status_code == 200 and sims.xffuw.count("chat") == 2

@@ -355,8 +355,13 @@ class Idempotency:
         call or a started task, as the error handler marks it); else free the key for a retry."""
         if work == "unfinished" and record.task_ids:  # its tasks go on: a repeat answers from them
             return None
-        keep = (200 <= status < 300 or work is not None) and size <= _cap(record)
-        if not keep:
+        paid = 200 <= status < 300 or work is not None
+        if paid and size > _cap(record) and not record.task_ids:
+            # Too large to keep, and nothing to build it again from: a repeat is told so, not paid again.
+            error = _not_kept(size)
+            status, headers = error.shape.status, {"content-type": "application/json", **error_headers(error)}
+            chunks, size = [msgspec.json.encode(error_payload(error))], 0
+        elif not paid or size > _cap(record):
             if not record.task_ids:  # with tasks started (a download failed, say), a repeat answers from them
                 await asyncio.shield(runtime.store.idempotency_drop(record.client, record.key))
             return None
@@ -398,6 +403,12 @@ def _expired_retry(record: IdempotencyRecord) -> bool:
     if record.done:
         return time.time() - (record.finished or record.created) > RETRY_WINDOW
     return not record.task_ids and time.time() - record.created >= ABANDONED_AFTER
+
+
+def _not_kept(size: int) -> ProxyError:
+    return ProxyError(Kind.CONFLICT, f"The answer to the first request with this Idempotency-Key ({size:,} bytes) "
+                      "was paid for, but is too large to keep for repeats. Send a new Idempotency-Key "
+                      "to pay for a new answer.", code="idempotency_answer_not_kept")
 
 
 def _reused() -> ProxyError:
