@@ -269,8 +269,16 @@ def test_a_paid_chat_answer_too_large_to_keep_answers_its_repeat_409_not_a_secon
     assert first.status_code == 200 and len(first.content) > 1024 * 1024
     second = httpx.post(proxy.url + "/v1/chat/completions", headers=headers, json=body, timeout=30)
     assert error_of(second, 409)["code"] == "idempotency_answer_not_kept"
-    assert second.headers["idempotent-replayed"] == "true"
+    assert second.headers["idempotent-replayed"] == "true" and second.headers["x-should-retry"] == "false"
     assert sims.xffuw.count("chat") == 1, "the repeat paid for a second chat"
     third = httpx.post(proxy.url + "/v1/chat/completions", headers={**AUTH, "idempotency-key": "a-new-key"},
                        json=body, timeout=30)
     assert third.status_code == 200 and sims.xffuw.count("chat") == 2
+    # an SDK's own retry (no key) of an attempt whose answer was too large: told, not paid again
+    sdk = {**AUTH, "x-stainless-retry-count": "0"}
+    attempt = httpx.post(proxy.url + "/v1/chat/completions", headers=sdk, json=body, timeout=30)
+    retried = httpx.post(proxy.url + "/v1/chat/completions", headers={**sdk, "x-stainless-retry-count": "1"},
+                         json=body, timeout=30)
+    assert attempt.status_code == 200 and error_of(retried, 409)["code"] == "idempotency_answer_not_kept"
+    assert "new request" in error_of(retried, 409)["message"] and retried.headers["x-should-retry"] == "false"
+    assert sims.xffuw.count("chat") == 3

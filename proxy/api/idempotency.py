@@ -358,7 +358,7 @@ class Idempotency:
         paid = 200 <= status < 300 or work is not None
         if paid and size > _cap(record) and not record.task_ids:
             # Too large to keep, and nothing to build it again from: a repeat is told so, not paid again.
-            error = _not_kept(size)
+            error = _not_kept(record.key, size)
             status, headers = error.shape.status, {"content-type": "application/json", **error_headers(error)}
             chunks, size = [msgspec.json.encode(error_payload(error))], 0
         elif not paid or size > _cap(record):
@@ -405,10 +405,15 @@ def _expired_retry(record: IdempotencyRecord) -> bool:
     return not record.task_ids and time.time() - record.created >= ABANDONED_AFTER
 
 
-def _not_kept(size: int) -> ProxyError:
-    return ProxyError(Kind.CONFLICT, f"The answer to the first request with this Idempotency-Key ({size:,} bytes) "
-                      "was paid for, but is too large to keep for repeats. Send a new Idempotency-Key "
-                      "to pay for a new answer.", code="idempotency_answer_not_kept")
+def _not_kept(key: str, size: int) -> ProxyError:
+    """Paid (so an SDK does not retry it); what to do differs for an SDK's own retries."""
+    first = ("the first attempt of this request" if key.startswith("retry:")
+             else "the first request with this Idempotency-Key")
+    again = ("Send it again as a new request" if key.startswith("retry:")
+             else "Send a new Idempotency-Key")
+    return ProxyError(Kind.CONFLICT, f"The answer to {first} ({size:,} bytes) was paid for, but is too large to "
+                      f"keep for repeats. {again} to pay for a new answer.", code="idempotency_answer_not_kept",
+                      paid=True)
 
 
 def _reused() -> ProxyError:
