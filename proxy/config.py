@@ -6,6 +6,7 @@ import fnmatch
 import hashlib
 import os
 import re
+import sqlite3
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,6 +17,8 @@ import msgspec
 from proxy.egress import Egress, parse_proxy
 from proxy.providers import DIALECTS
 from proxy.struct_errors import explain
+
+SQLITE_NEEDED = (3, 33, 0)  # the store's writes (proxy/store/sqlite.py)
 
 
 class ConfigError(Exception):
@@ -332,6 +335,10 @@ def _check(config: Config) -> None:
             raise ConfigError(str(error)) from None
     if config.server.max_answer_bytes < 1024:
         raise ConfigError("server.max_answer_bytes: must be >= 1024")
+    if not config.storage.url and sqlite3.sqlite_version_info < SQLITE_NEEDED:
+        raise ConfigError(f"storage.path: SQLite {'.'.join(map(str, SQLITE_NEEDED))} or newer is needed (UPDATE "
+                          f"FROM, 32,766 bound values); this Python uses {sqlite3.sqlite_version}. Use a Python "
+                          "built with a newer SQLite, or PostgreSQL (storage.url)")
     images = config.images
     for name in ("max_download_bytes", "max_request_download_bytes", "download_memory_bytes"):
         if getattr(images, name) < 1:

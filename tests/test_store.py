@@ -201,10 +201,10 @@ def test_a_models_first_poll_follows_what_is_learnt_and_what_a_restart_loads(any
         assert durations.first_poll(model) is None  # fewer than MIN_SAMPLES: the configured schedule
         durations.record(model, 10.0)
         assert durations.first_poll(model) == 10.0  # the early quantile of 10..50
-        for seconds in (60.0, 70.0, 80.0, 90.0, 100.0):  # learnt after it was asked: asked again, it moves
+        for seconds in (60.0, 70.0, 80.0, 90.0, 100.0):  # learnt after it was asked: its quantile stays
             durations.record(model, seconds)
         assert durations.first_poll(model) == 10.0
-        durations.record(model, 5.0)
+        durations.record(model, 5.0)  # learnt after it was asked: asked again, it moves
         durations.record(model, 6.0)
         assert durations.first_poll(model) == 6.0  # nearest rank: the 2nd of 12
         durations.close()
@@ -566,6 +566,23 @@ def test_storage_config(storage: dict[str, Any], env: dict[str, str], expect: An
         return
     config = parse_config(raw, env)
     assert (config.storage.path, config.storage.url, config.storage.keep_usage_days) == expect
+
+
+@pytest.mark.parametrize(("version", "storage", "refused"), [
+    ((3, 32, 3), {}, True),  # no UPDATE ... FROM: the file store cannot write
+    ((3, 32, 3), {"url": "postgresql://u:p@db:5432/proxy"}, False),  # not used
+    ((3, 33, 0), {}, False),
+    ((3, 46, 1), {}, False),
+])
+def test_a_python_linked_to_an_sqlite_too_old_for_the_store_is_told_at_start(
+        version: tuple[int, int, int], storage: dict[str, Any], refused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", version)
+    monkeypatch.setattr(sqlite3, "sqlite_version", ".".join(map(str, version)))
+    if refused:
+        with pytest.raises(ConfigError, match=r"storage.path: SQLite 3.33.0 or newer is needed .* uses 3.32.3"):
+            parse_config({**BASE, "storage": storage}, {})
+    else:
+        parse_config({**BASE, "storage": storage}, {})
 
 
 def test_the_database_password_is_a_secret() -> None:
