@@ -287,6 +287,7 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
         if shared is not None:
             shared.on_states, shared.on_change = gateway.apply_shared, runtime.shared_changed
             shared.on_reload = functools.partial(_on_reload, runtime)
+            shared.live = app.state.live
             await shared.start()
         await recovery.start()
         balances.start()

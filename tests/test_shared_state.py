@@ -23,6 +23,7 @@ from conftest import CLIENT_KEY, FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, Si
 from helpers import (
     ADMIN,
     ADMIN_KEY,
+    admin_get,
     free_port,
     most_in_any_window,
     post_chat,
@@ -134,6 +135,22 @@ def test_three_replicas_keep_a_key_and_a_client_under_their_limits(replicas: Rep
     keyed = [c.at for c in sims.xffuw.calls if c.key == SLOW_KEY]
     assert most_in_any_window(keyed, WINDOW) <= LIMIT, f"{len(keyed)} calls; at most {LIMIT} a {WINDOW:g} s"
     assert dora.count(200) == DORA_RPM, dora
+
+
+def test_live_counts_every_replicas_answers(replicas: Replicas, sims: Sims) -> None:
+    urls = replicas.start(2)
+    for url, chats in ((urls[0], 3), (urls[1], 2)):
+        for _ in range(chats):
+            assert post_chat(url).status_code == 200
+    assert post_chat(urls[1], model="no-such-model").status_code in (400, 404)
+
+    def totals(url: str) -> tuple[str, int, int]:
+        series = admin_get(url, "/admin/live").json()
+        data = series["data"]
+        return series["scope"], sum(b["requests"] for b in data), sum(b["refused"] for b in data)
+
+    for url in urls:  # each replica's counts reach Redis within a beat
+        wait_until(lambda u=url: totals(u) == ("proxy", 6, 1), timeout=10, what=f"6 answers counted on {url}")
 
 
 def redis_commands(prefix: str, action: Callable[[], Any], settle: float = 0.3) -> list[str]:

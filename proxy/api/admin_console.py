@@ -5,6 +5,7 @@ Each route needs an admin key, like the rest of the admin API; none shows a secr
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -17,9 +18,10 @@ from proxy.api.dependencies import RuntimeDep
 from proxy.billing import period_start
 from proxy.clip import clip
 from proxy.errors import Kind, ProxyError, bad_request
-from proxy.live import BUCKET, SPAN
+from proxy.live import BUCKET, SPAN, LiveCounts
 from proxy.openai.openapi import documented
 from proxy.redact import redact
+from proxy.shared import SharedDown
 from proxy.store import UNFINISHED, TaskRecord
 from proxy.tasks import Task
 
@@ -90,7 +92,7 @@ class LiveSeries(msgspec.Struct, kw_only=True):
     object: str
     bucket_seconds: int
     span_seconds: int
-    scope: str  # "process": each worker and replica counts what it answered
+    scope: str  # "proxy": every replica's answers (Redis configured); "process": this process's own
     data: list[LiveBucket]
 
 
@@ -166,10 +168,14 @@ async def admin_task(runtime: RuntimeDep, task_id: FromPath[str]) -> Response[by
 
 
 @get("/admin/live", **documented(LiveSeries, errors=(401,)))
-async def admin_live(request: Request[Any, Any, Any]) -> Response[bytes]:
-    series = request.app.state.live.series()
+async def admin_live(request: Request[Any, Any, Any], runtime: RuntimeDep) -> Response[bytes]:
+    counts: LiveCounts = request.app.state.live
+    series, scope = counts.series(), "process"
+    if runtime.shared is not None:
+        with contextlib.suppress(SharedDown):  # Redis away: this process's own counts
+            series, scope = counts.with_unsent(await runtime.shared.live_totals()), "proxy"
     return json_response(LiveSeries(
-        object="proxy.live", bucket_seconds=BUCKET, span_seconds=SPAN, scope="process",
+        object="proxy.live", bucket_seconds=BUCKET, span_seconds=SPAN, scope=scope,
         data=[LiveBucket(at=at, requests=n, errors=errors, refused=refused) for at, n, errors, refused in series]))
 
 

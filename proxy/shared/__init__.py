@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import structlog
 
+from proxy.live import BUCKET, SPAN, LiveCounts, buckets
 from proxy.shared import scripts
 from proxy.shared.ahead import SlotsAhead
 from proxy.shared.window import Window
@@ -65,6 +66,7 @@ class Shared:
         self.on_states: Callable[[dict[str, StateChange]], None] | None = None  # key states, every BEAT
         self.on_reload: Callable[[], None] | None = None  # another replica re-read its config
         self.on_change: Callable[[bool], None] | None = None  # Redis came back (True) or went away
+        self.live: LiveCounts | None = None  # this process's answers, added to every replica's each BEAT
         self._reloads = -1
         self._loop: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -93,6 +95,7 @@ class Shared:
             await asyncio.wait(list(self._background), timeout=2 * TIMEOUT)
         self._give_back(self._ahead.stale(every=True))
         await _quietly(self._tell_landings())
+        await self._send_live()  # the last second's answers count too
         self.active = False  # what comes late (a landing, an unmark) is dropped, not sent on a closed client
         with contextlib.suppress(*self._failures):
             await self.client.zrem(self.key("replicas"), self.owner)
@@ -103,6 +106,7 @@ class Shared:
             await asyncio.sleep(BEAT)
             await self._beat()
             self._give_back(self._ahead.stale())
+            await self._send_live()
             with contextlib.suppress(SharedDown):
                 await self._renew_holds()
 
@@ -132,6 +136,40 @@ class Shared:
         if self._reloads >= 0 and count != self._reloads and self.on_reload is not None:
             self.on_reload()
         self._reloads = count
+
+    # ---- live counts (the console's Live page) ------------------------------------------
+
+    async def _send_live(self) -> None:
+        if self.live is None or not self.active:
+            return
+        counts = self.live.take_unsent()
+        if not counts:
+            return
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for bucket, (requests, errors, refused) in counts.items():
+                    key = self.key("live", str(bucket))
+                    pipe.hincrby(key, "requests", requests)
+                    pipe.hincrby(key, "errors", errors)
+                    pipe.hincrby(key, "refused", refused)
+                    pipe.expire(key, SPAN + 2 * BUCKET)
+                await pipe.execute()
+        except self._failures as exc:
+            self.live.give_back(counts)  # an outage's counts reach Redis once it is back
+            self._down(exc)
+
+    async def live_totals(self) -> dict[int, list[int]]:
+        """Every replica's counts of the last 15 minutes that reached Redis, by bucket."""
+        spans = buckets()
+
+        async def read() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for bucket in spans:
+                    pipe.hmget(self.key("live", str(bucket)), "requests", "errors", "refused")
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+        rows = await self._run(read())
+        return {bucket: [int(v or 0) for v in row] for bucket, row in zip(spans, rows, strict=True) if any(row)}
 
     def _down(self, exc: BaseException) -> None:
         if self.active or self._reloads == -1:

@@ -470,8 +470,10 @@
     );
     line($("live-rate"), rate, (v) => v.toFixed(v < 10 ? 1 : 0), "#4e79a7");
     line($("live-errors"), errors, (v) => v.toFixed(0) + " %", "#e15759");
-    $("live-note").textContent = `Counted by the process that answered this page, in ${seconds}-second buckets; ` +
-      "with several workers or replicas each counts its own. Updated " + new Date().toLocaleTimeString() + ".";
+    const counted = live.scope === "proxy" ? "Every replica's answers (through Redis, up to a second late)"
+      : "Counted by the process that answered this page (with several workers and no Redis, each counts its own)";
+    $("live-note").textContent = `${counted}, in ${seconds}-second buckets. Updated ` +
+      new Date().toLocaleTimeString() + ".";
   }
 
   // ---- start --------------------------------------------------------------------------------
