@@ -511,9 +511,10 @@ def test_two_replicas_share_tasks_usage_and_idempotency(pg_server: PgServer) -> 
             b.add_usage(usage(D0 + 1, "alice", cost=2.0))
             await a.spent("alice", 0)
             assert await b.spent("alice", 0) == 3.0  # each sees the other's written usage
-            # both adopt at once: every task goes to exactly one of them
-            took_a, took_b = await asyncio.gather(a.claim_unfinished("a", time.time() + 1),
-                                                  b.claim_unfinished("b", time.time() + 1))
+            # both adopt a dead owner's tasks at once: every task goes to exactly one of them (a task
+            # just claimed is not silent, so the one that comes second finds none of the first's)
+            took_a, took_b = await asyncio.gather(a.claim_unfinished("a", time.time() - 60, dead=["gone"]),
+                                                  b.claim_unfinished("b", time.time() - 60, dead=["gone"]))
             ids_a, ids_b = {t.id for t in took_a}, {t.id for t in took_b}
             assert not ids_a & ids_b and len(ids_a | ids_b) == 40
             # the same Idempotency-Key on both at once: exactly one of them begins
