@@ -34,6 +34,7 @@ import structlog
 from proxy.config import Config, ImagesConfig
 from proxy.egress import Egress, EgressProxy
 from proxy.errors import Kind, ProxyError
+from proxy.loop import running_loop
 
 log = structlog.get_logger("proxy.downloads")
 
@@ -95,7 +96,7 @@ class Budget:
         if not self._line and size <= self.free:
             self.free -= size
             return
-        entry = (size, asyncio.get_running_loop().create_future())
+        entry = (size, running_loop().create_future())
         self._line.append(entry)
         try:
             await entry[1]
@@ -198,7 +199,7 @@ class _Refused(httpcore.ConnectError):
 
 async def _addresses(host: str, port: int) -> list[str]:
     try:
-        found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found = await running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise httpcore.ConnectError(f"cannot resolve the result's host: {exc.strerror}") from None
     return list(dict.fromkeys(str(info[4][0]) for info in found))
@@ -319,7 +320,7 @@ class Downloads:
 
     async def _one(self, session: _Session, downloaded: Downloaded, index: int, url: str,
                    images: ImagesConfig) -> None:
-        deadline = asyncio.get_running_loop().time() + images.download_timeout
+        deadline = running_loop().time() + images.download_timeout
         most = min(images.max_download_bytes, images.max_request_download_bytes, self.budget.total)
         try:
             async with asyncio.timeout_at(deadline):

@@ -11,6 +11,7 @@ from collections import deque
 
 import structlog
 
+from proxy.loop import running_loop
 from proxy.store import Store
 
 log = structlog.get_logger("proxy.durations")
@@ -60,7 +61,7 @@ class Durations:
         self._dirty.add(model)
         if self._timer is None:
             try:
-                self._timer = asyncio.get_running_loop().call_later(SAVE_AFTER, self.save)
+                self._timer = running_loop().call_later(SAVE_AFTER, self.save)
             except RuntimeError:  # no loop (tools, tests): write now
                 self.save()
 

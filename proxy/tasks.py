@@ -30,6 +30,7 @@ import structlog
 from proxy.config import TasksConfig
 from proxy.durations import Durations, Model
 from proxy.errors import Kind, ProxyError
+from proxy.loop import running_loop
 from proxy.pool import KeyPool, UpstreamKey
 from proxy.providers.base import TaskList, TaskState
 from proxy.providers.engine import NotAnswered, Provider, Sent
@@ -209,7 +210,7 @@ class TaskWaiter:
         is one turn of the event loop nearer than through `shield`.
         """
         if not task.ended:
-            loop = asyncio.get_running_loop()
+            loop = running_loop()
             waiter = loop.create_future()
             task.waiters.append(waiter)
             timer = loop.call_later(late_wait, self._expire, task, waiter, late_wait) \
@@ -253,7 +254,7 @@ class TaskWaiter:
         Polls fall due on POLL_TICK boundaries, rounded up (never sooner than `delay`), and one
         timer starts all the polls of a tick in one turn of the event loop: they go out
         together, pipelined on a few connections (bench/README.md, "Polls pipelined")."""
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         now = time.monotonic()
         due = (now if since is None else since) + delay
         if due >= task.deadline and task.polls:
@@ -368,7 +369,7 @@ class TaskWaiter:
     def _wake(self, keyed: KeyPolls, wait: float, now: float) -> None:
         """Drain again after `wait`, or at the first deadline of a queued task if sooner."""
         soonest = min((t.deadline for q in (keyed.due, keyed.detail) for t in q if not t.ended), default=math.inf)
-        keyed.timer = asyncio.get_running_loop().call_later(min(wait, max(0.0, soonest - now)), self._wake_up,
+        keyed.timer = running_loop().call_later(min(wait, max(0.0, soonest - now)), self._wake_up,
                                                             keyed)
 
     def _wake_up(self, keyed: KeyPolls) -> None:

@@ -27,6 +27,7 @@ import httptools
 import httpx
 
 from proxy.egress import Egress, EgressProxy
+from proxy.loop import running_loop
 
 Origin = tuple[str, str, int]  # scheme, host, port: what a kept-alive connection is good for
 
@@ -367,7 +368,7 @@ class Http1Transport:
         or with NotAnswered: the upstream never began this one; send it again with `fetch`."""
         if self._closed or origin in self._unpipelined:
             return None
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Reply] = running_loop().create_future()
         queued = self._queued.get(origin)
         if queued is None:
             queued = self._queued[origin] = []
@@ -457,7 +458,7 @@ class Http1Transport:
             raise httpx.ConnectError("the upstream client is closed")
         if self._take_now():
             return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[None] = running_loop().create_future()
         self._line.append(waiter)
         try:
             async with asyncio.timeout(pool_timeout):
@@ -506,7 +507,7 @@ class Http1Transport:
 
     async def _open_connection(self, origin: Origin) -> _Connection:
         scheme, host, port = origin
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         conn = _Connection(loop, origin, self._ended, self.max_answer_bytes)
         tls = self._ssl if scheme == "https" else None
         proxy = self._egress.for_origin(scheme, host) if self._egress is not None else None

@@ -31,6 +31,7 @@ import structlog
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.errors import Kind, ProxyError, bad_request
+from proxy.loop import running_loop
 from proxy.openai.errors import error_headers, error_payload, send_error
 from proxy.shared import SharedDown
 from proxy.store import IdempotencyRecord
@@ -134,7 +135,7 @@ class Idempotency:
                 await self._replay(send, kept)
                 return
         # Marked in flight before any await: a concurrent repeat in this process waits on it.
-        future: asyncio.Future[IdempotencyRecord | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[IdempotencyRecord | None] = running_loop().create_future()
         self.inflight[slot] = (fingerprint, future)
 
         def settle(kept: IdempotencyRecord | None) -> None:

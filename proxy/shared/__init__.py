@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import structlog
 
 from proxy.live import BUCKET, SPAN, LiveCounts, buckets
+from proxy.loop import running_loop
 from proxy.shared import scripts
 from proxy.shared.ahead import SlotsAhead
 from proxy.shared.window import Window
@@ -269,7 +270,7 @@ class Shared:
             return  # Redis lets it lapse at its hold's end
         self._landings.append((name, member, time.monotonic() if at is None else at))
         if self._landings_due is None:
-            self._landings_due = asyncio.get_running_loop().call_later(
+            self._landings_due = running_loop().call_later(
                 LANDING_DELAY, lambda: self.soon(self._tell_landings()))
 
     def _carry_landings(self, keys: list[str], args: list[Any]) -> int:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
+from proxy.loop import running_loop
 from proxy.store import TaskRecord, UsageRecord
 
 log = structlog.get_logger("proxy.store")
@@ -90,11 +91,11 @@ class BatchedWrites:
     async def save_task(self, record: TaskRecord) -> None:
         """Written and committed when this returns, together with the saves around it."""
         self._queue_task(record)
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = running_loop().create_future()
         self._task_waiters.append(waiter)
         if not self._writing and not self._soon:
             self._soon = True  # the other saves of this turn of the loop join in
-            asyncio.get_running_loop().call_soon(self._flush)
+            running_loop().call_soon(self._flush)
         await waiter
 
     def finish_task(self, record: TaskRecord) -> None:
@@ -114,7 +115,7 @@ class BatchedWrites:
         if self._later:
             return
         try:
-            asyncio.get_running_loop().call_later(FLUSH_AFTER, self._flush_due)
+            running_loop().call_later(FLUSH_AFTER, self._flush_due)
             self._later = True
         except RuntimeError:  # called outside the event loop (tools, tests): write now
             self._flush()
@@ -132,7 +133,7 @@ class BatchedWrites:
         waiters, self._task_waiters = self._task_waiters, []
         done = self._submit(batch)
         try:
-            loop = asyncio.get_running_loop()
+            loop = running_loop()
         except RuntimeError:  # outside the event loop (tools, tests): nobody awaits
             done.add_done_callback(_log_failure)
             return

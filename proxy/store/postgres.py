@@ -19,6 +19,7 @@ import asyncpg  # type: ignore[import-untyped]
 import msgspec
 import structlog
 
+from proxy.loop import running_loop
 from proxy.store import UNFINISHED, IdempotencyRecord, TaskRecord, UsageRow, ledger
 from proxy.store.batching import Batch, BatchedWrites, durations_decode, durations_encode, task_decode, task_encode
 from proxy.store.migrations.postgres import upgrade
@@ -76,7 +77,7 @@ class PostgresStore(BatchedWrites):
     # ---- the order of writes and reads ------------------------------------------------
 
     def _submit(self, batch: Batch) -> asyncio.Task[None]:
-        self._tail = asyncio.get_running_loop().create_task(self._write_after(self._tail, batch))
+        self._tail = running_loop().create_task(self._write_after(self._tail, batch))
         return self._tail
 
     async def _write_after(self, previous: asyncio.Task[None] | None, batch: Batch) -> None:

@@ -7,7 +7,6 @@ same thread, so budgets always see them. The file is created readable by its own
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 import time
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from proxy.loop import running_loop
 from proxy.store import UNFINISHED, IdempotencyRecord, TaskRecord, UsageRow, ledger
 from proxy.store.batching import FLUSH_AFTER, Batch, BatchedWrites, durations_decode, durations_encode, task_decode
 from proxy.store.batching import task_encode as _task_encode
@@ -69,7 +69,7 @@ class SQLiteStore(BatchedWrites):
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         self._flush()  # queued writes first: the store's one thread keeps the order
-        return await asyncio.get_running_loop().run_in_executor(self._pool, work, self._db)
+        return await running_loop().run_in_executor(self._pool, work, self._db)
 
     def _submit(self, batch: Batch) -> Any:
         return self._pool.submit(_write, self._db, batch)
