@@ -1,4 +1,5 @@
-"""Simulated xffuw, Fengyuan and OpenAI-compatible servers: `proxy demo` and the tests run against them."""
+"""Simulated xffuw, Fengyuan and OpenAI-compatible servers: the tests run against all three,
+`proxy demo` against xffuw and Fengyuan."""
 
 from proxy.sim.faults import Call, FaultMiddleware, Faults, Markers, parse_markers
 from proxy.sim.fengyuan import (
