@@ -246,14 +246,21 @@ def proxy_config_path(proxy: RunningProxy) -> str:
     return str(proxy.server.server.config.app.state.runtime.config.storage.path)  # type: ignore[union-attr]
 
 
+LONG_CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "长" * 400_000}]}  # 1.2 MB, echoed
+
+
+def long_chat(proxy: RunningProxy, **headers: str) -> httpx.Response:
+    """A chat whose answer is over a mebibyte."""
+    reply = httpx.post(proxy.url + "/v1/chat/completions", headers={**AUTH, **headers}, json=LONG_CHAT, timeout=30)
+    assert reply.status_code != 200 or len(reply.content) > 1024 * 1024
+    return reply
+
+
 def test_a_chat_answer_over_a_mebibyte_is_kept_for_its_repeat(proxy: RunningProxy, sims: Sims) -> None:
     """No tasks stand behind a chat answer: were it not kept, a repeat would pay again."""
-    content = "长" * 400_000  # 1.2 MB of UTF-8, echoed back in the answer
-    headers = {**AUTH, "idempotency-key": "a-long-chat"}
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}
-    first = httpx.post(proxy.url + "/v1/chat/completions", headers=headers, json=body, timeout=30)
-    assert first.status_code == 200 and len(first.content) > 1024 * 1024
-    second = httpx.post(proxy.url + "/v1/chat/completions", headers=headers, json=body, timeout=30)
+    first = long_chat(proxy, **{"idempotency-key": "a-long-chat"})
+    second = long_chat(proxy, **{"idempotency-key": "a-long-chat"})
+    assert first.status_code == 200
     assert second.status_code == 200 and second.headers["idempotent-replayed"] == "true"
     assert second.json()["choices"] == first.json()["choices"]
     assert sims.xffuw.count("chat") == 1, "the repeat paid for a second chat"
@@ -262,23 +269,16 @@ def test_a_chat_answer_over_a_mebibyte_is_kept_for_its_repeat(proxy: RunningProx
 def test_a_paid_chat_answer_too_large_to_keep_answers_its_repeat_409_not_a_second_payment(
         proxy: RunningProxy, sims: Sims, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(idempotency, "MAX_KEPT_UNREBUILDABLE", 1024 * 1024)  # 32 MiB in use: a smaller answer
-    content = "长" * 400_000  # 1.2 MB of UTF-8, echoed back in the answer
-    headers = {**AUTH, "idempotency-key": "a-chat-too-long-to-keep"}
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}
-    first = httpx.post(proxy.url + "/v1/chat/completions", headers=headers, json=body, timeout=30)
-    assert first.status_code == 200 and len(first.content) > 1024 * 1024
-    second = httpx.post(proxy.url + "/v1/chat/completions", headers=headers, json=body, timeout=30)
+    assert long_chat(proxy, **{"idempotency-key": "a-chat-too-long-to-keep"}).status_code == 200
+    second = long_chat(proxy, **{"idempotency-key": "a-chat-too-long-to-keep"})
     assert error_of(second, 409)["code"] == "idempotency_answer_not_kept"
     assert second.headers["idempotent-replayed"] == "true" and second.headers["x-should-retry"] == "false"
     assert sims.xffuw.count("chat") == 1, "the repeat paid for a second chat"
-    third = httpx.post(proxy.url + "/v1/chat/completions", headers={**AUTH, "idempotency-key": "a-new-key"},
-                       json=body, timeout=30)
-    assert third.status_code == 200 and sims.xffuw.count("chat") == 2
+    assert long_chat(proxy, **{"idempotency-key": "a-new-key"}).status_code == 200
+    assert sims.xffuw.count("chat") == 2
     # an SDK's own retry (no key) of an attempt whose answer was too large: told, not paid again
-    sdk = {**AUTH, "x-stainless-retry-count": "0"}
-    attempt = httpx.post(proxy.url + "/v1/chat/completions", headers=sdk, json=body, timeout=30)
-    retried = httpx.post(proxy.url + "/v1/chat/completions", headers={**sdk, "x-stainless-retry-count": "1"},
-                         json=body, timeout=30)
-    assert attempt.status_code == 200 and error_of(retried, 409)["code"] == "idempotency_answer_not_kept"
+    assert long_chat(proxy, **{"x-stainless-retry-count": "0"}).status_code == 200
+    retried = long_chat(proxy, **{"x-stainless-retry-count": "1"})
+    assert error_of(retried, 409)["code"] == "idempotency_answer_not_kept"
     assert "new request" in error_of(retried, 409)["message"] and retried.headers["x-should-retry"] == "false"
     assert sims.xffuw.count("chat") == 3
