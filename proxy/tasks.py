@@ -369,8 +369,7 @@ class TaskWaiter:
     def _wake(self, keyed: KeyPolls, wait: float, now: float) -> None:
         """Drain again after `wait`, or at the first deadline of a queued task if sooner."""
         soonest = min((t.deadline for q in (keyed.due, keyed.detail) for t in q if not t.ended), default=math.inf)
-        keyed.timer = running_loop().call_later(min(wait, max(0.0, soonest - now)), self._wake_up,
-                                                            keyed)
+        keyed.timer = running_loop().call_later(min(wait, max(0.0, soonest - now)), self._wake_up, keyed)
 
     def _wake_up(self, keyed: KeyPolls) -> None:
         keyed.timer = None

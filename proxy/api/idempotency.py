@@ -408,10 +408,8 @@ def _expired_retry(record: IdempotencyRecord) -> bool:
 
 def _not_kept(key: str, size: int) -> ProxyError:
     """Paid (so an SDK does not retry it); what to do differs for an SDK's own retries."""
-    first = ("the first attempt of this request" if key.startswith("retry:")
-             else "the first request with this Idempotency-Key")
-    again = ("Send it again as a new request" if key.startswith("retry:")
-             else "Send a new Idempotency-Key")
+    first, again = (("the first attempt of this request", "Send it again as a new request") if key.startswith("retry:")
+                    else ("the first request with this Idempotency-Key", "Send a new Idempotency-Key"))
     return ProxyError(Kind.CONFLICT, f"The answer to {first} ({size:,} bytes) was paid for, but is too large to "
                       f"keep for repeats. {again} to pay for a new answer.", code="idempotency_answer_not_kept",
                       paid=True)
