@@ -31,7 +31,9 @@ class LiveCounts:
         if self._stamp[slot] != bucket:  # the ring came round: this slot's old counts are 15 min old
             self._stamp[slot], self._requests[slot], self._errors[slot], self._failed[slot] = bucket, 0, 0, 0
         unsent = self._unsent.get(bucket)
-        if unsent is None:
+        if unsent is None:  # a new bucket: drop those past the span (Redis may be away for days)
+            for old in [b for b in self._unsent if b <= bucket - _SLOTS]:
+                del self._unsent[old]
             unsent = self._unsent[bucket] = [0, 0, 0]
         self._requests[slot] += 1
         unsent[0] += 1

@@ -46,3 +46,11 @@ def test_the_proxy_wide_series_is_redis_totals_plus_what_this_process_has_not_se
     assert series[-1] == (THIS * BUCKET, 12, 1, 3)
     assert series[-4] == ((THIS - 3) * BUCKET, 4, 0, 0)
     assert sum(r for _, r, _, _ in series) == 16  # a bucket outside the span is not shown
+
+
+def test_counts_kept_for_redis_never_outgrow_the_span_while_redis_is_away() -> None:
+    live = LiveCounts()
+    for hour in range(48):  # two days of answers, none taken
+        live.add(200, NOW + hour * 3600)
+    assert len(live._unsent) == 1  # an hour is past the span: only the last bucket is kept
+    assert live.take_unsent(NOW + 47 * 3600) == {THIS + 47 * 3600 // BUCKET: [1, 0, 0]}
