@@ -33,7 +33,7 @@ from proxy.errors import Kind, ProxyError
 from proxy.loop import running_loop
 from proxy.pool import KeyPool, UpstreamKey
 from proxy.providers.base import TaskList, TaskState
-from proxy.providers.engine import NotAnswered, Provider, Sent
+from proxy.providers.engine import NotAnswered, Prepared, Provider, Sent
 from proxy.store import Store, TaskRecord
 
 log = structlog.get_logger("proxy.tasks")
@@ -65,6 +65,7 @@ class Task:
     detail: bool = False  # its next poll asks for the task itself, not the key's task list
     unknown: int = 0  # polls in a row the upstream answered it knows no such task
     progress_seen: tuple[float, float] | None = None  # (time.monotonic(), progress) of the last poll that had one
+    poll: Prepared | None = None  # its poll's request, written at the first poll
 
     @property
     def id(self) -> str:
@@ -384,7 +385,9 @@ class TaskWaiter:
     def _poll_now(self, task: Task) -> None:
         """Send a task's poll, its call already counted in its key's window (pooled keys)."""
         task.detail = False
-        sent = task.provider.send_poll(task.key.secret, task.upstream_id)
+        poll = task.poll or task.provider.prepare_poll(task.key.secret, task.upstream_id)
+        sent = None if poll is None else task.provider.send_poll(poll)
+        task.poll = poll
         if sent is None:
             self._spawn(task)
             return

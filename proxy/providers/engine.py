@@ -42,7 +42,7 @@ _encode = msgspec.json.Encoder().encode
 _HEADERS = ((b"user-agent", b"xf-openai-proxy"), (b"accept", b"application/json"))
 
 
-PREPARED_MAX = 32768  # request heads kept per upstream: one per waiting task and a few
+PREPARED_MAX = 4096  # request heads kept per upstream: a few per key (polls keep theirs on the task)
 
 
 class Sent(NamedTuple):
@@ -57,7 +57,7 @@ class Sent(NamedTuple):
         return None if reply.cancelled() or reply.exception() else reply.result().at
 
 
-class _Prepared(NamedTuple):
+class Prepared(NamedTuple):
     origin: Origin
     head: bytes  # request line and headers, no content-length, no blank line
     operation: str  # the metrics label
@@ -77,26 +77,31 @@ class HTTPUpstream:
         # A call's request head is written once and kept: a task's poll is the same request every
         # few seconds (bench/README.md, "Per call"). A plain dict, oldest out first when full: an
         # entry evicted while in use is only written again.
-        self._prepared: dict[tuple[Any, ...], _Prepared] = {}
+        self._prepared: dict[tuple[Any, ...], Prepared] = {}
 
     def prepare(self, method: str, path: str, headers: dict[str, str] | None, params: dict[str, str] | None,
-                has_body: bool) -> _Prepared:
+                has_body: bool) -> Prepared:
         key = (method, path, has_body, *(params.items() if params else ()), None, *(headers or {}).items())
         prepared = self._prepared.get(key)
         if prepared is None:
-            text = self.base_url + path.lstrip("/")
-            url = httpx.URL(text + "?" + urlencode(params) if params else text)
-            raw = [(b"host", url.netloc), *_HEADERS]
-            if headers:
-                raw += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
-            if has_body:
-                raw.append((b"content-type", b"application/json"))
-            # ids in paths would make one metric label per task: "api/service/task/{id}"
-            operation = "/".join("{id}" if any(c.isdigit() for c in part) else part for part in path.split("/"))
             if len(self._prepared) >= PREPARED_MAX:
                 del self._prepared[next(iter(self._prepared))]
-            prepared = self._prepared[key] = _Prepared(origin_of(url), head_of(method, url, raw), operation)
+            prepared = self._prepared[key] = self.build(method, path, headers, params, has_body)
         return prepared
+
+    def build(self, method: str, path: str, headers: dict[str, str] | None, params: dict[str, str] | None,
+              has_body: bool) -> Prepared:
+        """A request's head, not kept here (`prepare` keeps it)."""
+        text = self.base_url + path.lstrip("/")
+        url = httpx.URL(text + "?" + urlencode(params) if params else text)
+        raw = [(b"host", url.netloc), *_HEADERS]
+        if headers:
+            raw += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+        if has_body:
+            raw.append((b"content-type", b"application/json"))
+        # ids in paths would make one metric label per task: "api/service/task/{id}"
+        operation = "/".join("{id}" if any(c.isdigit() for c in part) else part for part in path.split("/"))
+        return Prepared(origin_of(url), head_of(method, url, raw), operation)
 
     async def send(self, method: str, path: str, *, headers: dict[str, str] | None = None,
                    json: Any = None, params: dict[str, str] | None = None) -> Answer:
@@ -118,9 +123,12 @@ class HTTPUpstream:
                   params: dict[str, str] | None = None) -> Sent | None:
         """A GET queued with no wait, written with the other GETs of this turn of the event
         loop (pipelined); None where the transport cannot take it so (then `send`)."""
-        prepared = self.prepare("GET", path, headers, params, False)
-        reply = self.http.transport.queue_get(prepared.origin, prepared.head + b"\r\n", self.timeout)
-        return None if reply is None else Sent(reply, prepared.operation, time.perf_counter())
+        return self.start(self.prepare("GET", path, headers, params, False))
+
+    def start(self, get: Prepared) -> Sent | None:
+        """`start_get` for a GET prepared before."""
+        reply = self.http.transport.queue_get(get.origin, get.head + b"\r\n", self.timeout)
+        return None if reply is None else Sent(reply, get.operation, time.perf_counter())
 
     def answer(self, sent: Sent) -> Answer:
         """The answer to a started GET whose future is done, as `send` would give it; raises
@@ -186,14 +194,18 @@ class Provider:
     async def poll(self, key: str, task_id: str) -> TaskState:
         return self.dialect.parse_poll(task_id, await self.call(self.dialect.poll_request(task_id), key))
 
-    # The same poll in two halves, so that thousands of them need no coroutine each: queued
-    # with no wait (None where it cannot be: use `poll`), then read once `sent.reply` is done
-    # (raises ProxyError, or NotAnswered: the upstream never began it, use `poll`).
-    def send_poll(self, key: str, task_id: str) -> Sent | None:
+    # The same poll in three parts, so that thousands of them need no coroutine each: written
+    # once for the task's life (None where it is no GET: use `poll`), queued with no wait (None
+    # where it cannot be: use `poll`), then read once `sent.reply` is done (raises ProxyError,
+    # or NotAnswered: the upstream never began it, use `poll`).
+    def prepare_poll(self, key: str, task_id: str) -> Prepared | None:
         request = self.dialect.poll_request(task_id)
         if request.method != "GET":
             return None
-        return self.upstream.start_get(request.path, headers=self.dialect.auth(key), params=request.params)
+        return self.upstream.build("GET", request.path, self.dialect.auth(key), request.params, False)
+
+    def send_poll(self, poll: Prepared) -> Sent | None:
+        return self.upstream.start(poll)
 
     def read_poll(self, task_id: str, sent: Sent) -> TaskState:
         return self.dialect.parse_poll(task_id, self.dialect.check(self.upstream.answer(sent)))
