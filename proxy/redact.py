@@ -8,6 +8,12 @@ encoded credential leaks it as surely as the whole key. Fewer than 8 characters 
 all inside a name the config gives to something (a client named "backend-bot" whose key is
 "sk-backend-bot-…" keeps its name in the logs).
 
+Pieces are looked for only in text this process wrote or an upstream sent (`redact`). What
+goes back to a client (`redact.whole`) is scrubbed of whole secrets and key shapes alone: a
+client's own text echoed back with its pieces scrubbed would tell, character by character,
+how much of it matches a secret. Upstream text is scrubbed in full where it comes in
+(`proxy/providers/engine.py`).
+
 The text is cut into runs of the characters keys and their encodings are made of; a run
 that contains a secret or an 8-character piece of one is replaced whole. Verdicts on runs
 are remembered (most runs in log lines recur: field names, paths, model ids), so a line
@@ -117,6 +123,13 @@ class Redactor:
             self._verdicts = {}
         self._verdicts[run] = shown
         return shown
+
+    def whole(self, text: str) -> str:
+        """Whole secrets and key shapes scrubbed; pieces kept (see the module docstring)."""
+        for pattern in (self._odd, self._whole):
+            if pattern is not None:
+                text = pattern.sub(REDACTED, text)
+        return _KEY_SHAPES.sub(REDACTED, text) if "xf_" in text or "sk-" in text else text
 
     def __call__(self, text: str) -> str:
         if self._odd is not None:

@@ -34,6 +34,7 @@ from proxy.loop import running_loop
 from proxy.pool import KeyPool, UpstreamKey
 from proxy.providers.base import TaskList, TaskState
 from proxy.providers.engine import NotAnswered, Prepared, Provider, Sent
+from proxy.redact import redact
 from proxy.store import Store, TaskRecord
 
 log = structlog.get_logger("proxy.tasks")
@@ -105,12 +106,15 @@ def new_task_id() -> str:
 
 
 def error_of(record: TaskRecord) -> ProxyError | None:
+    # the reason is the upstream's: scrubbed in full (answers scrub only whole secrets), as the
+    # engine scrubs it on the way in, for records an older version kept as they came
+    reason = redact(record.reason) if record.reason else None
     if record.state == "failed":
         return ProxyError(Kind.TASK_FAILED, f"The upstream task {record.id} failed: "
-                          f"{record.reason or 'no reason given'}", task_ids=(record.id,))
+                          f"{reason or 'no reason given'}", task_ids=(record.id,))
     if record.state == "timeout":
         return ProxyError(Kind.TASK_TIMEOUT, f"The upstream task {record.id} was given up: "
-                          f"{record.reason or 'not final in time'}.", task_ids=(record.id,))
+                          f"{reason or 'not final in time'}.", task_ids=(record.id,))
     return None
 
 

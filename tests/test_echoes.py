@@ -252,3 +252,19 @@ KEPT = [
 @pytest.mark.parametrize("text", KEPT)
 def test_the_redactor_leaves_other_text_alone(redactor: Redactor, text: str) -> None:
     assert redactor(text) == text
+
+
+WHOLE = [  # what goes back to a client: whole secrets and key shapes scrubbed, pieces kept
+    (f"path /v1/{KEYS[0]}", "path /v1/[redacted]"),
+    (f"model m-{KEYS[2]}", "model m-[redacted]"),
+    ("got short here", "got [redacted] here"),
+    (f"guess /v1/{KEYS[0][:8]}", "guess /v1/[redacted]"),  # a key shape, secret or not
+    (f"guess /v1/{KEYS[2][:10]}", f"guess /v1/{KEYS[2][:10]}"),
+    (f"guess /v1/{KEYS[2][:9]}Q", f"guess /v1/{KEYS[2][:9]}Q"),
+    ("client sent xf_unknown_key_1234", "client sent [redacted]"),
+]
+
+
+@pytest.mark.parametrize(("text", "shown"), WHOLE)
+def test_what_a_client_sent_is_scrubbed_of_whole_secrets_only(redactor: Redactor, text: str, shown: str) -> None:
+    assert redactor.whole(text) == shown

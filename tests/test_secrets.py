@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from conftest import CLIENT_KEY, FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
-from helpers import asgi_request, key_fingerprint, logged_requests, send_json
+from helpers import ADMIN_KEY, asgi_request, key_fingerprint, logged_requests, send_json
 
 from proxy.server import BackgroundServer
 
@@ -287,3 +287,27 @@ def test_passthrough_never_forwards_a_mistyped_client_key_upstream(start_proxy: 
     assert caught.value.status_code == 401, caught.value.body
     seen = {call.key for call in sims.fengyuan.calls} | {call.key for call in sims.xffuw.calls}
     assert typo not in seen, "the mistyped client key was sent to an upstream"
+
+
+# ---- a client's own text is echoed as sent: no oracle for guessing a secret -----------
+
+
+@pytest.mark.parametrize("secret", [ADMIN_KEY, XFFUW_KEYS[0], OTHER_CLIENT_KEY])
+def test_an_echoed_guess_answers_alike_whether_or_not_it_holds_a_piece_of_a_secret(
+        start_proxy: Callable[[dict[str, Any]], RunningProxy], proxy_config: dict[str, Any], secret: str) -> None:
+    """Scrubbing 8-character pieces out of what a client sent would answer "[redacted]" exactly
+    when a guess matches: a key read back one character at a time, with no key at all."""
+    proxy_config["admin"] = {"keys": [ADMIN_KEY]}
+    proxy = start_proxy(proxy_config)
+    piece, wrong = secret[3:11], secret[3:10] + ("Z" if secret[10] != "Z" else "Y")
+    with httpx.Client(base_url=proxy.url, timeout=10) as http:
+        for guess in (piece, wrong):
+            unknown_route = http.get(f"/v1/{guess}")  # no key: the 404 quotes the path
+            assert unknown_route.status_code == 404, unknown_route.text
+            assert f"/v1/{guess}" in unknown_route.json()["error"]["message"], unknown_route.text
+            unknown_model = http.post("/v1/chat/completions", headers={"authorization": f"Bearer {CLIENT_KEY}"},
+                                      json={"model": f"m-{guess}", "messages": USER})
+            assert unknown_model.status_code in (400, 404), unknown_model.text
+            assert f"m-{guess}" in unknown_model.json()["error"]["message"], unknown_model.text
+        whole = http.get(f"/v1/{secret}")  # the whole secret, which only its holder can send, stays scrubbed
+        assert secret not in whole.text and "[redacted]" in whole.json()["error"]["message"], whole.text

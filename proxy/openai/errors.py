@@ -20,7 +20,7 @@ MESSAGE_LIMIT = 2048
 
 def error_payload(error: ProxyError) -> ErrorResponse:
     shape = error.shape
-    return ErrorResponse(error=ErrorBody(message=redact(clip(error.message, MESSAGE_LIMIT)), type=shape.type,
+    return ErrorResponse(error=ErrorBody(message=redact.whole(clip(error.message, MESSAGE_LIMIT)), type=shape.type,
                                          param=clip(error.param) if error.param else error.param,
                                          code=error.code or shape.code))
 

@@ -31,6 +31,7 @@ from proxy.providers.base import (
     UpstreamCall,
     parse_retry_after,
 )
+from proxy.redact import redact
 from proxy.upstream_http import NotAnswered as NotAnswered  # what read_poll may raise, besides ProxyError
 from proxy.upstream_http import Origin, Reply, UpstreamClient, head_of, never_sent, origin_of, timed_out
 
@@ -178,7 +179,22 @@ class Provider:
         """Send one request with the key's headers; the payload the dialect's check lets through."""
         answer = await self.upstream.send(request.method, request.path, json=request.json, params=request.params,
                                           headers=self.dialect.auth(key) if key else None)
-        return self.dialect.check(answer)
+        return self._check(answer)
+
+    # Where upstream text comes in: an upstream may quote a key, whole or cut short, in an error
+    # or a task's reason; it is scrubbed here in full, before it is logged, kept or answered.
+    def _check(self, answer: Answer) -> Any:
+        try:
+            return self.dialect.check(answer)
+        except ProxyError as error:
+            error.message = redact(error.message)
+            raise
+
+    @staticmethod
+    def _scrubbed(state: TaskState) -> TaskState:
+        if state.reason:
+            state.reason = redact(state.reason)
+        return state
 
     async def list_models(self, key: str) -> list[ModelInfo]:
         dialect = self.dialect
@@ -189,10 +205,11 @@ class Provider:
         return self.dialect.parse_chat(await self.call(self.dialect.chat_request(call), key))
 
     async def submit_image(self, key: str, call: ImageCall) -> TaskState:
-        return self.dialect.parse_submit(await self.call(self.dialect.submit_request(call), key))
+        return self._scrubbed(self.dialect.parse_submit(await self.call(self.dialect.submit_request(call), key)))
 
     async def poll(self, key: str, task_id: str) -> TaskState:
-        return self.dialect.parse_poll(task_id, await self.call(self.dialect.poll_request(task_id), key))
+        return self._scrubbed(self.dialect.parse_poll(task_id, await self.call(self.dialect.poll_request(task_id),
+                                                                             key)))
 
     # The same poll in three parts, so that thousands of them need no coroutine each: written
     # once for the task's life (None where it is no GET: use `poll`), queued with no wait (None
@@ -208,7 +225,7 @@ class Provider:
         return self.upstream.start(poll)
 
     def read_poll(self, task_id: str, sent: Sent) -> TaskState:
-        return self.dialect.parse_poll(task_id, self.dialect.check(self.upstream.answer(sent)))
+        return self._scrubbed(self.dialect.parse_poll(task_id, self._check(self.upstream.answer(sent))))
 
     @property
     def lists_tasks(self) -> bool:
@@ -222,11 +239,17 @@ class Provider:
         return self.upstream.start_get(request.path, headers=self.dialect.auth(key), params=request.params)
 
     def read_list(self, sent: Sent) -> TaskList | None:
-        return self.dialect.parse_list(self.dialect.check(self.upstream.answer(sent)))
+        return self._scrubbed_list(self.dialect.parse_list(self._check(self.upstream.answer(sent))))
 
     async def list_tasks(self, key: str, page: int) -> TaskList | None:
         request = self.dialect.list_request(page)
-        return None if request is None else self.dialect.parse_list(await self.call(request, key))
+        return None if request is None else self._scrubbed_list(self.dialect.parse_list(await self.call(request, key)))
+
+    def _scrubbed_list(self, page: TaskList | None) -> TaskList | None:
+        if page is not None:
+            for state in page.tasks:
+                self._scrubbed(state)
+        return page
 
     async def balance(self, key: str) -> KeyInfo | None:
         request = self.dialect.balance_request()
