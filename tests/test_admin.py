@@ -393,6 +393,22 @@ def test_sighup_rereads_the_config(proxy_config: dict[str, Any], sims: Sims, tmp
         process.wait(20)
 
 
+# ---- usage -------------------------------------------------------------------------
+
+
+def test_usage_times_that_are_no_time_are_a_400_naming_them(start_proxy: Callable[..., RunningProxy],
+                                                           proxy_config: dict[str, Any]) -> None:
+    proxy = start_proxy(with_admin(proxy_config))
+    for value in ("inf", "-inf", "nan", "1e400", "1e300", "-1e300", "abc", "1_0", "\u0661", " 1", "0x10"):
+        for name in ("since", "until"):
+            reply = admin_request(proxy, "GET", "/admin/usage", **{name: value})
+            assert reply.status_code == 400, (name, value, reply.text)
+            validate_error(reply.json())
+            assert reply.json()["error"]["param"] == name
+    for good in ("0", "1.5e9", "-86400.5", ".5", "2026-11-01", "2026-11-01T12:00+08:00"):
+        assert admin_request(proxy, "GET", "/admin/usage", since=good, until=good).status_code == 200, good
+
+
 # ---- metrics -----------------------------------------------------------------------
 
 

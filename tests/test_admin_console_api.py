@@ -111,7 +111,7 @@ def test_tasks_waiting_then_finished_with_reasons_and_counts(admin_proxy: Runnin
 def test_unknown_task_and_a_bad_limit_are_refused_by_name(admin_proxy: RunningProxy) -> None:
     reply = httpx.get(admin_proxy.url + "/admin/tasks/task_nobody_made", headers=ADMIN, timeout=10)
     assert error_of(reply, 404)["param"] == "task_id"
-    for limit in ("0", "1001", "ten"):
+    for limit in ("0", "1001", "ten", "1_0", "\u0661", " 1", "inf", "nan", "1e400", "9" * 5000):
         reply = httpx.get(admin_proxy.url + "/admin/tasks", params={"limit": limit}, headers=ADMIN, timeout=10)
         assert error_of(reply, 400)["param"] == "limit", limit
 

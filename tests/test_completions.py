@@ -124,3 +124,13 @@ def test_image_model_is_refused(client: openai.OpenAI, sims: Sims) -> None:
         client.completions.create(model="gpt-image-2", prompt="hi")
     assert caught.value.body["param"] == "model"  # type: ignore[index]
     assert caught.value.code == "model_not_supported"
+
+
+def test_the_refusal_names_the_model_kind_with_its_article(client: openai.OpenAI, sims: Sims) -> None:
+    for model, words in (("gpt-image-2", "is an image model"), ("fengyuan/image-video", "is a video model")):
+        with pytest.raises(openai.BadRequestError) as completion:
+            client.completions.create(model=model, prompt="hi")
+        with pytest.raises(openai.BadRequestError) as chat:
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        for caught in (completion, chat):
+            assert words in caught.value.message, caught.value.message

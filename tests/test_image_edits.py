@@ -135,6 +135,9 @@ BAD_FORMS: list[tuple[dict[str, str], list[tuple[str, tuple[str, bytes, str]]], 
     ({"prompt": "p"}, [("mask", ("m.png", PNG_BYTES, "image/png"))], "image"),
     ({"prompt": "p", "n": "many"}, [("image", ("a.png", PNG_BYTES, "image/png"))], "n"),
     ({"prompt": "p", "n": "0"}, [("image", ("a.png", PNG_BYTES, "image/png"))], "n"),
+    ({"prompt": "p", "n": "1_0"}, [("image", ("a.png", PNG_BYTES, "image/png"))], "n"),  # int() reads 10
+    ({"prompt": "p", "n": "\u0661"}, [("image", ("a.png", PNG_BYTES, "image/png"))], "n"),  # Arabic-Indic 1
+    ({"prompt": "p", "n": " 1"}, [("image", ("a.png", PNG_BYTES, "image/png"))], "n"),
     ({"prompt": "p", "response_format": "gif"}, [("image", ("a.png", PNG_BYTES, "image/png"))], "response_format"),
     ({"prompt": " ", "model": "dall-e-3"}, [("image", ("a.png", PNG_BYTES, "image/png"))], "prompt"),
 ]
@@ -155,6 +158,46 @@ def test_bad_requests_are_a_400_naming_the_field(public_proxy: RunningProxy, sim
         reply = httpx.post(f"{public_proxy.base_url}/images/edits", headers=AUTH, json={"model": "dall-e-3", **body})
         assert error_of(reply)["param"] == param, body
     assert sims.xffuw.count("image") == 0
+
+
+def _raw_form(proxy: RunningProxy, parts: list[tuple[str, bytes]]) -> httpx.Response:
+    """A multipart body made by hand from (part headers, part body): what httpx will not send."""
+    body = b"".join(b"--b0undary\r\n" + headers.encode() + b"\r\n\r\n" + data + b"\r\n" for headers, data in parts)
+    return httpx.post(f"{proxy.base_url}/images/edits", content=body + b"--b0undary--\r\n", timeout=30,
+                      headers={**AUTH, "content-type": "multipart/form-data; boundary=b0undary"})
+
+
+def _text(name: str, extra: str = "") -> str:
+    return f'Content-Disposition: form-data; name="{name}"{extra}'
+
+
+GOOD_PARTS = {"model": (_text("model"), b"dall-e-3"), "prompt": (_text("prompt"), b"blue"),
+              "image": (_text("image") + '; filename="a.png"\r\nContent-Type: image/png', PNG_BYTES)}
+# (parts replacing the good ones, the param the 400 must name): text that is not text in its charset
+BAD_TEXT: list[tuple[dict[str, tuple[str, bytes]], str]] = [
+    ({"image": (_text("image"), PNG_BYTES)}, "image"),  # a file sent as a text field (curl -F 'image=<cat.png')
+    ({"image": (_text("image") + "; filename*=UTF-8''a.png", PNG_BYTES)}, "image"),  # no plain filename
+    ({"prompt": (_text("prompt"), b"\xff")}, "prompt"),
+    ({"model": (_text("model"), b"\xff")}, "model"),
+    ({"n": (_text("n"), b"\xff")}, "n"),
+    ({"style_hint": (_text("style_hint"), b"\xff")}, "style_hint"),  # a field passed on upstream
+    ({"prompt": (_text("prompt") + "\r\nContent-Type: text/plain; charset=bogus-xx", b"blue")}, "prompt"),
+    ({"prompt": (_text("prompt") + "\r\nContent-Type: text/plain; charset=utf-16", b"odd")}, "prompt"),
+]
+
+
+def test_form_text_that_does_not_decode_is_a_400_naming_the_field(public_proxy: RunningProxy, sims: Sims) -> None:
+    for changed, param in BAD_TEXT:
+        reply = _raw_form(public_proxy, list({**GOOD_PARTS, **changed}.values()))
+        assert error_of(reply)["param"] == param, (changed, reply.text)
+    assert sims.xffuw.count("image") == 0
+    latin = _raw_form(public_proxy, list({**GOOD_PARTS, "prompt": (
+        _text("prompt") + "\r\nContent-Type: text/plain; charset=iso-8859-1", "caf\u00e9".encode("latin-1"))}.values()))
+    assert latin.status_code == 200, latin.text
+    assert sims.xffuw.last_image_body is not None and sims.xffuw.last_image_body["prompt"] == "caf\u00e9"
+    broken = httpx.post(f"{public_proxy.base_url}/images/edits", content=b"--b0undary\r\nnot a header\r\n\r\nx",
+                        headers={**AUTH, "content-type": "multipart/form-data; boundary=b0undary"}, timeout=30)
+    assert error_of(broken)["param"] is None
 
 
 def test_other_content_types_and_chat_models_are_refused(public_proxy: RunningProxy, sims: Sims) -> None:

@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 import hashlib
 import io
+import re
 import time
 from typing import Any
 
@@ -134,21 +135,30 @@ async def admin_reload(runtime: RuntimeDep) -> Response[bytes]:
                           "providers": sorted(config.providers)})
 
 
+# Plain ASCII decimals: float() would also take "inf", "nan", "1_0" and non-ASCII digits.
+_SECONDS = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+# The span ISO dates reach (years 1 to 9999): past it the store's day numbers overflow.
+_EARLIEST = dt.datetime.min.replace(tzinfo=dt.UTC).timestamp()
+_LATEST = dt.datetime.max.replace(tzinfo=dt.UTC).timestamp()
+
+
 def _time(value: str | None, name: str) -> float | None:
     """Unix seconds or an ISO date/time (UTC when no zone is given)."""
-    if value in (None, ""):
+    if not value:
         return None
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except ValueError:
-        pass
-    try:
-        parsed = dt.datetime.fromisoformat(value)  # type: ignore[arg-type]
-    except ValueError:
-        raise bad_request(f"'{name}' must be unix seconds or an ISO date such as 2026-11-01.", param=name) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed.timestamp()
+    wrong = bad_request(f"'{name}' must be unix seconds or an ISO date such as 2026-11-01, within the years "
+                        "1 to 9999.", param=name)
+    if _SECONDS.fullmatch(value):
+        seconds = float(value)
+    else:
+        try:
+            parsed = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise wrong from None
+        seconds = (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).timestamp()
+    if not _EARLIEST <= seconds <= _LATEST:  # also 1e400, read as inf
+        raise wrong
+    return seconds
 
 
 @get("/admin/usage", **documented(UsageReport, errors=(401,)))

@@ -15,6 +15,7 @@ from litestar.params import FromPath
 
 from proxy.api.common import json_response
 from proxy.api.dependencies import RuntimeDep
+from proxy.api.forms import whole_number
 from proxy.billing import period_start
 from proxy.clip import clip
 from proxy.errors import Kind, ProxyError, bad_request
@@ -110,12 +111,8 @@ def _summary(record: TaskRecord, live: Task | None, now: float) -> dict[str, Any
 
 
 def _limit(request: Request[Any, Any, Any]) -> int:
-    raw = request.query_params.get("limit") or "100"
-    try:
-        limit = int(raw)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 1000:
+    limit = whole_number(request.query_params.get("limit") or "100")
+    if limit is None or not 1 <= limit <= 1000:
         raise bad_request("'limit' must be a whole number from 1 to 1000.", param="limit")
     return limit
 

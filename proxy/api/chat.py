@@ -14,6 +14,7 @@ from litestar import Request, Response, post
 from litestar.response import Stream
 
 from proxy.api.common import first_answer, hold_budget, json_body, json_response, note
+from proxy.api.completions import check_text_route
 from proxy.api.dependencies import CallerDep, RuntimeDep
 from proxy.clients import check_model
 from proxy.errors import Kind, ProxyError, bad_request
@@ -39,7 +40,6 @@ from proxy.openai.types import (
 )
 from proxy.openai.usage import prompt_tokens, text_tokens
 from proxy.providers.base import ChatCall
-from proxy.router import Route
 
 log = structlog.get_logger("proxy")
 _encode = msgspec.json.Encoder().encode
@@ -65,13 +65,6 @@ def check_messages(messages: list[dict[str, Any]]) -> None:
         if content is not None and not isinstance(content, str | list):
             raise bad_request(f"Invalid type for 'messages[{i}].content': expected a string or an array "
                               "of content parts.", param=f"messages[{i}].content")
-
-
-def check_route(route: Route, endpoint: str) -> None:
-    kind = route.model.kind if route.model else None
-    if endpoint == "chat" and kind not in (None, "chat"):
-        raise bad_request(f"The model '{route.public_id}' is an {kind} model and does not support chat "
-                          "completions; use /v1/images/generations.", param="model", code="model_not_supported")
 
 
 def _usage(request: ChatCompletionRequest, results: list[ChatResult]) -> Usage:
@@ -160,7 +153,7 @@ async def chat_completions(request: Request[Any, Any, Any], caller: CallerDep,
     note(request, model=body.model)
     route = await gateway.catalogue.resolve(body.model)
     note(request, upstream=route.provider.name)
-    check_route(route, "chat")
+    check_text_route(route, "chat completions")
     check_model(caller, route)
     await hold_budget(request, caller, route, body.n)
     call = ChatCall(model=route.upstream_model, messages=body.messages,

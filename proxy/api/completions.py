@@ -37,11 +37,16 @@ STREAM_PIECE = 24  # characters per streamed text chunk
 FINISH_REASONS = frozenset({"stop", "length", "content_filter"})
 
 
+# What a model that does not chat is, with its article.
+_KIND_PHRASES = {"image": "an image", "video": "a video", "audio": "an audio"}
+
+
 def check_text_route(route: Route, endpoint: str) -> None:
     kind = route.model.kind if route.model else None
     if kind not in (None, "chat"):
-        raise bad_request(f"The model '{route.public_id}' is an {kind} model and does not support {endpoint}; "
-                          "use /v1/images/generations.", param="model", code="model_not_supported")
+        raise bad_request(f"The model '{route.public_id}' is {_KIND_PHRASES.get(kind, 'a non-chat')} model and does "
+                          f"not support {endpoint}; use /v1/images/generations.", param="model",
+                          code="model_not_supported")
 
 
 def answer_tokens(answer: ChatAnswer) -> int:

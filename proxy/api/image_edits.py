@@ -12,11 +12,11 @@ import binascii
 from typing import Any
 
 from litestar import Request, Response, get, post
-from litestar.datastructures import UploadFile
 from litestar.params import FromPath
 
 from proxy.api.common import json_body, note, runtime
 from proxy.api.dependencies import CallerDep, RuntimeDep
+from proxy.api.forms import FormFile, read_form, whole_number
 from proxy.api.images import DEFAULT_MODEL, MAX_N, admit, check_image_route, generate
 from proxy.clip import clip
 from proxy.errors import Kind, ProxyError, bad_request
@@ -115,29 +115,24 @@ class _References:
 
 async def _from_form(request: Request[Any, Any, Any], refs: _References) -> dict[str, Any]:
     """The text fields of the multipart form; its images go to `refs`."""
-    form = await request.form()
     fields: dict[str, Any] = {}
-    images: list[tuple[str, Any]] = []
-    for name, value in form.multi_items():
+    images: list[tuple[str, str | FormFile]] = []
+    for name, value in await read_form(request):
         if name in ("image", "image[]"):
             images.append((name, value))
-        elif isinstance(value, UploadFile):
-            await value.close()  # mask and other files: not used
-        else:
+        elif isinstance(value, str):  # mask and other files: not used
             fields[name] = value
     if not images:
         raise bad_request("Missing required parameter: 'image'.", param="image")
     if len(images) > MAX_IMAGES:
         raise bad_request(f"Too many images: at most {MAX_IMAGES}.", param="image")
-    if refs.public_url is None and any(isinstance(v, UploadFile) for _, v in images):
-        raise bad_request(NO_PUBLIC_URL, param="image")  # before reading any file
+    if refs.public_url is None and any(isinstance(v, FormFile) for _, v in images):
+        raise bad_request(NO_PUBLIC_URL, param="image")
     for name, value in images:
-        if isinstance(value, UploadFile):
-            data = await value.read()
-            await value.close()
-            if not data:
+        if isinstance(value, FormFile):
+            if not value.data:
                 raise bad_request(f"The file '{clip(value.filename)}' in '{name}' is empty.", param=name)
-            refs.file(data, name)
+            refs.file(value.data, name)
         else:
             refs.url(value, name)
     return fields
@@ -147,10 +142,10 @@ def _int_field(fields: dict[str, Any], name: str, default: int) -> int:
     value = fields.get(name)
     if value is None or value == "":
         return default
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise bad_request(f"Invalid value for '{name}': expected an integer.", param=name) from None
+    number = whole_number(value)
+    if number is None:
+        raise bad_request(f"Invalid value for '{name}': expected an integer in ASCII digits.", param=name)
+    return number
 
 
 @post("/v1/images/edits", status_code=200,
