@@ -43,6 +43,7 @@ from proxy.console import CONSOLE_ROUTES
 from proxy.downloads import Downloads
 from proxy.errors import Kind, ProxyError
 from proxy.gateway import Gateway
+from proxy.http_server import BODY_CUT
 from proxy.live import LiveCounts
 from proxy.log import setup_logging
 from proxy.metrics import Metrics
@@ -211,6 +212,9 @@ class ProxyApp(Litestar):
             if reservation is not None:  # what the request's calls did not use of its budget hold
                 self.state.runtime.gateway.billing.release(reservation)
             access = state.get("access", {})
+            cut = state.get(BODY_CUT)
+            if cut is not None:  # the body never came whole: what was "sent" after went nowhere
+                status, failure = 408, {"error_code": cut}
             if scope["path"].startswith("/v1/"):  # the API's traffic, not the console's own polling
                 self.state.live.add(status)
             # only resolved models label the counter: clients cannot invent label values

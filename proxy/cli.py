@@ -28,7 +28,8 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     raise_open_file_limit()  # before the connection cap is derived from it
-    limits = connection_limits(config.server.max_connections, config.server.header_timeout)
+    limits = connection_limits(config.server.max_connections, config.server.header_timeout,
+                               body_timeout=config.server.body_timeout)
     # proxy_headers off: nothing reads the client address, and it is one more layer per request
     options: dict[str, Any] = dict(host=host, port=port, proxy_headers=False, limits=limits,
                                    timeout_graceful_shutdown=config.server.shutdown_grace)

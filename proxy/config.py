@@ -41,6 +41,8 @@ class ServerConfig(_Table):
     cors_origins: list[str] = []
     # Seconds a connection has to send a complete request head; then it is closed.
     header_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    # Seconds a request's body has to arrive whole after its head; then 408 and it is closed.
+    body_timeout: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     # Open client connections per process; past it the one idle longest is closed for the new
     # one. Unset: the open-file limit less what upstream connections and the store need.
     max_connections: Annotated[int, msgspec.Meta(ge=1)] | None = None

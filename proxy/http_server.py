@@ -8,10 +8,17 @@
 - A head must arrive complete within `header_timeout` of the connection opening, or of its
   first byte on a kept-alive connection (uvicorn's keep-alive timeout covers the silence
   between requests). A deadline, not an idle timer: one byte a second does not extend it.
+- A request's body must arrive whole within `body_timeout` of its head, or it gets 408 (if no
+  answer has started) and the connection is closed: otherwise a body that never ends holds its
+  connection, a request in flight the cap cannot close, for ever. The same one timer a
+  connection has for its head, so a connection costs no more.
+- A request whose body never arrived whole is marked in its scope's state (BODY_CUT: why), so
+  the access log and metrics say 408 and why, not the 500 the framework answers into the void.
 - At most `max_connections` connections are open, below the process's open-file limit: past
   it, the connection idle longest (no request in flight: silent, mid-head or kept alive) is
   closed for the new one, so a flood of idle connections cannot lock everyone out; only
-  when every connection carries a request in flight is the new one closed at once.
+  when every connection carries a request in flight is the new one closed at once. One answered
+  with an error and lingering before it closes (431, 408, ...) counts as idle.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from proxy.openai.types import ErrorBody, ErrorResponse
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_PIECE = 16 * 1024
 HEADER_TIMEOUT = 10.0
+BODY_TIMEOUT = 60.0
+# The scope's state key that says why a request's body never arrived whole: the error code
+BODY_CUT = "body_cut"
 # Seconds a connection refused with an answer is still read (and what comes dropped) before it
 # is closed: closing a socket with unread input resets it, and the client would lose the answer.
 LINGER = 2.0
@@ -47,6 +57,7 @@ OTHER_FILES = 128
 class ConnectionLimits:
     max_connections: int
     header_timeout: float = HEADER_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
     max_head_bytes: int = MAX_HEAD_BYTES
 
 
@@ -73,9 +84,9 @@ def default_max_connections(backlog: int) -> int:
 
 
 def connection_limits(max_connections: int | None = None, header_timeout: float = HEADER_TIMEOUT,
-                      backlog: int = 2048) -> ConnectionLimits:
+                      backlog: int = 2048, body_timeout: float = BODY_TIMEOUT) -> ConnectionLimits:
     return ConnectionLimits(max_connections=max_connections or default_max_connections(backlog),
-                            header_timeout=header_timeout)
+                            header_timeout=header_timeout, body_timeout=body_timeout)
 
 
 class LimitedConfig(Config):
@@ -112,18 +123,19 @@ _SHARED: weakref.WeakKeyDictionary[ServerState, _Connections] = weakref.WeakKeyD
 
 
 class _Guard:
-    """One connection's limits and head-reading state, in one slotted attribute of its protocol:
+    """One connection's limits and reading state, in one slotted attribute of its protocol:
     uvicorn's protocol already has 27 attributes, and past 30 CPython gives each instance a
     dict of its own, not one sharing its keys (1.3 KB more a connection; bench/README.md)."""
 
-    __slots__ = ("evicted", "head_bytes", "head_timer", "limits", "reading_head", "refused", "shared")
+    __slots__ = ("evicted", "head_bytes", "limits", "reading_head", "refused", "shared", "timer")
 
     def __init__(self, limits: ConnectionLimits, shared: _Connections) -> None:
         self.limits = limits
         self.shared = shared
         self.reading_head = True  # no complete head since the last request (or ever)
         self.head_bytes = 0
-        self.head_timer: asyncio.TimerHandle | None = None
+        # the deadline of the head being read or, once it is in, of its body
+        self.timer: asyncio.TimerHandle | None = None
         self.refused = False  # answered (or dropped) and closing: input is read and dropped
         self.evicted = False
 
@@ -148,7 +160,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             transport.close()  # every connection carries a request: this one cannot be served now
             return
         shared.idle[self] = None
-        guard.head_timer = self.loop.call_later(guard.limits.header_timeout, self._head_timed_out)
+        guard.timer = self.loop.call_later(guard.limits.header_timeout, self._timed_out)
 
     def _make_room(self) -> bool:
         """Close the connection idle longest; False when none is idle."""
@@ -165,7 +177,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         guard = self.guard
         guard.shared.idle.pop(self, None)
-        self._stop_head_timer()
+        self._stop_timer()
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not cycle.response_started and not cycle.disconnected:
+            cycle.scope["state"][BODY_CUT] = "client_disconnected"  # gone before its body was in
         if guard.evicted:
             guard.evicted = False
             guard.shared.closing -= 1
@@ -194,13 +209,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             super().data_received(piece)
             if not data:
                 break
-        if guard.reading_head and guard.head_bytes and guard.head_timer is None and not self.transport.is_closing():
-            guard.head_timer = self.loop.call_later(guard.limits.header_timeout, self._head_timed_out)
+        if guard.timer is not None or guard.refused:
+            return
+        if guard.reading_head:
+            if guard.head_bytes and not self.transport.is_closing():
+                guard.timer = self.loop.call_later(guard.limits.header_timeout, self._timed_out)
+        elif self.cycle.more_body and not self.transport.is_closing():
+            # a head in, its body not whole: started here, so a request read whole in one go sets none
+            guard.timer = self.loop.call_later(guard.limits.body_timeout, self._timed_out)
 
     def on_headers_complete(self) -> None:
         guard = self.guard
         guard.reading_head = False
-        self._stop_head_timer()
+        self._stop_timer()
         guard.shared.idle.pop(self, None)  # a request in flight
         super().on_headers_complete()
 
@@ -208,22 +229,38 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
         guard = self.guard
         guard.reading_head, guard.head_bytes = True, 0  # what comes next is the next request's head
+        self._stop_timer()  # its body's
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and not self.pipeline and self.cycle.response_complete:
             self.guard.shared.idle[self] = None  # kept alive, waiting for the next request
 
-    def _stop_head_timer(self) -> None:
+    def _stop_timer(self) -> None:
         guard = self.guard
-        if guard.head_timer is not None:
-            guard.head_timer.cancel()
-            guard.head_timer = None
+        if guard.timer is not None:
+            guard.timer.cancel()
+            guard.timer = None
 
-    def _head_timed_out(self) -> None:
-        self.guard.head_timer = None
-        if not self.transport.is_closing():
+    def _timed_out(self) -> None:
+        guard = self.guard
+        guard.timer = None
+        if self.transport.is_closing() or guard.refused:
+            return
+        if guard.reading_head:
             self.transport.close()
+            return
+        cycle = self.cycle
+        if cycle.response_started or self.pipeline:  # answered already, or an answer before it is being written
+            guard.refused = True
+            self.transport.close()
+            return
+        # The app, waiting for the body, gets a disconnect and its answer goes nowhere: ours is sent.
+        cycle.scope["state"][BODY_CUT] = "request_timeout"
+        cycle.disconnected = True
+        cycle.message_event.set()
+        self._refuse(408, f"The request body did not arrive within {guard.limits.body_timeout:g} seconds.",
+                     "request_timeout")
 
     # ---- answering and closing ---------------------------------------------------------
 
@@ -234,12 +271,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, message: str, code: str) -> None:
         """Answer (unless another answer is being written on this connection) and close."""
         self.guard.refused = True
-        self._stop_head_timer()
+        self._stop_timer()
         transport = self.transport
-        if self.cycle is not None and not self.cycle.response_complete:
+        if self.cycle is not None and not self.cycle.response_complete and not self.cycle.disconnected:
             transport.close()  # an answer in progress: a second one would garble it
             return
         transport.write(answer(status, message, code))
         if transport.can_write_eof():
             transport.write_eof()  # the answer, then our end of the stream; the client's end closes it
+        self.guard.shared.idle[self] = None  # answered, no request in flight: the cap may close it for a new one
         self.loop.call_later(LINGER, transport.close)

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
+from helpers import logged_requests, wait_until
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
@@ -230,6 +231,67 @@ def test_heads_that_do_not_arrive_in_time_are_closed_and_healthz_answers(
     assert closed == 202, closed  # the silent ones, the half head and the one-byte-at-a-time one
     assert time.monotonic() - began < 3.5
     assert healthz_seconds(server.url) < 1.0
+
+
+# ---- the time a request body may take -----------------------------------------------------
+
+
+def stall_body(url: str) -> socket.socket:
+    """A chat request whose head says 1000 bytes of body and whose body stops after one."""
+    sock = open_raw(url)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{")
+    return sock
+
+
+def test_a_body_that_stalls_gets_408_within_body_timeout_and_is_logged_as_such(
+        start_limited: Callable[[ConnectionLimits], BackgroundServer], capsys: pytest.CaptureFixture[str]) -> None:
+    server = start_limited(ConnectionLimits(max_connections=10_000, body_timeout=1.0))
+    began = time.monotonic()
+    with stall_body(server.url) as sock:
+        assert healthz_seconds(server.url) < 1.0
+        assert closed_by_server([sock], within=0.5) == 0  # not before its time
+        sock.setblocking(True)
+        head, _, body = read_answer(sock, timeout=3).partition(b"\r\n\r\n")
+    assert time.monotonic() - began < 2.0
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout"), head
+    assert b"connection: close" in head
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_timeout" and error["type"] == "invalid_request_error", error
+    assert set(error) == {"message", "type", "param", "code"}
+    assert healthz_seconds(server.url) < 1.0
+    [entry] = logged_requests(capsys, 1, "/v1/chat/completions")
+    assert entry["status"] == 408 and entry["error_code"] == "request_timeout", entry
+
+
+def test_a_client_gone_mid_body_is_logged_as_such_not_as_an_internal_error(
+        proxy: RunningProxy, capsys: pytest.CaptureFixture[str]) -> None:
+    stall_body(proxy.url).close()
+    [entry] = logged_requests(capsys, 1, "/v1/chat/completions")
+    assert entry["status"] == 408 and entry["error_code"] == "client_disconnected", entry
+
+
+def test_stalled_bodies_at_max_connections_lock_no_one_out_past_body_timeout(
+        start_limited: Callable[[ConnectionLimits], BackgroundServer]) -> None:
+    server = start_limited(ConnectionLimits(max_connections=20, body_timeout=1.0))
+    stalled = []
+    for _ in range(25):  # past the cap: the last ones are refused, every connection has a request in flight
+        stalled.append(stall_body(server.url))
+        time.sleep(0.01)
+    wait_until(lambda: len(server.server.server_state.tasks) >= 20, what="20 requests in flight")
+    began = time.monotonic()
+
+    def healthz_answers() -> bool:
+        try:
+            return healthz_seconds(server.url) < 1.0
+        except (OSError, AssertionError):
+            return False  # reset: no room
+    try:
+        wait_until(healthz_answers, timeout=2.0, what="/healthz on a new connection")
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert time.monotonic() - began < 1.5
 
 
 # ---- the number of connections -----------------------------------------------------------
