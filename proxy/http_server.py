@@ -250,8 +250,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if guard.reading_head:
             self.transport.close()
             return
+        if self.pipeline:  # queued behind a request being answered, its input paused: not its fault yet
+            guard.timer = self.loop.call_later(guard.limits.body_timeout, self._timed_out)
+            return
         cycle = self.cycle
-        if cycle.response_started or self.pipeline:  # answered already, or an answer before it is being written
+        if cycle.response_started:  # answered already (without its body): nothing to say
             guard.refused = True
             self.transport.close()
             return
