@@ -25,7 +25,6 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.types import HTTPScope, LifeSpanReceive, LifeSpanScope, LifeSpanSend, Message, Receive, Scope, Send
-from multipart import ParserLimitReached  # type: ignore[import-untyped]  # Litestar's form parser
 
 from proxy.api import ROUTES
 from proxy.api.admin import ADMIN_ROUTES, admin_only
@@ -131,9 +130,6 @@ def _proxy_error(request: Request[Any, Any, Any], error: ProxyError) -> Response
 
 def _http_error(request: Request[Any, Any, Any], error: HTTPException) -> Response[bytes]:
     kind = _HTTP_KINDS.get(error.status_code, Kind.BAD_REQUEST if error.status_code < 500 else Kind.INTERNAL)
-    if isinstance(error.__context__, ParserLimitReached):  # Litestar 2 answers its multipart limits with 400
-        return error_response(ProxyError(Kind.PAYLOAD_TOO_LARGE, "The multipart form exceeds this proxy's limits "
-                                         f"({error.__context__})."))
     if kind is Kind.NOT_FOUND:
         message = _not_found_message(request.method, request.url.path)
     elif kind is Kind.METHOD_NOT_ALLOWED:

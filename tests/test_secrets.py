@@ -18,8 +18,8 @@ from helpers import ADMIN_KEY, asgi_request, key_fingerprint, logged_requests, s
 
 from proxy.server import BackgroundServer
 
-XF_REJECTED = "xf_rejected_by_sim_7777"
-FY_REJECTED = "sk-fy-rejected-by-sim-8888"
+XF_REJECTED = "xf_nope_by_sim_7777"  # no English word of 8: the redactor is one per process
+FY_REJECTED = "sk-fy-nope-by-sim-8888"
 # Shaped like no known key (no xf_ / sk- prefix): only the configured-secret scrubbing can catch
 # them. The echo upstream answers by key: a failure, no balance, rate limited, revoked.
 ECHO_KEY = "echo-fails-Q7w8e9r0t1y2"
