@@ -214,8 +214,8 @@ class ProxyApp(Litestar):
             if scope["path"].startswith("/v1/"):  # the API's traffic, not the console's own polling
                 self.state.live.add(status)
             # only resolved models label the counter: clients cannot invent label values
-            self.state.metrics.requests.labels(access.get("client", ""), access.get("model", "") if "upstream" in access
-                                               else "", str(status)).inc()
+            self.state.metrics.count_request(access.get("client", ""), access.get("model", "") if "upstream" in access
+                                             else "", status)
             access_log.info("request", request_id=request_id, method=scope["method"], path=loggable_path(scope["path"]),
                             status=status, latency_ms=round((time.perf_counter() - started) * 1000, 2),
                             **{**access, **(failure or {})})

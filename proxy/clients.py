@@ -3,6 +3,7 @@ requests per minute, allowed models; and, with [auth] passthrough, people's own 
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import functools
 import hashlib
@@ -10,11 +11,14 @@ import hmac
 import time
 from collections import deque
 
+import cachetools
+
 from proxy.clip import clip
 from proxy.config import ClientConfig, Config
 from proxy.errors import Kind, ProxyError
 from proxy.gateway import Caller
 from proxy.pool import Admission, UpstreamKey, fingerprint, part, passthrough_key
+from proxy.providers.engine import Provider
 from proxy.router import Route
 from proxy.shared import Shared, SharedDown, Window
 
@@ -26,6 +30,12 @@ WINDOW = 60.0
 # PASSTHROUGH_WINDOW seconds gets no more passthrough calls until the window moves on.
 PASSTHROUGH_FAILURES = 10
 PASSTHROUGH_WINDOW = 600.0
+# GET /v1/models with an own key: the key is checked with its upstream first, the verdict kept
+# OWN_KEY_TTL seconds; one address gets at most OWN_KEY_CHECKS such upstream calls a minute.
+OWN_KEY_TTL = 60.0
+OWN_KEY_CHECKS = 10
+OWN_KEYS_KEPT = 4096
+ADDRESSES = 10_000  # source addresses remembered; beyond, the least recently seen are forgotten
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -53,6 +63,30 @@ def match_digest(token: str, digests: list[bytes]) -> int | None:
     return found
 
 
+class PerAddress:
+    """Events per source address within a sliding window, for a bounded number of addresses."""
+
+    def __init__(self, limit: int, span: float) -> None:
+        self.limit, self.span = limit, span
+        # an address is dropped `span` seconds after its latest event: all its events are past then
+        self._times: cachetools.TTLCache[str, deque[float]] = cachetools.TTLCache(ADDRESSES, span)
+
+    def wait(self, source: str | None) -> float | None:
+        """Seconds until the address is below its limit again; None: it is now."""
+        times = self._times.get(source or "")
+        if not times:
+            return None
+        now = time.monotonic()
+        while times and times[0] <= now - self.span:
+            times.popleft()
+        return times[0] + self.span - now if len(times) >= self.limit else None
+
+    def add(self, source: str | None) -> None:
+        times = self._times.get(source or "") or deque(maxlen=self.limit)
+        times.append(time.monotonic())
+        self._times[source or ""] = times  # set again: its time to live starts over
+
+
 class Clients:
     def __init__(self, config: Config, share: int = 1, shared: Shared | None = None) -> None:
         self.clients = list(config.clients)
@@ -64,7 +98,11 @@ class Clients:
                                  if p.passthrough_prefix), key=lambda item: -len(item[0])) \
             if config.auth.passthrough else []
         self._calls: dict[str, deque[float]] = {}
-        self._refused: dict[str, deque[float]] = {}  # source address -> times its own keys were refused
+        self._refused = PerAddress(PASSTHROUGH_FAILURES, PASSTHROUGH_WINDOW)  # own keys the upstream refused
+        self._checks = PerAddress(OWN_KEY_CHECKS, WINDOW)  # own keys checked with their upstream
+        # sha256 of an own key -> its check, pending or done: one upstream call per key and TTL
+        self._verdicts: cachetools.TTLCache[bytes, asyncio.Task[bool]] = cachetools.TTLCache(
+            OWN_KEYS_KEPT, OWN_KEY_TTL)
 
     def _find(self, token: str) -> ClientConfig | str | None:
         """The client a token belongs to, or the provider whose passthrough prefix it has."""
@@ -95,21 +133,37 @@ class Clients:
 
     def _admit_passthrough(self, source: str | None) -> None:
         """Someone probing keys through the proxy: their refusals are counted per address."""
-        refused = self._refused.get(source or "")
-        if not refused:
-            return
-        now = time.monotonic()
-        while refused and refused[0] <= now - PASSTHROUGH_WINDOW:
-            refused.popleft()
-        if len(refused) >= PASSTHROUGH_FAILURES:
+        wait = self._refused.wait(source)
+        if wait is not None:
             raise ProxyError(Kind.RATE_LIMITED, "Too many refused upstream keys from this address; retry later.",
-                             retry_after=refused[0] + PASSTHROUGH_WINDOW - now)
+                             retry_after=wait)
 
     def passthrough_refused(self, source: str | None) -> None:
-        refused = self._refused.setdefault(source or "", deque())
-        refused.append(time.monotonic())
-        if len(refused) > PASSTHROUGH_FAILURES:
-            refused.popleft()
+        self._refused.add(source)
+
+    async def check_own_key(self, caller: Caller, provider: Provider) -> None:
+        """For answers that call no upstream with the key (the model list): 401 unless its
+        upstream accepts it, asked once per key and OWN_KEY_TTL, a few new keys per address a minute."""
+        assert caller.own_key is not None
+        digest = hashlib.sha256(caller.own_key.secret.encode()).digest()
+        check = self._verdicts.get(digest)
+        if check is None:
+            wait = self._checks.wait(caller.source)
+            if wait is not None:
+                raise ProxyError(Kind.RATE_LIMITED, "Too many new upstream keys from this address; retry later.",
+                                 retry_after=wait)
+            self._checks.add(caller.source)
+            check = self._verdicts[digest] = asyncio.create_task(accepted(provider, caller.own_key.secret))
+            check.add_done_callback(lambda done: done.cancelled() or done.exception())  # read, even if no one waits
+        try:
+            valid = await asyncio.shield(check)  # a caller gone does not cancel it for the others
+        except BaseException:
+            if check.done() and self._verdicts.get(digest) is check:
+                del self._verdicts[digest]  # no verdict (upstream down, rate limited): asked again next time
+            raise
+        if not valid:
+            self.passthrough_refused(caller.source)
+            raise ProxyError(Kind.INVALID_API_KEY, f"{provider.name} refused the key you sent.")
 
     def identify(self, authorization: str | None) -> str | None:
         """The caller's name, without counting a request: for keying idempotency records."""
@@ -167,6 +221,21 @@ class Clients:
         for name, calls in old._calls.items():
             if any(c.name == name for c in self.clients):
                 self._calls[name] = calls
+
+
+async def accepted(provider: Provider, secret: str) -> bool:
+    """Whether the upstream accepts the key, by its cheapest call that needs one: the balance,
+    else the model list. An upstream with neither cannot be asked without paying: accepted."""
+    try:
+        if provider.has_balance:
+            await provider.balance(secret)
+        elif provider.dialect.models_need_key:
+            await provider.list_models(secret)
+    except ProxyError as error:
+        if error.kind is Kind.AUTH:
+            return False
+        raise
+    return True
 
 
 def rpm_window(client: ClientConfig) -> Window:

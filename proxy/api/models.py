@@ -1,4 +1,5 @@
-"""GET /v1/models and /v1/models/{id}: the merged catalogue of every upstream."""
+"""GET /v1/models and /v1/models/{id}: the merged catalogue of every upstream; with an own key
+([auth] passthrough), its upstream's models, once that upstream accepts the key."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from proxy.gateway import Caller
 from proxy.openai.openapi import documented
 from proxy.openai.types import Model, ModelList
 from proxy.router import Listed
+from proxy.runtime import Runtime
 
 
 def _model(entry: Listed) -> Model:
@@ -29,16 +31,24 @@ def _allowed(caller: Caller, entry: Listed) -> bool:
     return patterns is None or any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
 
 
-@get("/v1/models", **documented(ModelList, errors=(401, 429)))
+async def _check_own_key(caller: Caller, runtime: Runtime) -> None:
+    # no upstream call here would refuse a made-up key: its upstream is asked first
+    if caller.own_key is not None:
+        await runtime.clients.check_own_key(caller, runtime.gateway.providers[caller.own_key.provider])
+
+
+@get("/v1/models", **documented(ModelList, errors=(401, 429, 502)))
 async def list_models(caller: CallerDep, runtime: RuntimeDep) -> Response[bytes]:
     gateway = runtime.gateway
+    await _check_own_key(caller, runtime)
     listing = await gateway.catalogue.listing()
     return json_response(ModelList(object="list", data=[_model(e) for e in listing if _allowed(caller, e)]))
 
 
-@get("/v1/models/{model_id:path}", **documented(Model, errors=(401, 403, 404, 429)))
+@get("/v1/models/{model_id:path}", **documented(Model, errors=(401, 403, 404, 429, 502)))
 async def retrieve_model(model_id: FromPath[str], caller: CallerDep, runtime: RuntimeDep) -> Response[bytes]:
     gateway = runtime.gateway
+    await _check_own_key(caller, runtime)
     model_id = model_id.lstrip("/")
     catalogue = gateway.catalogue
     route = await catalogue.resolve(model_id)
