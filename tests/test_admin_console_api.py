@@ -139,13 +139,13 @@ def test_live_counts_the_api_traffic_of_the_last_15_minutes(admin_proxy: Running
 
 def test_the_console_page_and_its_files_are_served_with_a_strict_policy(admin_proxy: RunningProxy) -> None:
     page = httpx.get(admin_proxy.url + "/console", timeout=10)
-    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
     policy = page.headers["content-security-policy"]
     assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy and "connect-src 'self'" in policy
     assert "http" not in page.text.replace("http://www.w3.org", "")  # nothing fetched from elsewhere
     for name, kind in (("console.js", "text/javascript"), ("console.css", "text/css")):
         reply = httpx.get(f"{admin_proxy.url}/console/static/{name}", timeout=10)
-        assert reply.status_code == 200 and reply.headers["content-type"].startswith(kind), name
+        assert reply.status_code == 200 and reply.headers["content-type"] == f"{kind}; charset=utf-8", name
         again = httpx.get(f"{admin_proxy.url}/console/static/{name}", headers={"if-none-match": reply.headers["etag"]},
                           timeout=10)
         assert again.status_code == 304 and again.content == b""

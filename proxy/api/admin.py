@@ -184,7 +184,7 @@ async def admin_usage(request: Request[Any, Any, Any], runtime: RuntimeDep) -> R
         writer.writerow([group_by, *([split_by] if split_by else []), "requests", "cost", "failed"])
         writer.writerows([r.group, *([r.split] if split_by else []), r.requests, r.cost, r.failed] for r in rows)
         name = f"usage-by-{group_by}{f'-and-{split_by}' if split_by else ''}.csv"
-        return Response(out.getvalue().encode(), media_type="text/csv; charset=utf-8",
+        return Response(out.getvalue().encode(), media_type="text/csv",  # Litestar adds the charset
                         headers={"content-disposition": f'attachment; filename="{name}"'})
     total = {"requests": sum(r.requests for r in rows), "cost": round(sum(r.cost for r in rows), 6),
              "failed": sum(r.failed for r in rows)}
@@ -203,7 +203,7 @@ async def metrics(request: Request[Any, Any, Any], runtime: RuntimeDep) -> Respo
             spent = await runtime.store.spent(client.name, period_start(client.budget_period, time.time()))
             registry.budget_spent.labels(client.name).set(spent)
             registry.budget_limit.labels(client.name).set(client.budget)
-    return Response(registry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(registry.render(), media_type="text/plain; version=0.0.4")  # Litestar adds the charset
 
 
 ADMIN_ROUTES = [admin_keys, admin_disable_key, admin_enable_key, admin_reload, admin_usage, metrics]

@@ -18,8 +18,8 @@ from litestar.params import FromPath
 from proxy.clip import clip
 from proxy.errors import Kind, ProxyError
 
-_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-          ".css": "text/css; charset=utf-8"}
+# Litestar adds "; charset=utf-8" to every text/ type.
+_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 # Only the proxy's own script and style run; the page may call the proxy alone and be framed by nobody.
 _HEADERS = {
     "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
