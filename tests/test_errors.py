@@ -101,6 +101,15 @@ def test_unknown_model_is_404_model_not_found(client: openai.OpenAI, sims: Sims)
     assert sims.xffuw.count("chat") == 0
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/chat/completions", {"messages": USER}), ("/completions", {"prompt": "hi"}),
+    ("/responses", {"input": "hi"}), ("/images/generations", {"prompt": "猫"})])
+def test_empty_model_is_400_not_404(edge: RunningProxy, sims: Sims, path: str, body: dict[str, Any]) -> None:
+    error = raw_error(httpx.post(edge.base_url + path, headers=AUTH, json={"model": "", **body}), 400)
+    assert (error["type"], error["param"]) == ("invalid_request_error", "model"), error
+    assert sims.xffuw.count("chat") == 0 and sims.xffuw.count("image") == 0
+
+
 def test_model_the_upstream_no_longer_has_is_404(client: openai.OpenAI, sims: Sims) -> None:
     chat(client)  # loads the catalogue
     sims.xffuw.models = [m for m in sims.xffuw.models if m.slug != "deepseek-chat"]
@@ -144,6 +153,34 @@ def test_body_not_an_object_is_400(edge: RunningProxy, sims: Sims, content: byte
         ({"model": 7, "messages": USER}, "model"),
         ({"model": "gpt-4o-mini", "messages": USER, "max_tokens": "many"}, "max_tokens"),
         ({"model": "gpt-4o-mini", "messages": USER, "n": 0}, "n"),
+        # tools, tool_choice, response_format, content parts and earlier tool calls, as OpenAI's spec has them
+        ({"model": "gpt-4o-mini", "messages": USER, "tools": "x"}, "tools"),
+        ({"model": "gpt-4o-mini", "messages": USER, "tools": [1]}, "tools[0]"),
+        ({"model": "gpt-4o-mini", "messages": USER, "tools": [{"function": {"name": "f"}}]}, "tools[0].type"),
+        ({"model": "gpt-4o-mini", "messages": USER, "tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"model": "gpt-4o-mini", "messages": USER, "tools": [{"type": "function"}]}, "tools[0].function"),
+        ({"model": "gpt-4o-mini", "messages": USER, "tools": [{"type": "function", "function": {"name": "a b"}}]},
+         "tools[0].function.name"),
+        ({"model": "gpt-4o-mini", "messages": USER, "tool_choice": 5}, "tool_choice"),
+        ({"model": "gpt-4o-mini", "messages": USER, "tool_choice": "sometimes"}, "tool_choice"),
+        ({"model": "gpt-4o-mini", "messages": USER, "tool_choice": {"type": "function"}}, "tool_choice.function"),
+        ({"model": "gpt-4o-mini", "messages": USER, "response_format": "json"}, "response_format"),
+        ({"model": "gpt-4o-mini", "messages": USER, "response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"model": "gpt-4o-mini", "messages": USER, "response_format": {"type": "json_schema"}},
+         "response_format.json_schema"),
+        ({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [{"type": "bogus"}]}]},
+         "messages[0].content[0].type"),
+        ({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content[0]"),
+        ({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+         "messages[0].content[0].text"),
+        ({"model": "gpt-4o-mini", "messages": [{"role": "system", "content": [
+            {"type": "image_url", "image_url": {"url": "https://a.example/x.png"}}]}]}, "messages[0].content[0].type"),
+        ({"model": "gpt-4o-mini", "messages": [*USER, {"role": "assistant", "content": None, "tool_calls": "x"}]},
+         "messages[1].tool_calls"),
+        ({"model": "gpt-4o-mini", "messages": [*USER, {"role": "assistant", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f"}}]}]},
+         "messages[1].tool_calls[0].function.arguments"),
+        ({"model": "", "messages": USER}, "model"),
     ],
 )
 def test_missing_or_wrong_chat_field_is_400_naming_it(edge: RunningProxy, sims: Sims, body: dict[str, Any],

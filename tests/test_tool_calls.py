@@ -227,6 +227,34 @@ def test_response_format_json_schema_and_json_object(client: openai.OpenAI, sims
     assert json.loads(loose.choices[0].message.content or "") == {"answer": "any json"}
 
 
+# Every form OpenAI's spec gives these fields (tests/test_errors.py has the ones it refuses).
+VALID_SHAPES: list[dict[str, Any]] = [
+    {"tools": [WEATHER, NO_PARAMETERS, {"type": "custom", "custom": {"name": "run_sql"}}], "tool_choice": "auto"},
+    {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+    {"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+        {"type": "function", "function": {"name": "get_weather"}}]}}},
+    {"tools": [{"type": "custom", "custom": {"name": "run_sql"}}],
+     "tool_choice": {"type": "custom", "custom": {"name": "run_sql"}}},
+    {"response_format": {"type": "text"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}},
+    {"messages": [
+        {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+        {"role": "user", "content": [{"type": "text", "text": "look"},
+                                     {"type": "image_url", "image_url": {"url": "https://a.example/x.png"}}]},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}], "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+            {"id": "c2", "type": "custom", "custom": {"name": "run_sql", "input": "select 1"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "sunny"}]},
+        {"role": "tool", "tool_call_id": "c2", "content": "1"},
+        {"role": "user", "content": "thanks"}]},
+]
+
+
+@pytest.mark.parametrize("fields", VALID_SHAPES)
+def test_every_shape_openai_takes_passes(proxy: RunningProxy, sims: Sims, fields: dict[str, Any]) -> None:
+    _chat_completion(proxy, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **fields})
+
+
 def test_upstream_tool_calls_are_put_in_openai_shape(client: openai.OpenAI, sims: Sims) -> None:
     """An upstream that sends arguments as an object, no id and finish_reason stop."""
     sims.xffuw.chat_extra = {"choices": [{"finish_reason": "stop", "message": {"content": None, "tool_calls": [

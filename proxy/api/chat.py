@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -17,6 +18,7 @@ from proxy.api.common import first_answer, hold_budget, json_body, json_response
 from proxy.api.completions import check_text_route
 from proxy.api.dependencies import CallerDep, RuntimeDep
 from proxy.clients import check_model
+from proxy.clip import clip
 from proxy.errors import Kind, ProxyError, bad_request
 from proxy.gateway import ChatResult
 from proxy.openai import sse
@@ -48,6 +50,76 @@ ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function
 MAX_N = 8
 STREAM_PIECE = 24  # characters per streamed content chunk
 PARAM_LOGGED = 300  # characters of an error's param kept in the access log: a client may send anything
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+TOOL_CHOICES = ("auto", "none", "required")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+# The content part types OpenAI's spec takes in each role's message (a deprecated `function` message: text).
+PART_TYPES = {"user": ("text", "image_url", "input_audio", "file"), "assistant": ("text", "refusal")}
+# Each part type's own field: its name and type, and the type's name in an error message.
+PART_FIELDS: dict[str, tuple[str, type, str]] = {
+    "text": ("text", str, "a string"), "refusal": ("refusal", str, "a string"),
+    "image_url": ("image_url", dict, "an object"), "input_audio": ("input_audio", dict, "an object"),
+    "file": ("file", dict, "an object")}
+
+
+def require(obj: dict[str, Any], field: str, kind: type, label: str, where: str) -> Any:
+    """obj[field], which must be there and of this kind; `where` names obj in the error."""
+    value = obj.get(field)
+    if value is None:
+        raise bad_request(f"Missing required parameter: '{where}.{field}'.", param=f"{where}.{field}")
+    if not isinstance(value, kind):
+        raise bad_request(f"Invalid type for '{where}.{field}': expected {label}.", param=f"{where}.{field}")
+    return value
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise bad_request(f"Invalid type for '{where}': expected an object.", param=where)
+    return value
+
+
+def _one_of(value: str, allowed: Sequence[str], where: str) -> None:
+    if value not in allowed:
+        raise bad_request(f"Invalid value for '{where}': '{clip(value, 80)}'; expected one of {list(allowed)}.",
+                          param=where)
+
+
+def check_function(function: dict[str, Any], where: str) -> str:
+    """A function tool's name, description, parameters and strict (chat's `function`, or a Responses
+    tool itself); its name."""
+    name = function.get("name")
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+        what = "Missing required parameter" if name is None else "Invalid value for"
+        raise bad_request(f"{what} '{where}.name': expected a name of 1 to 64 letters, digits, '_' or '-'.",
+                          param=f"{where}.name")
+    for field, kinds, label in (("parameters", dict, "a JSON schema object"), ("strict", bool, "a boolean"),
+                                ("description", str, "a string")):
+        if function.get(field) is not None and not isinstance(function[field], kinds):
+            raise bad_request(f"Invalid type for '{where}.{field}': expected {label}.", param=f"{where}.{field}")
+    return name
+
+
+def _check_parts(parts: list[Any], role: str, where: str) -> None:
+    allowed = PART_TYPES.get(role, ("text",))
+    for j, part in enumerate(parts):
+        here = f"{where}[{j}]"
+        kind = require(_object(part, here), "type", str, "a string", here)
+        _one_of(kind, allowed, f"{here}.type")
+        require(part, *PART_FIELDS[kind], here)
+
+
+def _check_tool_calls(calls: Any, where: str) -> None:
+    """An assistant message's earlier tool calls, as OpenAI's spec has them."""
+    if not isinstance(calls, list):
+        raise bad_request(f"Invalid type for '{where}': expected an array of tool calls.", param=where)
+    for j, call in enumerate(calls):
+        here = f"{where}[{j}]"
+        kind = require(_object(call, here), "type", str, "a string", here)
+        _one_of(kind, ("function", "custom"), f"{here}.type")
+        require(call, "id", str, "a string", here)
+        body = require(call, kind, dict, "an object", here)
+        require(body, "name", str, "a string", f"{here}.{kind}")
+        require(body, "arguments" if kind == "function" else "input", str, "a string", f"{here}.{kind}")
 
 
 def check_messages(messages: list[dict[str, Any]]) -> None:
@@ -62,9 +134,45 @@ def check_messages(messages: list[dict[str, Any]]) -> None:
         if content is None and role in ("system", "developer", "user"):
             raise bad_request(f"Missing required parameter: 'messages[{i}].content'.",
                               param=f"messages[{i}].content")
-        if content is not None and not isinstance(content, str | list):
+        if isinstance(content, list):
+            _check_parts(content, role, f"messages[{i}].content")
+        elif content is not None and not isinstance(content, str):
             raise bad_request(f"Invalid type for 'messages[{i}].content': expected a string or an array "
                               "of content parts.", param=f"messages[{i}].content")
+        if message.get("tool_calls") is not None:
+            _check_tool_calls(message["tool_calls"], f"messages[{i}].tool_calls")
+
+
+def check_tools(tools: list[dict[str, Any]] | None) -> None:
+    for i, tool in enumerate(tools or ()):
+        where = f"tools[{i}]"
+        kind = require(tool, "type", str, "a string", where)
+        _one_of(kind, ("function", "custom"), f"{where}.type")
+        if kind == "function":
+            check_function(require(tool, "function", dict, "an object", where), f"{where}.function")
+        else:
+            require(require(tool, "custom", dict, "an object", where), "name", str, "a string", f"{where}.custom")
+
+
+def check_tool_choice(choice: str | dict[str, Any] | None) -> None:
+    if isinstance(choice, str):
+        _one_of(choice, TOOL_CHOICES, "tool_choice")
+    elif choice is not None:
+        kind = require(choice, "type", str, "a string", "tool_choice")
+        _one_of(kind, ("function", "custom", "allowed_tools"), "tool_choice.type")
+        named = require(choice, kind, dict, "an object", "tool_choice")
+        if kind != "allowed_tools":
+            require(named, "name", str, "a string", f"tool_choice.{kind}")
+
+
+def check_response_format(form: dict[str, Any] | None) -> None:
+    if form is None:
+        return
+    kind = require(form, "type", str, "a string", "response_format")
+    _one_of(kind, RESPONSE_FORMATS, "response_format.type")
+    if kind == "json_schema":
+        require(require(form, "json_schema", dict, "an object", "response_format"), "name", str, "a string",
+                "response_format.json_schema")
 
 
 def _usage(request: ChatCompletionRequest, results: list[ChatResult]) -> Usage:
@@ -148,6 +256,9 @@ async def chat_completions(request: Request[Any, Any, Any], caller: CallerDep,
     raw = await json_body(request)
     body = convert(raw, ChatCompletionRequest)
     check_messages(body.messages)
+    check_tools(body.tools)
+    check_tool_choice(body.tool_choice)
+    check_response_format(body.response_format)
     if not 1 <= body.n <= MAX_N:
         raise bad_request(f"Invalid value for 'n': must be between 1 and {MAX_N}.", param="n")
     note(request, model=body.model)

@@ -8,7 +8,6 @@ and their outputs included, is kept for a while for the client that created it (
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -19,7 +18,7 @@ from litestar import Request, Response, delete, get, post
 from litestar.params import FromPath
 from litestar.response import Stream
 
-from proxy.api.chat import stream_failure, tool_calls_of
+from proxy.api.chat import TOOL_CHOICES, check_function, stream_failure, tool_calls_of
 from proxy.api.common import hold_budget, json_body, json_response, note
 from proxy.api.completions import check_text_route
 from proxy.api.dependencies import CallerDep, RuntimeDep
@@ -70,8 +69,6 @@ STREAM_NOTE = ("With stream=true: `event: <type>` / `data: <event>` pairs: respo
                "response.content_part.done, for a function call response.function_call_arguments.delta..., "
                "response.function_call_arguments.done, then response.output_item.done; last "
                "response.completed; each with a sequence_number.")
-TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-TOOL_CHOICES = ("auto", "none", "required")
 
 
 class Deleted(msgspec.Struct, kw_only=True):
@@ -112,15 +109,7 @@ def function_tools(tools: list[Any] | None) -> list[FunctionTool]:
             raise bad_request(f"Tool type '{kind}' in '{where}' is not supported by this proxy: its upstreams "
                               "cannot run built-in tools. Only 'function' tools can be sent.",
                               param=f"{where}.type")
-        name = tool.get("name")
-        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
-            what = "Missing required parameter" if name is None else "Invalid value for"
-            raise bad_request(f"{what} '{where}.name': expected a name of 1 to 64 letters, digits, '_' or '-'.",
-                              param=f"{where}.name")
-        for field, kinds, label in (("parameters", dict, "a JSON schema object"), ("strict", bool, "a boolean"),
-                                    ("description", str, "a string")):
-            if tool.get(field) is not None and not isinstance(tool[field], kinds):
-                raise bad_request(f"Invalid type for '{where}.{field}': expected {label}.", param=f"{where}.{field}")
+        name = check_function(tool, where)
         found.append(FunctionTool(name=name, description=tool.get("description"), parameters=tool.get("parameters"),
                                   strict=tool.get("strict")))
     return found

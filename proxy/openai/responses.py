@@ -14,12 +14,13 @@ import msgspec
 
 from proxy.clip import clip
 from proxy.errors import bad_request
+from proxy.openai.types import ModelId
 
 _encode = msgspec.json.Encoder().encode
 
 
 class ResponseRequest(msgspec.Struct, kw_only=True):
-    model: str
+    model: ModelId
     input: str | list[Any] | None = None
     instructions: str | None = None
     previous_response_id: str | None = None

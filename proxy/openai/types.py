@@ -9,9 +9,12 @@ ones default to None and are omitted.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+
+# A model id as a request names it: OpenAI answers an empty one with a 400 on `model`, not a 404.
+ModelId = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class _In(msgspec.Struct, kw_only=True):
@@ -30,7 +33,7 @@ class StreamOptions(_In):
 
 
 class ChatCompletionRequest(_In):
-    model: str
+    model: ModelId
     messages: list[dict[str, Any]]
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -45,6 +48,10 @@ class ChatCompletionRequest(_In):
     frequency_penalty: float | None = None
     seed: int | None = None
     user: str | None = None
+    # Their shapes are checked further by the handler (proxy/api/chat.py), which names the bad field.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
 
 # Fields the proxy consumes itself; everything else in a chat body is passed through.
@@ -135,7 +142,7 @@ class ChatCompletionChunk(_Out):
 
 class ImageGenerationRequest(_In):
     prompt: str
-    model: str | None = None
+    model: ModelId | None = None
     n: int = 1
     size: str | None = None
     quality: str | None = None
@@ -196,7 +203,7 @@ class ErrorResponse(msgspec.Struct, kw_only=True):
 
 
 class CompletionRequest(_In):
-    model: str
+    model: ModelId
     # A string, a list of strings, or token ids (refused): checked by the handler, which
     # names the bad element.
     prompt: str | list[Any] | None = None
