@@ -21,7 +21,7 @@ import msgspec
 import structlog
 from litestar import Litestar, Request, Response, Router
 from litestar.config.cors import CORSConfig
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.types import HTTPScope, LifeSpanReceive, LifeSpanScope, LifeSpanSend, Message, Receive, Scope, Send
@@ -141,6 +141,26 @@ def _http_error(request: Request[Any, Any, Any], error: HTTPException) -> Respon
     return error_response(ProxyError(kind, message))
 
 
+def _json_not_found(response: Response[Any]) -> Response[Any]:
+    """Litestar answers an unknown /schema/ path with an HTML page of its own: the proxy answers
+    every unknown route in JSON."""
+    if response.status_code == 404:
+        raise NotFoundException
+    return response
+
+
+def _refused_preflight(scope: HTTPScope, cors: CORSConfig | None) -> ProxyError | None:
+    """A CORS preflight from an origin not in [server] cors_origins, which Litestar would answer
+    in plain text (methods and headers are all allowed: the origin is all it can refuse)."""
+    if cors is None or scope["method"] != "OPTIONS":
+        return None
+    origin = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"origin"), "")
+    if not origin or cors.is_origin_allowed(origin):
+        return None
+    return ProxyError(Kind.BAD_REQUEST, f"CORS preflight refused: the origin '{clip(origin, 200)}' is not in this "
+                      "proxy's [server] cors_origins.", code="cors_origin_not_allowed")
+
+
 def _unexpected(request: Request[Any, Any, Any], error: Exception) -> Response[bytes]:
     request_id = request.scope["state"].get("request_id", "")
     log.error("unhandled_error", request_id=request_id, exc_info=error)
@@ -180,7 +200,10 @@ class ProxyApp(Litestar):
             await send(message)
 
         try:
-            if scope["method"] == "POST" and any(k in _REPEAT_HEADERS for k, _ in scope["headers"]):
+            refused = _refused_preflight(scope, self.cors_config)
+            if refused is not None:
+                await send_error(send_with_id, refused)
+            elif scope["method"] == "POST" and any(k in _REPEAT_HEADERS for k, _ in scope["headers"]):
                 await self.idempotency(super().__call__, self.state.runtime, scope, receive, send_with_id)
             else:
                 await super().__call__(scope, receive, send_with_id)
@@ -321,8 +344,9 @@ def create_app(config: Config, config_path: str | Path | None = None, workers: i
         logging_config=None,
         # The document only: Litestar's viewer pages load their scripts from CDNs, which the
         # closed networks teams run the proxy in cannot reach.
-        openapi_config=OpenAPIConfig(title="xf-openai-proxy", version="1.0.0", path="/schema",
-                                     render_plugins=[JsonRenderPlugin()]),
+        openapi_config=OpenAPIConfig(title="xf-openai-proxy", version="1.0.0", render_plugins=[JsonRenderPlugin()],
+                                     openapi_router=Router("/schema", route_handlers=[], include_in_schema=False,
+                                                           after_request=_json_not_found)),
         debug=False,
     )
     app.state.metrics = metrics

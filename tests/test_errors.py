@@ -537,6 +537,19 @@ def test_wrong_method_is_405_in_openai_shape(edge: RunningProxy, method: str, pa
     assert method in error["message"]
 
 
+def test_cors_preflight_from_another_origin_is_refused_in_openai_shape(
+        start_proxy: Callable[..., RunningProxy], proxy_config: dict[str, Any]) -> None:
+    proxy_config["server"] = {"cors_origins": ["https://app.example"]}
+    proxy = start_proxy(proxy_config)
+    preflight = {"access-control-request-method": "POST", "access-control-request-headers": "authorization"}
+    refused = httpx.options(proxy.base_url + "/chat/completions", headers={**preflight, "origin": "https://evil.example"})
+    error = raw_error(refused, 400)
+    assert (error["type"], error["code"]) == ("invalid_request_error", "cors_origin_not_allowed")
+    assert "access-control-allow-origin" not in refused.headers
+    allowed = httpx.options(proxy.base_url + "/chat/completions", headers={**preflight, "origin": "https://app.example"})
+    assert allowed.status_code == 204 and allowed.headers["access-control-allow-origin"] == "https://app.example"
+
+
 # ---- x-request-id on every answer --------------------------------------------------
 
 
