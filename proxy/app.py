@@ -233,7 +233,7 @@ class ProxyApp(Litestar):
             access = state.get("access", {})
             cut = state.get(BODY_CUT)
             if cut is not None:  # the body never came whole: what was "sent" after went nowhere
-                status, failure = 408, {"error_code": cut}
+                status, failure = cut[0], {"error_code": cut[1]}
             if scope["path"].startswith("/v1/"):  # the API's traffic, not the console's own polling
                 self.state.live.add(status)
             # only resolved models label the counter: clients cannot invent label values

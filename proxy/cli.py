@@ -34,6 +34,9 @@ def _serve(args: argparse.Namespace) -> int:
     options: dict[str, Any] = dict(host=host, port=port, proxy_headers=False, limits=limits,
                                    timeout_graceful_shutdown=config.server.shutdown_grace)
     if args.workers > 1:
+        from proxy.log import setup_logging
+
+        setup_logging(config.log.level, config.log.format)  # the supervisor's own lines (a worker died)
         # Each worker process builds its own app from the same file.
         os.environ["PROXY_CONFIG"] = os.path.abspath(args.config)
         os.environ["PROXY_WORKERS"] = str(args.workers)  # each keeps its part of every limit

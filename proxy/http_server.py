@@ -13,7 +13,8 @@
   connection, a request in flight the cap cannot close, for ever. The same one timer a
   connection has for its head, so a connection costs no more.
 - A request whose body never arrived whole is marked in its scope's state (BODY_CUT: why), so
-  the access log and metrics say 408 and why, not the 500 the framework answers into the void.
+  the access log and metrics say its status (408, 400) and why, not the 500 the framework
+  answers into the void.
 - At most `max_connections` connections are open, below the process's open-file limit: past
   it, the connection idle longest (no request in flight: silent, mid-head or kept alive) is
   closed for the new one, so a flood of idle connections cannot lock everyone out; only
@@ -41,7 +42,7 @@ MAX_HEAD_BYTES = 64 * 1024
 HEAD_PIECE = 16 * 1024
 HEADER_TIMEOUT = 10.0
 BODY_TIMEOUT = 60.0
-# The scope's state key that says why a request's body never arrived whole: the error code
+# The scope's state key that says why a request's body never arrived whole: (status, error code)
 BODY_CUT = "body_cut"
 # Seconds a connection refused with an answer is still read (and what comes dropped) before it
 # is closed: closing a socket with unread input resets it, and the client would lose the answer.
@@ -180,7 +181,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._stop_timer()
         cycle = self.cycle
         if cycle is not None and cycle.more_body and not cycle.response_started and not cycle.disconnected:
-            cycle.scope["state"][BODY_CUT] = "client_disconnected"  # gone before its body was in
+            cycle.scope["state"][BODY_CUT] = (408, "client_disconnected")  # gone before its body was in
         if guard.evicted:
             guard.evicted = False
             guard.shared.closing -= 1
@@ -253,22 +254,26 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.pipeline:  # queued behind a request being answered, its input paused: not its fault yet
             guard.timer = self.loop.call_later(guard.limits.body_timeout, self._timed_out)
             return
-        cycle = self.cycle
-        if cycle.response_started:  # answered already (without its body): nothing to say
-            guard.refused = True
-            self.transport.close()
-            return
-        # The app, waiting for the body, gets a disconnect and its answer goes nowhere: ours is sent.
-        cycle.scope["state"][BODY_CUT] = "request_timeout"
-        cycle.disconnected = True
-        cycle.message_event.set()
+        self._cut_body(408, "request_timeout")
         self._refuse(408, f"The request body did not arrive within {guard.limits.body_timeout:g} seconds.",
                      "request_timeout")
+
+    def _cut_body(self, status: int, code: str) -> None:
+        """The request under way never gets its body whole: the app, waiting for it, gets a
+        disconnect and its answer goes nowhere, so ours can be sent (unless it answered already)."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or cycle.response_started or cycle.disconnected:
+            return
+        cycle.scope["state"][BODY_CUT] = (status, code)
+        cycle.disconnected = True
+        cycle.message_event.set()
 
     # ---- answering and closing ---------------------------------------------------------
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to what httptools cannot parse, in OpenAI's shape."""
+        """uvicorn's answer to what httptools cannot parse, in OpenAI's shape: a head, or a body's
+        framing (chunk sizes) while the app waits for the body."""
+        self._cut_body(400, "invalid_http_request")
         self._refuse(400, "The proxy could not parse this HTTP request.", "invalid_http_request")
 
     def _refuse(self, status: int, message: str, code: str) -> None:

@@ -48,6 +48,14 @@ def _scrub_rendered(_: Any, __: str, line: str) -> str:
     return redact(line)  # tracebacks and nested values too
 
 
+class _UvicornLines(logging.Handler):
+    """uvicorn's own log records (a request it could not parse, a worker started or stopped) as
+    the proxy's lines: JSON like the rest, scrubbed, not a plain-text line among them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        structlog.get_logger(record.name).log(record.levelno, record.getMessage(), exc_info=record.exc_info)
+
+
 def setup_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     stream = stream or _CurrentStderr()  # type: ignore[assignment]
     tty = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
@@ -67,3 +75,5 @@ def setup_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None 
         logger_factory=structlog.WriteLoggerFactory(file=stream),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
+    uvicorn = logging.getLogger("uvicorn")  # its servers are configured with no logging of their own
+    uvicorn.handlers, uvicorn.propagate = [_UvicornLines()], False

@@ -40,7 +40,9 @@ def free_port() -> int:
 def uvicorn_config(app: Any, *, limits: ConnectionLimits | None = None, log_level: str = "warning",
                    **options: Any) -> LimitedConfig:
     options.setdefault("timeout_graceful_shutdown", 5)
-    return LimitedConfig(app, limits=limits, log_level=log_level, access_log=False, lifespan="on", **options)
+    # log_config None: uvicorn's lines go through the proxy's logging (proxy/log.py), not a format of its own
+    return LimitedConfig(app, limits=limits, log_level=log_level, log_config=None, access_log=False, lifespan="on",
+                         **options)
 
 
 def uvicorn_server(app: Any, *, limits: ConnectionLimits | None = None, **options: Any) -> uvicorn.Server:

@@ -187,13 +187,33 @@ def test_a_head_just_under_the_cap_and_a_body_after_it_are_served(proxy: Running
     assert reply.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_unparseable_requests_are_answered_in_openai_shape(proxy: RunningProxy) -> None:
+def test_unparseable_requests_are_answered_in_openai_shape(proxy: RunningProxy,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     with open_raw(proxy.url) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nBad Header Name: x\r\n\r\n")
         head, _, body = read_answer(sock).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400"), head
     assert json.loads(body)["error"]["code"] == "invalid_http_request"
+    logged = [json.loads(line) for line in capsys.readouterr().err.splitlines()]  # uvicorn's warning too: JSON
+    assert any(e["event"] == "Invalid HTTP request received." and e["level"] == "warning" for e in logged), logged
 
+
+
+@pytest.mark.parametrize("framing", [b"zz\r\n{}\r\n", b"1\r\n{}\r\n0\r\n\r\n", b"ffffffffffffffffffff\r\n"])
+def test_a_body_whose_chunks_do_not_parse_is_answered_400_in_openai_shape(
+        proxy: RunningProxy, capsys: pytest.CaptureFixture[str], framing: bytes) -> None:
+    """The head parsed, the app waiting for the body: httptools' error in the chunk framing was
+    a connection closed with no answer, logged as a 500."""
+    with open_raw(proxy.url) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        time.sleep(0.1)  # the head alone first: the request is under way when the framing breaks
+        sock.sendall(framing)
+        head, _, body = read_answer(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert json.loads(body)["error"]["code"] == "invalid_http_request"
+    [entry] = logged_requests(capsys, 1, "/v1/chat/completions")
+    assert entry["status"] == 400 and entry["error_code"] == "invalid_http_request", entry
 
 # ---- the time a request head may take ---------------------------------------------------
 
