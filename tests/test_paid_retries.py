@@ -6,8 +6,12 @@ attempt before it and answered from it. Either way the upstream is paid once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
+import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -196,6 +200,57 @@ def test_concurrent_repeats_of_one_key_wait_rather_than_409(proxy: RunningProxy,
         replies = list(pool.map(lambda _: post_image(proxy.url, "one boat [delay=0.5]", headers=key), range(8)))
     assert [r.status_code for r in replies] == [200] * 8, [r.text for r in replies if r.status_code != 200]
     assert len({r.content for r in replies}) == 1
+    assert sims.xffuw.count("image") == 1
+
+
+@contextlib.contextmanager
+def loop_paused(proxy: RunningProxy) -> Iterator[None]:
+    """The proxy's event loop held still while the block runs: what is sent meanwhile reaches
+    it as one burst, read in the order it was sent."""
+    loop = proxy.server.loop
+    assert loop is not None
+    paused, resume = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        paused.set()
+        resume.wait(10)
+
+    loop.call_soon_threadsafe(hold)
+    assert paused.wait(5)
+    try:
+        yield
+    finally:
+        resume.set()
+
+
+def test_the_first_body_is_replayed_while_other_bodies_of_its_key_are_refused(proxy: RunningProxy,
+                                                                             sims: Sims) -> None:
+    """A request with another body holds the key in this process while it asks the store whose
+    key it is: a repeat of the first body arriving meanwhile is still the first's repeat (200,
+    replayed), not a 409 idempotency_key_reused, and the upstream is paid once."""
+    key = {"idempotency-key": "one-key-three-bodies"}
+    first = post_image(proxy.url, "the first body", headers=key)
+    assert first.status_code == 200, first.text
+    # another body first, then repeats of the first while that one asks the store
+    prompts = ["another body", "the first body", "the first body", "a third body", "the first body"] * 3
+    connections = [http.client.HTTPConnection("127.0.0.1", proxy.server.port, timeout=30) for _ in prompts]
+    for connection in connections:  # each connection open and served once: the burst is only requests
+        connection.request("GET", "/healthz")
+        connection.getresponse().read()
+    # the bytes post_image sends: the first body is the same body to the byte
+    bodies = [httpx.Request("POST", proxy.url, json={"model": "gpt-image-2", "prompt": p}).content for p in prompts]
+    with loop_paused(proxy):
+        for connection, body in zip(connections, bodies, strict=True):
+            connection.request("POST", "/v1/images/generations", headers={**AUTH, **key}, body=body)
+    replies = [connection.getresponse() for connection in connections]
+    for prompt, reply in zip(prompts, replies, strict=True):
+        body = reply.read()
+        if prompt == "the first body":
+            assert reply.status == 200, body
+            assert reply.headers["idempotent-replayed"] == "true" and body == first.content
+        else:
+            assert reply.status == 409 and json.loads(body)["error"]["code"] == "idempotency_key_reused", body
+        reply.close()
     assert sims.xffuw.count("image") == 1
 
 

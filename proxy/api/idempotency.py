@@ -91,10 +91,18 @@ def repeat_of(scope: Scope) -> tuple[str | None, int | None]:
     return (key or None), retry
 
 
+@dataclass(frozen=True, slots=True)
+class _Holder:
+    """The request of this process that holds a key (client's) now: the others wait on it."""
+
+    owner: asyncio.Future[str]  # the fingerprint of the body the key belongs to, once the store has said
+    decided: asyncio.Future[IdempotencyRecord | None]  # its answer kept for a repeat; None: ask again
+
+
 class Idempotency:
     def __init__(self, rebuild: Rebuild) -> None:
         self.rebuild = rebuild  # answers a request again from the tasks it started
-        self.inflight: dict[tuple[str, str], tuple[str, asyncio.Future[IdempotencyRecord | None]]] = {}
+        self.inflight: dict[tuple[str, str], _Holder] = {}
 
     async def __call__(self, app: ASGIApp, runtime: Runtime, scope: Scope, receive: Receive, send: Send) -> None:
         explicit, retry = repeat_of(scope)
@@ -122,42 +130,50 @@ class Idempotency:
                       client: str, repeat: Repeat, fingerprint: str, body: bytes) -> None:
         slot = (client, repeat.key)
         fresh_attempt = repeat.retry == 0
-        while slot in self.inflight:
-            first_fingerprint, first = self.inflight[slot]
-            if first_fingerprint != fingerprint:
+        while (first := self.inflight.get(slot)) is not None:
+            if not first.owner.done():
+                # The holder is still asking the store whose key this is: its own body is no
+                # answer to that (the key may be another's), so wait until it knows or is done.
+                await asyncio.wait((first.owner, first.decided), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            if first.owner.result() != fingerprint:
                 await send_error(send, _reused())
                 return
             if fresh_attempt:  # an identical request while the first runs: a request of its own
                 await app(scope, _replay_body(body, receive), send)
                 return
-            kept = await asyncio.shield(first)
+            kept = await asyncio.shield(first.decided)
             if kept is not None:
                 await self._replay(send, kept)
                 return
         # Marked in flight before any await: a concurrent repeat in this process waits on it.
-        future: asyncio.Future[IdempotencyRecord | None] = running_loop().create_future()
-        self.inflight[slot] = (fingerprint, future)
+        loop = running_loop()
+        holder = _Holder(owner=loop.create_future(), decided=loop.create_future())
+        self.inflight[slot] = holder
 
         def settle(kept: IdempotencyRecord | None) -> None:
             """The first request is decided: a repeat in this process may go on."""
-            if not future.done():
-                future.set_result(kept)
-            if self.inflight.get(slot, (None, None))[1] is future:
+            if not holder.decided.done():
+                holder.decided.set_result(kept)
+            if self.inflight.get(slot) is holder:
                 del self.inflight[slot]
 
         record = IdempotencyRecord(client=client, key=repeat.key, fingerprint=fingerprint, created=time.time())
         try:
             settle(await self._first_or_repeat(app, runtime, scope, receive, send, record, fresh_attempt, body,
-                                               settle))
+                                               holder.owner, settle))
         finally:
             settle(None)
 
     async def _first_or_repeat(self, app: ASGIApp, runtime: Runtime, scope: Scope, receive: Receive, send: Send,
                                record: IdempotencyRecord, fresh_attempt: bool, body: bytes,
+                               owner: asyncio.Future[str],
                                settle: Callable[[IdempotencyRecord | None], None]) -> IdempotencyRecord | None:
-        """Answer from what the store knows of this key, or run the request as its first."""
+        """Answer from what the store knows of this key, or run the request as its first;
+        `owner` is told the fingerprint the key belongs to as soon as the store says."""
         store = runtime.store
         existing = await store.idempotency_begin(record)
+        owner.set_result(record.fingerprint if existing is None else existing.fingerprint)
         if existing is not None and existing.fingerprint != record.fingerprint:
             await send_error(send, _reused())
             return None
