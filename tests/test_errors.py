@@ -103,11 +103,20 @@ def test_unknown_model_is_404_model_not_found(client: openai.OpenAI, sims: Sims)
 
 @pytest.mark.parametrize(("path", "body"), [
     ("/chat/completions", {"messages": USER}), ("/completions", {"prompt": "hi"}),
-    ("/responses", {"input": "hi"}), ("/images/generations", {"prompt": "猫"})])
+    ("/responses", {"input": "hi"}), ("/images/generations", {"prompt": "猫"}),
+    ("/images/edits", {"prompt": "猫", "images": [{"image_url": "https://example.com/cat.png"}]})])
 def test_empty_model_is_400_not_404(edge: RunningProxy, sims: Sims, path: str, body: dict[str, Any]) -> None:
     error = raw_error(httpx.post(edge.base_url + path, headers=AUTH, json={"model": "", **body}), 400)
     assert (error["type"], error["param"]) == ("invalid_request_error", "model"), error
     assert sims.xffuw.count("chat") == 0 and sims.xffuw.count("image") == 0
+
+
+def test_an_empty_model_field_of_a_form_is_400(edge: RunningProxy, sims: Sims) -> None:
+    reply = httpx.post(edge.base_url + "/images/edits", headers=AUTH, files={"mask": ("m.png", b"-", "image/png")},
+                       data={"model": "", "prompt": "猫", "image": "https://example.com/cat.png"})
+    error = raw_error(reply, 400)
+    assert (error["type"], error["param"]) == ("invalid_request_error", "model"), error
+    assert sims.xffuw.count("image") == 0
 
 
 def test_model_the_upstream_no_longer_has_is_404(client: openai.OpenAI, sims: Sims) -> None:

@@ -166,6 +166,8 @@ async def images_edits(request: Request[Any, Any, Any], caller: CallerDep,
         if response_format not in (None, "url", "b64_json"):
             raise bad_request("Invalid value for 'response_format': expected 'url' or 'b64_json'.",
                               param="response_format")
+        if fields.get("model") == "":
+            raise bad_request("Invalid value for 'model': it must not be empty.", param="model")
         model, size = fields.get("model") or DEFAULT_MODEL, fields.get("size") or None
         extra = {k: v for k, v in fields.items() if k not in _OPENAI_FIELDS}
     elif content_type in ("application/json", ""):

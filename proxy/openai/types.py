@@ -261,7 +261,7 @@ class ImageEditRequest(_In):
 
     prompt: str
     images: list[ImageReference]
-    model: str | None = None
+    model: ModelId | None = None
     n: int = 1
     size: str | None = None
     quality: str | None = None
