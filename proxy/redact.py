@@ -8,11 +8,12 @@ encoded credential leaks it as surely as the whole key. Fewer than 8 characters 
 all inside a name the config gives to something (a client named "backend-bot" whose key is
 "sk-backend-bot-…" keeps its name in the logs).
 
-Pieces are looked for only in text this process wrote or an upstream sent (`redact`). What
-goes back to a client (`redact.whole`) is scrubbed of whole secrets and key shapes alone: a
-client's own text echoed back with its pieces scrubbed would tell, character by character,
-how much of it matches a secret. Upstream text is scrubbed in full where it comes in
-(`proxy/providers/engine.py`).
+Pieces are looked for only in text this process wrote or an upstream sent (`redact`), and
+not where the client itself sent them: what goes back to a client (`redact.whole`) is scrubbed
+of whole secrets and key shapes alone, and upstream text of pieces the request to it did not
+hold (`sent`): a client's own text echoed back with its pieces scrubbed, by us or by an
+upstream quoting it, would tell, character by character, how much of it matches a secret.
+Upstream text is scrubbed where it comes in (`proxy/providers/engine.py`).
 
 The text is cut into runs of the characters keys and their encodings are made of; a run
 that contains a secret or an 8-character piece of one is replaced whole. Verdicts on runs
@@ -96,7 +97,7 @@ class Redactor:
         """Every secret of a config; the names it gives clients, upstreams and aliases are public."""
         self.add(config.secrets(), public=[*(c.name for c in config.clients), *config.providers, *config.aliases])
 
-    def _shows_a_piece(self, run: str) -> bool:
+    def _shows_a_piece(self, run: str, sent: str = "") -> bool:
         # Any 8 characters of the run hold the 4 that start at a multiple of 4: only if one such
         # stretch is a quarter of a piece can a piece be there (a line's unique ids, mostly not).
         quarters = self._quarters
@@ -107,18 +108,21 @@ class Redactor:
             return False
         pieces = self._pieces
         for start in range(len(run) - PIECE + 1):  # a loop, not any(): a quarter faster
-            if run[start:start + PIECE] in pieces:
+            piece = run[start:start + PIECE]
+            if piece in pieces and piece not in sent:
                 return True
         return False
 
-    def _verdict(self, run: str) -> str:
-        """The run as it may be shown."""
-        if self._shows_a_piece(run) or (self._whole is not None and self._whole.search(run)):
+    def _verdict(self, run: str, sent: str = "") -> str:
+        """The run as it may be shown; pieces in `sent` (the client's own) are no secret's."""
+        if self._shows_a_piece(run, sent) or (self._whole is not None and self._whole.search(run)):
             shown = REDACTED
         elif "xf_" in run or "sk-" in run:
             shown = _KEY_SHAPES.sub(REDACTED, run)
         else:
             shown = run
+        if sent:
+            return shown  # a verdict for this text only
         if len(self._verdicts) >= _REMEMBERED:
             self._verdicts = {}
         self._verdicts[run] = shown
@@ -131,13 +135,14 @@ class Redactor:
                 text = pattern.sub(REDACTED, text)
         return _KEY_SHAPES.sub(REDACTED, text) if "xf_" in text or "sk-" in text else text
 
-    def __call__(self, text: str) -> str:
+    def __call__(self, text: str, sent: str = "") -> str:
+        """`text` scrubbed; `sent`: what the client sent that `text` may quote (see the docstring)."""
         if self._odd is not None:
             text = self._odd.sub(REDACTED, text)
-        verdicts = self._verdicts
+        verdicts = {} if sent else self._verdicts
         changed: dict[str, str] | None = None
         for run in _RUN.findall(text):
-            shown = verdicts.get(run) or self._verdict(run)
+            shown = verdicts.get(run) or self._verdict(run, sent)
             if shown != run:
                 if changed is None:
                     changed = {}

@@ -268,3 +268,20 @@ WHOLE = [  # what goes back to a client: whole secrets and key shapes scrubbed, 
 @pytest.mark.parametrize(("text", "shown"), WHOLE)
 def test_what_a_client_sent_is_scrubbed_of_whole_secrets_only(redactor: Redactor, text: str, shown: str) -> None:
     assert redactor.whole(text) == shown
+
+
+GUESS = KEYS[1][6:15]  # 9 characters from inside a key: no key shape, only its pieces tell
+
+SENT = [  # upstream text quoting the request it was sent: the client's own pieces kept, others scrubbed
+    (f"bad size '{GUESS}'", f'{{"size": "{GUESS}"}}', f"bad size '{GUESS}'"),
+    (f"bad size '{GUESS}'", '{"size": "1024x1024"}', "bad size '[redacted]'"),
+    (f"bad size '{GUESS}' for key {KEYS[0][-9:]}", f'{{"size": "{GUESS}"}}',
+     f"bad size '{GUESS}' for key [redacted]"),
+    (f"key {KEYS[1]}", f'{{"size": "{KEYS[1]}"}}', "key [redacted]"),  # a whole secret, sent or not
+]
+
+
+@pytest.mark.parametrize(("text", "sent", "shown"), SENT)
+def test_what_the_request_held_is_not_scrubbed_as_a_piece(redactor: Redactor, text: str, sent: str,
+                                                          shown: str) -> None:
+    assert redactor(text, sent) == shown

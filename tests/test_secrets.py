@@ -13,7 +13,16 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import CLIENT_KEY, FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
+from conftest import (
+    CLIENT_KEY,
+    FENGYUAN_KEYS,
+    OPENAI_COMPAT_KEYS,
+    OTHER_CLIENT_KEY,
+    XFFUW_KEYS,
+    CompatSim,
+    RunningProxy,
+    Sims,
+)
 from helpers import ADMIN_KEY, asgi_request, key_fingerprint, logged_requests, send_json
 
 from proxy.server import BackgroundServer
@@ -311,3 +320,23 @@ def test_an_echoed_guess_answers_alike_whether_or_not_it_holds_a_piece_of_a_secr
             assert f"m-{guess}" in unknown_model.json()["error"]["message"], unknown_model.text
         whole = http.get(f"/v1/{secret}")  # the whole secret, which only its holder can send, stays scrubbed
         assert secret not in whole.text and "[redacted]" in whole.json()["error"]["message"], whole.text
+
+
+
+def test_an_upstream_quoting_a_guess_answers_alike_whether_or_not_it_holds_a_piece_of_a_secret(
+        start_proxy: Callable[[dict[str, Any]], RunningProxy], proxy_config: dict[str, Any],
+        openai_sim: CompatSim) -> None:
+    """The OpenAI-compatible upstream quotes an invalid `size` back: its text is scrubbed of
+    pieces of secrets, but not of what the request to it held, or the same oracle opens there."""
+    proxy_config["admin"] = {"keys": [ADMIN_KEY]}
+    proxy_config["providers"]["compat"] = {"type": "openai", "base_url": openai_sim.base_url,
+                                           "keys": list(OPENAI_COMPAT_KEYS)}
+    proxy = start_proxy(proxy_config)
+    piece = ADMIN_KEY[3:11]
+    wrong = piece[:-1] + ("Z" if piece[-1] != "Z" else "Y")
+    with httpx.Client(base_url=proxy.base_url, headers={"authorization": f"Bearer {CLIENT_KEY}"}, timeout=10) as http:
+        for guess in (piece, wrong):
+            reply = http.post("/images/generations", json={"model": "compat/gpt-image-1", "prompt": "cat",
+                                                           "size": guess})
+            assert reply.status_code == 400, reply.text
+            assert f"'{guess}'" in reply.json()["error"]["message"], reply.text

@@ -161,6 +161,15 @@ class HTTPUpstream:
             self.observe(self.name, operation, time.perf_counter() - started)
 
 
+def _sent(request: UpstreamCall | None, key: str | None) -> str:
+    """The client's values in a request (its JSON and query), never its key."""
+    if request is None:
+        return ""
+    text = (_encode(request.json).decode() if request.json is not None else "") + \
+        "\n".join((request.params or {}).values())
+    return text.replace(key, "") if key else text
+
+
 class Provider:
     """A dialect on a base URL: the calls the gateway, the pool and the task waiter make."""
 
@@ -179,15 +188,17 @@ class Provider:
         """Send one request with the key's headers; the payload the dialect's check lets through."""
         answer = await self.upstream.send(request.method, request.path, json=request.json, params=request.params,
                                           headers=self.dialect.auth(key) if key else None)
-        return self._check(answer)
+        return self._check(answer, request, key)
 
     # Where upstream text comes in: an upstream may quote a key, whole or cut short, in an error
-    # or a task's reason; it is scrubbed here in full, before it is logged, kept or answered.
-    def _check(self, answer: Answer) -> Any:
+    # or a task's reason; it is scrubbed here, before it is logged, kept or answered. What it
+    # quotes of the request it was sent (a client's value) is kept: scrubbed, it would answer
+    # whether a guess holds a piece of a secret (proxy/redact.py).
+    def _check(self, answer: Answer, request: UpstreamCall | None = None, key: str | None = None) -> Any:
         try:
             return self.dialect.check(answer)
         except ProxyError as error:
-            error.message = redact(error.message)
+            error.message = redact(error.message, _sent(request, key))
             raise
 
     @staticmethod
