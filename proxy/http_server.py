@@ -254,6 +254,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.pipeline:  # queued behind a request being answered, its input paused: not its fault yet
             guard.timer = self.loop.call_later(guard.limits.body_timeout, self._timed_out)
             return
+        if self.cycle.response_complete:  # answered without its body (a 401, a 404): nothing more to say
+            guard.refused = True
+            self.transport.close()
+            return
         self._cut_body(408, "request_timeout")
         self._refuse(408, f"The request body did not arrive within {guard.limits.body_timeout:g} seconds.",
                      "request_timeout")

@@ -284,6 +284,17 @@ def test_a_body_that_stalls_gets_408_within_body_timeout_and_is_logged_as_such(
     assert entry["status"] == 408 and entry["error_code"] == "request_timeout", entry
 
 
+def test_a_request_answered_before_its_body_gets_no_second_answer_when_the_body_stalls(
+        start_limited: Callable[[ConnectionLimits], BackgroundServer]) -> None:
+    server = start_limited(ConnectionLimits(max_connections=10_000, body_timeout=0.5))
+    with open_raw(server.url) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer sk-no-such-key\r\nContent-Length: 1000\r\n\r\n{")
+        answers = read_answer(sock, timeout=3)
+    assert answers.startswith(b"HTTP/1.1 401"), answers
+    assert answers.count(b"HTTP/1.1 ") == 1, answers  # no 408 after it at the body's deadline
+
+
 def test_a_client_gone_mid_body_is_logged_as_such_not_as_an_internal_error(
         proxy: RunningProxy, capsys: pytest.CaptureFixture[str]) -> None:
     stall_body(proxy.url).close()
