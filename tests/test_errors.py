@@ -544,6 +544,8 @@ def test_wrong_method_is_405_in_openai_shape(edge: RunningProxy, method: str, pa
     error = raw_error(reply, 405)
     assert error["type"] == "invalid_request_error"
     assert method in error["message"]
+    allowed = {m.strip() for m in reply.headers.get("allow", "").split(",")}
+    assert allowed and method not in allowed, reply.headers  # the methods the route does take
 
 
 def test_cors_preflight_from_another_origin_is_refused_in_openai_shape(
