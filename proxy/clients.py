@@ -35,6 +35,9 @@ PASSTHROUGH_WINDOW = 600.0
 OWN_KEY_TTL = 60.0
 OWN_KEY_CHECKS = 10
 OWN_KEYS_KEPT = 4096
+# an own key its upstream accepted (a call or a check) escapes its address's refusal and check
+# limits for ACCEPTED_TTL seconds after its latest acceptance: others' made-up keys cannot lock it out
+ACCEPTED_TTL = 86_400.0
 ADDRESSES = 10_000  # source addresses remembered; beyond, the least recently seen are forgotten
 
 
@@ -52,10 +55,14 @@ def digest_of(client: ClientConfig) -> bytes:
     return hashlib.sha256((client.key or "").encode()).digest()
 
 
+def key_digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
 def match_digest(token: str, digests: list[bytes]) -> int | None:
     """Index of the digest the token hashes to; every entry is compared, so the time does not
     depend on which one matches."""
-    digest = hashlib.sha256(token.encode()).digest()
+    digest = key_digest(token)
     found = None
     for i, known in enumerate(digests):
         if hmac.compare_digest(known, digest):
@@ -103,6 +110,8 @@ class Clients:
         # sha256 of an own key -> its check, pending or done: one upstream call per key and TTL
         self._verdicts: cachetools.TTLCache[bytes, asyncio.Task[bool]] = cachetools.TTLCache(
             OWN_KEYS_KEPT, OWN_KEY_TTL)
+        # sha256 of own keys their upstream accepted; only real keys get here, so no stranger can flush it
+        self._accepted: cachetools.TTLCache[bytes, bool] = cachetools.TTLCache(OWN_KEYS_KEPT, ACCEPTED_TTL)
 
     def _find(self, token: str) -> ClientConfig | str | None:
         """The client a token belongs to, or the provider whose passthrough prefix it has."""
@@ -120,7 +129,7 @@ class Clients:
         if isinstance(found, ClientConfig):
             return Caller(name=found.name, client=found, request_id=request_id)
         if found is not None:
-            self._admit_passthrough(source)
+            self._admit_passthrough(source, token)
             return Caller(name=f"own-key:{fingerprint(token)}", client=None, request_id=request_id,
                           own_key=passthrough_key(found, token), source=source)
         raise ProxyError(Kind.INVALID_API_KEY, BAD_KEY)
@@ -131,28 +140,38 @@ class Clients:
         found = self._find(token) if token is not None else None
         return passthrough_key(found, token) if isinstance(found, str) and token is not None else None
 
-    def _admit_passthrough(self, source: str | None) -> None:
+    def _admit_passthrough(self, source: str | None, token: str) -> None:
         """Someone probing keys through the proxy: their refusals are counted per address."""
+        if key_digest(token) in self._accepted:
+            return
         wait = self._refused.wait(source)
         if wait is not None:
             raise ProxyError(Kind.RATE_LIMITED, "Too many refused upstream keys from this address; retry later.",
                              retry_after=wait)
 
-    def passthrough_refused(self, source: str | None) -> None:
-        self._refused.add(source)
+    def own_key_verdict(self, caller: Caller, accepted: bool) -> None:
+        """What the upstream made of a caller's own key: a refusal counts against its address."""
+        assert caller.own_key is not None
+        digest = key_digest(caller.own_key.secret)
+        if accepted:
+            self._accepted[digest] = True  # set again: its time to live starts over
+        else:
+            self._accepted.pop(digest, None)  # revoked since
+            self._refused.add(caller.source)
 
     async def check_own_key(self, caller: Caller, provider: Provider) -> None:
         """For answers that call no upstream with the key (the model list): 401 unless its
         upstream accepts it, asked once per key and OWN_KEY_TTL, a few new keys per address a minute."""
         assert caller.own_key is not None
-        digest = hashlib.sha256(caller.own_key.secret.encode()).digest()
+        digest = key_digest(caller.own_key.secret)
         check = self._verdicts.get(digest)
         if check is None:
-            wait = self._checks.wait(caller.source)
-            if wait is not None:
-                raise ProxyError(Kind.RATE_LIMITED, "Too many new upstream keys from this address; retry later.",
-                                 retry_after=wait)
-            self._checks.add(caller.source)
+            if digest not in self._accepted:  # a key its upstream accepted is not a new one
+                wait = self._checks.wait(caller.source)
+                if wait is not None:
+                    raise ProxyError(Kind.RATE_LIMITED, "Too many new upstream keys from this address; "
+                                     "retry later.", retry_after=wait)
+                self._checks.add(caller.source)
             check = self._verdicts[digest] = asyncio.create_task(accepted(provider, caller.own_key.secret))
             check.add_done_callback(lambda done: done.cancelled() or done.exception())  # read, even if no one waits
         try:
@@ -162,8 +181,10 @@ class Clients:
                 del self._verdicts[digest]  # no verdict (upstream down, rate limited): asked again next time
             raise
         if not valid:
-            self.passthrough_refused(caller.source)
+            self.own_key_verdict(caller, False)
             raise ProxyError(Kind.INVALID_API_KEY, f"{provider.name} refused the key you sent.")
+        if can_ask(provider):  # a key waved through unasked earns no exemption
+            self.own_key_verdict(caller, True)
 
     def identify(self, authorization: str | None) -> str | None:
         """The caller's name, without counting a request: for keying idempotency records."""
@@ -217,7 +238,7 @@ class Clients:
 
     def adopt(self, old: Clients) -> None:
         """After a reload: clients that stay keep their rate-limit windows."""
-        self._refused = old._refused
+        self._refused, self._accepted = old._refused, old._accepted
         for name, calls in old._calls.items():
             if any(c.name == name for c in self.clients):
                 self._calls[name] = calls
@@ -229,13 +250,18 @@ async def accepted(provider: Provider, secret: str) -> bool:
     try:
         if provider.has_balance:
             await provider.balance(secret)
-        elif provider.dialect.models_need_key:
+        elif can_ask(provider):
             await provider.list_models(secret)
     except ProxyError as error:
         if error.kind is Kind.AUTH:
             return False
         raise
     return True
+
+
+def can_ask(provider: Provider) -> bool:
+    """Whether the upstream has a call that tells, free of charge, if it accepts a key."""
+    return provider.has_balance or provider.dialect.models_need_key
 
 
 def rpm_window(client: ClientConfig) -> Window:

@@ -49,7 +49,7 @@ class Caller:
     reservation: Reservation | None = None  # what this request holds of the client's budget
     source: str | None = None  # the caller's address, for passthrough callers (refusals are counted)
     admission: Admission | None = None  # its client rpm, to be counted with its first upstream call
-    on_refused_key: Callable[[str | None], None] | None = None  # told when the upstream refuses an own key
+    on_key_verdict: Callable[[Caller, bool], None] | None = None  # told whether the upstream accepted an own key
 
 
 @dataclass(slots=True)
@@ -162,13 +162,16 @@ class Gateway:
                 if caller.admission is not None:
                     await caller.admission.count()
                 try:
-                    return await call(caller.own_key.secret), caller.own_key
+                    answer = await call(caller.own_key.secret)
                 except ProxyError as error:
                     if error.kind is Kind.AUTH:
-                        if caller.on_refused_key is not None:
-                            caller.on_refused_key(caller.source)
+                        if caller.on_key_verdict is not None:
+                            caller.on_key_verdict(caller, False)
                         raise ProxyError(Kind.INVALID_API_KEY, f"{provider.name} refused the key you sent.") from None
                     raise
+                if caller.on_key_verdict is not None:
+                    caller.on_key_verdict(caller, True)
+                return answer, caller.own_key
             return await self.pools[provider.name].run(call, lambda key: price(route.model, key), caller.admission)
         except ProxyError as error:
             if error.kind is Kind.MODEL_NOT_FOUND:

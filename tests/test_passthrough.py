@@ -10,7 +10,18 @@ from typing import Any
 
 import httpx
 from conftest import RunningProxy, Sims
-from helpers import ADMIN, AUTH, admin_get, error_of, logged_requests, post_image, task_ids, wait_until, with_admin
+from helpers import (
+    ADMIN,
+    AUTH,
+    admin_get,
+    error_of,
+    fast_tasks,
+    logged_requests,
+    post_image,
+    task_ids,
+    wait_until,
+    with_admin,
+)
 from test_admin import metric_samples, sample
 
 from proxy.clients import OWN_KEY_CHECKS, PASSTHROUGH_FAILURES
@@ -144,3 +155,26 @@ def test_own_keys_share_one_metrics_series_and_keep_their_fingerprint_in_the_log
     assert {s["client"] for s in series} <= {"own-key", ""}, series  # "": refused before it was identified
     assert sample(found, "proxy_requests_total", client="own-key", model="gpt-4o-mini", status="200") == 1
     assert len(series) <= 4, series  # own-key 200 and 401, 429, and the /metrics reads
+
+
+def test_made_up_keys_from_an_address_do_not_lock_out_an_own_key_its_upstream_accepted(
+        start_proxy: Callable[[dict[str, Any]], RunningProxy], proxy_config: dict[str, Any], sims: Sims) -> None:
+    sims.xffuw.keys[OWN_KEY] = 50.0
+    fast_tasks(proxy_config, sims)
+    proxy_config["auth"] = {"passthrough": True}
+    proxy = start_proxy(proxy_config)
+    (task_id,) = task_ids(post_image(proxy.url, "my own heron", model="gpt-image-2", headers=own(OWN_KEY)))
+    # the same address (behind a load balancer: everyone's) probes keys until both its limits are reached
+    probes = [httpx.get(proxy.base_url + "/models", headers=own(f"xf_probe_{i:04d}")).status_code
+              for i in range(max(OWN_KEY_CHECKS, PASSTHROUGH_FAILURES) + 2)]
+    assert probes[:PASSTHROUGH_FAILURES] == [401] * PASSTHROUGH_FAILURES and probes[-1] == 429, probes
+    since = len(sims.xffuw.calls)
+    listed = httpx.get(proxy.base_url + "/models", headers=own(OWN_KEY))
+    assert listed.status_code == 200, listed.text  # a new check for it, past the limit for new keys
+    assert httpx.post(proxy.base_url + "/chat/completions", json=CHAT, headers=own(OWN_KEY)).status_code == 200
+    view = httpx.get(f"{proxy.base_url}/tasks/{task_id}", headers=own(OWN_KEY))
+    assert view.status_code == 200, view.text
+    for reply in (httpx.get(proxy.base_url + "/models", headers=own("xf_probe_more")),
+                  httpx.post(proxy.base_url + "/chat/completions", json=CHAT, headers=own("xf_probe_more"))):
+        assert error_of(reply, 429)["code"] == "rate_limit_exceeded"
+    assert not [c for c in sims.xffuw.calls[since:] if (c.key or "").startswith("xf_probe_")], "probing went on"

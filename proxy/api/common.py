@@ -34,7 +34,7 @@ async def authenticate(request: Request[Any, Any, Any]) -> Caller:
     caller = clients.authenticate(request.headers.get("authorization"), request.scope["state"].get("request_id"),
                                   source[0] if source else None)
     if caller.own_key is not None:
-        caller.on_refused_key = clients.passthrough_refused
+        caller.on_key_verdict = clients.own_key_verdict
     caller.idempotency_key = request.headers.get("idempotency-key")
     # A POST calls the upstream: its rpm is counted with that call's key window, in one step
     await clients.admit(caller, defer=request.method == "POST")
