@@ -198,6 +198,11 @@ def test_form_text_that_does_not_decode_is_a_400_naming_the_field(public_proxy: 
     broken = httpx.post(f"{public_proxy.base_url}/images/edits", content=b"--b0undary\r\nnot a header\r\n\r\nx",
                         headers={**AUTH, "content-type": "multipart/form-data; boundary=b0undary"}, timeout=30)
     assert error_of(broken)["param"] is None
+    odd_name = httpx.post(f"{public_proxy.base_url}/images/edits", timeout=30,
+                          content=b'--b0undary\r\nContent-Disposition: form-data; name="\xff\xfe"\r\n\r\nx\r\n'
+                                  b"--b0undary--\r\n",
+                          headers={**AUTH, "content-type": "multipart/form-data; boundary=b0undary"})
+    assert "Error(" not in error_of(odd_name)["message"], odd_name.text  # no Python exception's repr
 
 
 def test_other_content_types_and_chat_models_are_refused(public_proxy: RunningProxy, sims: Sims) -> None:

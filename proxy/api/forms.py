@@ -85,5 +85,7 @@ async def read_form(request: Request[Any, Any, Any]) -> list[tuple[str, str | Fo
         raise ProxyError(Kind.PAYLOAD_TOO_LARGE, f"The multipart form exceeds this proxy's limits ({error}).") \
             from None
     except ParserError as error:
-        raise bad_request(f"Invalid multipart/form-data: {clip(str(error))}.") from None
+        # the parser's own words, where it names a decode error, hold a Python exception's repr
+        said = str(error) if "Error(" not in str(error) else "a part's header is not readable"
+        raise bad_request(f"Invalid multipart/form-data: {clip(said, 200)}.") from None
     return parts
