@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from helpers import refusal
 
-from proxy.errors import Kind
+from proxy.errors import Kind, ProxyError
 from proxy.providers.base import Answer, ChatAnswer, ChatCall, ImageCall, ModelInfo, TaskState, UpstreamCall
 from proxy.providers.openai import OpenAICompatible, model_kind
 
@@ -123,6 +123,31 @@ ERRORS = [
                          ids=[f"{r[0]}-{i}" for i, r in enumerate(ERRORS)])
 def test_check_error(status: int, body: Any, retry_after: float | None, kind: Kind, message: str) -> None:
     assert refusal(D.check, Answer(status, body, retry_after)) == (kind, message, retry_after)
+
+
+# (status, body) -> (param, code) the client sees: the upstream's param always, its code for a bad request
+# only (for the other kinds the proxy's own code says what it did, e.g. no_upstream_key), strings only.
+NAMED = [
+    (400, error_json("Invalid value: '640x480'.", param="size"), "size", None),
+    (400, error_json("Unknown parameter: 'response_format'.", code="unknown_parameter", param="response_format"),
+     "response_format", "unknown_parameter"),
+    (400, error_json("too long", code="context_length_exceeded", param="messages"), "messages",
+     "context_length_exceeded"),
+    (401, error_json("Incorrect API key provided.", code="invalid_api_key"), None, None),
+    (400, {"object": "error", "message": "bad", "type": "BadRequestError", "param": "top_p", "code": 400}, "top_p",
+     None),
+    (400, error_json("x", code="c" * 500, param="p" * 500), "p" * 100 + "… (500 characters)",
+     "c" * 100 + "… (500 characters)"),
+    (400, {"error": {"message": "x", "param": ["size"], "code": ""}}, None, None),
+]
+
+
+@pytest.mark.parametrize(("status", "body", "param", "code"), NAMED, ids=[str(i) for i in range(len(NAMED))])
+def test_check_passes_the_upstreams_param_and_code(status: int, body: Any, param: str | None,
+                                                    code: str | None) -> None:
+    with pytest.raises(ProxyError) as caught:
+        D.check(Answer(status, body, None))
+    assert (caught.value.param, caught.value.code) == (param, code)
 
 
 # Nothing readable, and a status that does not say enough: an upstream failure (a 404 without

@@ -184,6 +184,13 @@ def test_body_not_an_object_is_400(edge: RunningProxy, sims: Sims, content: byte
          "messages[0].content[0].text"),
         ({"model": "gpt-4o-mini", "messages": [{"role": "system", "content": [
             {"type": "image_url", "image_url": {"url": "https://a.example/x.png"}}]}]}, "messages[0].content[0].type"),
+        *[({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [{"type": kind, kind: inner}]}]},
+           f"messages[0].content[0].{kind}{field}") for kind, inner, field in [
+            ("image_url", {}, ".url"), ("image_url", {"url": 5}, ".url"), ("image_url", {"url": ""}, ".url"),
+            ("image_url", {"url": "javascript:alert(1)"}, ".url"), ("image_url", {"url": "data:image/png"}, ".url"),
+            ("image_url", {"url": "https://a.example/x.png", "detail": "max"}, ".detail"),
+            ("input_audio", {"format": "wav"}, ".data"), ("input_audio", {"data": "UklG", "format": "ogg"}, ".format"),
+            ("file", {}, ""), ("file", {"file_id": 7}, ".file_id")]],
         ({"model": "gpt-4o-mini", "messages": [*USER, {"role": "assistant", "content": None, "tool_calls": "x"}]},
          "messages[1].tool_calls"),
         ({"model": "gpt-4o-mini", "messages": [*USER, {"role": "assistant", "tool_calls": [

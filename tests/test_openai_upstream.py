@@ -202,7 +202,7 @@ def test_image_errors_arrive_in_openais_shape(sdk: openai.OpenAI, openai_sim: Co
     assert caught.value.code == "content_policy_violation"
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(model="dall-e-3", prompt="a cat", size="640x480")  # the upstream refuses the size
-    assert "640x480" in caught.value.message
+    assert "640x480" in caught.value.message and caught.value.param == "size"  # the field the upstream named
 
 
 # ---- the pool: each test its own proxy --------------------------------------------------------

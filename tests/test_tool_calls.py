@@ -247,6 +247,12 @@ VALID_SHAPES: list[dict[str, Any]] = [
         {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "sunny"}]},
         {"role": "tool", "tool_call_id": "c2", "content": "1"},
         {"role": "user", "content": "thanks"}]},
+    {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": "HTTPS://a.example/x.png?size=2", "detail": "auto"}},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+        {"type": "file", "file": {"file_id": "file-abc"}},
+        {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0="}}]}]},
 ]
 
 

@@ -6,7 +6,7 @@ import asyncio
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -25,6 +25,7 @@ from proxy.openai import sse
 from proxy.openai.decode import convert
 from proxy.openai.errors import error_payload
 from proxy.openai.openapi import documented
+from proxy.openai.responses import check_image_url
 from proxy.openai.types import (
     CHAT_OWN_FIELDS,
     AssistantMessage,
@@ -60,6 +61,13 @@ PART_FIELDS: dict[str, tuple[str, type, str]] = {
     "text": ("text", str, "a string"), "refusal": ("refusal", str, "a string"),
     "image_url": ("image_url", dict, "an object"), "input_audio": ("input_audio", dict, "an object"),
     "file": ("file", dict, "an object")}
+# The string fields inside an object part, as OpenAI's spec has them: name, required, and the check of
+# its value beyond being a string (None: any string). A file part needs file_data or file_id besides.
+PART_OBJECT_FIELDS: dict[str, tuple[tuple[str, bool, Callable[[str, str], object] | None], ...]] = {
+    "image_url": (("url", True, check_image_url),
+                  ("detail", False, lambda value, where: _one_of(value, ("auto", "low", "high"), where))),
+    "input_audio": (("data", True, None), ("format", True, lambda value, where: _one_of(value, ("wav", "mp3"), where))),
+    "file": (("file_data", False, None), ("file_id", False, None), ("filename", False, None))}
 
 
 def require(obj: dict[str, Any], field: str, kind: type, label: str, where: str) -> Any:
@@ -105,7 +113,15 @@ def _check_parts(parts: list[Any], role: str, where: str) -> None:
         here = f"{where}[{j}]"
         kind = require(_object(part, here), "type", str, "a string", here)
         _one_of(kind, allowed, f"{here}.type")
-        require(part, *PART_FIELDS[kind], here)
+        inner = require(part, *PART_FIELDS[kind], here)
+        for field, required, check in PART_OBJECT_FIELDS.get(kind, ()):
+            if required or inner.get(field) is not None:
+                value = require(inner, field, str, "a string", f"{here}.{kind}")
+                if check is not None:
+                    check(value, f"{here}.{kind}.{field}")
+        if kind == "file" and inner.get("file_data") is None and inner.get("file_id") is None:
+            raise bad_request(f"Missing required parameter: '{here}.file' needs 'file_data' or 'file_id'.",
+                              param=f"{here}.file")
 
 
 def _check_tool_calls(calls: Any, where: str) -> None:

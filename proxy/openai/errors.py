@@ -21,7 +21,7 @@ MESSAGE_LIMIT = 2048
 def error_payload(error: ProxyError) -> ErrorResponse:
     shape = error.shape
     return ErrorResponse(error=ErrorBody(message=redact.whole(clip(error.message, MESSAGE_LIMIT)), type=shape.type,
-                                         param=clip(error.param) if error.param else error.param,
+                                         param=redact.whole(clip(error.param)) if error.param else error.param,
                                          code=error.code or shape.code))
 
 

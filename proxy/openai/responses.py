@@ -8,6 +8,7 @@ fields it requires have no default, so they are always sent (null included).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import msgspec
@@ -212,6 +213,9 @@ def encode(value: Any) -> bytes:
 
 INPUT_ROLES = frozenset({"user", "system", "developer", "assistant"})
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal", "summary_text"})
+# An image's URL: http(s) with a host, or data: with its comma (javascript:, file: and the like are refused).
+IMAGE_URL = re.compile(r"(?i)(https?://[^\s/?#]+|data:[^,]*,)")
+IMAGE_DETAILS = ("auto", "low", "high", "original")  # a Responses input_image's; chat's lacks original
 
 
 def _text_of(part: dict[str, Any], where: str) -> str:
@@ -221,17 +225,31 @@ def _text_of(part: dict[str, Any], where: str) -> str:
     return value
 
 
+def check_image_url(url: Any, where: str) -> str:
+    """An image's URL as OpenAI takes it (chat's image_url.url, a Responses input_image's image_url):
+    an http(s) URL with a host, or a data: URL; `where` is the field's name in the error."""
+    if url is None:
+        raise bad_request(f"Missing required parameter: '{where}'.", param=where)
+    if not isinstance(url, str):
+        raise bad_request(f"Invalid type for '{where}': expected a string.", param=where)
+    if not IMAGE_URL.match(url):
+        raise bad_request(f"Invalid value for '{where}': '{clip(url, 80)}'; expected an http(s) URL or a data: URL.",
+                          param=where)
+    return url
+
+
 def _image_part(part: dict[str, Any], where: str) -> dict[str, Any]:
     url = part.get("image_url")
     if url is None and part.get("file_id") is not None:
         raise bad_request(f"'{where}.file_id' is not supported by this proxy: send the image as 'image_url' "
                           "(an http(s) URL or a data: URL).", param=f"{where}.file_id")
-    if not isinstance(url, str) or not url.startswith(("http://", "https://", "data:")):
-        raise bad_request(f"Invalid value for '{where}.image_url': expected an http(s) URL or a data: URL.",
-                          param=f"{where}.image_url")
-    image: dict[str, Any] = {"url": url}
-    if isinstance(part.get("detail"), str):
-        image["detail"] = part["detail"]
+    image: dict[str, Any] = {"url": check_image_url(url, f"{where}.image_url")}
+    detail = part.get("detail")
+    if detail is not None:
+        if detail not in IMAGE_DETAILS:
+            raise bad_request(f"Invalid value for '{where}.detail': expected one of {list(IMAGE_DETAILS)}.",
+                              param=f"{where}.detail")
+        image["detail"] = detail
     return {"type": "image_url", "image_url": image}
 
 

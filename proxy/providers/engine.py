@@ -198,7 +198,10 @@ class Provider:
         try:
             return self.dialect.check(answer)
         except ProxyError as error:
-            error.message = redact(error.message, _sent(request, key))
+            sent = _sent(request, key)
+            error.message = redact(error.message, sent)
+            error.param = redact(error.param, sent) if error.param else error.param  # a dialect may pass the upstream's
+            error.code = redact(error.code, sent) if error.code else error.code
             raise
 
     @staticmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.clip import clip
 from proxy.errors import Kind, ProxyError
 from proxy.providers.base import (
     Answer,
@@ -44,6 +45,7 @@ STATUS_KINDS = {401: Kind.AUTH, 402: Kind.BALANCE, 403: Kind.AUTH, 429: Kind.RAT
 # Statuses that name it only with an error body: an HTML 404 is a wrong base URL, not a model.
 ERROR_BODY_KINDS = {400: Kind.BAD_REQUEST, 404: Kind.MODEL_NOT_FOUND, 413: Kind.BAD_REQUEST,
                     422: Kind.BAD_REQUEST}
+UPSTREAM_WORD = 100  # characters kept of an upstream error's param or code
 # /models gives no kind: ids with these words are image models, the rest chat.
 IMAGE_WORDS = ("dall-e", "gpt-image", "image", "flux", "stable-diffusion", "sdxl", "sd3", "midjourney",
                "seedream", "cogview", "kolors", "recraft", "ideogram")
@@ -79,6 +81,11 @@ def error_of(body: Any) -> tuple[str, tuple[Any, ...]] | None:
     return None
 
 
+def error_word(value: Any) -> str | None:
+    """An upstream error's param or code when a non-empty string, clipped: an upstream may send anything."""
+    return clip(value, UPSTREAM_WORD) if isinstance(value, str) and value else None
+
+
 def image_urls(payload: dict[str, Any]) -> list[str]:
     """Each image of an images answer as a URL: its `url`, or its `b64_json` as a data: URL."""
     data = payload.get("data")
@@ -107,7 +114,12 @@ class OpenAICompatible(Dialect):
             kind = ERROR_BODY_KINDS.get(answer.status, Kind.UPSTREAM_UNAVAILABLE)
         if kind is None:
             raise unreadable(self.name, answer)
-        raise ProxyError(kind, f"{self.name}: {message}", retry_after=answer.retry_after)
+        outer = as_dict(body)
+        fields = as_dict(outer.get("error")) or (outer if outer.get("object") == "error" else {})
+        # The field the upstream names, and for the client's own mistake its code, as OpenAI would answer.
+        raise ProxyError(kind, f"{self.name}: {message}", retry_after=answer.retry_after,
+                         param=error_word(fields.get("param")),
+                         code=error_word(fields.get("code")) if kind is Kind.BAD_REQUEST else None)
 
     def models_request(self) -> UpstreamCall:
         return UpstreamCall("GET", "models")
