@@ -135,6 +135,14 @@ class Redactor:
                 text = pattern.sub(REDACTED, text)
         return _KEY_SHAPES.sub(REDACTED, text) if "xf_" in text or "sk-" in text else text
 
+    def pieces_in(self, text: str) -> str:
+        """The pieces of secrets `text` shows, one a line; "" for none (nearly always): what a
+        request held that its upstream may quote back later (a task's reason), kept that long."""
+        pieces = self._pieces
+        found = {run[i:i + PIECE] for run in _RUN.findall(text) if self._shows_a_piece(run)
+                 for i in range(len(run) - PIECE + 1) if run[i:i + PIECE] in pieces}
+        return "\n".join(sorted(found))
+
     def __call__(self, text: str, sent: str = "") -> str:
         """`text` scrubbed; `sent`: what the client sent that `text` may quote (see the docstring)."""
         if self._odd is not None:

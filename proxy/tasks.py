@@ -34,7 +34,6 @@ from proxy.loop import running_loop
 from proxy.pool import KeyPool, UpstreamKey
 from proxy.providers.base import TaskList, TaskState
 from proxy.providers.engine import NotAnswered, Prepared, Provider, Sent
-from proxy.redact import redact
 from proxy.store import Store, TaskRecord
 
 log = structlog.get_logger("proxy.tasks")
@@ -106,9 +105,7 @@ def new_task_id() -> str:
 
 
 def error_of(record: TaskRecord) -> ProxyError | None:
-    # the reason is the upstream's: scrubbed in full (answers scrub only whole secrets), as the
-    # engine scrubs it on the way in, for records an older version kept as they came
-    reason = redact(record.reason) if record.reason else None
+    reason = record.reason  # the upstream's, scrubbed where it came in (proxy/providers/engine.py)
     if record.state == "failed":
         return ProxyError(Kind.TASK_FAILED, f"The upstream task {record.id} failed: "
                           f"{reason or 'no reason given'}", task_ids=(record.id,))

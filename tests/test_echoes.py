@@ -285,3 +285,12 @@ SENT = [  # upstream text quoting the request it was sent: the client's own piec
 def test_what_the_request_held_is_not_scrubbed_as_a_piece(redactor: Redactor, text: str, sent: str,
                                                           shown: str) -> None:
     assert redactor(text, sent) == shown
+
+
+@pytest.mark.parametrize(("text", "found"), [
+    ("一只橘猫 in 1024x1024", ""),
+    (f"a cat {GUESS} please", "\n".join(sorted({GUESS[:8], GUESS[1:]}))),
+    (f"{KEYS[0]}", "\n".join(sorted({KEYS[0][i:i + 8] for i in range(len(KEYS[0]) - 7)}))),
+])
+def test_the_pieces_a_request_holds_are_listed_to_be_kept(redactor: Redactor, text: str, found: str) -> None:
+    assert redactor.pieces_in(text) == found

@@ -340,3 +340,45 @@ def test_an_upstream_quoting_a_guess_answers_alike_whether_or_not_it_holds_a_pie
                                                            "size": guess})
             assert reply.status_code == 400, reply.text
             assert f"'{guess}'" in reply.json()["error"]["message"], reply.text
+
+
+def prompt_quoting_upstream() -> Callable[..., Any]:
+    """xffuw's dialect; every image task fails, its reason quoting the task's prompt."""
+    prompts: dict[str, str] = {}
+
+    async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if (request := await asgi_request(scope, receive, send)) is None:
+            return
+        path, body = scope["path"], request[1]
+        if path.endswith("models.php"):
+            await send_json(send, {"data": [{"slug": "quote-image", "name": "Q", "type": "image", "price": "1"}]})
+        elif path.endswith("image.php"):
+            prompts[task := str(len(prompts) + 1)] = json.loads(body)["prompt"]
+            await send_json(send, {"ok": True, "task_id": task, "type": "image"})
+        else:  # task.php
+            task = scope["query_string"].decode().rsplit("=", 1)[-1]
+            await send_json(send, {"state": "failed", "is_final": True,
+                                   "fail_reason": f"prompt refused: {prompts.get(task, '?')}"})
+    return app
+
+
+def test_a_task_reason_quoting_a_guess_answers_alike_whether_or_not_it_holds_a_piece_of_a_secret(
+        start_proxy: Callable[[dict[str, Any]], RunningProxy], proxy_config: dict[str, Any]) -> None:
+    """The same oracle through a reason polled later: the prompt is no longer in the request."""
+    server = BackgroundServer(prompt_quoting_upstream()).start()
+    try:
+        proxy_config["admin"] = {"keys": [ADMIN_KEY]}
+        proxy_config["providers"]["quote"] = {"type": "xffuw", "base_url": f"{server.url}/api/v1/",
+                                              "keys": ["quote-upstream-key-1234"]}
+        proxy = start_proxy(proxy_config)
+        piece = ADMIN_KEY[3:11]
+        wrong = piece[:-1] + ("Z" if piece[-1] != "Z" else "Y")
+        with httpx.Client(base_url=proxy.base_url, headers={"authorization": f"Bearer {CLIENT_KEY}"},
+                          timeout=30) as http:
+            for guess in (piece, wrong):
+                reply = http.post("/images/generations", json={"model": "quote/quote-image", "prompt": guess,
+                                                               "response_format": "url"})
+                assert reply.status_code == 502, reply.text
+                assert f"prompt refused: {guess}" in reply.json()["error"]["message"], reply.text
+    finally:
+        server.stop()

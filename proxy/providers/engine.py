@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
+import cachetools
 import httpx
 import msgspec
 
@@ -43,6 +44,7 @@ _encode = msgspec.json.Encoder().encode
 _HEADERS = ((b"user-agent", b"xf-openai-proxy"), (b"accept", b"application/json"))
 
 
+ECHOABLE_KEPT = 4096  # tasks remembered whose submit held pieces of secrets (see Provider._scrubbed)
 PREPARED_MAX = 4096  # request heads kept per upstream: a few per key (polls keep theirs on the task)
 
 
@@ -179,6 +181,8 @@ class Provider:
         self.dialect = dialect
         self.upstream = HTTPUpstream(name, base_url, http, connect_timeout=connect_timeout,
                                      read_timeout=read_timeout, observe=observe)
+        # upstream task id -> the pieces of secrets its submit held, for the few tasks whose did
+        self._echoable: cachetools.LRUCache[str, str] = cachetools.LRUCache(ECHOABLE_KEPT)
 
     @property
     def has_balance(self) -> bool:
@@ -204,10 +208,10 @@ class Provider:
             error.code = redact(error.code, sent) if error.code else error.code
             raise
 
-    @staticmethod
-    def _scrubbed(state: TaskState) -> TaskState:
+    def _scrubbed(self, state: TaskState, sent: str | None = None) -> TaskState:
+        """A task's reason scrubbed, but of what its submit held (`sent`, else kept by its id)."""
         if state.reason:
-            state.reason = redact(state.reason)
+            state.reason = redact(state.reason, self._echoable.get(state.task_id or "", "") if sent is None else sent)
         return state
 
     async def list_models(self, key: str) -> list[ModelInfo]:
@@ -219,7 +223,12 @@ class Provider:
         return self.dialect.parse_chat(await self.call(self.dialect.chat_request(call), key))
 
     async def submit_image(self, key: str, call: ImageCall) -> TaskState:
-        return self._scrubbed(self.dialect.parse_submit(await self.call(self.dialect.submit_request(call), key)))
+        request = self.dialect.submit_request(call)
+        state = self.dialect.parse_submit(await self.call(request, key))
+        sent = redact.pieces_in(_sent(request, key))
+        if sent and state.task_id:  # a reason polled later may quote the prompt back
+            self._echoable[state.task_id] = sent
+        return self._scrubbed(state, sent)
 
     async def poll(self, key: str, task_id: str) -> TaskState:
         return self._scrubbed(self.dialect.parse_poll(task_id, await self.call(self.dialect.poll_request(task_id),
