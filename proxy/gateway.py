@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -72,6 +72,7 @@ class Gateway:
         self.owner = owner
         self.tasks = TaskWaiter(config.tasks, store, owner, self._task_final)
         self._submits: set[asyncio.Task[Task]] = set()
+        self._streamed: set[asyncio.Task[ChatResult]] = set()  # a stream's calls, run to their end
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -194,6 +195,23 @@ class Gateway:
         self._record(caller, route, key, cost, "ok", "chat")
         return ChatResult(answer, key)
 
+    def start_chats(self, route: Route, calls: Sequence[ChatCall], caller: Caller) -> list[asyncio.Task[ChatResult]]:
+        """A request's calls, started at once. Each runs to its end and is recorded even when its
+        request is gone (a stream's client hung up, another call failed): the upstream charges a
+        call it got. Nobody cancels them; the shutdown waits for them like for submits."""
+        started = []
+        for call in calls:
+            run = asyncio.create_task(self.chat(route, call, caller))
+            self._streamed.add(run)
+            run.add_done_callback(self._streamed_done)
+            started.append(run)
+        return started
+
+    def _streamed_done(self, run: asyncio.Task[ChatResult]) -> None:
+        self._streamed.discard(run)
+        if not run.cancelled():
+            run.exception()  # read: its stream may have no one left to read it
+
     async def start_image(self, route: Route, call: ImageCall, caller: Caller) -> Task:
         """Submit one generation; the returned task is being waited on in the background.
 
@@ -265,10 +283,10 @@ class Gateway:
         return self.downloads.fetch(results, self.config)
 
     async def close(self) -> None:
-        """Submits in flight end recorded, then every unfinished task is let go (the next
+        """Submits and streams' calls in flight end recorded, then every unfinished task is let go (the next
         process resumes it)."""
-        if self._submits:
+        if self._submits or self._streamed:
             longest = max(t.connect_timeout + t.read_timeout for t in self.config.providers.values())
-            await asyncio.wait(list(self._submits), timeout=longest)
+            await asyncio.wait([*self._submits, *self._streamed], timeout=longest)
         await self.tasks.close()
         self.save_calls(final=True)

@@ -8,13 +8,16 @@ import asyncio
 import csv
 import datetime as dt
 import io
+import json
+import socket
 import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
 
 import openai
-from conftest import FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
+import pytest
+from conftest import CLIENT_KEY, FENGYUAN_KEYS, OTHER_CLIENT_KEY, XFFUW_KEYS, RunningProxy, Sims
 from helpers import admin_get, admin_request, chat, fast_tasks, sdk_error, usage_report, wait_until, with_admin
 from openai_spec import validate_model_list
 
@@ -378,3 +381,24 @@ def test_usage_survives_a_restart_and_budgets_still_hold(start_proxy: Callable[.
     chat(second.client(), "three")  # 1.5 of 1.5
     expect_budget_refusal(sdk_error(openai.RateLimitError, lambda: chat(second.client(), "four")), "alice")
     assert sims.xffuw.count("chat") == 4
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "[delay=0.5] hi"}],
+                              "stream": True, "n": 6}),
+    ("/v1/completions", {"model": "gpt-4o-mini", "prompt": ["[delay=0.5] hi"] * 6, "stream": True})])
+def test_a_stream_its_client_leaves_records_every_call_the_upstream_got(
+        start_proxy: Callable[..., RunningProxy], proxy_config: dict[str, Any], sims: Sims, path: str,
+        body: dict[str, Any]) -> None:
+    """The stream's end cancelled the calls it had not read yet: paid upstream, never recorded."""
+    proxy = start_proxy(with_admin(proxy_config))
+    host, port = proxy.url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            assert sock.recv(1)  # the first answer is in: the stream began; then the client is gone
+    wait_until(lambda: sims.xffuw.count("chat") == 18, what="18 upstream chat calls")
+    wait_until(lambda: usage_report(proxy)["total"]["requests"] == 18, timeout=10,
+               what="every call the upstream got recorded")

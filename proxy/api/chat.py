@@ -288,16 +288,10 @@ async def chat_completions(request: Request[Any, Any, Any], caller: CallerDep,
     completion_id = "chatcmpl-" + secrets.token_urlsafe(18)
     created = int(time.time())
     if body.stream:
-        calls: list[asyncio.Future[ChatResult]] = [asyncio.ensure_future(gateway.chat(route, call, caller))
-                                                    for _ in range(body.n)]
+        calls = gateway.start_chats(route, [call] * body.n, caller)
         first = await first_answer(calls)  # answers for n > 1 are awaited inside the stream
         note(request, key=first.key.fingerprint)
-        try:
-            tool_calls_of(first)  # an answer that cannot be streamed is an HTTP error while that is possible
-        except ProxyError:
-            for pending in calls:
-                pending.cancel()
-            raise
+        tool_calls_of(first)  # an answer that cannot be streamed is an HTTP error while that is possible
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return Stream(_stream(request, completion_id, created, body, calls, include_usage),
                       media_type="text/event-stream", headers=sse.HEADERS)
@@ -322,7 +316,7 @@ async def _stream(request: Request[Any, Any, Any], completion_id: str, created: 
     results: list[ChatResult] = []
     try:
         for i, pending in enumerate(calls):
-            result = await pending
+            result = await asyncio.shield(pending)  # its client gone, the call still ends recorded
             results.append(result)
             content = result.answer.content or ""
             tool_calls = tool_calls_of(result)
@@ -339,7 +333,4 @@ async def _stream(request: Request[Any, Any, Any], completion_id: str, created: 
             yield chunk([], _usage(body, results))
     except Exception as error:  # once the stream began, an error can only travel inside it
         yield sse.event(error_payload(stream_failure(request, error)))
-    finally:
-        for pending in calls:
-            pending.cancel()
-    yield sse.DONE
+    yield sse.DONE  # calls it did not wait for (its client gone) end recorded: Gateway.start_chats

@@ -58,13 +58,8 @@ async def json_body(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 async def first_answer(calls: Sequence[asyncio.Future[T]]) -> T:
     """For streams: the first answer comes before the headers go out, so upstream errors keep
-    their HTTP status; if it fails, the other calls are cancelled."""
-    try:
-        return await calls[0]
-    except BaseException:
-        for pending in calls[1:]:
-            pending.cancel()
-        raise
+    their HTTP status. The other calls go on if it fails: sent, they are paid, and recorded."""
+    return await asyncio.shield(calls[0])
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:

@@ -127,10 +127,9 @@ async def completions(request: Request[Any, Any, Any], caller: CallerDep,
     await hold_budget(request, caller, route, len(prompts) * body.n)
     note(request, upstream=route.provider.name)
     params = {k: v for k, v in raw.items() if k not in COMPLETION_OWN_FIELDS}
-    calls = [asyncio.ensure_future(gateway.chat(route, ChatCall(model=route.upstream_model,
-                                                                 messages=[{"role": "user", "content": text}],
-                                                                 params=params), caller))
+    asked = [ChatCall(model=route.upstream_model, messages=[{"role": "user", "content": text}], params=params)
              for text in prompts for _ in range(body.n)]
+    calls = gateway.start_chats(route, asked, caller)
     completion_id = "cmpl-" + secrets.token_urlsafe(18)
     created = int(time.time())
     if body.stream:
@@ -140,7 +139,7 @@ async def completions(request: Request[Any, Any, Any], caller: CallerDep,
         head = Completion(id=completion_id, object="text_completion", created=created, model=body.model, choices=[])
         return Stream(_stream(head, prompts, body.n, calls, include_usage), media_type="text/event-stream",
                       headers=sse.HEADERS)
-    results = await asyncio.gather(*calls)
+    results = await asyncio.shield(asyncio.gather(*calls))  # a request cancelled: its calls end recorded
     note(request, key=results[0].key.fingerprint)
     choices = [CompletionChoice(text=r.answer.content or "", index=i, logprobs=None, finish_reason=_finish(r.answer))
                for i, r in enumerate(results)]
@@ -157,7 +156,7 @@ async def _stream(head: Completion, prompts: list[str], n: int, calls: Sequence[
     results: list[ChatResult] = []
     try:
         for i, pending in enumerate(calls):
-            result = await pending
+            result = await asyncio.shield(pending)  # its client gone, the call still ends recorded
             results.append(result)
             text = result.answer.content or ""
             pieces = [text[start:start + STREAM_PIECE] for start in range(0, len(text), STREAM_PIECE)] or [""]
@@ -169,7 +168,4 @@ async def _stream(head: Completion, prompts: list[str], n: int, calls: Sequence[
             yield chunk([], _usage(prompts, n, results))
     except ProxyError as error:  # once the stream began, an error can only travel inside it
         yield sse.event(error_payload(error))
-    finally:
-        for pending in calls:
-            pending.cancel()
-    yield sse.DONE
+    yield sse.DONE  # calls it did not wait for (its client gone) end recorded: Gateway.start_chats
