@@ -29,7 +29,7 @@ from litestar.types import HTTPScope, LifeSpanReceive, LifeSpanScope, LifeSpanSe
 from proxy.api import ROUTES
 from proxy.api.admin import ADMIN_ROUTES, admin_only
 from proxy.api.admin_console import CONSOLE_ADMIN_ROUTES
-from proxy.api.chat import PARAM_LOGGED
+from proxy.api.common import PARAM_LOGGED
 from proxy.api.dependencies import DEPENDENCIES
 from proxy.api.idempotency import Idempotency
 from proxy.api.images import answer_from_tasks

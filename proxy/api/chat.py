@@ -14,7 +14,7 @@ import structlog
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from proxy.api.common import first_answer, hold_budget, json_body, json_response, note
+from proxy.api.common import first_answer, hold_budget, json_body, json_response, note, stream_failure
 from proxy.api.completions import check_text_route
 from proxy.api.dependencies import CallerDep, RuntimeDep
 from proxy.clients import check_model
@@ -50,7 +50,6 @@ _encode = msgspec.json.Encoder().encode
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_N = 8
 STREAM_PIECE = 24  # characters per streamed content chunk
-PARAM_LOGGED = 300  # characters of an error's param kept in the access log: a client may send anything
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 TOOL_CHOICES = ("auto", "none", "required")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
@@ -245,19 +244,6 @@ def _tool_call_deltas(calls: list[ToolCall]) -> list[list[ToolCallChunk]]:
             piece = ToolCallChunkFunction(arguments=arguments[at:at + STREAM_PIECE])
             deltas.append([ToolCallChunk(index=index, function=piece)])
     return deltas
-
-
-def stream_failure(request: Request[Any, Any, Any], error: BaseException) -> ProxyError:
-    """An error raised after a stream's headers went out, as the ProxyError to send inside the
-    stream; noted for the access log, whose status (200) cannot say it."""
-    if not isinstance(error, ProxyError):
-        request_id = request.scope["state"].get("request_id", "")
-        log.error("stream_failed", request_id=request_id, exc_info=error)
-        error = ProxyError(Kind.INTERNAL, f"The proxy had an internal error (request {request_id}).")
-    note(request, stream_error=error.code or error.shape.code)
-    if error.param is not None:
-        note(request, error_param=error.param[:PARAM_LOGGED])
-    return error
 
 
 STREAM_NOTE = ("With stream=true: `data: <ChatCompletionChunk>` events, a last chunk with choices [] and usage "

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import msgspec
+import structlog
 from litestar import Request, Response
 
+from proxy.errors import Kind, ProxyError
 from proxy.gateway import Caller
 from proxy.openai.decode import parse_object
 from proxy.router import Route
@@ -64,3 +66,20 @@ async def first_answer(calls: Sequence[asyncio.Future[T]]) -> T:
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
     return Response(_encode(payload), status_code=status, media_type="application/json", headers=headers)
+
+
+log = structlog.get_logger("proxy")
+PARAM_LOGGED = 300  # characters of an error's param kept in the access log: a client may send anything
+
+
+def stream_failure(request: Request[Any, Any, Any], error: BaseException) -> ProxyError:
+    """An error raised after a stream's headers went out, as the ProxyError to send inside the
+    stream; noted for the access log, whose status (200) cannot say it."""
+    if not isinstance(error, ProxyError):
+        request_id = request.scope["state"].get("request_id", "")
+        log.error("stream_failed", request_id=request_id, exc_info=error)
+        error = ProxyError(Kind.INTERNAL, f"The proxy had an internal error (request {request_id}).")
+    note(request, stream_error=error.code or error.shape.code)
+    if error.param is not None:
+        note(request, error_param=error.param[:PARAM_LOGGED])
+    return error

@@ -11,10 +11,10 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from proxy.api.common import first_answer, hold_budget, json_body, json_response, note
+from proxy.api.common import first_answer, hold_budget, json_body, json_response, note, stream_failure
 from proxy.api.dependencies import CallerDep, RuntimeDep
 from proxy.clients import check_model
-from proxy.errors import ProxyError, bad_request
+from proxy.errors import bad_request
 from proxy.gateway import ChatResult
 from proxy.openai import sse
 from proxy.openai.decode import convert
@@ -137,7 +137,7 @@ async def completions(request: Request[Any, Any, Any], caller: CallerDep,
         note(request, key=first.key.fingerprint)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         head = Completion(id=completion_id, object="text_completion", created=created, model=body.model, choices=[])
-        return Stream(_stream(head, prompts, body.n, calls, include_usage), media_type="text/event-stream",
+        return Stream(_stream(request, head, prompts, body.n, calls, include_usage), media_type="text/event-stream",
                       headers=sse.HEADERS)
     results = await asyncio.shield(asyncio.gather(*calls))  # a request cancelled: its calls end recorded
     note(request, key=results[0].key.fingerprint)
@@ -147,8 +147,8 @@ async def completions(request: Request[Any, Any, Any], caller: CallerDep,
                                     choices=choices, usage=_usage(prompts, body.n, results)))
 
 
-async def _stream(head: Completion, prompts: list[str], n: int, calls: Sequence[asyncio.Future[ChatResult]],
-                  include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(request: Request[Any, Any, Any], head: Completion, prompts: list[str], n: int,
+                  calls: Sequence[asyncio.Future[ChatResult]], include_usage: bool) -> AsyncIterator[bytes]:
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
         return sse.event(Completion(id=head.id, object="text_completion", created=head.created, model=head.model,
                                     choices=choices, usage=usage))
@@ -166,6 +166,6 @@ async def _stream(head: Completion, prompts: list[str], n: int, calls: Sequence[
                                           finish_reason=_finish(result.answer))])
         if include_usage:
             yield chunk([], _usage(prompts, n, results))
-    except ProxyError as error:  # once the stream began, an error can only travel inside it
-        yield sse.event(error_payload(error))
+    except Exception as error:  # once the stream began, an error can only travel inside it
+        yield sse.event(error_payload(stream_failure(request, error)))
     yield sse.DONE  # calls it did not wait for (its client gone) end recorded: Gateway.start_chats

@@ -18,8 +18,8 @@ from litestar import Request, Response, delete, get, post
 from litestar.params import FromPath
 from litestar.response import Stream
 
-from proxy.api.chat import TOOL_CHOICES, check_function, stream_failure, tool_calls_of
-from proxy.api.common import hold_budget, json_body, json_response, note
+from proxy.api.chat import TOOL_CHOICES, check_function, tool_calls_of
+from proxy.api.common import hold_budget, json_body, json_response, note, stream_failure
 from proxy.api.completions import check_text_route
 from proxy.api.dependencies import CallerDep, RuntimeDep
 from proxy.clients import check_model
