@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 import os
 import re
 import sqlite3
@@ -19,6 +20,9 @@ from proxy.providers import DIALECTS
 from proxy.struct_errors import explain
 
 SQLITE_NEEDED = (3, 33, 0)  # the store's writes (proxy/store/sqlite.py)
+DAY = 86400.0  # the upper bound of a time in seconds: a larger one is a typo or an attack
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=DAY)]
+Wait = Annotated[float, msgspec.Meta(ge=0, le=DAY)]  # seconds where 0 means "do not wait"
 
 
 class ConfigError(Exception):
@@ -31,18 +35,18 @@ class _Table(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class ServerConfig(_Table):
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080  # 0: any free port (as `proxy demo --port 0`)
     # Where clients reach the proxy from outside, e.g. "https://ai.example.com"; used for
     # URLs the proxy serves itself.
     public_url: str | None = None
-    max_body_bytes: int = 25 * 1024 * 1024
-    shutdown_grace: float = 30.0
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1, le=2**40)] = 25 * 1024 * 1024
+    shutdown_grace: Wait = 30.0
     # Browser clients: origins allowed by CORS (["*"] for any); empty turns CORS off.
     cors_origins: list[str] = []
     # Seconds a connection has to send a complete request head; then it is closed.
-    header_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    header_timeout: Seconds = 10.0
     # Seconds a request's body has to arrive whole after its head; then 408 and it is closed.
-    body_timeout: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    body_timeout: Seconds = 60.0
     # Open client connections per process; past it the one idle longest is closed for the new
     # one. Unset: the open-file limit less what upstream connections and the store need.
     max_connections: Annotated[int, msgspec.Meta(ge=1)] | None = None
@@ -61,7 +65,7 @@ class ServerConfig(_Table):
 
 
 class ClientConfig(_Table):
-    name: str
+    name: Annotated[str, msgspec.Meta(min_length=1)]
     key: str | None = None
     key_sha256: str | None = None
     rpm: int | None = None  # requests per minute; over it: 429 rate_limit_exceeded
@@ -84,8 +88,8 @@ class ProviderConfig(_Table):
     # Which upstream dialect this table speaks; defaults to the table's name, so two
     # Fengyuan accounts can be [providers.fengyuan] and [providers.fy2] with type = "fengyuan".
     type: str | None = None
-    connect_timeout: float = 5.0
-    read_timeout: float = 120.0
+    connect_timeout: Seconds = 5.0
+    read_timeout: Seconds = 120.0
     catalogue_ttl: float = 300.0
     # how long an exhausted (balance short) key is set aside before it is tried again
     recheck_after: float = 300.0
@@ -93,9 +97,10 @@ class ProviderConfig(_Table):
     rpm: int | None = None  # default per-key limit; Fengyuan: 60, or 300 for VIP keys, when unset
     rate_window: float = 60.0  # seconds the rpm limits count over (the upstream's own window)
     max_concurrent: int | None = None  # default per key
-    queue_timeout: float = 30.0  # seconds a request waits for a key under its limits before 429
+    queue_timeout: Wait = 30.0  # seconds a request waits for a key under its limits before 429
     balance_interval: float = 300.0  # seconds between reads of each key's credits (Fengyuan)
-    passthrough_prefix: str | None = None  # bearer tokens with this prefix are this upstream's keys
+    # bearer tokens with this prefix are this upstream's keys
+    passthrough_prefix: Annotated[str, msgspec.Meta(min_length=1)] | None = None
 
     def all_keys(self) -> list[UpstreamKeyConfig]:
         return [UpstreamKeyConfig(value=k) for k in self.keys] + list(self.key)
@@ -110,7 +115,7 @@ class TasksConfig(_Table):
     # hours from their start: a task the upstream charged for is never given up while it may finish.
     late_poll_interval: float = 30.0
     give_up_after: float = 24.0
-    keep_results: float = 24.0  # hours a finished task's result stays retrievable
+    keep_results: Annotated[float, msgspec.Meta(gt=0)] = 24.0  # hours a finished task's result stays retrievable
 
 
 ImageFormat = Literal["url", "b64_json"]
@@ -177,7 +182,7 @@ class StorageConfig(_Table):
     # PostgreSQL instead of the file, for replicas on several machines ("" keeps the file, so
     # url = "${DATABASE_URL:-}" serves both).
     url: Annotated[str, msgspec.Meta(pattern=r"^(postgres(ql)?://.+)?$")] = ""
-    idempotency_hours: float = 24.0
+    idempotency_hours: Annotated[float, msgspec.Meta(gt=0)] = 24.0
     # days raw usage rows are kept; the per-day totals behind /admin/usage and budgets stay
     keep_usage_days: Annotated[float, msgspec.Meta(gt=0)] = 90.0
 
@@ -223,6 +228,10 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def _interpolate(value: Any, path: str, env: dict[str, str]) -> Any:
+    """${ENV} substituted in every string; any number that is not finite refused, naming its path
+    (nan, inf or 1e400 would pass every `> 0` and `<= limit` check and turn a limit off)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path or 'config'}: {value} is not a number the proxy can use")
     if isinstance(value, str):
 
         def substitute(match: re.Match[str]) -> str:
@@ -313,6 +322,7 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{where}.rate_window: must be > 0")
         if provider.passthrough_prefix is None:
             provider.passthrough_prefix = registered.passthrough_prefix
+    _check_keys_distinct(config)
     if config.auth.passthrough:
         for name, provider in config.providers.items():
             prefix = provider.passthrough_prefix
@@ -337,6 +347,8 @@ def _check(config: Config) -> None:
             raise ConfigError(str(error)) from None
     if config.server.max_answer_bytes < 1024:
         raise ConfigError("server.max_answer_bytes: must be >= 1024")
+    if not config.storage.url and config.storage.path != ":memory:":
+        _check_storage_path(config.storage.path)
     if not config.storage.url and sqlite3.sqlite_version_info < SQLITE_NEEDED:
         raise ConfigError(f"storage.path: SQLite {'.'.join(map(str, SQLITE_NEEDED))} or newer is needed (UPDATE "
                           f"FROM, 32,766 bound values); this Python uses {sqlite3.sqlite_version}. Use a Python "
@@ -358,6 +370,43 @@ def _check(config: Config) -> None:
             raise ConfigError(f"aliases.{alias}: empty target")
 
 
+def _check_keys_distinct(config: Config) -> None:
+    """Every client, admin and upstream key is its own: a client key that is also an admin key
+    opens /admin, one that is also an upstream key is that key. Compared by sha256, as some are
+    given only so; the error names both places and never the key."""
+    places: list[tuple[str, str]] = []  # (where, sha256)
+    for i, client in enumerate(config.clients):
+        if client.key:
+            places.append((f"clients[{i}].key", sha256_hex(client.key)))
+        elif client.key_sha256:
+            places.append((f"clients[{i}].key_sha256", client.key_sha256))
+    for i, key in enumerate(config.admin.keys):
+        if not key.strip():
+            raise ConfigError(f"admin.keys[{i}]: empty key")
+        places.append((f"admin.keys[{i}]", sha256_hex(key)))
+    places += [(f"admin.keys_sha256[{i}]", d.lower()) for i, d in enumerate(config.admin.keys_sha256)]
+    for name, provider in config.providers.items():
+        places += [(f"providers.{name}.keys[{i}]", sha256_hex(k)) for i, k in enumerate(provider.keys)]
+        places += [(f"providers.{name}.key[{i}].value", sha256_hex(k.value)) for i, k in enumerate(provider.key)]
+    seen: dict[str, str] = {}
+    for where, digest in places:
+        first = seen.setdefault(digest, where)
+        # two providers may share an upstream key (two tables for one account); nothing else may
+        if first != where and not (first.startswith("providers.") and where.startswith("providers.")):
+            raise ConfigError(f"{where}: the same as {first}")
+
+
+def _check_storage_path(path: str) -> None:
+    """A SQLite file the store can create or open: not a directory, nor under a file."""
+    if path.endswith(("/", os.sep)) or Path(path).is_dir():
+        raise ConfigError(f"storage.path: {path!r} is a directory; name a file in it")
+    for parent in Path(path).absolute().parents:  # the store creates the missing ones
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"storage.path: {str(parent)!r} is not a directory")
+            return
+
+
 def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -367,6 +416,10 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise ConfigError(f"{path}: not usable TOML: {str(exc).partition(':')[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not usable TOML: arrays or tables nested too deep") from None
     return parse_config(raw, env)
 
 

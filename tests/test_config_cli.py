@@ -21,6 +21,8 @@ import pytest
 from conftest import CLIENT_KEY, FENGYUAN_KEYS, XFFUW_KEYS, RunningProxy, Sims
 from helpers import free_port, spawn, stop, to_toml, wait_healthy, write_config
 
+from proxy.config import ConfigError, parse_config
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"
 EXAMPLE_ENV = {"XFFUW_KEY_1": "xf_from_env_1111", "FENGYUAN_KEY_1": "sk-from-env-2222"}
@@ -144,6 +146,103 @@ def test_check_config_on_a_missing_file_and_bad_toml(tmp_path: Path, capsys: pyt
     bad.write_text("[server\nport = 1\n", encoding="utf-8")
     result = cli_here(capsys, "check-config", str(bad))
     assert result.returncode == 2 and "bad.toml" in result.stderr and "Traceback" not in result.stderr
+
+
+ALICE_SHA = hashlib.sha256(b"sk-team-alice-0000").hexdigest()
+PROVIDER_KEY = "xf_one_key_0000"
+
+
+def _set(table: str, **values: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda r: r.setdefault(table, {}).update(values)
+
+
+def _xffuw(**values: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda r: r["providers"]["xffuw"].update(values)
+
+
+def _client(**values: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda r: r["clients"].append({"name": "bob", **values})
+
+
+HOSTILE: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    # any float that is not finite, wherever it is
+    "budget nan": (lambda r: r["clients"][0].update(budget=float("nan")), "clients[0].budget"),
+    "budget inf": (lambda r: r["clients"][0].update(budget=float("inf")), "clients[0].budget"),
+    "tasks.timeout nan": (_set("tasks", timeout=float("nan")), "tasks.timeout"),
+    "first_poll nan": (_set("tasks", first_poll=float("nan")), "tasks.first_poll"),
+    "keep_results nan": (_set("tasks", keep_results=float("nan")), "tasks.keep_results"),
+    "read_timeout inf": (_xffuw(read_timeout=float("inf")), "providers.xffuw.read_timeout"),
+    # keys: each its own, compared by sha256 where only that is given
+    "admin key = client key": (_set("admin", keys=["sk-team-alice-0000"]), "admin.keys[0]"),
+    "admin sha = client key": (_set("admin", keys_sha256=[ALICE_SHA.upper()]), "admin.keys_sha256[0]"),
+    "admin key = client sha": (lambda r: (r["clients"][0].update(key=None, key_sha256=ALICE_SHA),
+                                          r.update(admin={"keys": ["sk-team-alice-0000"]})), "admin.keys[0]"),
+    "duplicate client keys": (_client(key="sk-team-alice-0000"), "clients[1].key"),
+    "client sha = client key": (_client(key_sha256=ALICE_SHA), "clients[1].key_sha256"),
+    "client key = provider key": (_client(key=PROVIDER_KEY), "providers.xffuw.keys[0]"),
+    "admin key = provider key": (_set("admin", keys=[PROVIDER_KEY]), "providers.xffuw.keys[0]"),
+    "admin key = provider key table": (lambda r: (r["providers"]["xffuw"].update(keys=[], key=[{"value": "xf_t_0"}]),
+                                                  r.update(admin={"keys": ["xf_t_0"]})),
+                                       "providers.xffuw.key[0].value"),
+    "empty admin key": (_set("admin", keys=[""]), "admin.keys[0]"),
+    "duplicate admin keys": (_set("admin", keys=["sk-admin-0000", "sk-admin-0000"]), "admin.keys[1]"),
+    "duplicate admin digests": (_set("admin", keys_sha256=[ALICE_SHA[::-1]] * 2), "admin.keys_sha256[1]"),
+    "empty client name": (lambda r: r["clients"][0].update(name=""), "clients[0].name"),
+    # ports
+    "port 70000": (_set("server", port=70000), "server.port"),
+    "port -1": (_set("server", port=-1), "server.port"),
+    # sizes and times that make no sense
+    "max_body_bytes -1": (_set("server", max_body_bytes=-1), "server.max_body_bytes"),
+    "max_body_bytes 0": (_set("server", max_body_bytes=0), "server.max_body_bytes"),
+    "max_body_bytes 10**30": (_set("server", max_body_bytes=10**30), "server.max_body_bytes"),
+    "idempotency_hours -1": (_set("storage", idempotency_hours=-1.0), "storage.idempotency_hours"),
+    "queue_timeout -1": (_xffuw(queue_timeout=-1.0), "providers.xffuw.queue_timeout"),
+    "shutdown_grace -1": (_set("server", shutdown_grace=-1.0), "server.shutdown_grace"),
+    "header_timeout 1e308": (_set("server", header_timeout=1e308), "server.header_timeout"),
+    "connect_timeout 0": (_xffuw(connect_timeout=0.0), "providers.xffuw.connect_timeout"),
+    "passthrough_prefix empty": (_xffuw(passthrough_prefix=""), "providers.xffuw.passthrough_prefix"),
+    # a SQLite file the store cannot open
+    "storage path /": (_set("storage", path="/"), "storage.path"),
+    "storage path under a file": (_set("storage", path=str(EXAMPLE / "proxy.sqlite3")), "storage.path"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_values_are_refused_naming_the_key_path(case: str) -> None:
+    change, path = HOSTILE[case]
+    with pytest.raises(ConfigError) as refused:
+        parse_config(_broken(change), env={})
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(path + ":"), (path, message)
+    assert not any(s in message for s in ("sk-team-alice-0000", PROVIDER_KEY, "sk-admin-0000", "xf_t_0")), message
+    if "=" in case:  # a repeated key names the place it repeats too
+        assert re.search(r"the same as (clients|admin|providers)", message), message
+
+
+HOSTILE_FILES = {
+    "nested": "a = " + "[" * 5000 + "]" * 5000 + "\n",
+    "digits": "a = " + "9" * 5000 + "\n",
+    "nan": to_toml(minimal()) + "\n[tasks]\ntimeout = nan\n",
+    "1e400": to_toml(minimal()).replace('name = "alice"', 'name = "alice"\nbudget = 1e400'),
+    "storage": to_toml(minimal()) + '\n[storage]\npath = "/"\n',
+}
+
+
+def test_check_config_answers_hostile_files_in_one_line(tmp_path: Path) -> None:
+    """One process for all (a new interpreter per case costs a second): each file gets its line."""
+    for name, text in HOSTILE_FILES.items():
+        (tmp_path / f"{name}.toml").write_text(text, encoding="utf-8")
+    script = ("import sys\nfrom proxy.cli import main\n"
+              "for path in sys.argv[1:]:\n    print('exit', main(['check-config', path]), file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", script, *(str(tmp_path / f"{n}.toml") for n in HOSTILE_FILES)],
+                            cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=30)
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 * len(HOSTILE_FILES), result.stderr
+    for i, name in enumerate(HOSTILE_FILES):
+        error, exit_ = lines[2 * i], lines[2 * i + 1]
+        assert exit_ == "exit 2" and error.startswith("config error:"), (name, error, exit_)
+    assert "tasks.timeout" in lines[4] and "clients[0].budget" in lines[6] and "storage.path" in lines[8], lines
 
 
 def test_serve_refuses_a_bad_config_with_the_same_line(tmp_path: Path) -> None:
