@@ -24,6 +24,7 @@ from openai import AsyncOpenAI, OpenAI
 
 from proxy.app import create_app
 from proxy.config import parse_config
+from proxy.redact import redact
 from proxy.server import BackgroundServer
 from proxy.sim import (
     FengyuanSim,
@@ -88,6 +89,17 @@ class Sims:
     fengyuan: FengyuanSim
     xffuw_url: str
     fengyuan_url: str
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _scrubber_per_file() -> Iterator[None]:
+    """The scrubber is one per process and learns every config's secrets; a test file's keys
+    must not scrub another file's text on the same worker (a key holding "upstream" scrubbed
+    the access log's field of that name)."""
+    learnt = dict(vars(redact))
+    yield
+    vars(redact).update(learnt)
+    redact._verdicts = {}  # a cache of verdicts made with the file's secrets too
 
 
 @pytest.fixture(scope="session")

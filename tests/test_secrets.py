@@ -369,7 +369,7 @@ def test_a_task_reason_quoting_a_guess_answers_alike_whether_or_not_it_holds_a_p
     try:
         proxy_config["admin"] = {"keys": [ADMIN_KEY]}
         proxy_config["providers"]["quote"] = {"type": "xffuw", "base_url": f"{server.url}/api/v1/",
-                                              "keys": ["quote-upstream-key-1234"]}
+                                              "keys": ["qk-Zq9Xw7Vb3Lm2"]}
         proxy = start_proxy(proxy_config)
         piece = ADMIN_KEY[3:11]
         wrong = piece[:-1] + ("Z" if piece[-1] != "Z" else "Y")
