@@ -66,6 +66,8 @@ class Reservation:
     hold: str | None = None  # its id in Redis, when held there
     period: float = 0.0  # the start of the budget period it holds in
     settling: list[asyncio.Future[None]] = field(default_factory=list)  # its calls' settles in Redis, under way
+    running: int = 0  # its calls under way: a stream's go on after its request (Gateway.start_chats)
+    ended: bool = False  # its request is over: released once `running` is 0
 
     @property
     def held(self) -> float:
@@ -159,9 +161,23 @@ class Billing:
         part = (client.budget - began[2]) / self.share
         return recorded - began[3] + holding > part + 1e-9
 
+    @staticmethod
+    def call_started(reservation: Reservation | None) -> None:
+        if reservation is not None:
+            reservation.running += 1
+
     def call_ended(self, reservation: Reservation | None, client: str, cost: float | None) -> None:
         """One call of a request is over: its share of the hold becomes its recorded cost (None:
         the call cost nothing)."""
+        try:
+            self._call_ended(reservation, client, cost)
+        finally:
+            if reservation is not None:
+                reservation.running = max(0, reservation.running - 1)
+                if reservation.ended and not reservation.running:
+                    self.release(reservation)  # the last call of a request already over
+
+    def _call_ended(self, reservation: Reservation | None, client: str, cost: float | None) -> None:
         if cost:
             self._recorded[client] = self._recorded.get(client, 0.0) + cost
         if reservation is not None and reservation.hold is not None and self.shared is not None:
@@ -174,8 +190,10 @@ class Billing:
             self._unhold(client, reservation.per_call)
 
     def release(self, reservation: Reservation) -> None:
-        """The request is over: whatever it still holds goes back."""
-        if reservation.released:
+        """The request is over: whatever it still holds goes back, once its calls under way end
+        (a call that outlives its request is still held until it records its cost)."""
+        reservation.ended = True
+        if reservation.released or reservation.running:
             return
         if reservation.hold is not None and self.shared is not None:
             self.shared.soon(self._release_after_settles(reservation))

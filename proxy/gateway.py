@@ -58,6 +58,19 @@ class ChatResult:
     key: UpstreamKey
 
 
+@dataclass(frozen=True, slots=True)
+class StartedChat:
+    """A call `Gateway.start_chats` started: its task, and whether it went upstream yet."""
+
+    run: asyncio.Task[ChatResult]
+    sent: list[bool]
+
+    def drop(self) -> None:
+        """Not wanted any more: cancelled if it has not gone upstream; else it ends recorded."""
+        if not self.run.done() and not self.sent[0]:
+            self.run.cancel()
+
+
 class Gateway:
     def __init__(self, config: Config, http: UpstreamClient, store: Store, owner: str,
                  observe: Observe | None = None, share: int = 1, shared: Shared | None = None, *,
@@ -182,10 +195,18 @@ class Gateway:
                 error.paid = True  # a timeout, a 5xx or garbage after the call arrived: it may be charged
             raise
 
-    async def chat(self, route: Route, call: ChatCall, caller: Caller) -> ChatResult:
+    async def chat(self, route: Route, call: ChatCall, caller: Caller, sent: list[bool] | None = None) -> ChatResult:
+        """One upstream chat call; `sent` (if given) becomes [True] as the call goes upstream."""
         provider = route.provider
+
+        def send(secret: str) -> Awaitable[ChatAnswer]:
+            if sent is not None:
+                sent[:] = [True]
+            return provider.chat(secret, call)
+
+        self.billing.call_started(caller.reservation)
         try:
-            answer, key = await self._run(route, caller, lambda secret: provider.chat(secret, call))
+            answer, key = await self._run(route, caller, send)
         except BaseException:
             self.billing.call_ended(caller.reservation, caller.name, None)
             raise
@@ -195,16 +216,18 @@ class Gateway:
         self._record(caller, route, key, cost, "ok", "chat")
         return ChatResult(answer, key)
 
-    def start_chats(self, route: Route, calls: Sequence[ChatCall], caller: Caller) -> list[asyncio.Task[ChatResult]]:
-        """A request's calls, started at once. Each runs to its end and is recorded even when its
-        request is gone (a stream's client hung up, another call failed): the upstream charges a
-        call it got. Nobody cancels them; the shutdown waits for them like for submits."""
+    def start_chats(self, route: Route, calls: Sequence[ChatCall], caller: Caller) -> list[StartedChat]:
+        """A request's calls, started at once. One its request no longer wants (a stream's client
+        hung up, another call failed) is `drop`ped: cancelled while it waits for a key, run to its
+        end and recorded once it went upstream, which charges a call it got. The shutdown waits
+        for them like for submits; the request's budget hold lasts until they end."""
         started = []
         for call in calls:
-            run = asyncio.create_task(self.chat(route, call, caller))
+            sent: list[bool] = [False]
+            run = asyncio.create_task(self.chat(route, call, caller, sent))
             self._streamed.add(run)
             run.add_done_callback(self._streamed_done)
-            started.append(run)
+            started.append(StartedChat(run, sent))
         return started
 
     def _streamed_done(self, run: asyncio.Task[ChatResult]) -> None:
@@ -227,6 +250,7 @@ class Gateway:
 
     async def _submit(self, route: Route, call: ImageCall, caller: Caller) -> Task:
         provider = route.provider
+        self.billing.call_started(caller.reservation)
         try:
             state, key = await self._run(route, caller, lambda secret: provider.submit_image(secret, call))
         except BaseException as error:

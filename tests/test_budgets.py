@@ -402,3 +402,22 @@ def test_a_stream_its_client_leaves_records_every_call_the_upstream_got(
     wait_until(lambda: sims.xffuw.count("chat") == 18, what="18 upstream chat calls")
     wait_until(lambda: usage_report(proxy)["total"]["requests"] == 18, timeout=10,
                what="every call the upstream got recorded")
+
+
+def test_a_call_that_outlives_its_stream_stays_held_on_the_budget(
+        start_proxy: Callable[..., RunningProxy], proxy_config: dict[str, Any], sims: Sims) -> None:
+    """Budget 1.0, 0.5 a call: a stream of two whose client leaves after the first answer keeps its
+    second call, still under way, held, so a new call is refused rather than overspending."""
+    proxy_config["clients"][0]["budget"] = 1.0
+    proxy = start_proxy(with_admin(proxy_config))
+    host, port = proxy.url.removeprefix("http://").split(":")
+    payload = json.dumps({"model": "gpt-4o-mini", "prompt": ["hi", "[delay=1.5] hi"], "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        assert sock.recv(1)
+    time.sleep(0.3)  # the request is over, its second call still with the upstream
+    sdk_error(openai.RateLimitError, lambda: chat(proxy.client(), "one more"))
+    wait_until(lambda: usage_report(proxy)["total"]["requests"] == 2, what="both calls recorded")
+    assert usage_report(proxy)["total"]["cost"] == 1.0
+    chat(proxy.client(OTHER_CLIENT_KEY), "the hold is gone with its calls")  # another client: unaffected

@@ -383,6 +383,7 @@ def test_any_exception_inside_a_stream_becomes_an_error_event() -> None:
     from litestar import Request
 
     from proxy.api.chat import _stream
+    from proxy.gateway import StartedChat
     from proxy.openai.types import ChatCompletionRequest
 
     async def run() -> tuple[list[bytes], dict[str, Any]]:
@@ -391,7 +392,8 @@ def test_any_exception_inside_a_stream_becomes_an_error_event() -> None:
         failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         failed.set_exception(RuntimeError("a bug"))
         body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}])
-        out = [piece async for piece in _stream(Request(scope), "chatcmpl-1", 0, body, [failed], False)]
+        call = StartedChat(failed, [True])  # type: ignore[arg-type]  # a future in a task's place
+        out = [piece async for piece in _stream(Request(scope), "chatcmpl-1", 0, body, [call], False)]
         return out, scope["state"]["access"]
 
     out, access = asyncio.run(run())

@@ -14,13 +14,13 @@ import structlog
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from proxy.api.common import first_answer, hold_budget, json_body, json_response, note, stream_failure
+from proxy.api.common import drop, first_answer, hold_budget, json_body, json_response, note, stream_failure
 from proxy.api.completions import check_text_route
 from proxy.api.dependencies import CallerDep, RuntimeDep
 from proxy.clients import check_model
 from proxy.clip import clip
 from proxy.errors import Kind, ProxyError, bad_request
-from proxy.gateway import ChatResult
+from proxy.gateway import ChatResult, StartedChat
 from proxy.openai import sse
 from proxy.openai.decode import convert
 from proxy.openai.errors import error_payload
@@ -277,7 +277,11 @@ async def chat_completions(request: Request[Any, Any, Any], caller: CallerDep,
         calls = gateway.start_chats(route, [call] * body.n, caller)
         first = await first_answer(calls)  # answers for n > 1 are awaited inside the stream
         note(request, key=first.key.fingerprint)
-        tool_calls_of(first)  # an answer that cannot be streamed is an HTTP error while that is possible
+        try:
+            tool_calls_of(first)  # an answer that cannot be streamed is an HTTP error while that is possible
+        except ProxyError:
+            drop(calls)
+            raise
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return Stream(_stream(request, completion_id, created, body, calls, include_usage),
                       media_type="text/event-stream", headers=sse.HEADERS)
@@ -294,7 +298,7 @@ async def chat_completions(request: Request[Any, Any, Any], caller: CallerDep,
 
 
 async def _stream(request: Request[Any, Any, Any], completion_id: str, created: int, body: ChatCompletionRequest,
-                  calls: Sequence[asyncio.Future[ChatResult]], include_usage: bool) -> AsyncIterator[bytes]:
+                  calls: Sequence[StartedChat], include_usage: bool) -> AsyncIterator[bytes]:
     def chunk(choices: list[ChunkChoice], chunk_usage: Usage | None = None) -> bytes:
         return sse.event(ChatCompletionChunk(id=completion_id, object="chat.completion.chunk", created=created,
                                              model=body.model, choices=choices, usage=chunk_usage))
@@ -302,7 +306,7 @@ async def _stream(request: Request[Any, Any, Any], completion_id: str, created: 
     results: list[ChatResult] = []
     try:
         for i, pending in enumerate(calls):
-            result = await asyncio.shield(pending)  # its client gone, the call still ends recorded
+            result = await asyncio.shield(pending.run)  # its client gone, a call sent still ends recorded
             results.append(result)
             content = result.answer.content or ""
             tool_calls = tool_calls_of(result)
@@ -319,4 +323,6 @@ async def _stream(request: Request[Any, Any, Any], completion_id: str, created: 
             yield chunk([], _usage(body, results))
     except Exception as error:  # once the stream began, an error can only travel inside it
         yield sse.event(error_payload(stream_failure(request, error)))
-    yield sse.DONE  # calls it did not wait for (its client gone) end recorded: Gateway.start_chats
+    finally:
+        drop(calls)  # its client gone: calls not sent yet are cancelled, sent ones end recorded
+    yield sse.DONE

@@ -11,7 +11,7 @@ import structlog
 from litestar import Request, Response
 
 from proxy.errors import Kind, ProxyError
-from proxy.gateway import Caller
+from proxy.gateway import Caller, ChatResult, StartedChat
 from proxy.openai.decode import parse_object
 from proxy.router import Route
 from proxy.runtime import Runtime
@@ -58,10 +58,19 @@ async def json_body(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return parse_object(await request.body())
 
 
-async def first_answer(calls: Sequence[asyncio.Future[T]]) -> T:
+async def first_answer(calls: Sequence[StartedChat]) -> ChatResult:
     """For streams: the first answer comes before the headers go out, so upstream errors keep
-    their HTTP status. The other calls go on if it fails: sent, they are paid, and recorded."""
-    return await asyncio.shield(calls[0])
+    their HTTP status. If it fails, the other calls are dropped (those sent end recorded)."""
+    try:
+        return await asyncio.shield(calls[0].run)
+    except BaseException:
+        drop(calls)
+        raise
+
+
+def drop(calls: Sequence[StartedChat]) -> None:
+    for call in calls:
+        call.drop()
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:

@@ -11,11 +11,11 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from proxy.api.common import first_answer, hold_budget, json_body, json_response, note, stream_failure
+from proxy.api.common import drop, first_answer, hold_budget, json_body, json_response, note, stream_failure
 from proxy.api.dependencies import CallerDep, RuntimeDep
 from proxy.clients import check_model
 from proxy.errors import bad_request
-from proxy.gateway import ChatResult
+from proxy.gateway import ChatResult, StartedChat
 from proxy.openai import sse
 from proxy.openai.decode import convert
 from proxy.openai.errors import error_payload
@@ -139,7 +139,11 @@ async def completions(request: Request[Any, Any, Any], caller: CallerDep,
         head = Completion(id=completion_id, object="text_completion", created=created, model=body.model, choices=[])
         return Stream(_stream(request, head, prompts, body.n, calls, include_usage), media_type="text/event-stream",
                       headers=sse.HEADERS)
-    results = await asyncio.shield(asyncio.gather(*calls))  # a request cancelled: its calls end recorded
+    try:
+        results = await asyncio.shield(asyncio.gather(*(c.run for c in calls)))
+    except BaseException:  # a call failed, or the request was cancelled: sent calls end recorded
+        drop(calls)
+        raise
     note(request, key=results[0].key.fingerprint)
     choices = [CompletionChoice(text=r.answer.content or "", index=i, logprobs=None, finish_reason=_finish(r.answer))
                for i, r in enumerate(results)]
@@ -148,7 +152,7 @@ async def completions(request: Request[Any, Any, Any], caller: CallerDep,
 
 
 async def _stream(request: Request[Any, Any, Any], head: Completion, prompts: list[str], n: int,
-                  calls: Sequence[asyncio.Future[ChatResult]], include_usage: bool) -> AsyncIterator[bytes]:
+                  calls: Sequence[StartedChat], include_usage: bool) -> AsyncIterator[bytes]:
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
         return sse.event(Completion(id=head.id, object="text_completion", created=head.created, model=head.model,
                                     choices=choices, usage=usage))
@@ -156,7 +160,7 @@ async def _stream(request: Request[Any, Any, Any], head: Completion, prompts: li
     results: list[ChatResult] = []
     try:
         for i, pending in enumerate(calls):
-            result = await asyncio.shield(pending)  # its client gone, the call still ends recorded
+            result = await asyncio.shield(pending.run)  # its client gone, a call sent still ends recorded
             results.append(result)
             text = result.answer.content or ""
             pieces = [text[start:start + STREAM_PIECE] for start in range(0, len(text), STREAM_PIECE)] or [""]
@@ -168,4 +172,6 @@ async def _stream(request: Request[Any, Any, Any], head: Completion, prompts: li
             yield chunk([], _usage(prompts, n, results))
     except Exception as error:  # once the stream began, an error can only travel inside it
         yield sse.event(error_payload(stream_failure(request, error)))
-    yield sse.DONE  # calls it did not wait for (its client gone) end recorded: Gateway.start_chats
+    finally:
+        drop(calls)  # its client gone: calls not sent yet are cancelled, sent ones end recorded
+    yield sse.DONE
