@@ -52,7 +52,7 @@ def bearer_token(authorization: str | None) -> str | None:
 def digest_of(client: ClientConfig) -> bytes:
     if client.key_sha256:
         return bytes.fromhex(client.key_sha256)
-    return hashlib.sha256((client.key or "").encode()).digest()
+    return key_digest(client.key or "")
 
 
 def key_digest(secret: str) -> bytes:

@@ -85,7 +85,7 @@ class Gateway:
         self.owner = owner
         self.tasks = TaskWaiter(config.tasks, store, owner, self._task_final)
         self._submits: set[asyncio.Task[Task]] = set()
-        self._streamed: set[asyncio.Task[ChatResult]] = set()  # a stream's calls, run to their end
+        self._chats: set[asyncio.Task[ChatResult]] = set()  # calls start_chats started, run to their end
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -201,7 +201,7 @@ class Gateway:
 
         def send(secret: str) -> Awaitable[ChatAnswer]:
             if sent is not None:
-                sent[:] = [True]
+                sent[0] = True
             return provider.chat(secret, call)
 
         self.billing.call_started(caller.reservation)
@@ -225,13 +225,13 @@ class Gateway:
         for call in calls:
             sent: list[bool] = [False]
             run = asyncio.create_task(self.chat(route, call, caller, sent))
-            self._streamed.add(run)
-            run.add_done_callback(self._streamed_done)
+            self._chats.add(run)
+            run.add_done_callback(self._chat_done)
             started.append(StartedChat(run, sent))
         return started
 
-    def _streamed_done(self, run: asyncio.Task[ChatResult]) -> None:
-        self._streamed.discard(run)
+    def _chat_done(self, run: asyncio.Task[ChatResult]) -> None:
+        self._chats.discard(run)
         if not run.cancelled():
             run.exception()  # read: its stream may have no one left to read it
 
@@ -307,10 +307,10 @@ class Gateway:
         return self.downloads.fetch(results, self.config)
 
     async def close(self) -> None:
-        """Submits and streams' calls in flight end recorded, then every unfinished task is let go (the next
-        process resumes it)."""
-        if self._submits or self._streamed:
+        """Submits and started chat calls in flight end recorded, then every unfinished task is let
+        go (the next process resumes it)."""
+        if self._submits or self._chats:
             longest = max(t.connect_timeout + t.read_timeout for t in self.config.providers.values())
-            await asyncio.wait([*self._submits, *self._streamed], timeout=longest)
+            await asyncio.wait([*self._submits, *self._chats], timeout=longest)
         await self.tasks.close()
         self.save_calls(final=True)

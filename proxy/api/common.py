@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 import structlog
@@ -17,7 +17,8 @@ from proxy.router import Route
 from proxy.runtime import Runtime
 
 _encode = msgspec.json.Encoder().encode
-T = TypeVar("T")
+log = structlog.get_logger("proxy")
+PARAM_LOGGED = 300  # characters of an error's param kept in the access log: a client may send anything
 
 
 def runtime(request: Request[Any, Any, Any]) -> Runtime:
@@ -76,9 +77,6 @@ def drop(calls: Sequence[StartedChat]) -> None:
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
     return Response(_encode(payload), status_code=status, media_type="application/json", headers=headers)
 
-
-log = structlog.get_logger("proxy")
-PARAM_LOGGED = 300  # characters of an error's param kept in the access log: a client may send anything
 
 
 def stream_failure(request: Request[Any, Any, Any], error: BaseException) -> ProxyError:
